@@ -1,0 +1,1 @@
+"""Preference data: formats, tokenizers, the grain pipeline, and the shipped demo dataset."""

@@ -1,0 +1,132 @@
+"""The run config: YAML + overrides, type conversion, and errors that name the key."""
+
+import textwrap
+
+import pytest
+
+from mmpo_jax.config import (
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+    config_to_yaml,
+    load_config,
+)
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_yaml_and_overrides_resolve(tmp_path):
+    path = _write(
+        tmp_path,
+        """
+        loss:
+          name: dpo
+          beta: 5e-2          # YAML 1.1 reads this as a string
+          label_smoothing: 0.1
+        train:
+          max_steps: 20
+        """,
+    )
+    cfg = load_config(path, ["loss.beta=5e-7", "mesh.fsdp=2", "train.output_dir=runs/007"])
+    assert cfg.loss.name == "dpo"
+    assert cfg.loss.beta == pytest.approx(5e-7) and isinstance(cfg.loss.beta, float)
+    assert cfg.loss.label_smoothing == 0.1
+    assert cfg.train.max_steps == 20
+    assert cfg.mesh.fsdp == 2 and cfg.mesh.data == -1
+    # str keys keep the override text verbatim (not the YAML integer 7)
+    assert cfg.train.output_dir == "runs/007"
+    # sections the file does not give keep their defaults
+    assert cfg.loss.reward_epsilon == 1.0 and cfg.train.seed == 0
+
+
+def test_yaml_scientific_notation_in_file(tmp_path):
+    cfg = load_config(_write(tmp_path, "loss:\n  norm_eps: 1e-8\n"))
+    assert cfg.loss.norm_eps == 1e-8
+
+
+def test_loss_defaults_depend_on_the_loss():
+    assert load_config(None, []).loss.beta == 0.1
+    simpo = load_config(None, ["loss.name=simpo"]).loss
+    assert simpo.beta == 2.0 and simpo.average_logps is True
+    assert load_config(None, ["loss.name=dpo"]).loss.average_logps is False
+    assert load_config(None, ["loss.name=simpo", "loss.beta=2.5"]).loss.beta == 2.5
+
+
+def test_list_override():
+    from dataclasses import dataclass, field
+
+    from mmpo_jax import config as config_mod
+
+    @dataclass
+    class Section:
+        files: list[str] = field(default_factory=list)
+        rates: list[float] = field(default_factory=list)
+        path: str | list[str] = ""
+
+    raw = config_mod.apply_overrides(
+        {}, ["s.files=[a.jsonl,b.jsonl]", "s.rates=[1e-5, 2]", "s.path=[x, y]"]
+    )
+    built = config_mod._build(Section, raw["s"], "s")
+    assert built.files == ["a.jsonl", "b.jsonl"]
+    assert built.rates == [1e-5, 2.0]
+    assert built.path == ["x", "y"]
+    built = config_mod._build(Section, config_mod.apply_overrides({}, ["s.path=one.jsonl"])["s"], "s")
+    assert built.path == "one.jsonl"
+
+
+def test_bool_and_null_overrides():
+    cfg = load_config(None, ["loss.average_logps=true"])
+    assert cfg.loss.average_logps is True
+    cfg = load_config(None, ["loss.average_logps=null"])
+    assert cfg.loss.average_logps is False  # resolved default for mmpo
+
+
+@pytest.mark.parametrize(
+    "override,needles",
+    [
+        ("loss.bta=0.1", ["loss.bta", "beta", "Did you mean 'loss.beta'"]),
+        ("los.beta=0.1", ["los", "Did you mean 'loss'"]),
+        ("loss.beta=abc", ["loss.beta", "expected"]),
+        ("train.max_steps=1.5", ["train.max_steps", "integer"]),
+        ("loss.average_logps=maybe", ["loss.average_logps", "true or false"]),
+        ("loss.name=dpoo", ["loss.name", "mmpo, dpo, simpo", "Did you mean 'dpo'"]),
+        ("loss.normalize=zscore", ["loss.normalize", "minmax, none"]),
+        ("loss.beta=-1", ["loss.beta", "> 0"]),
+        ("loss.label_smoothing=0.7", ["loss.label_smoothing", "[0, 0.5)"]),
+        ("mesh.data=0", ["mesh.data", "-1"]),
+        ("loss=3", ["loss", "section"]),
+        ("loss.beta.x=1", ["loss.beta", "not a section"]),
+        ("model.path=x", ["model.path", "no keys yet"]),
+        ("no_equals_sign", ["no_equals_sign", "key=value"]),
+    ],
+)
+def test_bad_overrides_name_the_key(override, needles):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    for needle in needles:
+        assert needle in str(err.value), (needle, str(err.value))
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found: 'nope.yaml'"):
+        load_config("nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML at line 3"):
+        load_config(_write(tmp_path, "loss:\n  beta: [1, 2\n"))
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(_write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match="unknown config key 'loss.betta'"):
+        load_config(_write(tmp_path, "loss:\n  betta: 0.1\n"))
+    with pytest.raises(ConfigError, match="simpo.*average_logps|average_logps.*SimPO"):
+        load_config(_write(tmp_path, "loss:\n  name: simpo\n  average_logps: false\n"))
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load_config(None, ["loss.name=dpo", "loss.beta=0.25", "mesh.tensor=2"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(config_to_yaml(cfg))
+    assert config_to_dict(load_config(path)) == config_to_dict(cfg)
+    assert config_to_dict(config_from_dict(config_to_dict(cfg))) == config_to_dict(cfg)

@@ -1,0 +1,78 @@
+"""The README's commands: CI runs its test command verbatim, and its main command works."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from mmpo_jax import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bash_blocks(text: str) -> list[str]:
+    return re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    test_cmds = [
+        line.strip()
+        for block in _bash_blocks(readme)
+        for line in block.splitlines()
+        if line.startswith("pip install -e '.[test]'")
+    ]
+    assert len(test_cmds) == 1, test_cmds
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert test_cmds[0] in ci_lines
+
+
+def test_readme_main_command_runs(capsys):
+    readme = (ROOT / "README.md").read_text()
+    main_cmd = next(
+        line.strip()
+        for block in _bash_blocks(readme)
+        for line in block.splitlines()
+        if line.startswith("pip install -e . &&")
+    )
+    args = main_cmd.split("&&", 1)[1].split()
+    assert args[0] == "mmpo-jax"
+    assert cli.main(args[1:]) == 0
+    out = capsys.readouterr().out
+    for name in ("mmpo", "dpo", "simpo"):
+        assert f"== {name} on the example batch" in out
+
+
+def test_losses_json_matches_the_library(capsys):
+    import jax.numpy as jnp
+
+    from mmpo_jax import losses
+    from mmpo_jax.example import example_logps
+
+    assert cli.main(["losses", "loss.aux_weight=0", "loss.beta=0.3", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["mmpo"]
+    batch = {k: jnp.asarray(v, jnp.float32) for k, v in example_logps(0).items()}
+    loss, _ = losses.mmpo_loss(**batch, beta=0.3, aux_weight=0.0)
+    assert got["loss"] == pytest.approx(float(loss), rel=1e-6)
+
+
+def test_config_errors_exit_2_without_traceback(capsys, tmp_path):
+    assert cli.main(["losses", "loss.name=ppo"]) == 2
+    err = capsys.readouterr().err
+    assert "loss.name" in err and "mmpo, dpo, simpo" in err and "Traceback" not in err
+    assert cli.main(["config", str(tmp_path / "missing.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_import_is_light():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, mmpo_jax, mmpo_jax.losses, mmpo_jax.config, mmpo_jax.sharding, mmpo_jax.cli; "
+        "heavy = [m for m in ('torch', 'grain', 'datasets', 'transformers') if m in sys.modules]; "
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"heavy imports at import time: {out.stdout}"
