@@ -1,0 +1,203 @@
+"""`mmpo-jax inspect-data CONFIG [key=value ...] [--json]`: what the data config gives, before a run.
+
+Loads and tokenizes the train (and test) data the `data` section names, and
+prints rows read, kept and dropped by reason (with row numbers), truncation,
+token-length distributions, the bucket histogram and one decoded example with
+its loss mask. Bad data stops with the same error a run would give (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from mmpo_jax.commands.common import add_config_items, load_from_items
+
+# The loss-masked (trained) tokens of the example are shown between these marks.
+MARK_OPEN, MARK_CLOSE = "[[", "]]"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inspect-data", help="load and tokenize the configured data and report on it"
+    )
+    add_config_items(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import datasets
+
+    from mmpo_jax.data import pipeline
+    from mmpo_jax.data.tokenizers import load_tokenizer
+
+    cfg = load_from_items(args.items).data
+    datasets.disable_progress_bars()
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    result: dict[str, Any] = {"tokenizer": _tokenizer_info(cfg.tokenizer, tokenizer)}
+    for which in ("train", "test"):
+        data = pipeline.load_preference_data(cfg, which, tokenizer)
+        if data is None:
+            continue
+        entry: dict[str, Any] = data.report.to_dict()
+        if which == "train":
+            entry["batches"] = pipeline.batch_plan(data, cfg.batch_size, cfg.seed).to_dict()
+        else:
+            entry["eval_batches"] = -(-len(data) // cfg.batch_size)
+        entry["example"] = _example(data, cfg.batch_size, cfg.seed, shuffled=which == "train")
+        result[which] = entry
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print("\n".join(_text(result, cfg)))
+    return 0
+
+
+def _tokenizer_info(spec: str, tok: Any) -> dict[str, Any]:
+    return {
+        "spec": spec,
+        "vocab_size": len(tok),
+        "bos": tok.bos_token,
+        "eos": tok.eos_token,
+        "pad": tok.pad_token if tok.pad_token is not None else tok.eos_token,
+        "chat_template": bool(tok.chat_template),
+    }
+
+
+def _example(data: Any, batch_size: int, seed: int, shuffled: bool) -> dict[str, Any]:
+    """The first pair of global batch 0 as the train (or eval) step will see it."""
+    from mmpo_jax.data import pipeline
+
+    if not shuffled:
+        batch = pipeline.eval_batches(data, batch_size, process_index=0, process_count=1)[0]
+        where = "pair 0 of eval batch 0"
+    elif len(data) >= batch_size:
+        batch = pipeline.train_batches(data, batch_size, seed, process_index=0, process_count=1)[0]
+        where = "pair 0 of global batch 0"
+    else:
+        row = data.pair(0)
+        length = pipeline.bucket_for(
+            len(row[0]) + max(len(row[1]), len(row[2])), pipeline.bucket_lengths(data.max_length)
+        )
+        batch = pipeline.collate([row], [0], length, data.special.pad)
+        where = "row 0 (fewer rows than data.batch_size)"
+    index = int(batch.example_index[0])
+    out: dict[str, Any] = {
+        "where": where,
+        "origin": data.origin(index),
+        "padded_length": batch.input_ids.shape[-1],
+    }
+    for k, name in enumerate(("chosen", "rejected")):
+        ids = batch.input_ids[0, k][batch.attention_mask[0, k] == 1].tolist()
+        mask = batch.loss_mask[0, k][: len(ids)].tolist()
+        out[name] = {
+            "tokens": len(ids),
+            "loss_tokens": int(sum(mask)),
+            "text": _marked(data.tokenizer, ids, mask),
+            "ids": ids,
+            "loss_mask": mask,
+        }
+    return out
+
+
+def _marked(tokenizer: Any, ids: list[int], mask: list[int]) -> str:
+    """Decoded text with each run of loss-masked tokens between MARK_OPEN and MARK_CLOSE."""
+    parts, start = [], 0
+    for t in range(1, len(ids) + 1):
+        if t == len(ids) or mask[t] != mask[start]:
+            text = tokenizer.decode(ids[start:t])
+            parts.append(f"{MARK_OPEN}{text}{MARK_CLOSE}" if mask[start] else text)
+            start = t
+    return "".join(parts)
+
+
+def _text(result: dict[str, Any], cfg: Any) -> list[str]:
+    tok = result["tokenizer"]
+    lines = [
+        f"tokenizer {tok['spec']}: vocab {tok['vocab_size']}, bos {tok['bos']!r}, eos {tok['eos']!r}, "
+        f"pad {tok['pad']!r}, chat template: {'yes' if tok['chat_template'] else 'no'}"
+    ]
+    for which in ("train", "test"):
+        if which in result:
+            lines += [""] + _split_text(which, result[which], cfg)
+    if "test" not in result:
+        lines += ["", "test data: none (data.test_files is not set)"]
+    return lines
+
+
+def _split_text(which: str, rep: dict[str, Any], cfg: Any) -> list[str]:
+    from mmpo_jax.data.formats import DROP_REASONS, INVALID_REASONS, TOO_LONG
+    from mmpo_jax.data.pipeline import Drops, format_rows
+
+    n_src = len(rep["sources"])
+    lines = [
+        f"== {which} data: {n_src} source{'s' if n_src > 1 else ''}, "
+        f"{rep['rows_read']} rows read, {rep['kept']} kept, {rep['rows_read'] - rep['kept']} dropped =="
+    ]
+    for s in rep["sources"]:
+        frac = f" (fraction {s['fraction']} of {s['rows_in_source']})" if s["fraction"] < 1 else ""
+        dropped = sum(d["count"] for d in s["dropped"].values())
+        lines.append(f"{s['name']} [{s['key']}]: {s['layout']}")
+        lines.append(f"  rows read {s['rows_read']}{frac}, kept {s['kept']}, dropped {dropped}")
+        invalid = sum(d["count"] for r, d in s["dropped"].items() if r in INVALID_REASONS)
+        if s["rows_read"]:
+            lines.append(
+                f"  invalid {invalid} ({100 * invalid / s['rows_read']:.2f}%; "
+                f"data.max_invalid_fraction={cfg.max_invalid_fraction})"
+            )
+        for reason, d in sorted(s["dropped"].items(), key=lambda x: -x[1]["count"]):
+            rows = format_rows(s["label"], Drops(d["count"], d["rows"]))
+            lines.append(f"    {reason:<31} {d['count']:>6}  {rows}")
+            lines.append(f"    {'':<31} {'':>6}  ({DROP_REASONS[reason]})")
+        if s["template_error"]:
+            lines.append(f"    first chat template error: {s['template_error']}")
+    mpl = rep["max_prompt_length"]
+    lines.append(
+        f"truncation (max_length={rep['max_length']}, max_prompt_length={mpl}): "
+        f"{rep['truncated']} kept rows truncated (prompt {rep['prompt_truncated']}, "
+        f"completion {rep['completion_truncated']})"
+    )
+    cols = ("min", "p50", "p90", "p99", "max", "mean")
+    lines.append(f"lengths in tokens{'':<17}" + "".join(f"{c:>8}" for c in cols))
+    dropped_long = sum(s["dropped"].get(TOO_LONG, {}).get("count", 0) for s in rep["sources"])
+    tables = [("before truncation", "lengths_before"), ("after truncation", "lengths")]
+    if not rep["truncated"] and not dropped_long:
+        tables = [("(nothing truncated)", "lengths")]
+    for title, key in tables:
+        lines.append(f"  {title}")
+        for name, stats in rep[key].items():
+            label = "sequence (prompt + longer)" if name == "sequence" else name
+            lines.append(f"    {label:<30}" + "".join(f"{stats[c]:>8g}" for c in cols))
+    if "batches" in rep:
+        b = rep["batches"]
+        lines.append(
+            f"batches: batch_size {b['batch_size']} pairs, {b['steps_per_epoch']} steps per epoch, "
+            f"{b['remainder']} rows left out of each epoch (the last incomplete batch)"
+        )
+        lines.append(f"buckets ({len(b['buckets'])}): " + " ".join(map(str, b["buckets"])))
+        lines.append(f"  {'bucket':<28}" + "".join(f"{x:>7}" for x in b["buckets"]))
+        lines.append(
+            f"  {'rows (own length)':<28}"
+            + "".join(f"{b['rows_per_bucket'][x]:>7}" for x in b["buckets"])
+        )
+        title = f"batches (epoch 0, seed {b['seed']})"
+        lines.append(
+            f"  {title:<28}" + "".join(f"{b['batches_per_bucket'][x]:>7}" for x in b["buckets"])
+        )
+    else:
+        padding = rep["eval_batches"] * cfg.batch_size - rep["kept"]
+        lines.append(
+            f"eval batches: {rep['eval_batches']} of {cfg.batch_size} pairs, in file order "
+            f"(the last holds {padding} padding pairs)"
+        )
+    ex = rep["example"]
+    lines.append(
+        f"example: {ex['where']} ({ex['origin']}), padded to {ex['padded_length']} tokens;"
+    )
+    lines.append(f"  the loss covers the tokens between {MARK_OPEN} {MARK_CLOSE}")
+    for name in ("chosen", "rejected"):
+        e = ex[name]
+        lines.append(f"  {name} ({e['tokens']} tokens, loss on {e['loss_tokens']}): {e['text']!r}")
+    return lines

@@ -1,0 +1,90 @@
+"""Tokenizers by spec (`data.tokenizer`), their special ids, and a content fingerprint.
+
+A spec is one of:
+- `builtin:NAME`: a tokenizer shipped with the package (`builtin:tiny`, a small
+  byte-level BPE with a chat template, see `mmpo_jax.data.builtin`);
+- a path ending in `.gguf`: the tokenizer (and chat template) stored in a
+  llama.cpp file, built by `mmpo_jax.models.gguf`;
+- a local tokenizer directory, or a hub id, loaded by `AutoTokenizer`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from mmpo_jax.data.formats import SpecialIds
+from mmpo_jax.errors import UserError
+
+BUILTIN_PREFIX = "builtin:"
+
+
+def load_tokenizer(spec: str, key: str = "data.tokenizer") -> Any:
+    """The transformers tokenizer named by `spec`; a UserError naming `key` if it cannot load."""
+    from transformers import AutoTokenizer
+
+    if spec.startswith(BUILTIN_PREFIX):
+        from mmpo_jax.data.builtin import builtin_tokenizer_dir
+
+        name = spec[len(BUILTIN_PREFIX) :]
+        try:
+            path = builtin_tokenizer_dir(name)
+        except (UserError, KeyError, ValueError, FileNotFoundError) as err:
+            raise UserError(f"{key}={spec!r}: {err}") from None
+        return AutoTokenizer.from_pretrained(str(path))
+
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise UserError(f"{key}: no such file '{spec}'")
+        from mmpo_jax.models.gguf import GGUFCheckpoint
+
+        tok = GGUFCheckpoint(path).tokenizer()
+        if tok is None:
+            raise UserError(
+                f"{key}: '{spec}' stores no tokenizer; name a tokenizer directory instead"
+            )
+        return tok
+    if path.is_file():
+        raise UserError(
+            f"{key}: '{spec}' is a file; name a tokenizer directory, a .gguf file or builtin:tiny"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(path) if path.is_dir() else spec)
+    except Exception as err:  # OSError, ValueError, HTTP errors: all mean "cannot load this"
+        what = "the directory" if path.is_dir() else "no such directory, and the hub id"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{key}: cannot load tokenizer '{spec}' ({what} failed: {first})") from None
+
+
+def special_ids(tokenizer: Any, where: str = "data.tokenizer") -> SpecialIds:
+    """EOS (required), the pad id (the tokenizer's, else EOS, as TRL does) and BOS (or None)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UserError(f"{where}: the tokenizer has no EOS token; completions must end with one")
+    pad = tokenizer.pad_token_id
+    return SpecialIds(
+        eos=int(eos), pad=int(eos if pad is None else pad), bos=tokenizer.bos_token_id
+    )
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of everything that decides token ids: vocabulary, merges, pre/post
+    processing, special tokens and the chat template (not the path it came from)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        body = backend.to_str()
+    else:  # a slow (Python) tokenizer
+        from datasets.fingerprint import Hasher
+
+        body = Hasher.hash(tokenizer)
+    meta = {
+        "class": type(tokenizer).__name__,
+        "chat_template": tokenizer.chat_template,
+        "special": [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id],
+    }
+    digest = hashlib.sha256(body.encode())
+    digest.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:32]

@@ -1,0 +1,128 @@
+"""`mmpo-jax inspect-data`: the report on the demo data, and on a file with bad rows of every kind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mmpo_jax import cli
+
+BROKEN = Path(__file__).parent / "data" / "broken.jsonl"
+# What each line of tests/data/broken.jsonl breaks (lines 1-20 are good rows).
+BROKEN_LINES = {
+    "missing_field": [21, 28],  # no rejected; chosen null
+    "wrong_type": [22, 23],  # content 4 (a number); chosen a string, not messages
+    "empty_completion": [24],
+    "chosen_equals_rejected": [25],
+    "chat_template_error": [26],  # role "tool": builtin:tiny's template raises
+    "no_completion_after_truncation": [27],  # a 1200-token prompt, max_prompt_length null
+}
+BROKEN_ARGS = ["data.max_prompt_length=null", "data.max_length=256", "data.batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    # one tokenized cache for the session's data tests (it is keyed by content)
+    return str(tmp_path_factory.getbasetemp() / "mmpo_data_cache")
+
+
+def run(capsys, *argv):
+    code = cli.main(["inspect-data", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_demo_data_report(tmp_path, capsys, cache_dir):
+    from mmpo_jax.data.builtin import demo_data_path
+    from mmpo_jax.data.tokenizers import load_tokenizer
+
+    config = tmp_path / "data_only.yaml"  # a config with only a data section
+    config.write_text(
+        f"data:\n  train_files: builtin:demo\n  test_files: builtin:demo\n  cache_dir: {cache_dir}\n"
+    )
+    code, out, _ = run(capsys, str(config), "--json")
+    assert code == 0
+    rep = json.loads(out)
+    lines = sum(1 for line in demo_data_path("train").read_text().splitlines() if line.strip())
+    train = rep["train"]
+    assert train["rows_read"] == lines and train["kept"] == lines  # the demo has no bad rows
+    assert rep["test"]["rows_read"] == sum(
+        1 for line in demo_data_path("test").read_text().splitlines() if line.strip()
+    )
+    b = train["batches"]
+    assert b["steps_per_epoch"] == lines // 8 and b["remainder"] == lines % 8
+    assert sum(b["batches_per_bucket"].values()) == b["steps_per_epoch"]
+    assert sum(b["rows_per_bucket"].values()) == lines
+    assert b["buckets"] == [16, 32, 64, 128, 256, 512, 1024]
+    assert train["lengths"]["sequence"]["p50"] < 64  # the demo is short, as promised
+
+    # the example: loss only on the completion, which ends with EOS
+    tok = load_tokenizer("builtin:tiny")
+    ex = train["example"]["chosen"]
+    first_loss = ex["loss_mask"].index(1)
+    assert ex["loss_mask"] == [0] * first_loss + [1] * (ex["tokens"] - first_loss)
+    assert ex["ids"][-1] == tok.eos_token_id
+    assert (
+        ex["text"]
+        == tok.decode(ex["ids"][:first_loss]) + "[[" + tok.decode(ex["ids"][first_loss:]) + "]]"
+    )
+    assert tok.decode(ex["ids"][:first_loss]).endswith("<|assistant|>\n")
+
+    code, out, _ = run(capsys, str(config))
+    assert code == 0
+    assert f"== train data: 1 source, {lines} rows read, {lines} kept, 0 dropped ==" in out
+    assert (
+        "buckets (7): 16 32 64 128 256 512 1024" in out
+        and "example: pair 0 of global batch 0" in out
+    )
+
+
+def test_broken_file_lists_every_reason(capsys, cache_dir):
+    code, out, err = run(
+        capsys,
+        f"data.train_files={BROKEN}",
+        "data.max_invalid_fraction=0.3",
+        f"data.cache_dir={cache_dir}",
+        *BROKEN_ARGS,
+        "--json",
+    )
+    assert code == 0, err
+    (src,) = json.loads(out)["train"]["sources"]
+    assert {k: d["rows"] for k, d in src["dropped"].items()} == BROKEN_LINES
+    assert src["kept"] == 20 and src["rows_read"] == 28 and src["label"] == "line"
+
+    code, out, err = run(
+        capsys,
+        f"data.train_files={BROKEN}",
+        "data.max_invalid_fraction=0.3",
+        f"data.cache_dir={cache_dir}",
+        *BROKEN_ARGS,
+    )
+    assert code == 0
+    for reason, lines in BROKEN_LINES.items():
+        shown = ("lines " if len(lines) > 1 else "line ") + ", ".join(map(str, lines))
+        assert any(reason in line and line.rstrip().endswith(shown) for line in out.splitlines()), (
+            reason
+        )
+
+
+def test_broken_file_past_the_fraction_fails_short(capsys, cache_dir):
+    code, out, err = run(
+        capsys, f"data.train_files={BROKEN}", f"data.cache_dir={cache_dir}", *BROKEN_ARGS
+    )
+    assert code == 2 and out == ""
+    assert "Traceback" not in err and len(err.splitlines()) < 12
+    assert "7 of 28 rows are invalid" in err and "data.max_invalid_fraction=0.01" in err
+    for reason, lines in BROKEN_LINES.items():
+        if reason != "no_completion_after_truncation":
+            assert reason in err and ", ".join(map(str, lines)) in err
+
+
+def test_malformed_line_fails_at_start(tmp_path, capsys, cache_dir):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(BROKEN.read_text().splitlines()[0] + "\n{'single': 'quotes'}\n")
+    code, out, err = run(capsys, f"data.train_files={bad}", f"data.cache_dir={cache_dir}")
+    assert code == 2 and "Traceback" not in err
+    assert f"'{bad}' line 2, column 2: not valid JSON" in err
