@@ -67,3 +67,112 @@ def make_mesh(mesh: MeshConfig, devices: Sequence[jax.Device] | None = None) -> 
     return Mesh(
         np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES)
     )
+
+
+# --------------------------------------------------------------------------- #
+# Logical axes -> mesh axes
+# --------------------------------------------------------------------------- #
+# The one table mapping the logical axis names that parameters (and activations)
+# carry to mesh axes. A logical name maps to a mesh axis, a tuple of mesh axes, or
+# None (replicated). Parameters: FSDP shards the `embed` axis of every matrix over
+# `fsdp`; tensor parallelism shards heads, kv heads, the MLP width and the vocabulary
+# over `tensor` (Megatron-style column/row split: q/k/v/gate/up by output, o/down by
+# input). A dimension a mesh axis does not divide stays replicated (e.g. one kv head
+# under tensor=2), see `logical_to_spec`.
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # parameters
+    ("layers", None),  # the stacked-layers axis of scanned layers
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("norm", None),  # RMSNorm scales and other [embed] vectors: small, replicated
+    # activations
+    ("batch", BATCH_AXES),
+    ("seq", None),
+    ("act_embed", None),
+)
+_RULES = dict(LOGICAL_AXIS_RULES)
+
+
+def logical_to_spec(
+    axes: Sequence[str | None] | None,
+    shape: Sequence[int] | None = None,
+    mesh: Mesh | None = None,
+) -> jax.sharding.PartitionSpec:
+    """The PartitionSpec of logical `axes` under `LOGICAL_AXIS_RULES`.
+
+    With `shape` and `mesh`, a mesh axis that does not divide its dimension, or is
+    already used by an earlier dimension, is dropped (that dimension is replicated
+    over it): JAX needs even shards, and one kv head cannot be split.
+    """
+    from jax.sharding import PartitionSpec
+
+    if not axes:
+        return PartitionSpec()
+    used: set[str] = set()
+    out = []
+    for i, name in enumerate(axes):
+        if name is None:
+            out.append(None)
+            continue
+        if name not in _RULES:
+            raise ValueError(
+                f"logical axis '{name}' has no rule in LOGICAL_AXIS_RULES "
+                f"({', '.join(_RULES)})"
+            )  # a bug in the model code
+        target = _RULES[name]
+        mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
+        kept = []
+        size = 1
+        for ax in mesh_axes:
+            if ax in used:
+                continue
+            if mesh is not None:
+                n = mesh.shape[ax]
+                if shape is not None and shape[i] % (size * n):
+                    continue
+                size *= n
+            kept.append(ax)
+        used.update(kept)
+        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return PartitionSpec(*out)
+
+
+def _logical_axes(var) -> tuple | None:
+    meta = var.get_metadata() if hasattr(var, "get_metadata") else {}
+    return meta.get("out_sharding")
+
+
+def model_partition_specs(state, mesh: Mesh | None = None):
+    """A PartitionSpec for every Variable of an NNX state (or module), same tree
+    structure, from the logical axes in each Variable's `out_sharding` metadata;
+    Variables without it are replicated. With `mesh`, non-dividing axes are dropped
+    (`logical_to_spec`)."""
+    from flax import nnx
+
+    if isinstance(state, nnx.Module):
+        state = nnx.state(state)
+
+    def spec(var):
+        value = var.get_value() if hasattr(var, "get_value") else var.value
+        shape = getattr(value, "shape", None)
+        return var.replace(logical_to_spec(_logical_axes(var), shape, mesh))
+
+    return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def model_shardings(state, mesh: Mesh):
+    """The NamedSharding of every Variable of an NNX state (or module) on `mesh`
+    (same tree structure as `nnx.state(model)`): the `in_shardings`/`out_shardings`
+    of a jitted step, or the targets of `jax.device_put`."""
+    from flax import nnx
+
+    specs = model_partition_specs(state, mesh)
+    return jax.tree.map(
+        lambda v: v.replace(jax.sharding.NamedSharding(mesh, v.get_value())),
+        specs,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )

@@ -1,0 +1,231 @@
+"""Per-token log-probs and entropies from final hidden states, without `[B, T, V]` logits.
+
+The LM head and the log-softmax run in chunks of `chunk` sequence positions under a
+`jax.custom_vjp`: the forward keeps only the log-normaliser (`[B, T]`) per position,
+the backward recomputes each chunk's logits and turns them straight into the
+gradients of the hidden states and of the head kernel. At any time one chunk's
+`[B, chunk, V]` logits (and their gradient) exist, forward and backward. Logits and
+the log-softmax are float32 whatever the dtype of the hidden states and kernel.
+
+The shift convention lives in one place, `model_token_logps`: the hidden state at
+position t predicts token t+1, and the result is aligned with `input_ids`:
+`logps[:, t] = log p(input_ids[:, t] | input_ids[:, :t])` for t >= 1, and
+`logps[:, 0] = 0` (the first token is not predicted). A completion mask with the
+same shape as `input_ids` (1 on the completion tokens) therefore applies directly:
+`sequence_logps(logps, completion_mask, average)`.
+
+The lower-level functions (`token_logps_chunked`, `token_logps_naive`) are unshifted:
+`out[:, t] = log softmax(hidden[:, t] @ kernel)[targets[:, t]]`.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+DEFAULT_CHUNK = 256
+
+
+# --------------------------------------------------------------------------- #
+# Naive reference: the full [B, T, V] logits (tests only)
+# --------------------------------------------------------------------------- #
+def token_logps_naive(
+    hidden: jax.Array, kernel: jax.Array, targets: jax.Array, *, with_entropy: bool = False
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """`log softmax(hidden @ kernel)[targets]` `[B, T]` (and the entropy `[B, T]` of
+    each position's distribution), through the full float32 logits. For tests."""
+    logits = jnp.einsum("btd,dv->btv", hidden, kernel, preferred_element_type=jnp.float32)
+    logits = logits.astype(jnp.float32)
+    logp_all = jax.nn.log_softmax(logits, axis=-1)
+    logps = jnp.take_along_axis(logp_all, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    if not with_entropy:
+        return logps
+    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+    return logps, entropy
+
+
+# --------------------------------------------------------------------------- #
+# Chunked over the sequence with a custom VJP
+# --------------------------------------------------------------------------- #
+def token_logps_chunked(
+    hidden: jax.Array,
+    kernel: jax.Array,
+    targets: jax.Array,
+    *,
+    chunk: int = DEFAULT_CHUNK,
+    with_entropy: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Same values as `token_logps_naive` (and gradients w.r.t. `hidden` and `kernel`),
+    `chunk` sequence positions at a time: no `[B, T, V]` array exists, forward or
+    backward. A sequence length that `chunk` does not divide is padded internally.
+
+    hidden `[B, T, D]`, kernel `[D, V]`, targets `[B, T]` int -> float32 `[B, T]`
+    (and the float32 entropy `[B, T]` with `with_entropy`).
+    """
+    b, t, _ = hidden.shape
+    chunk = max(1, min(int(chunk), t))
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    logps, entropy = _chunked(hidden, kernel, targets.astype(jnp.int32), chunk, with_entropy)
+    logps, entropy = logps[:, :t], entropy[:, :t]
+    return (logps, entropy) if with_entropy else logps
+
+
+def _to_chunks(x: jax.Array, chunk: int) -> jax.Array:
+    """[B, n*C, ...] -> [n, B, C, ...]"""
+    b, t = x.shape[:2]
+    return jnp.swapaxes(x.reshape(b, t // chunk, chunk, *x.shape[2:]), 0, 1)
+
+
+def _from_chunks(x: jax.Array) -> jax.Array:
+    """[n, B, C, ...] -> [B, n*C, ...]"""
+    n, b, c = x.shape[:3]
+    return jnp.swapaxes(x, 0, 1).reshape(b, n * c, *x.shape[3:])
+
+
+def _chunk_logits(h: jax.Array, kernel: jax.Array) -> jax.Array:
+    return jnp.einsum("bcd,dv->bcv", h, kernel, preferred_element_type=jnp.float32).astype(
+        jnp.float32
+    )
+
+
+def _forward_stats(hidden, kernel, targets, chunk, with_entropy):
+    """(logps, entropy, lse) `[B, T]` each, one chunk of logits at a time (entropy
+    zeros unless `with_entropy`)."""
+
+    def step(_, xs):
+        h, tgt = xs
+        logits = _chunk_logits(h, kernel)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        tgt_logit = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
+        if with_entropy:
+            # H = -sum_v p_v log p_v, on the normalised log-probs (no cancellation).
+            logp_all = logits - lse[..., None]
+            entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+        else:
+            entropy = jnp.zeros_like(lse)
+        return None, (tgt_logit - lse, entropy, lse)
+
+    _, (logps, entropy, lse) = jax.lax.scan(
+        step, None, (_to_chunks(hidden, chunk), _to_chunks(targets, chunk))
+    )
+    return _from_chunks(logps), _from_chunks(entropy), _from_chunks(lse)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _chunked(hidden, kernel, targets, chunk, with_entropy):
+    logps, entropy, _ = _forward_stats(hidden, kernel, targets, chunk, with_entropy)
+    return logps, entropy
+
+
+def _chunked_fwd(hidden, kernel, targets, chunk, with_entropy):
+    logps, entropy, lse = _forward_stats(hidden, kernel, targets, chunk, with_entropy)
+    return (logps, entropy), (hidden, kernel, targets, lse, entropy)
+
+
+def _chunked_bwd(chunk, with_entropy, res, cotangents):
+    hidden, kernel, targets, lse, entropy = res
+    g_logp, g_ent = cotangents
+    g_logp = jnp.zeros_like(lse) if g_logp is None else g_logp.astype(jnp.float32)
+    g_ent = jnp.zeros_like(lse) if g_ent is None else g_ent.astype(jnp.float32)
+    d, v = kernel.shape
+
+    def step(dk, xs):
+        h, tgt, lse_c, ent_c, gl, ge = xs
+        logits = _chunk_logits(h, kernel)
+        logp_all = logits - lse_c[..., None]
+        p = jnp.exp(logp_all)
+        # d logp[tgt] / dz = onehot(tgt) - p;  dH / dz = -p * (log p + H)
+        if with_entropy:
+            g_z = -p * (gl[..., None] + ge[..., None] * (logp_all + ent_c[..., None]))
+        else:
+            g_z = -p * gl[..., None]
+        onehot = jax.nn.one_hot(tgt, v, dtype=jnp.float32) * gl[..., None]
+        g_z = g_z + onehot
+        g_h = jnp.einsum("bcv,dv->bcd", g_z.astype(kernel.dtype) if kernel.dtype != jnp.float32 else g_z,
+                         kernel, preferred_element_type=jnp.float32)
+        dk = dk + jnp.einsum(
+            "bcd,bcv->dv",
+            h,
+            g_z.astype(h.dtype) if h.dtype != jnp.float32 else g_z,
+            preferred_element_type=jnp.float32,
+        )
+        return dk, g_h.astype(hidden.dtype)
+
+    xs = tuple(_to_chunks(x, chunk) for x in (hidden, targets, lse, entropy, g_logp, g_ent))
+    dk, g_hidden = jax.lax.scan(step, jnp.zeros((d, v), jnp.float32), xs)
+    return _from_chunks(g_hidden), dk.astype(kernel.dtype), None
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+# --------------------------------------------------------------------------- #
+# Sequences and the model
+# --------------------------------------------------------------------------- #
+def sequence_logps(token_logps: jax.Array, mask: jax.Array, average: bool) -> jax.Array:
+    """`[B]`: the sum over positions with `mask` of `token_logps` `[B, T]`, or with
+    `average` that sum divided by the number of masked positions (0 for an empty mask).
+    Float32."""
+    mask = mask.astype(jnp.float32)
+    total = jnp.sum(token_logps.astype(jnp.float32) * mask, axis=-1)
+    if not average:
+        return total
+    return total / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+
+
+def shifted_token_logps(
+    hidden: jax.Array,
+    kernel: jax.Array,
+    input_ids: jax.Array,
+    *,
+    chunk: int | None = DEFAULT_CHUNK,
+    with_entropy: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """The shift, once: from the hidden states of `input_ids`, `logps[:, t] = log p(
+    input_ids[:, t] | input_ids[:, :t])` for t >= 1 and 0 at t = 0 (aligned with
+    `input_ids`). With `with_entropy`, `entropy[:, t]` is the entropy of the same
+    distribution (the one that predicts token t; 0 at t = 0). `chunk=None`: the
+    naive full-logits path (tests)."""
+    # hidden[:, t] predicts input_ids[:, t + 1]; the last position predicts nothing.
+    targets = jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)
+    if chunk is None:
+        out = token_logps_naive(hidden, kernel, targets, with_entropy=with_entropy)
+    else:
+        out = token_logps_chunked(hidden, kernel, targets, chunk=chunk, with_entropy=with_entropy)
+
+    def align(x):  # value for predicting t+1 at position t -> position t+1
+        return jnp.concatenate([jnp.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
+
+    if with_entropy:
+        return align(out[0]), align(out[1])
+    return align(out)
+
+
+def model_token_logps(
+    model: Any,
+    input_ids: jax.Array,
+    *,
+    chunk: int | None = DEFAULT_CHUNK,
+    with_entropy: bool = False,
+    dropout_key: jax.Array | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Per-token log-probs `[B, T]` of `input_ids` under `model` (a `Llama`), aligned
+    with `input_ids` (see the module docstring): `logps[:, t] = log p(input_ids[:, t]
+    | input_ids[:, :t])`, `logps[:, 0] = 0`. Right-padded rows are fine: padding only
+    comes after the real tokens and is masked by the caller's completion mask.
+
+    `chunk`: sequence positions per chunk of the LM head (`model.logprob_chunk`);
+    None = the naive full-logits path (tests). With `with_entropy`, also the entropy
+    `[B, T]` of the distribution each token was drawn from.
+    """
+    hidden = model(input_ids, dropout_key=dropout_key)
+    return shifted_token_logps(
+        hidden, model.lm_head_kernel(), input_ids, chunk=chunk, with_entropy=with_entropy
+    )

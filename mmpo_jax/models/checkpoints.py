@@ -1,0 +1,627 @@
+"""Checkpoints: HF safetensors directories, hub ids and GGUF files -> our model; our model -> HF.
+
+    model, cfg, tokenizer = load_checkpoint("HuggingFaceTB/SmolLM2-135M-Instruct", options, mesh=mesh)
+    model, cfg, tokenizer = load_checkpoint("/models/llama-3.2-1b", options)          # HF directory
+    model, cfg, tokenizer = load_checkpoint("/models/smollm2.Q4_1.gguf", options)     # GGUF file
+    export_hf(model, cfg, tokenizer, "runs/x/export")   # transformers / vLLM load it
+
+Sources (`open_checkpoint` resolves one into a `CheckpointSource`):
+- a local HF directory: `config.json` plus `model.safetensors`, or the shards of
+  `model.safetensors.index.json` (or any `*.safetensors` files), and the tokenizer
+  files if present;
+- a hub id (`owner/name`): downloaded with `huggingface_hub.snapshot_download`
+  (config, safetensors, tokenizer files only) into the HF cache, then read as a
+  directory. Offline, or with the hub unreachable, the error says so and asks for
+  a local path. `owner/name/file.gguf` downloads one GGUF file;
+- a `.gguf` file (`mmpo_jax.models.gguf`): dequantised to float32, llama.cpp's q/k
+  permutation undone, config and tokenizer (with chat template) from its metadata.
+
+Each tensor is read lazily (safetensors through `safe_open`, GGUF through the
+memory-mapped reader), converted once and placed straight onto its sharding by
+`build_model`; at most one parameter's worth of tensors is held on the host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from mmpo_jax.errors import UserError
+
+CONFIG_FILE = "config.json"
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+# What a hub download fetches: enough to build the model and its tokenizer.
+HUB_ALLOW_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+]
+# Only when a repository has no safetensors (see `_hub_download`).
+HUB_BIN_PATTERNS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_HUB_GGUF = re.compile(r"^([A-Za-z0-9][\w.\-]*/[\w.\-]+)/(.+\.gguf)$")
+
+
+# --------------------------------------------------------------------------- #
+# Sources
+# --------------------------------------------------------------------------- #
+@dataclass
+class CheckpointSource:
+    """A checkpoint before it becomes a model.
+
+    `hf_config`: the transformers `config.json` dict; `get_tensor(hf_name)`: one
+    tensor in transformers' layout (KeyError if absent); `names`: the tensors the
+    source holds; `load_tokenizer()`: the tokenizer or None.
+    """
+
+    kind: str  # "hf" or "gguf"
+    path: Path  # the directory (hf) or the file (gguf)
+    hf_config: dict[str, Any]
+    get_tensor: Callable[[str], np.ndarray]
+    names: set[str]
+    load_tokenizer: Callable[[], Any] = field(repr=False, default=lambda: None)
+
+    @property
+    def description(self) -> str:
+        return f"{'GGUF file' if self.kind == 'gguf' else 'HF directory'} '{self.path}'"
+
+
+def open_checkpoint(path_or_hub_id: str | os.PathLike) -> CheckpointSource:
+    """Resolves a local directory, a `.gguf` file or a hub id into a `CheckpointSource`."""
+    path = resolve_checkpoint_path(path_or_hub_id)
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise UserError(
+                f"'{path}' is a file but not a .gguf; pass an HF directory "
+                "(config.json + *.safetensors) or a .gguf file"
+            )
+        return _open_gguf(path)
+    return _open_hf_dir(path)
+
+
+def resolve_checkpoint_path(path_or_hub_id: str | os.PathLike) -> Path:
+    """A local path for a local path, or the downloaded snapshot for a hub id."""
+    text = os.fspath(path_or_hub_id)
+    if not text:
+        raise UserError("no model path given; pass an HF directory, a .gguf file or a hub id")
+    local = Path(text).expanduser()
+    if local.exists():
+        return local
+    m = _HUB_GGUF.match(text)
+    if m and not text.startswith((".", "/", "~")):
+        return _hub_download(m.group(1), filename=m.group(2))
+    if _HUB_ID.match(text) and not text.lower().endswith((".gguf", ".json", ".safetensors")):
+        return _hub_download(text)
+    raise UserError(
+        f"no such file or directory: '{text}' (pass an HF directory with config.json and "
+        "*.safetensors, a .gguf file, or a hub id like 'HuggingFaceTB/SmolLM2-135M-Instruct')"
+    )
+
+
+def _hub_download(repo_id: str, filename: str | None = None) -> Path:
+    """Downloads (or finds in the HF cache) a hub model; errors say what to do instead."""
+    try:
+        import huggingface_hub
+        from huggingface_hub import errors as hf_errors
+    except ImportError:  # pragma: no cover - a transformers dependency
+        raise UserError(
+            f"'{repo_id}' is not a local path, and downloading from the hub needs huggingface_hub"
+        ) from None
+    what = f"'{repo_id}'" + (f" file '{filename}'" if filename else "")
+    unreachable = (
+        f"cannot download {what}: the Hugging Face hub is unreachable (offline, no network, "
+        "or HF_HUB_OFFLINE=1) and it is not in the local HF cache. Download it where there is "
+        "network (e.g. `hf download {repo}`) and pass the local directory path "
+        "(config.json + *.safetensors) or .gguf file instead of the hub id"
+    ).replace("{repo}", repo_id)
+    try:
+        if filename is not None:
+            return Path(huggingface_hub.hf_hub_download(repo_id, filename))
+        path = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_ALLOW_PATTERNS))
+        if not any(path.glob("*.safetensors")):  # an older repository: PyTorch .bin weights
+            path = Path(
+                huggingface_hub.snapshot_download(
+                    repo_id, allow_patterns=HUB_ALLOW_PATTERNS + HUB_BIN_PATTERNS
+                )
+            )
+        return path
+    except (hf_errors.OfflineModeIsEnabled, hf_errors.LocalEntryNotFoundError) as err:
+        # (LocalEntryNotFoundError subclasses EntryNotFoundError: it must come first.)
+        raise UserError(f"{unreachable} [{_first_line(err)}]") from None
+    except hf_errors.GatedRepoError as err:
+        raise UserError(
+            f"cannot download {what}: the repository is gated; accept its terms on the hub and "
+            f"log in (`hf auth login` or HF_TOKEN), or pass a local path ({_first_line(err)})"
+        ) from None
+    except (hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError) as err:
+        raise UserError(
+            f"'{repo_id}' is neither a local path nor a model on the hub ({_first_line(err)}); "
+            "check the spelling, or pass a local HF directory or .gguf file"
+        ) from None
+    except hf_errors.EntryNotFoundError as err:
+        raise UserError(f"cannot download {what}: no such file in the repository ({_first_line(err)})") from None
+    except hf_errors.HfHubHTTPError as err:
+        raise UserError(f"cannot download {what}: {_first_line(err)}; pass a local path instead") from None
+    except (OSError, ConnectionError, TimeoutError) as err:
+        raise UserError(f"{unreachable} [{type(err).__name__}: {_first_line(err)}]") from None
+    except Exception as err:  # httpx / requests transport errors and the like
+        name = type(err).__name__
+        if any(k in name for k in ("Connect", "Timeout", "Network", "Transport", "Proxy")):
+            raise UserError(f"{unreachable} [{name}: {_first_line(err)}]") from None
+        raise
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+# ------------------------------------------------------------------- GGUF ---
+def _open_gguf(path: Path) -> CheckpointSource:
+    from mmpo_jax.models.gguf import GGUFCheckpoint
+
+    ckpt = GGUFCheckpoint(path)
+
+    def get(name: str) -> np.ndarray:
+        if name not in ckpt._hf_to_gguf:
+            raise KeyError(name)
+        return ckpt.get_tensor(name)
+
+    return CheckpointSource(
+        kind="gguf",
+        path=path,
+        hf_config=ckpt.hf_config(),
+        get_tensor=_ParamCache(get),
+        names=set(ckpt.hf_names()),
+        load_tokenizer=ckpt.tokenizer,
+    )
+
+
+# --------------------------------------------------------------- HF dirs ---
+_ST_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+def _ml_dtype(code: str) -> Any:
+    import ml_dtypes
+
+    table = {
+        "BF16": ml_dtypes.bfloat16,
+        "F8_E4M3": ml_dtypes.float8_e4m3fn,
+        "F8_E5M2": ml_dtypes.float8_e5m2,
+    }
+    if code not in table:
+        raise UserError(f"safetensors dtype {code} is not supported")
+    return table[code]
+
+
+class SafetensorsReader:
+    """Lazy reads from one or more safetensors files (`safe_open`, numpy).
+
+    numpy has no bfloat16, so `safe_open(framework="numpy")` refuses BF16/F8
+    tensors; those are memory-mapped from the file with `ml_dtypes` instead.
+    """
+
+    def __init__(self, files: dict[str, Path]):
+        self.files = files  # tensor name -> file
+        self._handles: dict[Path, Any] = {}
+        self._headers: dict[Path, tuple[int, dict[str, Any]]] = {}
+
+    @classmethod
+    def from_dir(cls, directory: Path) -> "SafetensorsReader":
+        index = directory / SAFETENSORS_INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as err:
+                raise UserError(f"{index}: not a valid safetensors index ({err})") from None
+            files = {name: directory / fname for name, fname in weight_map.items()}
+            absent = sorted({str(p.name) for p in files.values() if not p.is_file()})
+            if absent:
+                raise UserError(
+                    f"{index} lists shard(s) that are missing: {', '.join(absent[:5])}"
+                    f"{' ...' if len(absent) > 5 else ''}; download all the shards"
+                )
+            return cls(files)
+        single = directory / SAFETENSORS_FILE
+        candidates = [single] if single.is_file() else sorted(directory.glob("*.safetensors"))
+        if not candidates:
+            if any(directory.glob("pytorch_model*.bin")):
+                return TorchBinReader.from_dir(directory)  # type: ignore[return-value]
+            raise UserError(f"'{directory}' has no *.safetensors weights")
+        files: dict[str, Path] = {}
+        for path in candidates:
+            for name in cls._header(path)[1]:
+                if name != "__metadata__":
+                    files[name] = path
+        return cls(files)
+
+    @staticmethod
+    def _header(path: Path) -> tuple[int, dict[str, Any]]:
+        try:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+        except (OSError, ValueError, struct.error) as err:
+            raise UserError(f"'{path}' is not a readable safetensors file ({err})") from None
+        return 8 + n, header
+
+    def names(self) -> set[str]:
+        return set(self.files)
+
+    def get(self, name: str) -> np.ndarray:
+        path = self.files[name]  # KeyError when absent
+        if path not in self._headers:
+            self._headers[path] = self._header(path)
+        offset, header = self._headers[path]
+        info = header[name]
+        if info["dtype"] in _ST_DTYPES:
+            from safetensors import safe_open
+
+            if path not in self._handles:
+                self._handles[path] = safe_open(str(path), framework="numpy")
+            return self._handles[path].get_tensor(name)
+        begin, end = info["data_offsets"]
+        dtype = np.dtype(_ml_dtype(info["dtype"]))
+        count = (end - begin) // dtype.itemsize
+        arr = np.memmap(path, dtype=dtype, mode="r", offset=offset + begin, shape=(count,))
+        return np.asarray(arr).reshape(info["shape"])
+
+
+class TorchBinReader:
+    """Older checkpoints: `pytorch_model.bin` (or its sharded index), read with
+    `torch.load(mmap=True, weights_only=True)` when torch is installed."""
+
+    def __init__(self, files: dict[str, Path]):
+        self.files = files
+        self._loaded: dict[Path, Any] = {}
+
+    @classmethod
+    def from_dir(cls, directory: Path) -> "TorchBinReader":
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise UserError(
+                f"'{directory}' has PyTorch .bin weights, which need torch to read; install torch, "
+                "or convert them to safetensors with transformers "
+                "(`from_pretrained(dir).save_pretrained(dir)`)"
+            ) from None
+        index = directory / "pytorch_model.bin.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return cls({name: directory / fname for name, fname in weight_map.items()})
+        files: dict[str, Path] = {}
+        for path in sorted(directory.glob("pytorch_model*.bin")):
+            for name in cls._load(path):
+                files[name] = path
+        return cls(files)
+
+    @staticmethod
+    def _load(path: Path) -> Any:
+        import torch
+
+        try:
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:
+            raise UserError(f"'{path}' is not a readable PyTorch checkpoint ({_first_line(err)})") from None
+
+    def names(self) -> set[str]:
+        return set(self.files)
+
+    def get(self, name: str) -> np.ndarray:
+        import torch
+
+        path = self.files[name]  # KeyError when absent
+        if path not in self._loaded:
+            self._loaded = {path: self._load(path)}  # one shard open at a time
+        t = self._loaded[path][name]
+        if t.dtype == torch.bfloat16:
+            import ml_dtypes
+
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+
+
+def _open_hf_dir(directory: Path) -> CheckpointSource:
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        ggufs = sorted(directory.glob("*.gguf"))
+        hint = f"; to load its GGUF file pass the file itself, e.g. '{ggufs[0]}'" if ggufs else ""
+        raise UserError(f"'{directory}' has no config.json: not an HF model directory{hint}")
+    try:
+        hf_config = json.loads(config_path.read_text())
+    except ValueError as err:
+        raise UserError(f"{config_path}: not valid JSON ({err})") from None
+    if not isinstance(hf_config, dict):
+        raise UserError(f"{config_path}: expected a JSON object")
+    reader = SafetensorsReader.from_dir(directory)
+    names = reader.names()
+
+    def get(name: str) -> np.ndarray:
+        if name in names:
+            return reader.get(name)
+        # Checkpoints of the bare decoder (`LlamaModel`) have no `model.` prefix.
+        if name.startswith("model.") and name[len("model."):] in names:
+            return reader.get(name[len("model."):])
+        raise KeyError(name)
+
+    def tokenizer() -> Any:
+        return load_hf_tokenizer(directory)
+
+    available = names | {"model." + n for n in names if not n.startswith(("model.", "lm_head."))}
+    return CheckpointSource(
+        kind="hf",
+        path=directory,
+        hf_config=hf_config,
+        get_tensor=_ParamCache(get),
+        names=available,
+        load_tokenizer=tokenizer,
+    )
+
+
+def load_hf_tokenizer(directory: str | os.PathLike) -> Any:
+    """The tokenizer saved in an HF directory, or None when it has no tokenizer files."""
+    directory = Path(directory)
+    if not any((directory / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory))
+    except Exception as err:  # a broken or exotic tokenizer must not block the model
+        warnings.warn(f"'{directory}': cannot load its tokenizer ({_first_line(err)}); going without")
+        return None
+
+
+class _ParamCache:
+    """Wraps `get_tensor` so each tensor is read (and dequantised) once.
+
+    `build_model` asks for a tensor once per device shard of its parameter (all
+    layers of a stacked parameter each time), so the tensors of the parameter
+    being built are kept: those of one name pattern (`model.layers.*.mlp.up_proj.weight`).
+    Asking for another pattern drops them, so at most one parameter is on the host.
+    """
+
+    _LAYER = re.compile(r"\.layers\.\d+\.")
+
+    def __init__(self, get: Callable[[str], np.ndarray]):
+        self._get = get
+        self._kind: str | None = None
+        self._cache: dict[str, np.ndarray] = {}
+
+    def __call__(self, name: str) -> np.ndarray:
+        kind = self._LAYER.sub(".layers.*.", name)
+        if kind != self._kind:
+            self._cache.clear()
+            self._kind = kind
+        if name not in self._cache:
+            self._cache[name] = self._get(name)
+        return self._cache[name]
+
+    def clear(self) -> None:
+        self._cache.clear()
+        self._kind = None
+
+
+# --------------------------------------------------------------------------- #
+# Loading
+# --------------------------------------------------------------------------- #
+def load_checkpoint(
+    path_or_hub_id: str | os.PathLike,
+    options: Any = None,
+    *,
+    mesh: Any = None,
+    with_tokenizer: bool = True,
+) -> tuple[Any, Any, Any]:
+    """`(model, LlamaConfig, tokenizer or None)` from an HF directory, a hub id or a .gguf file.
+
+    `options` is a `ModelOptions` (default: float32, scanned layers). With `mesh`,
+    each parameter is placed straight onto its sharding (`mmpo_jax.sharding`).
+    Raises `UserError` for a bad path, an unsupported architecture, or a missing or
+    misshaped tensor, saying what to fix.
+    """
+    from mmpo_jax.models.llama import LlamaConfig, ModelOptions, build_model
+
+    source = open_checkpoint(path_or_hub_id)
+    try:
+        cfg = LlamaConfig.from_hf_dict(source.hf_config)
+    except UserError as err:
+        raise UserError(f"{source.description}: {err}") from None
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(f"{source.description}: config.json is missing or has a bad {err}") from None
+    check_tensors(source, cfg)
+    options = ModelOptions() if options is None else options
+    try:
+        model = build_model(cfg, options, mesh=mesh, get_tensor=source.get_tensor)
+    except UserError as err:
+        raise UserError(f"{source.description}: {err}") from None
+    finally:
+        clear = getattr(source.get_tensor, "clear", None)
+        if clear is not None:
+            clear()
+    tokenizer = source.load_tokenizer() if with_tokenizer else None
+    return model, cfg, tokenizer
+
+
+def check_tensors(source: CheckpointSource, cfg: Any) -> None:
+    """Every tensor the architecture needs is in the checkpoint, or a UserError listing those missing."""
+    from mmpo_jax.models.llama import hf_weight_names
+
+    missing = [n for n in hf_weight_names(cfg) if n not in source.names]
+    if missing:
+        shown = ", ".join(missing[:6]) + (f" ... ({len(missing)} in all)" if len(missing) > 6 else "")
+        hint = ""
+        if missing == ["lm_head.weight"]:
+            hint = " (if the LM head is the embedding, set tie_word_embeddings: true in config.json)"
+        raise UserError(
+            f"{source.description} lacks tensors its config.json implies: {shown}{hint}; "
+            "is config.json the one that belongs to these weights?"
+        )
+
+
+# --------------------------------------------------------------------------- #
+# Export
+# --------------------------------------------------------------------------- #
+_NP_TO_ST = {
+    np.dtype(np.float32): "F32",
+    np.dtype(np.float16): "F16",
+    np.dtype(np.float64): "F64",
+}
+
+
+def _st_code(dtype: np.dtype) -> str:
+    if dtype in _NP_TO_ST:
+        return _NP_TO_ST[dtype]
+    import ml_dtypes
+
+    if dtype == np.dtype(ml_dtypes.bfloat16):
+        return "BF16"
+    raise UserError(f"cannot write dtype {dtype} to safetensors")
+
+
+class _ShardWriter:
+    """Streams tensors into safetensors shards: each tensor's bytes go to a spill
+    file as they come; a full shard gets its header written and the bytes copied
+    behind it. Never more than one tensor in memory."""
+
+    def __init__(self, out_dir: Path, max_shard_bytes: int):
+        self.out_dir = out_dir
+        self.max_shard_bytes = max_shard_bytes
+        self.shards: list[tuple[Path, list[str]]] = []  # temp file, tensor names
+        self._entries: dict[str, Any] = {}
+        self._spill = None
+        self._spill_path: Path | None = None
+        self._offset = 0
+        self.total_bytes = 0
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        array = np.ascontiguousarray(array)
+        nbytes = array.nbytes
+        if self._spill is not None and self._offset > 0 and self._offset + nbytes > self.max_shard_bytes:
+            self._finish_shard()
+        if self._spill is None:
+            self._spill_path = self.out_dir / f".export-shard-{len(self.shards):05d}.tmp"
+            self._spill = open(self._spill_path, "wb")
+            self._entries = {}
+            self._offset = 0
+        self._spill.write(array.tobytes(order="C"))
+        self._entries[name] = {
+            "dtype": _st_code(array.dtype),
+            "shape": list(array.shape),
+            "data_offsets": [self._offset, self._offset + nbytes],
+        }
+        self._offset += nbytes
+        self.total_bytes += nbytes
+
+    def _finish_shard(self) -> None:
+        assert self._spill is not None and self._spill_path is not None
+        self._spill.close()
+        header = {"__metadata__": {"format": "pt"}, **self._entries}
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)
+        final = self._spill_path.with_suffix(".st")
+        with open(final, "wb") as out, open(self._spill_path, "rb") as data:
+            out.write(struct.pack("<Q", len(raw)))
+            out.write(raw)
+            shutil.copyfileobj(data, out, length=64 * 1024 * 1024)
+        self._spill_path.unlink()
+        self.shards.append((final, list(self._entries)))
+        self._spill = None
+
+    def close(self) -> dict[str, str]:
+        """Names the shards; returns the weight map (tensor -> file name)."""
+        if self._spill is not None:
+            self._finish_shard()
+        n = len(self.shards)
+        weight_map: dict[str, str] = {}
+        for i, (tmp, names) in enumerate(self.shards):
+            fname = SAFETENSORS_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            tmp.replace(self.out_dir / fname)
+            weight_map.update({name: fname for name in names})
+        return weight_map
+
+
+def export_hf(
+    model: Any,
+    cfg: Any,
+    tokenizer: Any,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    weights: Iterable[tuple[str, np.ndarray]] | None = None,
+) -> Path:
+    """Writes an HF directory transformers (and vLLM) load: `config.json`, safetensors, tokenizer.
+
+    Tensors stream from `iter_hf_weights(model)` (or `weights`) one at a time into
+    `model.safetensors`, or into `model-0000i-of-0000n.safetensors` shards of at
+    most `max_shard_bytes` with a `model.safetensors.index.json`. `dtype` is
+    `float32` or `bfloat16`. The tokenizer (if any) is saved with its chat template.
+    """
+    from mmpo_jax.models.llama import iter_hf_weights
+
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"export dtype '{dtype}' is not supported; choose float32, bfloat16 or float16")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in list(out.glob("*.safetensors")) + [out / SAFETENSORS_INDEX]:
+        if stale.exists():
+            stale.unlink()
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        np_dtype = np.dtype(ml_dtypes.bfloat16)
+    else:
+        np_dtype = np.dtype(dtype)
+
+    writer = _ShardWriter(out, max_shard_bytes)
+    try:
+        for name, array in weights if weights is not None else iter_hf_weights(model):
+            writer.add(name, np.asarray(array).astype(np_dtype, copy=False))
+        weight_map = writer.close()
+    finally:
+        for tmp in out.glob(".export-shard-*"):
+            tmp.unlink()
+    if len(set(weight_map.values())) > 1:
+        index = {"metadata": {"total_size": writer.total_bytes}, "weight_map": weight_map}
+        (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+    hf = cfg.to_hf_dict()
+    hf["torch_dtype"] = dtype
+    hf["dtype"] = dtype
+    (out / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out
