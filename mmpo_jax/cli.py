@@ -16,6 +16,8 @@ from mmpo_jax.errors import UserError
 
 # Add a subcommand by adding its module here (see mmpo_jax/commands/__init__.py).
 SUBCOMMANDS = (
+    "mmpo_jax.commands.compare",
+    "mmpo_jax.commands.inspect_data",
     "mmpo_jax.commands.losses",
     "mmpo_jax.commands.show_config",
 )

@@ -31,18 +31,197 @@ class ConfigError(UserError, ValueError):
 # Sections
 # --------------------------------------------------------------------------- #
 @dataclass
+class ModelInit:
+    """The architecture of a randomly initialised model (`model.path: ""`).
+
+    Names follow transformers' `LlamaConfig`; the defaults are a tiny Llama for
+    demos and tests. Ignored when `model.path` names a checkpoint.
+    """
+
+    # SmolLM2's tokenizer size, so the ids of the tokenizer shipped with the
+    # embedded SmolLM2 model all fit.
+    vocab_size: int = 49152
+    hidden_size: int = 64
+    intermediate_size: int = 256
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    # None: hidden_size // num_attention_heads.
+    head_dim: int | None = None
+    tie_word_embeddings: bool = True
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 2048
+    # Standard deviation of the normal init of every matrix (transformers'
+    # `initializer_range`); norms start at 1, biases at 0.
+    init_scale: float = 0.02
+
+    def validate(self, prefix: str) -> None:
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+        ):
+            _check(getattr(self, name) >= 1, prefix, name, getattr(self, name), "must be >= 1")
+        _check(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            prefix,
+            "num_key_value_heads",
+            self.num_key_value_heads,
+            f"must divide num_attention_heads={self.num_attention_heads}",
+        )
+        if self.head_dim is None:
+            _check(
+                self.hidden_size % self.num_attention_heads == 0,
+                prefix,
+                "hidden_size",
+                self.hidden_size,
+                f"must be a multiple of num_attention_heads={self.num_attention_heads} "
+                "(or set head_dim)",
+            )
+        else:
+            _check(self.head_dim >= 2 and self.head_dim % 2 == 0, prefix, "head_dim",
+                   self.head_dim, "must be even and >= 2 (RoPE rotates pairs)")
+        _check(self.rope_theta > 0, prefix, "rope_theta", self.rope_theta, "must be > 0")
+        _check(self.rms_norm_eps > 0, prefix, "rms_norm_eps", self.rms_norm_eps, "must be > 0")
+        _check(self.init_scale > 0, prefix, "init_scale", self.init_scale, "must be > 0")
+
+
+@dataclass
 class ModelConfig:
-    """The model. Keys arrive with the model issue."""
+    """The model: a checkpoint (or a random init) and how it runs.
+
+    See `mmpo_jax.models.llama.ModelOptions` for what each run option does.
+    """
+
+    # A local HF directory, a hub id or a `.gguf` file; "" = random init from `init`.
+    path: str = ""
+    init: ModelInit = field(default_factory=ModelInit)
+    # dtype of the stored parameters (and of the optimizer's view of them).
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    # dtype of matmuls and activations; auto = bfloat16 on GPU/TPU, float32 on CPU.
+    # Log-softmax, RMSNorm statistics and the losses are float32 whatever this says.
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # auto = cudnn on GPU with a bfloat16 compute dtype (and a head_dim it takes), else xla.
+    attention: Literal["auto", "xla", "cudnn"] = "auto"
+    # Scan the layers (nnx.scan): compile time independent of depth.
+    scan_layers: bool = True
+    # Per-layer rematerialisation: none (keep all activations), full (keep only each
+    # layer's input, recompute the rest), dots (keep the outputs of the weight
+    # matmuls, recompute attention and the elementwise ops).
+    remat: Literal["none", "full", "dots"] = "full"
+    # Dropout on the attention and MLP outputs (residual branches) in training; 0 = off.
+    dropout: float = 0.0
+    # Sequence positions per chunk of the LM head + log-softmax (mmpo_jax.logprobs).
+    logprob_chunk: int = 256
+
+    def validate(self, prefix: str) -> None:
+        self.init.validate(f"{prefix}.init")
+        _check(0.0 <= self.dropout < 1.0, prefix, "dropout", self.dropout, "must be in [0, 1)")
+        _check(self.logprob_chunk >= 1, prefix, "logprob_chunk", self.logprob_chunk, "must be >= 1")
 
 
 @dataclass
 class DataConfig:
-    """The preference data. Keys arrive with the data issue."""
+    """The preference data; `mmpo_jax/data/pipeline.py` says how each key is used.
+
+    Sources: a `.jsonl`/`.json`/`.parquet` path, a list of them, a hub id, or
+    `builtin:demo` / `builtin:demo-standard` (the shipped demo data).
+    """
+
+    train_files: str | list[str] | None = None
+    test_files: str | list[str] | None = None
+    # hub split (and demo split) for train_files / mixture, and for test_files
+    split: str = "train"
+    test_split: str = "test"
+    # {source: fraction of its rows to keep}, instead of train_files
+    mixture: dict[str, float] | None = None
+    format: Literal["auto", "standard", "conversational"] = "auto"
+    # an HF tokenizer dir or hub id, a .gguf file, or builtin:tiny
+    tokenizer: str = "builtin:tiny"
+    max_length: int = 1024
+    # None: the prompt is only limited by max_length
+    max_prompt_length: int | None = 512
+    max_invalid_fraction: float = 0.01
+    # global preference pairs per optimizer step
+    batch_size: int = 8
+    seed: int = 0
+    # None: datasets' cache (HF_DATASETS_CACHE); tokenized data goes to mmpo_jax_tokenized/ in it
+    cache_dir: str | None = None
+
+    def validate(self, prefix: str) -> None:
+        _check(self.max_length >= 2, prefix, "max_length", self.max_length, "must be >= 2")
+        if self.max_prompt_length is not None:
+            _check(
+                1 <= self.max_prompt_length < self.max_length,
+                prefix,
+                "max_prompt_length",
+                self.max_prompt_length,
+                f"must be >= 1 and < max_length={self.max_length} (or null)",
+            )
+        _check(
+            0.0 <= self.max_invalid_fraction <= 1.0,
+            prefix,
+            "max_invalid_fraction",
+            self.max_invalid_fraction,
+            "must be in [0, 1]",
+        )
+        _check(self.batch_size >= 1, prefix, "batch_size", self.batch_size, "must be >= 1")
+        _check(0 <= self.seed < 2**32, prefix, "seed", self.seed, "must be in [0, 2**32)")
+        for name in ("train_files", "test_files"):
+            value = getattr(self, name)
+            _check(
+                value is None or (len(value) > 0 and all(v for v in ([value] if isinstance(value, str) else value))),
+                prefix,
+                name,
+                value,
+                "must name a file, a list of files or a hub id (or be null)",
+            )
+        if self.mixture is not None:
+            _check(len(self.mixture) > 0, prefix, "mixture", self.mixture, "must name at least one source")
+            for source, fraction in self.mixture.items():
+                _check(
+                    0.0 < fraction <= 1.0,
+                    prefix,
+                    f"mixture.{source}",
+                    fraction,
+                    "is the fraction of the source to keep: in (0, 1]",
+                )
+            if self.train_files is not None:
+                raise ConfigError(
+                    f"{prefix}: set either train_files or mixture, not both "
+                    f"(train_files={self.train_files!r}, mixture={self.mixture!r})"
+                )
 
 
 @dataclass
 class OptimConfig:
-    """The optimizer. Keys arrive with the train-step issue."""
+    """AdamW with a warmup-then-decay schedule and global-norm clipping."""
+
+    learning_rate: float = 5e-7
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # <= 0 turns clipping off
+    # micro-batches per optimizer step; data.batch_size pairs are split evenly
+    grad_accum: int = 1
+    mu_dtype: Literal["float32", "bfloat16"] = "float32"  # AdamW first-moment dtype
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+
+    def validate(self, prefix: str) -> None:
+        _check(self.learning_rate > 0, prefix, "learning_rate", self.learning_rate, "must be > 0")
+        _check(self.warmup_steps >= 0, prefix, "warmup_steps", self.warmup_steps, "must be >= 0")
+        _check(self.weight_decay >= 0, prefix, "weight_decay", self.weight_decay, "must be >= 0")
+        _check(self.grad_accum >= 1, prefix, "grad_accum", self.grad_accum, "must be >= 1")
+        _check(0 <= self.b1 < 1, prefix, "b1", self.b1, "must be in [0, 1)")
+        _check(0 <= self.b2 < 1, prefix, "b2", self.b2, "must be in [0, 1)")
+        _check(self.eps > 0, prefix, "eps", self.eps, "must be > 0")
 
 
 @dataclass

@@ -100,7 +100,7 @@ def test_bool_and_null_overrides():
         ("mesh.data=0", ["mesh.data", "-1"]),
         ("loss=3", ["loss", "section"]),
         ("loss.beta.x=1", ["loss.beta", "not a section"]),
-        ("model.path=x", ["model.path", "no keys yet"]),
+        ("model.pth=x", ["model.pth", "Did you mean 'model.path'"]),
         ("no_equals_sign", ["no_equals_sign", "key=value"]),
     ],
 )
