@@ -1,0 +1,1 @@
+"""Training: state, the jitted step, the optimizer, and the run loop."""

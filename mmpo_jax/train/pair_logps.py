@@ -1,0 +1,65 @@
+"""Per-pair sequence log-probs (and entropy bonuses) of a pair-major batch.
+
+The batch is pair-major, `input_ids [pairs, 2, seq]` (chosen at index 0, rejected
+at 1), with `loss_mask [pairs, 2, seq]` aligned with `input_ids` (1 on the
+completion tokens whose log-prob counts). Chosen and rejected run through the
+model in ONE forward of `2 * pairs` rows, so a pair never straddles devices
+when the pairs axis is split over the batch mesh axes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+
+from mmpo_jax.logprobs import model_token_logps, sequence_logps
+
+
+def pair_logps(
+    model: Any,
+    input_ids: jax.Array,
+    loss_mask: jax.Array,
+    *,
+    average: bool,
+    chunk: int | None,
+    entropy_estimator: Literal["token", "score_function"] | None = None,
+    dropout_key: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Sequence log-probs `[pairs, 2]` (float32) and, with an estimator, the per-pair
+    entropy bonus `E_i` `[pairs]` of the contract (the mean over the two completions).
+
+    - `token`: `sum_t m_t H_t` (divided by `sum_t m_t` when `average`).
+    - `score_function`: `sum_t m_t (H_t + stop_grad(H_t) * P_t)`, `P_t` the log-prob
+      of the completion prefix up to and including token t; its value is not the
+      entropy, its gradient adds the score-function part of the sequence entropy's.
+    """
+    pairs, two, seq = input_ids.shape
+    ids = input_ids.reshape(pairs * two, seq)
+    mask = loss_mask.reshape(pairs * two, seq).astype(jnp.float32)
+    out = model_token_logps(
+        model, ids, chunk=chunk, with_entropy=entropy_estimator is not None, dropout_key=dropout_key
+    )
+    if entropy_estimator is None:
+        token_logps, entropy = out, None
+    else:
+        token_logps, token_entropy = out
+        entropy = _entropy_bonus(token_logps, token_entropy, mask, entropy_estimator, average)
+        entropy = entropy.reshape(pairs, two).mean(axis=1)
+    seq_logps = sequence_logps(token_logps, mask, average).reshape(pairs, two)
+    return seq_logps, entropy
+
+
+def _entropy_bonus(
+    token_logps: jax.Array, token_entropy: jax.Array, mask: jax.Array, estimator: str, average: bool
+) -> jax.Array:
+    """`[rows]` entropy bonus from per-token log-probs and entropies `[rows, seq]`."""
+    h = token_entropy.astype(jnp.float32) * mask
+    if estimator == "score_function":
+        prefix = jnp.cumsum(token_logps.astype(jnp.float32) * mask, axis=-1)
+        h = h + jax.lax.stop_gradient(h) * prefix * mask
+    total = jnp.sum(h, axis=-1)
+    if average:
+        total = total / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+    return total

@@ -1,0 +1,161 @@
+"""The train state: trainable params, frozen params, the reference, optimizer state.
+
+The policy model is split once with `nnx.split` into a static `graphdef` and
+three states:
+
+- `trainable`: what the optimizer updates: every `nnx.Param` for full
+  fine-tuning, only the `nnx.LoRAParam`s with LoRA (so only they get optimizer
+  state);
+- `frozen`: the other params (the base weights under LoRA; empty otherwise);
+- `rest`: non-parameter variables (RoPE tables), never trained.
+
+The reference, by `model.reference`:
+
+- `separate`: `reference` holds a full `nnx.Param` state (a copy of the initial
+  policy, or another checkpoint) merged with `rest` for its forward;
+- `lora_base`: no copy; the policy's own base weights with the LoRA params zeroed
+  (B = 0 makes every adapter contribute exactly nothing);
+- `precomputed`: the reference log-probs arrive with the batch (`ref_logps`);
+- `none`: no reference (SimPO).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+REFERENCE_MODES = ("separate", "lora_base", "precomputed", "none")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes or is needed on device across steps (a pytree)."""
+
+    step: jax.Array  # int32 [], optimizer steps applied
+    trainable: nnx.State
+    frozen: nnx.State
+    rest: nnx.State
+    reference: nnx.State | None  # all Params of the reference (mode `separate`)
+    opt_state: Any
+    rng: jax.Array  # key for dropout
+
+
+@dataclass(frozen=True)
+class StateDef:
+    """The static half of the state: how to rebuild the modules."""
+
+    graphdef: Any
+    lora: bool
+    reference_mode: str
+
+    def policy(self, state: TrainState, trainable: nnx.State | None = None) -> Any:
+        """The policy module from the state (`trainable` overrides the state's)."""
+        t = state.trainable if trainable is None else trainable
+        return _merge(self.graphdef, t, state.frozen, state.rest)
+
+    def reference(self, state: TrainState) -> Any:
+        """The reference module, for the `separate` and `lora_base` modes."""
+        if self.reference_mode == "separate":
+            return _merge(self.graphdef, state.reference, state.rest)
+        if self.reference_mode == "lora_base":
+            zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+            return _merge(self.graphdef, zeros, state.frozen, state.rest)
+        raise ValueError(f"reference mode {self.reference_mode!r} has no reference model")
+
+
+def _merge(graphdef: Any, *states: nnx.State) -> Any:
+    """`nnx.merge` on fresh Variable objects.
+
+    The step builds modules inside nested traces (value_and_grad inside a scan
+    over micro-batches) from states captured at the outer jit level; NNX refuses
+    Variables created at another trace level, so rebuild them here (no array work).
+    """
+    return nnx.merge(graphdef, *[jax.tree.map(lambda x: x, s) for s in states])
+
+
+def trainable_filter(lora: bool):
+    return nnx.LoRAParam if lora else nnx.Param
+
+
+def frozen_filter(lora: bool):
+    # LoRAParam is a subclass of Param: exclude it explicitly.
+    return nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)) if lora else nnx.Param
+
+
+def split_model(model: Any, lora: bool) -> tuple[Any, nnx.State, nnx.State, nnx.State]:
+    """`graphdef, trainable, frozen, rest` of `model` (see the module docstring)."""
+    if lora:
+        return nnx.split(model, nnx.LoRAParam, frozen_filter(True), ...)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    empty = nnx.State({})
+    return graphdef, params, empty, rest
+
+
+def create_state(
+    model: Any,
+    optimizer: optax.GradientTransformation,
+    *,
+    lora: bool,
+    reference_mode: str,
+    reference_model: Any | None = None,
+    seed: int = 0,
+    mesh: jax.sharding.Mesh | None = None,
+) -> tuple[StateDef, TrainState]:
+    """The initial state of a run.
+
+    `reference_model` (mode `separate` only): the reference; None = a copy of the
+    initial policy. The optimizer state is created under jit so it lands on the
+    devices (and shardings) of the trainable params.
+    """
+    if reference_mode not in REFERENCE_MODES:
+        raise ValueError(f"reference mode {reference_mode!r} not in {REFERENCE_MODES}")
+    if reference_mode == "lora_base" and not lora:
+        raise ValueError("model.reference=lora_base needs LoRA (model.lora.rank > 0)")
+    graphdef, trainable, frozen, rest = split_model(model, lora)
+    reference = None
+    if reference_mode == "separate":
+        source = model if reference_model is None else reference_model
+        # all Params, LoRA adapters included: the initial policy as it is
+        reference = nnx.state(source, nnx.Param)
+        # a real copy: the policy's buffers are donated and updated in place
+        reference = jax.tree.map(jnp.copy, reference)
+    opt_state = jax.jit(optimizer.init)(trainable)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        trainable=trainable,
+        frozen=frozen,
+        rest=rest,
+        reference=reference,
+        opt_state=opt_state,
+        rng=jax.random.key_data(jax.random.key(seed)),
+    )
+    if mesh is not None:
+        state = _onto_mesh(state, mesh)
+    return StateDef(graphdef=graphdef, lora=lora, reference_mode=reference_mode), state
+
+
+def _onto_mesh(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Arrays not already placed on the mesh (the step counter, the RNG, the
+    optimizer's counters) are replicated over it, so that the jitted step sees one
+    device set and the same shardings in as out."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def place(x):
+        # A single-device sharding would also differ from the step's outputs'
+        # NamedShardings and cost a second compile of the step.
+        if isinstance(x.sharding, jax.sharding.NamedSharding) and x.sharding.mesh == mesh:
+            return x
+        return jax.device_put(x, replicated)
+
+    return jax.tree.map(place, tree)
+
+
+def state_shardings(state: TrainState) -> Any:
+    """The sharding of every array of `state` (as placed), for the step's in/out shardings."""
+    return jax.tree.map(lambda x: x.sharding, state)

@@ -1,0 +1,272 @@
+"""The train step and eval step: one jitted function each, sharded over the mesh.
+
+A batch is a dict of arrays, pair-major and split over the batch mesh axes
+(`data` x `fsdp`) along its first axis:
+
+    input_ids   [pairs, 2, seq] int32   chosen at [:, 0], rejected at [:, 1]
+    loss_mask   [pairs, 2, seq]         1 on the completion tokens, aligned with input_ids
+                                        (`mmpo_jax.data.pipeline.PreferenceBatch`)
+    pair_mask   [pairs]                 1 = real pair, 0 = padding (optional)
+    ref_logps   [pairs, 2] float32      reference sequence log-probs (mode `precomputed`)
+
+One step: for each of `optim.grad_accum` micro-batches (each normalised on its
+own, as the loss contract says), the policy's chosen and rejected log-probs in
+one forward, the reference's without gradient, the loss named by `loss.name`
+under `shard_map` with global statistics (`lax.pmin`/`pmax`/`psum` over the
+batch axes), and its gradient; the gradients are averaged, clipped and applied
+by the optimizer. If the loss or any gradient is not finite, the state is
+returned unchanged (decided inside the jitted step, since the state's buffers
+are donated) and `metrics["nonfinite"]` is 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mmpo_jax import losses
+from mmpo_jax.config import LossConfig
+from mmpo_jax.errors import UserError
+from mmpo_jax.sharding import BATCH_AXES
+from mmpo_jax.train.pair_logps import pair_logps
+from mmpo_jax.train.state import StateDef, TrainState
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+# --------------------------------------------------------------------------- #
+# The loss on per-pair log-probs, global over the mesh
+# --------------------------------------------------------------------------- #
+def loss_on_mesh(
+    loss_cfg: LossConfig,
+    mesh: jax.sharding.Mesh,
+    pc: jax.Array,
+    pr: jax.Array,
+    rc: jax.Array | None,
+    rr: jax.Array | None,
+    entropy: jax.Array | None,
+    pair_mask: jax.Array,
+) -> tuple[jax.Array, Metrics]:
+    """The configured loss on `[pairs]` inputs split over the batch mesh axes."""
+    name = loss_cfg.name
+    args = [pc, pr]
+    if name != "simpo":
+        args += [rc, rr]
+    with_entropy = name == "mmpo" and entropy is not None
+    if with_entropy:
+        args.append(entropy)
+
+    def local(*xs):
+        *inputs, mask = xs
+        if name == "mmpo":
+            ent = inputs.pop() if with_entropy else None
+            return losses.mmpo_loss(
+                *inputs,
+                beta=loss_cfg.beta,
+                reward_epsilon=loss_cfg.reward_epsilon,
+                rejected_epsilon=loss_cfg.rejected_epsilon,
+                norm_eps=loss_cfg.norm_eps,
+                aux_weight=loss_cfg.aux_weight,
+                normalize=loss_cfg.normalize,
+                entropy=ent,
+                entropy_weight=loss_cfg.entropy_weight,
+                pair_mask=mask,
+                axis_name=BATCH_AXES,
+            )
+        if name == "dpo":
+            return losses.dpo_loss(
+                *inputs, beta=loss_cfg.beta, label_smoothing=loss_cfg.label_smoothing,
+                pair_mask=mask, axis_name=BATCH_AXES,
+            )
+        return losses.simpo_loss(
+            *inputs, beta=loss_cfg.beta, gamma=loss_cfg.gamma, pair_mask=mask, axis_name=BATCH_AXES
+        )
+
+    spec = P(BATCH_AXES)
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * (len(args) + 1), out_specs=(P(), P()))
+    return fn(*args, pair_mask)
+
+
+# --------------------------------------------------------------------------- #
+# Step functions
+# --------------------------------------------------------------------------- #
+@dataclass(frozen=True)
+class StepConfig:
+    """What the step needs besides the state and the batch (all static)."""
+
+    loss: LossConfig
+    grad_accum: int
+    logprob_chunk: int | None
+    schedule: Callable[[jax.Array], jax.Array]
+    dropout: bool  # dropout on (model.dropout > 0) during training
+
+
+def _micro_batches(batch: Batch, n: int) -> Batch:
+    """`[pairs, ...]` -> `[n, pairs / n, ...]`, micro-batch `a` = pairs `a, a+n, a+2n, ...`.
+
+    Strided, not contiguous: each device keeps exactly its own pairs (the pairs
+    axis is split into contiguous blocks over devices), so no data moves.
+    """
+
+    def split(x):
+        pairs = x.shape[0]
+        y = x.reshape(pairs // n, n, *x.shape[1:])
+        return jnp.moveaxis(y, 1, 0)
+
+    return jax.tree.map(split, batch)
+
+
+def _forward_loss(
+    sdef: StateDef,
+    scfg: StepConfig,
+    mesh: jax.sharding.Mesh,
+    state: TrainState,
+    trainable: Any,
+    batch: Batch,
+    dropout_key: jax.Array | None,
+) -> tuple[jax.Array, Metrics]:
+    """Loss and metrics of one micro-batch, differentiable in `trainable`."""
+    lc = scfg.loss
+    estimator = lc.entropy_estimator if (lc.name == "mmpo" and lc.entropy_weight > 0) else None
+    policy = sdef.policy(state, trainable)
+    logps, entropy = pair_logps(
+        policy, batch["input_ids"], batch["loss_mask"], average=lc.average_logps,
+        chunk=scfg.logprob_chunk, entropy_estimator=estimator, dropout_key=dropout_key,
+    )
+    ref = _reference_logps(sdef, scfg, state, batch)
+    pair_mask = batch.get("pair_mask")
+    pair_mask = jnp.ones(logps.shape[:1], jnp.float32) if pair_mask is None else pair_mask.astype(jnp.float32)
+    rc = rr = None
+    if ref is not None:
+        rc, rr = ref[:, 0], ref[:, 1]
+    return loss_on_mesh(lc, mesh, logps[:, 0], logps[:, 1], rc, rr, entropy, pair_mask)
+
+
+def _reference_logps(sdef: StateDef, scfg: StepConfig, state: TrainState, batch: Batch):
+    mode = sdef.reference_mode
+    if mode == "none":
+        return None
+    if mode == "precomputed":
+        return jax.lax.stop_gradient(batch["ref_logps"].astype(jnp.float32))
+    ref_model = sdef.reference(state)
+    logps, _ = pair_logps(
+        ref_model, batch["input_ids"], batch["loss_mask"], average=scfg.loss.average_logps,
+        chunk=scfg.logprob_chunk,
+    )
+    return jax.lax.stop_gradient(logps)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = jax.tree.leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
+
+
+def train_step_fn(
+    sdef: StateDef,
+    scfg: StepConfig,
+    optimizer: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    state: TrainState,
+    batch: Batch,
+) -> tuple[TrainState, Metrics]:
+    """One optimizer step (unjitted; see `make_train_step`)."""
+    n = scfg.grad_accum
+    micro = _micro_batches(batch, n)
+    base_key = jax.random.wrap_key_data(state.rng)
+    step_key = jax.random.fold_in(base_key, state.step)
+
+    grad_fn = jax.value_and_grad(
+        lambda t, mb, key: _forward_loss(sdef, scfg, mesh, state, t, mb, key), has_aux=True
+    )
+
+    def body(carry, xs):
+        grads_sum, metrics_sum = carry
+        index, mb = xs
+        key = jax.random.fold_in(step_key, index) if scfg.dropout else None
+        (_, metrics), grads = grad_fn(state.trainable, mb, key)
+        grads_sum = jax.tree.map(lambda a, g: a + g.astype(a.dtype), grads_sum, grads)
+        metrics_sum = jax.tree.map(jnp.add, metrics_sum, metrics)
+        return (grads_sum, metrics_sum), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.trainable)
+    metric_shapes = jax.eval_shape(
+        lambda: _forward_loss(sdef, scfg, mesh, state, state.trainable,
+                              jax.tree.map(lambda x: x[0], micro), None)[1]
+    )
+    metric_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
+    (grads, metrics), _ = jax.lax.scan(body, (zeros, metric_zeros), (jnp.arange(n), micro))
+    grads = jax.tree.map(lambda g, p: (g / n).astype(p.dtype), grads, state.trainable)
+    metrics = jax.tree.map(lambda m: m / n, metrics)
+
+    finite = jnp.isfinite(metrics["loss"]) & _all_finite(grads)
+    updates, new_opt = optimizer.update(grads, state.opt_state, state.trainable)
+    new_trainable = optax.apply_updates(state.trainable, updates)
+
+    def keep(new, old):
+        return jnp.where(finite, new, old)
+
+    new_state = state.replace(
+        step=jnp.where(finite, state.step + 1, state.step),
+        trainable=jax.tree.map(keep, new_trainable, state.trainable),
+        opt_state=jax.tree.map(keep, new_opt, state.opt_state),
+    )
+    metrics = dict(metrics)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["learning_rate"] = scfg.schedule(state.step)
+    metrics["nonfinite"] = (~finite).astype(jnp.float32)
+    return new_state, metrics
+
+
+def eval_step_fn(
+    sdef: StateDef, scfg: StepConfig, mesh: jax.sharding.Mesh, state: TrainState, batch: Batch
+) -> Metrics:
+    """The train step's metrics on `batch`, without gradients or an update."""
+    _, metrics = _forward_loss(sdef, scfg, mesh, state, state.trainable, batch, None)
+    return metrics
+
+
+def batch_shardings(mesh: jax.sharding.Mesh, batch: Batch) -> dict[str, NamedSharding]:
+    """Every batch array split over the batch axes along its first (pairs) axis."""
+    return {k: NamedSharding(mesh, P(BATCH_AXES)) for k in batch}
+
+
+def check_batch_divisible(pairs: int, grad_accum: int, mesh: jax.sharding.Mesh) -> None:
+    """A micro-batch's pairs must split evenly over the batch mesh axes."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if pairs % grad_accum or (pairs // grad_accum) % shards:
+        raise UserError(
+            f"data.batch_size={pairs} pairs with optim.grad_accum={grad_accum} gives micro-batches "
+            f"of {pairs / grad_accum:g} pairs, which must be a whole multiple of the "
+            f"{shards} batch shards (mesh.data x mesh.fsdp); choose data.batch_size as a "
+            f"multiple of {grad_accum * shards}"
+        )
+
+
+def make_train_step(sdef, scfg, optimizer, mesh, state_sharding, example_batch: Batch):
+    """The jitted train step `(state, batch) -> (state, metrics)`; the state is donated."""
+    fn = partial(train_step_fn, sdef, scfg, optimizer, mesh)
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(
+        fn,
+        in_shardings=(state_sharding, batch_shardings(mesh, example_batch)),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=(0,),
+    )
+
+
+def make_eval_step(sdef, scfg, mesh, state_sharding, example_batch: Batch):
+    """The jitted eval step `(state, batch) -> metrics`."""
+    fn = partial(eval_step_fn, sdef, scfg, mesh)
+    return jax.jit(
+        fn,
+        in_shardings=(state_sharding, batch_shardings(mesh, example_batch)),
+        out_shardings=NamedSharding(mesh, P()),
+    )
