@@ -79,10 +79,6 @@ def _merge(graphdef: Any, *states: nnx.State) -> Any:
     return nnx.merge(graphdef, *[jax.tree.map(lambda x: x, s) for s in states])
 
 
-def trainable_filter(lora: bool):
-    return nnx.LoRAParam if lora else nnx.Param
-
-
 def frozen_filter(lora: bool):
     # LoRAParam is a subclass of Param: exclude it explicitly.
     return nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)) if lora else nnx.Param
