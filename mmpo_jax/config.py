@@ -91,6 +91,40 @@ class ModelInit:
         _check(self.init_scale > 0, prefix, "init_scale", self.init_scale, "must be > 0")
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (`rank` 0 = full fine-tuning).
+
+    Each targeted projection `W` becomes `W + (alpha / rank) * A @ B` with `A`
+    `[in, rank]` (PEFT's init: uniform in +-1/sqrt(in)) and `B` `[rank, out]` = 0, so
+    training starts from the base model; only `A` and `B` are trained and get
+    optimizer state.
+    """
+
+    rank: int = 0
+    alpha: float = 16.0
+    # Dropout on the adapters' input in training (PEFT's lora_dropout).
+    dropout: float = 0.0
+    # Any of q, k, v, o (attention) and gate, up, down (MLP).
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])
+
+    def validate(self, prefix: str) -> None:
+        _check(self.rank >= 0, prefix, "rank", self.rank, "must be >= 0 (0 = full fine-tuning)")
+        _check(self.alpha > 0, prefix, "alpha", self.alpha, "must be > 0")
+        _check(0.0 <= self.dropout < 1.0, prefix, "dropout", self.dropout, "must be in [0, 1)")
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        _check(not bad, prefix, "targets", self.targets,
+               f"unknown target(s) {bad}; choose from {', '.join(LORA_TARGETS)}")
+        if self.rank > 0:
+            _check(len(self.targets) > 0, prefix, "targets", self.targets,
+                   "must name at least one projection when rank > 0")
+            _check(len(set(self.targets)) == len(self.targets), prefix, "targets", self.targets,
+                   "names a projection twice")
+
+
 @dataclass
 class ModelConfig:
     """The model: a checkpoint (or a random init) and how it runs.
@@ -118,9 +152,26 @@ class ModelConfig:
     dropout: float = 0.0
     # Sequence positions per chunk of the LM head + log-softmax (mmpo_jax.logprobs).
     logprob_chunk: int = 256
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    # The reference model: auto = none for simpo, lora_base with LoRA, else separate.
+    # separate: a frozen copy of the initial weights (or of `reference_path`);
+    # lora_base: the policy's base weights without adapters (LoRA only, no copy);
+    # precomputed: reference log-probs computed in one pass before training and
+    # cached on disk (keyed by data, model and config); none: no reference (simpo).
+    reference: Literal["auto", "separate", "lora_base", "precomputed", "none"] = "auto"
+    # Another checkpoint as the reference (HF dir, hub id, .gguf); "" = the initial policy.
+    reference_path: str = ""
 
     def validate(self, prefix: str) -> None:
         self.init.validate(f"{prefix}.init")
+        self.lora.validate(f"{prefix}.lora")
+        if self.reference == "lora_base":
+            _check(self.lora.rank > 0, prefix, "reference", self.reference,
+                   "needs LoRA: set model.lora.rank > 0, or use separate / precomputed")
+        if self.reference_path:
+            _check(self.reference in ("auto", "separate", "precomputed"), prefix, "reference_path",
+                   self.reference_path,
+                   f"is only used by model.reference=separate or precomputed (not {self.reference})")
         _check(0.0 <= self.dropout < 1.0, prefix, "dropout", self.dropout, "must be in [0, 1)")
         _check(self.logprob_chunk >= 1, prefix, "logprob_chunk", self.logprob_chunk, "must be >= 1")
 
@@ -297,9 +348,23 @@ class TrainConfig:
     output_dir: str = "runs/default"
     max_steps: int = 1000
     seed: int = 0
+    # Metrics to metrics.jsonl / TensorBoard every this many steps.
+    log_every: int = 1
+    # Eval on the test data every this many steps (0 = only before and after training).
+    eval_every: int = 0
+    # At most this many test batches per eval (0 = the whole test split).
+    eval_batches: int = 0
+    # Checkpoint every this many steps (0 = only at the end), keeping the last few.
+    save_every: int = 0
+    keep_checkpoints: int = 2
 
     def validate(self, prefix: str) -> None:
         _check(self.max_steps >= 1, prefix, "max_steps", self.max_steps, "must be >= 1")
+        _check(self.log_every >= 1, prefix, "log_every", self.log_every, "must be >= 1")
+        for key in ("eval_every", "eval_batches", "save_every"):
+            _check(getattr(self, key) >= 0, prefix, key, getattr(self, key), "must be >= 0")
+        _check(self.keep_checkpoints >= 1, prefix, "keep_checkpoints", self.keep_checkpoints,
+               "must be >= 1")
 
 
 @dataclass
@@ -387,7 +452,23 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
         section = getattr(cfg, f.name)
         if hasattr(section, "validate"):
             section.validate(f.name)
+    _resolve_reference(cfg)
     return cfg
+
+
+def _resolve_reference(cfg: RunConfig) -> None:
+    """`model.reference: auto` becomes a concrete mode; a mode the loss cannot use is an error."""
+    model, loss = cfg.model, cfg.loss
+    if model.reference == "auto":
+        if loss.name == "simpo":
+            model.reference = "none"
+        else:
+            model.reference = "lora_base" if model.lora.rank > 0 and not model.reference_path else "separate"
+    if loss.name != "simpo" and model.reference == "none":
+        raise ConfigError(
+            f"model.reference=none: loss.name={loss.name} needs reference log-probs; "
+            "use separate, lora_base (with LoRA) or precomputed"
+        )
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

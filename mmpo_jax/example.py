@@ -33,26 +33,11 @@ def example_metrics(cfg: RunConfig, name: str) -> dict[str, float]:
     from mmpo_jax import losses
 
     batch = {k: jnp.asarray(v, jnp.float32) for k, v in example_logps(cfg.train.seed).items()}
-    lc = cfg.loss
-    beta = lc.beta if name == lc.name else (2.0 if name == "simpo" else 0.1)
-    if name == "mmpo":
-        loss, metrics = losses.mmpo_loss(
-            **batch,
-            beta=beta,
-            reward_epsilon=lc.reward_epsilon,
-            rejected_epsilon=lc.rejected_epsilon,
-            norm_eps=lc.norm_eps,
-            aux_weight=lc.aux_weight,
-            normalize=lc.normalize,
-        )
-    elif name == "dpo":
-        loss, metrics = losses.dpo_loss(**batch, beta=beta, label_smoothing=lc.label_smoothing)
-    else:
-        # SimPO reads length-averaged log-probs: ~40 tokens per completion here.
-        loss, metrics = losses.simpo_loss(
-            batch["policy_chosen_logps"] / 40.0,
-            batch["policy_rejected_logps"] / 40.0,
-            beta=beta,
-            gamma=lc.gamma,
-        )
+    pc, pr = batch["policy_chosen_logps"], batch["policy_rejected_logps"]
+    beta = cfg.loss.beta if name == cfg.loss.name else (2.0 if name == "simpo" else 0.1)
+    if name == "simpo":  # SimPO reads length-averaged log-probs: ~40 tokens per completion here
+        pc, pr = pc / 40.0, pr / 40.0
+    _, metrics = losses.configured_loss(
+        cfg.loss, pc, pr, batch["ref_chosen_logps"], batch["ref_rejected_logps"], name=name, beta=beta
+    )
     return {k: float(v) for k, v in metrics.items()}

@@ -18,7 +18,7 @@ gradient.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -301,3 +301,42 @@ def simpo_loss(
 def _stop_metrics(metrics: Metrics, loss: Array) -> Metrics:
     """Metrics are reported values, never differentiated (the loss excepted)."""
     return {k: (loss if k == "loss" else lax.stop_gradient(v)) for k, v in metrics.items()}
+
+
+def configured_loss(
+    loss_cfg: Any,
+    policy_chosen_logps: jax.Array,
+    policy_rejected_logps: jax.Array,
+    ref_chosen_logps: jax.Array | None = None,
+    ref_rejected_logps: jax.Array | None = None,
+    *,
+    entropy: jax.Array | None = None,
+    pair_mask: jax.Array | None = None,
+    axis_name: Any = None,
+    name: str | None = None,
+    beta: float | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The loss the `loss` config section names (`name` / `beta` override it), `[pairs]` inputs.
+
+    SimPO reads no reference log-probs; the entropy term is MMPO's only.
+    """
+    lc = loss_cfg
+    name = lc.name if name is None else name
+    beta = lc.beta if beta is None else beta
+    if name == "mmpo":
+        return mmpo_loss(
+            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+            beta=beta, reward_epsilon=lc.reward_epsilon, rejected_epsilon=lc.rejected_epsilon,
+            norm_eps=lc.norm_eps, aux_weight=lc.aux_weight, normalize=lc.normalize,
+            entropy=entropy, entropy_weight=lc.entropy_weight if entropy is not None else 0.0,
+            pair_mask=pair_mask, axis_name=axis_name,
+        )
+    if name == "dpo":
+        return dpo_loss(
+            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+            beta=beta, label_smoothing=lc.label_smoothing, pair_mask=pair_mask, axis_name=axis_name,
+        )
+    if name == "simpo":
+        return simpo_loss(policy_chosen_logps, policy_rejected_logps, beta=beta, gamma=lc.gamma,
+                          pair_mask=pair_mask, axis_name=axis_name)
+    raise ValueError(f"unknown loss {name!r}")

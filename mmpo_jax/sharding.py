@@ -89,6 +89,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("norm", None),  # RMSNorm scales and other [embed] vectors: small, replicated
+    ("lora_rank", None),  # LoRA's rank axis: a few columns, never split
     # activations
     ("batch", BATCH_AXES),
     ("seq", None),

@@ -5,8 +5,8 @@ Public interface (checkpoint import/export, `compare` and the train step use the
 - `LlamaConfig`: the architecture, with transformers' names; `from_hf_dict` reads a
   transformers `config.json` (transformers 4's `rope_theta`/`rope_scaling` and
   transformers 5's `rope_parameters`), `to_hf_dict` writes one transformers loads.
-- `ModelOptions`: how the model runs (dtypes, attention kernel, scan, remat, dropout);
-  `ModelOptions.from_config(model_cfg)` from the `model` config section.
+- `ModelOptions`: how the model runs (dtypes, attention kernel, scan, remat, dropout,
+  LoRA adapters); `ModelOptions.from_config(model_cfg)` from the `model` config section.
 - `Llama(cfg, options, rngs=...)`: `model(input_ids [B, T] int32) -> hidden [B, T, D]`
   after the final RMSNorm; `model.lm_head_kernel() -> [D, V]`. Log-probs are computed
   from these two by `mmpo_jax.logprobs` (chunked, no [B, T, V] logits).
@@ -24,6 +24,11 @@ parameter has a leading `layers` axis (all layers stacked). Each parameter carri
 logical axis names in the `out_sharding` metadata (`nnx.get_partition_spec` under
 `flax.core.spmd` rules, or `mmpo_jax.sharding.model_shardings`, turns them into mesh
 axes).
+
+LoRA (`ModelOptions.lora`): a targeted projection `W` (layout above) gets `<t>_lora_a`
+`[*in, rank]` and `<t>_lora_b` `[rank, *out]` (`nnx.LoRAParam`, a subclass of
+`nnx.Param`), and computes `x @ W + (alpha / rank) * (dropout(x) @ A) @ B`, as PEFT does;
+B starts at zero. `iter_hf_weights` merges the adapters into the exported weights.
 
 RoPE uses transformers' rotate-half convention: HF checkpoints load without any
 permutation (GGUF's llama.cpp permutation is undone by the GGUF reader).
@@ -51,6 +56,7 @@ _ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
 }
 REMAT_CHOICES = ("none", "full", "dots")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 ATTENTION_CHOICES = ("auto", "xla", "cudnn")
 
 
@@ -296,6 +302,28 @@ def _as_dtype(value: Any) -> Any:
 
 
 @dataclass(frozen=True)
+class LoraOptions:
+    """LoRA adapters: `rank`, `alpha` (scale alpha / rank), input `dropout`, `targets`."""
+
+    rank: int
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q", "k", "v", "o")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if self.rank < 1:
+            raise UserError(f"LoRA rank={self.rank} must be >= 1")
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        if bad or not self.targets:
+            raise UserError(f"LoRA targets {list(self.targets)}: choose from {', '.join(LORA_TARGETS)}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
 class ModelOptions:
     """How the model runs; none of these change the architecture or the checkpoint.
 
@@ -314,6 +342,7 @@ class ModelOptions:
       recomputes attention and the elementwise ops.
     - `dropout`: rate on the attention and MLP outputs (the residual branches); only
       applied when `Llama.__call__` gets a `dropout_key`.
+    - `lora`: LoRA adapters on some projections (None = none); see the module docstring.
 
     Frozen: change a copy with `dataclasses.replace(options, remat="full")`.
     """
@@ -324,6 +353,7 @@ class ModelOptions:
     scan_layers: bool = True
     remat: Literal["none", "full", "dots"] = "none"
     dropout: float = 0.0
+    lora: LoraOptions | None = None
 
     def __post_init__(self) -> None:
         # frozen (hashable: it is static in the model's graphdef); normalise dtypes
@@ -354,7 +384,13 @@ class ModelOptions:
             scan_layers=model_cfg.scan_layers,
             remat=model_cfg.remat,
             dropout=model_cfg.dropout,
+            lora=lora_options(model_cfg.lora),
         )
+
+    @property
+    def uses_dropout(self) -> bool:
+        """Whether training draws dropout masks (residual or LoRA dropout)."""
+        return self.dropout > 0 or (self.lora is not None and self.lora.dropout > 0)
 
     def attention_implementation(self, head_dim: int) -> str:
         """The `implementation=` passed to `jax.nn.dot_product_attention` ('xla' or 'cudnn')."""
@@ -365,6 +401,14 @@ class ModelOptions:
         if on_gpu and low_precision and head_dim % 8 == 0 and head_dim <= 128:
             return "cudnn"
         return "xla"
+
+
+def lora_options(lora_cfg: Any) -> LoraOptions | None:
+    """From the `model.lora` config section; None when `rank` is 0 (full fine-tuning)."""
+    if lora_cfg is None or lora_cfg.rank == 0:
+        return None
+    return LoraOptions(rank=lora_cfg.rank, alpha=lora_cfg.alpha, dropout=lora_cfg.dropout,
+                       targets=tuple(lora_cfg.targets))
 
 
 def model_config_from_init(init: Any) -> LlamaConfig:
@@ -399,6 +443,47 @@ def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str, ...],
     else:
         value = jnp.zeros(shape, jnp.float32)
     return nnx.Param(value.astype(dtype), out_sharding=axes, eager_sharding=False)
+
+
+def _lora_params(module: nnx.Module, lora: LoraOptions | None, rngs: nnx.Rngs, dtype: Any,
+                 shapes: dict[str, tuple[tuple[int, ...], tuple[str, ...], tuple[int, ...], tuple[str, ...]]]) -> None:
+    """Sets `<t>_lora_a` `[*in, rank]` / `<t>_lora_b` `[rank, *out]` on `module` for each
+    target `t` in `shapes` (`t -> (in_shape, in_axes, out_shape, out_axes)`); None where
+    not targeted. A is PEFT's default init (kaiming-uniform with a=sqrt(5): uniform in
+    +-1/sqrt(fan_in)), B is zero, so the adapted model starts equal to the base."""
+    for t, (in_shape, in_axes, out_shape, out_axes) in shapes.items():
+        a = b = None
+        if lora is not None and t in lora.targets:
+            bound = 1.0 / math.sqrt(math.prod(in_shape))
+            # its own stream when there is one, so adding adapters leaves the base init unchanged
+            key = rngs.lora() if "lora" in rngs else rngs.params()
+            value = jax.random.uniform(key, (*in_shape, lora.rank), jnp.float32, -bound, bound)
+            a = nnx.LoRAParam(value.astype(dtype), out_sharding=(*in_axes, "lora_rank"), eager_sharding=False)
+            b = nnx.LoRAParam(jnp.zeros((lora.rank, *out_shape), dtype),
+                              out_sharding=("lora_rank", *out_axes), eager_sharding=False)
+        setattr(module, f"{t}_lora_a", a)
+        setattr(module, f"{t}_lora_b", b)
+
+
+def _lora_delta(module: nnx.Module, t: str, x: jax.Array, lora: LoraOptions | None,
+                key: jax.Array | None, compute_dtype: Any) -> jax.Array | None:
+    """`scale * (dropout(x) @ A) @ B` of target `t` (None when `t` has no adapter).
+
+    `x` `[B, T, *in]`; the result `[B, T, *out]`, added to the base projection."""
+    a = getattr(module, f"{t}_lora_a")
+    if a is None:
+        return None
+    b = getattr(module, f"{t}_lora_b")
+    if key is not None and lora.dropout > 0:
+        x = _dropout(x, lora.dropout, jax.random.fold_in(key, LORA_TARGETS.index(t)))
+    a, b = a[...].astype(compute_dtype), b[...].astype(compute_dtype)
+    n_in = a.ndim - 1
+    xa = jnp.tensordot(x, a, axes=(tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))))
+    return (lora.scale * jnp.tensordot(xa, b, axes=((xa.ndim - 1,), (0,)))).astype(compute_dtype)
+
+
+def _add(y: jax.Array, delta: jax.Array | None) -> jax.Array:
+    return y if delta is None else y + delta
 
 
 class RMSNorm(nnx.Module):
@@ -463,21 +548,30 @@ class Attention(nnx.Module):
         else:
             self.q_bias = self.k_bias = self.v_bias = None
         self.o_bias = _param(rngs, (d,), ("norm",), pd, "zeros", 0.0) if cfg.o_bias else None
+        _lora_params(self, options.lora, rngs, pd, {
+            "q": ((d,), ("embed",), (h, hd), ("heads", "head_dim")),
+            "k": ((d,), ("embed",), (k, hd), ("kv_heads", "head_dim")),
+            "v": ((d,), ("embed",), (k, hd), ("kv_heads", "head_dim")),
+            "o": ((h, hd), ("heads", "head_dim"), (d,), ("embed",)),
+        })
+        self.lora = options.lora
         self.head_dim = hd
         self.sliding_window = cfg.sliding_window
         self.compute_dtype = options.compute_dtype
         self.implementation = options.attention_implementation(hd)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
+                 lora_key: jax.Array | None = None) -> jax.Array:
         cd = self.compute_dtype
 
-        def proj(kernel, bias):
+        def proj(t, kernel, bias):
             y = jnp.einsum("btd,dnh->btnh", x, kernel[...].astype(cd))
+            y = _add(y, _lora_delta(self, t, x, self.lora, lora_key, cd))
             return y if bias is None else y + bias[...].astype(cd)
 
-        q = apply_rope(proj(self.q_kernel, self.q_bias), cos, sin)
-        k = apply_rope(proj(self.k_kernel, self.k_bias), cos, sin)
-        v = proj(self.v_kernel, self.v_bias)
+        q = apply_rope(proj("q", self.q_kernel, self.q_bias), cos, sin)
+        k = apply_rope(proj("k", self.k_kernel, self.k_bias), cos, sin)
+        v = proj("v", self.v_kernel, self.v_bias)
         window = None if self.sliding_window is None else (self.sliding_window - 1, 0)
         out = jax.nn.dot_product_attention(
             q,
@@ -489,6 +583,7 @@ class Attention(nnx.Module):
             implementation=self.implementation,
         )
         y = jnp.einsum("btnh,nhd->btd", out, self.o_kernel[...].astype(cd))
+        y = _add(y, _lora_delta(self, "o", out, self.lora, lora_key, cd))
         return y if self.o_bias is None else y + self.o_bias[...].astype(cd)
 
 
@@ -498,13 +593,22 @@ class MLP(nnx.Module):
         self.gate_kernel = _param(rngs, (d, m), ("embed", "mlp"), pd, "normal", scale)
         self.up_kernel = _param(rngs, (d, m), ("embed", "mlp"), pd, "normal", scale)
         self.down_kernel = _param(rngs, (m, d), ("mlp", "embed"), pd, "normal", scale)
+        _lora_params(self, options.lora, rngs, pd, {
+            "gate": ((d,), ("embed",), (m,), ("mlp",)),
+            "up": ((d,), ("embed",), (m,), ("mlp",)),
+            "down": ((m,), ("mlp",), (d,), ("embed",)),
+        })
+        self.lora = options.lora
         self.compute_dtype = options.compute_dtype
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, lora_key: jax.Array | None = None) -> jax.Array:
         cd = self.compute_dtype
-        gate = x @ self.gate_kernel[...].astype(cd)
-        up = x @ self.up_kernel[...].astype(cd)
-        return (jax.nn.silu(gate) * up) @ self.down_kernel[...].astype(cd)
+
+        def proj(t, h):
+            y = h @ getattr(self, f"{t}_kernel")[...].astype(cd)
+            return _add(y, _lora_delta(self, t, h, self.lora, lora_key, cd))
+
+        return proj("down", jax.nn.silu(proj("gate", x)) * proj("up", x))
 
 
 class DecoderLayer(nnx.Module):
@@ -519,13 +623,15 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
                  dropout_key: jax.Array | None = None) -> jax.Array:
-        a = self.self_attn(self.input_layernorm(x), cos, sin)
-        if dropout_key is not None and self.dropout > 0:
-            k1, k2 = jax.random.split(dropout_key)
+        k1 = k2 = k3 = k4 = None
+        if dropout_key is not None:
+            k1, k2, k3, k4 = jax.random.split(dropout_key, 4)
+        a = self.self_attn(self.input_layernorm(x), cos, sin, k3)
+        if k1 is not None and self.dropout > 0:
             a = _dropout(a, self.dropout, k1)
         x = x + a
-        m = self.mlp(self.post_attention_layernorm(x))
-        if dropout_key is not None and self.dropout > 0:
+        m = self.mlp(self.post_attention_layernorm(x), k4)
+        if k2 is not None and self.dropout > 0:
             m = _dropout(m, self.dropout, k2)
         return x + m
 
@@ -632,7 +738,7 @@ class Llama(nnx.Module):
         x = self._constrain(jnp.take(table, input_ids, axis=0).astype(cd))
         cos, sin = self.rope(input_ids.shape[1])
         n = cfg.num_hidden_layers
-        use_dropout = dropout_key is not None and options.dropout > 0
+        use_dropout = dropout_key is not None and options.uses_dropout
         keys = jax.random.split(dropout_key, n) if use_dropout else None
         layer_fn = _layer_fn(options.remat)
         if options.scan_layers:
@@ -806,7 +912,9 @@ def build_model(
     scale = 0.02 if init_scale is None else float(init_scale)
 
     def make() -> Llama:
-        return Llama(cfg, options, rngs=nnx.Rngs(params=seed), init_scale=scale, mesh=mesh)
+        lora_key = jax.random.fold_in(jax.random.key(seed), 1)
+        rngs = nnx.Rngs(params=seed, lora=lora_key)
+        return Llama(cfg, options, rngs=rngs, init_scale=scale, mesh=mesh)
 
     abstract = nnx.eval_shape(make)
     graphdef, abs_state = nnx.split(abstract)
@@ -825,11 +933,21 @@ def build_model(
 
     groups = _group_by_param(cfg, options.scan_layers)
     flat = nnx.to_flat_state(abs_state)
+    # LoRA adapters are not in the checkpoint: they start from their init (B = 0).
+    lora_init = (
+        dict(nnx.to_flat_state(jax.jit(lambda: nnx.state(make(), nnx.LoRAParam))()))
+        if options.lora is not None else {}
+    )
     seen = set()
     leaves = []
     for path, var in flat:
         key = _state_key(path)
         value = var.get_value() if hasattr(var, "get_value") else var.value
+        if path in lora_init:
+            init = lora_init[path]
+            init = init.get_value() if hasattr(init, "get_value") else init.value
+            leaves.append((path, var.replace(jax.device_put(init, _sharding_for(target, path, mesh)))))
+            continue
         if key not in groups:
             raise AssertionError(f"no HF tensor maps to parameter {key}")  # a bug in this file
         seen.add(key)
@@ -894,21 +1012,44 @@ def iter_hf_weights(model: Llama) -> Iterator[tuple[str, np.ndarray]]:
     stacked layer parameter is read one layer slice at a time)."""
     cfg = model.cfg
     scan = model.options.scan_layers
+    lora = model.options.lora
     state = nnx.state(model, nnx.Param)
-    for t in _tensor_table(cfg):
+
+    def read(path: tuple[str, ...], layer: int | None) -> np.ndarray | None:
         node: Any = state
-        if t.layer is not None:
+        if layer is not None:
             node = node["layers"]
             if not scan:
-                node = node[t.layer]
-        for p in t.path:
+                node = node[layer]
+        for p in path[:-1]:
             node = node[p]
+        if path[-1] not in node:
+            return None
+        node = node[path[-1]]
         value = node.get_value() if hasattr(node, "get_value") else node.value
-        if t.layer is not None and scan:
-            value = value[t.layer]
+        if layer is not None and scan:
+            value = value[layer]
         if isinstance(value, jax.Array) and not value.is_fully_addressable:
             from jax.experimental import multihost_utils
 
             value = multihost_utils.process_allgather(value, tiled=True)
-        host = np.asarray(jax.device_get(value)).astype(np.float32)
+        return np.asarray(jax.device_get(value)).astype(np.float32)
+
+    for t in _tensor_table(cfg):
+        host = read(t.path, t.layer)
+        if lora is not None and t.path[-1].endswith("_kernel"):
+            target = t.path[-1].removesuffix("_kernel")
+            a = read((*t.path[:-1], f"{target}_lora_a"), t.layer)
+            if a is not None:
+                b = read((*t.path[:-1], f"{target}_lora_b"), t.layer)
+                host = merge_lora(host, a, b, lora.scale)
         yield t.hf_name, t.to_hf(host)
+
+
+def merge_lora(w: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:
+    """`W + scale * A @ B` in our layout: `w` `[*in, *out]`, `a` `[*in, r]`, `b` `[r, *out]`
+    (float64 products, so the merge adds no rounding beyond float32's last bit)."""
+    n_in = a.ndim - 1
+    fan_in = math.prod(a.shape[:n_in])
+    delta = a.reshape(fan_in, -1).astype(np.float64) @ b.reshape(b.shape[0], -1).astype(np.float64)
+    return (w.astype(np.float64) + scale * delta.reshape(w.shape)).astype(np.float32)

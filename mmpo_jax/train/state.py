@@ -119,8 +119,16 @@ def create_state(
         source = model if reference_model is None else reference_model
         # all Params, LoRA adapters included: the initial policy as it is
         reference = nnx.state(source, nnx.Param)
-        # a real copy: the policy's buffers are donated and updated in place
-        reference = jax.tree.map(jnp.copy, reference)
+        # a real copy (the policy's buffers are donated and updated in place), stored in
+        # the compute dtype when that is narrower: the forward casts every parameter to
+        # it anyway, so the reference computes the same numbers in half the memory
+        compute = jnp.dtype(source.options.compute_dtype)
+
+        def copy(x):
+            narrower = jnp.issubdtype(x.dtype, jnp.floating) and compute.itemsize < x.dtype.itemsize
+            return x.astype(compute) if narrower else jnp.copy(x)
+
+        reference = jax.tree.map(copy, reference)
     opt_state = jax.jit(optimizer.init)(trainable)
     state = TrainState(
         step=jnp.zeros((), jnp.int32),

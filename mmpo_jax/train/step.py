@@ -66,29 +66,8 @@ def loss_on_mesh(
 
     def local(*xs):
         *inputs, mask = xs
-        if name == "mmpo":
-            ent = inputs.pop() if with_entropy else None
-            return losses.mmpo_loss(
-                *inputs,
-                beta=loss_cfg.beta,
-                reward_epsilon=loss_cfg.reward_epsilon,
-                rejected_epsilon=loss_cfg.rejected_epsilon,
-                norm_eps=loss_cfg.norm_eps,
-                aux_weight=loss_cfg.aux_weight,
-                normalize=loss_cfg.normalize,
-                entropy=ent,
-                entropy_weight=loss_cfg.entropy_weight,
-                pair_mask=mask,
-                axis_name=BATCH_AXES,
-            )
-        if name == "dpo":
-            return losses.dpo_loss(
-                *inputs, beta=loss_cfg.beta, label_smoothing=loss_cfg.label_smoothing,
-                pair_mask=mask, axis_name=BATCH_AXES,
-            )
-        return losses.simpo_loss(
-            *inputs, beta=loss_cfg.beta, gamma=loss_cfg.gamma, pair_mask=mask, axis_name=BATCH_AXES
-        )
+        ent = inputs.pop() if with_entropy else None
+        return losses.configured_loss(loss_cfg, *inputs, entropy=ent, pair_mask=mask, axis_name=BATCH_AXES)
 
     spec = P(BATCH_AXES)
     fn = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * (len(args) + 1), out_specs=(P(), P()))
@@ -169,15 +148,15 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
 
 
-def train_step_fn(
+def loss_and_grads(
     sdef: StateDef,
     scfg: StepConfig,
-    optimizer: optax.GradientTransformation,
     mesh: jax.sharding.Mesh,
     state: TrainState,
     batch: Batch,
-) -> tuple[TrainState, Metrics]:
-    """One optimizer step (unjitted; see `make_train_step`)."""
+) -> tuple[Any, Metrics]:
+    """Gradients (float32, like `state.trainable`) and metrics of one optimizer step's
+    batch: the mean over its `grad_accum` micro-batches, each normalised on its own."""
     n = scfg.grad_accum
     micro = _micro_batches(batch, n)
     base_key = jax.random.wrap_key_data(state.rng)
@@ -203,9 +182,20 @@ def train_step_fn(
     )
     metric_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
     (grads, metrics), _ = jax.lax.scan(body, (zeros, metric_zeros), (jnp.arange(n), micro))
-    grads = jax.tree.map(lambda g, p: (g / n).astype(p.dtype), grads, state.trainable)
-    metrics = jax.tree.map(lambda m: m / n, metrics)
+    return jax.tree.map(lambda g: g / n, grads), jax.tree.map(lambda m: m / n, metrics)
 
+
+def train_step_fn(
+    sdef: StateDef,
+    scfg: StepConfig,
+    optimizer: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    state: TrainState,
+    batch: Batch,
+) -> tuple[TrainState, Metrics]:
+    """One optimizer step (unjitted; see `make_train_step`)."""
+    grads, metrics = loss_and_grads(sdef, scfg, mesh, state, batch)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.trainable)
     finite = jnp.isfinite(metrics["loss"]) & _all_finite(grads)
     updates, new_opt = optimizer.update(grads, state.opt_state, state.trainable)
     new_trainable = optax.apply_updates(state.trainable, updates)
@@ -250,6 +240,22 @@ def check_batch_divisible(pairs: int, grad_accum: int, mesh: jax.sharding.Mesh) 
         )
 
 
+def compiler_options(mesh: jax.sharding.Mesh) -> dict[str, Any] | None:
+    """XLA options of the steps: on CPU, LLVM at -O0.
+
+    XLA's CPU compile of a train step is slow (~30 s for a 2-layer model here) and
+    mostly LLVM optimisation of the fused elementwise loops; the matmuls call
+    precompiled kernels either way. -O0 compiles ~2.5x faster, which is what a
+    CPU run (tests, the demo, debugging) waits for. MMPO_CPU_FAST_COMPILE=0 turns it off.
+    """
+    import os
+
+    on_cpu = all(d.platform == "cpu" for d in mesh.devices.flat)
+    if on_cpu and os.environ.get("MMPO_CPU_FAST_COMPILE", "1") != "0":
+        return {"xla_backend_optimization_level": 0}
+    return None
+
+
 def make_train_step(sdef, scfg, optimizer, mesh, state_sharding, example_batch: Batch):
     """The jitted train step `(state, batch) -> (state, metrics)`; the state is donated."""
     fn = partial(train_step_fn, sdef, scfg, optimizer, mesh)
@@ -259,6 +265,7 @@ def make_train_step(sdef, scfg, optimizer, mesh, state_sharding, example_batch: 
         in_shardings=(state_sharding, batch_shardings(mesh, example_batch)),
         out_shardings=(state_sharding, replicated),
         donate_argnums=(0,),
+        compiler_options=compiler_options(mesh),
     )
 
 
@@ -269,4 +276,5 @@ def make_eval_step(sdef, scfg, mesh, state_sharding, example_batch: Batch):
         fn,
         in_shardings=(state_sharding, batch_shardings(mesh, example_batch)),
         out_shardings=NamedSharding(mesh, P()),
+        compiler_options=compiler_options(mesh),
     )

@@ -1,0 +1,84 @@
+"""LoRA adapters in PEFT's format: `adapter_config.json` + `adapter_model.safetensors`.
+
+PEFT names a Llama adapter `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`
+(`[rank, in]`, torch Linear layout) and `...lora_B.weight` (`[out, rank]`); ours are
+`q_lora_a` `[*in, rank]` and `q_lora_b` `[rank, *out]` (heads split out), per layer or
+stacked on a leading `layers` axis. `peft.PeftModel.from_pretrained(base, dir)` loads it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from mmpo_jax.errors import UserError
+
+MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+           "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+PARENT = {"q": "self_attn", "k": "self_attn", "v": "self_attn", "o": "self_attn",
+          "gate": "mlp", "up": "mlp", "down": "mlp"}
+
+
+def iter_peft_weights(model: Any) -> Iterator[tuple[str, np.ndarray]]:
+    """`(peft_name, float32 [torch layout])` of every adapter matrix, layer by layer."""
+    from flax import nnx
+
+    lora = model.options.lora
+    if lora is None:
+        raise UserError("the run has no LoRA adapters (model.lora.rank is 0); export the full model instead")
+    state = nnx.state(model, nnx.LoRAParam)
+    scan = model.options.scan_layers
+    for i in range(model.cfg.num_hidden_layers):
+        layer = state["layers"] if scan else state["layers"][i]
+        for t in lora.targets:
+            node = layer[PARENT[t]]
+            a = np.asarray(_value(node[f"{t}_lora_a"]), np.float32)
+            b = np.asarray(_value(node[f"{t}_lora_b"]), np.float32)
+            if scan:
+                a, b = a[i], b[i]
+            prefix = f"base_model.model.model.layers.{i}.{MODULES[t]}"
+            yield f"{prefix}.lora_A.weight", a.reshape(-1, a.shape[-1]).T.copy()
+            yield f"{prefix}.lora_B.weight", b.reshape(b.shape[0], -1).T.copy()
+
+
+def _value(var: Any) -> Any:
+    import jax
+
+    value = var.get_value() if hasattr(var, "get_value") else var.value
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        value = multihost_utils.process_allgather(value, tiled=True)
+    return jax.device_get(value)
+
+
+def export_peft_adapter(model: Any, out_dir: str | Path, base_model: str, tokenizer: Any = None) -> Path:
+    """Writes the adapter of `model` (a LoRA policy) for `base_model` (hub id or path)."""
+    from safetensors.numpy import save_file
+
+    lora = model.options.lora
+    tensors = dict(iter_peft_weights(model))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "target_modules": sorted(MODULES[t].split(".")[-1] for t in lora.targets),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out

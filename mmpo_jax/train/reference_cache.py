@@ -1,0 +1,115 @@
+"""`model.reference: precomputed`: the reference's log-probs of every example, computed
+once and cached on disk.
+
+Before training, one pass over a split runs the reference model (the initial policy,
+or `model.reference_path`) on every row and keeps `[rows, 2]` float32 sequence
+log-probs (chosen, rejected), in the data's row order. The table is stored as
+`<train.output_dir>/reference_logps/<split>-<key>.npy`, where `key` hashes everything
+the numbers depend on: the tokenized rows (ids after truncation), the model source
+and architecture, the dtypes, `loss.average_logps` and the package version. A run
+with the same key reuses the file (a resumed run never recomputes it); any change
+of data, model or config gives a new key and a new pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mmpo_jax.config import RunConfig
+from mmpo_jax.train.pair_logps import pair_logps
+
+
+def data_fingerprint(data: Any) -> str:
+    """A hash of the split's rows as the model sees them (ids and truncated lengths, in order)."""
+    h = hashlib.sha256()
+    h.update(json.dumps([data.max_length, data.max_prompt_length]).encode())
+    for src in data.sources:
+        for arr in (src.rows, src.lengths):
+            h.update(np.ascontiguousarray(arr).tobytes())
+        for col in sorted(src.values):
+            h.update(col.encode())
+            h.update(np.ascontiguousarray(src.values[col]).tobytes())
+            h.update(np.ascontiguousarray(src.starts[col]).tobytes())
+    return h.hexdigest()
+
+
+def cache_key(cfg: RunConfig, data: Any) -> str:
+    from mmpo_jax import __version__
+
+    m = cfg.model
+    source = m.reference_path or m.path
+    described: dict[str, Any] = {"version": __version__, "source": source}
+    if source:
+        from mmpo_jax.paths import resolve
+
+        path = Path(resolve(source)).expanduser()
+        if path.exists():  # a local checkpoint: its files' sizes and times stand for its content
+            files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+            described["files"] = [[str(f.relative_to(path) if path.is_dir() else f.name),
+                                   f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    else:
+        described["init"] = dataclasses.asdict(m.init)
+        described["seed"] = cfg.train.seed
+    described.update(
+        param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, attention=m.attention,
+        average_logps=cfg.loss.average_logps, data=data_fingerprint(data),
+        backend=jax.default_backend(),
+    )
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def reference_table(cfg: RunConfig, model: Any, data: Any, split: str, mesh: jax.sharding.Mesh,
+                    log: Any = print) -> np.ndarray:
+    """`[rows, 2]` float32 reference sequence log-probs of every row of `data`, from the
+    cache when present, else computed (batches of `data.batch_size` pairs) and stored."""
+    path = Path(cfg.train.output_dir) / "reference_logps" / f"{split}-{cache_key(cfg, data)}.npy"
+    if path.is_file():
+        table = np.load(path)
+        if table.shape == (len(data), 2):
+            log(f"reference log-probs ({split}): reusing {path}")
+            return table
+    log(f"reference log-probs ({split}): one pass over {len(data)} rows")
+    table = compute_table(cfg, model, data, mesh)
+    if jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+        np.save(tmp, table)
+        os.replace(tmp, path)  # a crash mid-write never leaves a torn table under the real name
+    return table
+
+
+def compute_table(cfg: RunConfig, model: Any, data: Any, mesh: jax.sharding.Mesh) -> np.ndarray:
+    from mmpo_jax.data.pipeline import eval_batches
+    from mmpo_jax.train.setup import device_batch
+
+    graphdef, state = nnx.split(model)
+    replicated = NamedSharding(mesh, P())
+
+    @jax.jit
+    def logps(state, ids, mask):
+        out, _ = pair_logps(nnx.merge(graphdef, state), ids, mask, average=cfg.loss.average_logps,
+                            chunk=cfg.model.logprob_chunk)
+        return jax.lax.with_sharding_constraint(out, replicated)
+
+    bs = cfg.data.batch_size
+    table = np.zeros((len(data), 2), np.float32)
+    batches = eval_batches(data, bs)
+    for b in range(len(batches)):
+        batch = device_batch(batches[b], mesh)
+        # replicated: every process reads the whole batch's result from its own device
+        out = np.asarray(logps(state, batch["input_ids"], batch["loss_mask"]).addressable_data(0))
+        # eval batches hold the rows in order, padding pairs (pair_mask 0) last
+        rows = np.arange(b * bs, min((b + 1) * bs, len(data)))
+        table[rows] = out[: len(rows)]
+    return table
