@@ -17,9 +17,14 @@ from mmpo_jax.errors import UserError
 # Add a subcommand by adding its module here (see mmpo_jax/commands/__init__.py).
 SUBCOMMANDS = (
     "mmpo_jax.commands.compare",
+    "mmpo_jax.commands.convert_config",
+    "mmpo_jax.commands.evaluate",
+    "mmpo_jax.commands.export",
     "mmpo_jax.commands.inspect_data",
+    "mmpo_jax.commands.launch",
     "mmpo_jax.commands.losses",
     "mmpo_jax.commands.show_config",
+    "mmpo_jax.commands.train",
 )
 
 
@@ -34,7 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may follow an option (`eval RUN --json loss.beta=0.2`), which
+    # argparse alone does not allow for a positional list
+    slot = next((name for name in ("items", "overrides") if isinstance(getattr(args, name, None), list)), None)
+    if extra and slot and all("=" in e and not e.startswith("-") for e in extra):
+        getattr(args, slot).extend(extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except ConfigError as err:

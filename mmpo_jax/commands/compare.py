@@ -1,4 +1,6 @@
-"""`mmpo-jax compare --model PATH [--data FILE.jsonl | --random-tokens LEN] [--grads] [--json]`.
+"""`mmpo-jax compare --model PATH [--data FILE.jsonl | --random-tokens LEN] [--grads] [--json]`
+or `mmpo-jax compare --config CONFIG --step [--json] [key=value ...]` (one train step: see
+`mmpo_jax/commands/compare_step.py`).
 
 Loads one checkpoint (an HF directory, a hub id or a `.gguf` file) twice: into
 our JAX model (`mmpo_jax.models.checkpoints.load_checkpoint`) and into
@@ -66,7 +68,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", required=True, metavar="PATH", help="HF directory, hub id or .gguf file")
+    p.add_argument("--model", metavar="PATH", help="HF directory, hub id or .gguf file")
+    p.add_argument("--config", metavar="CONFIG", help="with --step: the run config whose first train step is compared")
+    p.add_argument("--step", action="store_true",
+                   help="compare one train step (loss, metrics, gradients) of --config against PyTorch")
+    p.add_argument("--lora-b-std", type=float, default=0.02, metavar="STD",
+                   help="with --step and LoRA: set the B matrices to normal(0, STD) first, since B = 0 "
+                        "hides A's gradient (0 keeps the init; default 0.02)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="with --step: config overrides")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", metavar="FILE.jsonl", help="texts or preference records, one JSON per line")
     src.add_argument("--random-tokens", type=int, metavar="LEN", help="random token ids, rows up to LEN long")
@@ -367,8 +376,6 @@ def _stdout_to_stderr(active: bool) -> Iterator[None]:
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:
     """Runs the comparison; returns the JSON-able result."""
-    import jax
-
     from mmpo_jax.models.checkpoints import load_checkpoint, open_checkpoint
     from mmpo_jax.models.llama import ModelOptions
 
@@ -376,16 +383,51 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError("--max-examples must be >= 1, --max-length >= 2 and --chunk >= 1")
     if args.data and not Path(args.data).is_file():
         raise UserError(f"--data: no such file '{args.data}'")
-    source = open_checkpoint(args.model)
-    options = ModelOptions(
-        param_dtype="float32", compute_dtype="float32", attention="xla", scan_layers=True, remat="none"
-    )
-    try:
-        model, cfg, tokenizer = load_checkpoint(source.path, options)
-    except UserError:
-        raise
-    except Exception as err:
-        raise UserError(f"cannot load {source.description}: {type(err).__name__}: {_one_line(err)}") from None
+    with contextlib.ExitStack() as stack:
+        if is_run_dir(args.model):
+            model, cfg, tokenizer, source = _run_dir_and_export(args.model, stack)
+        else:
+            source = open_checkpoint(args.model)
+            options = ModelOptions(
+                param_dtype="float32", compute_dtype="float32", attention="xla", scan_layers=True, remat="none"
+            )
+            try:
+                model, cfg, tokenizer = load_checkpoint(source.path, options)
+            except UserError:
+                raise
+            except Exception as err:
+                raise UserError(f"cannot load {source.description}: {type(err).__name__}: {_one_line(err)}") from None
+        return _compare_loaded(args, model, cfg, tokenizer, source)
+
+
+def is_run_dir(path: str) -> bool:
+    """A `train.output_dir` of `mmpo-jax train` (its config and checkpoints)."""
+    p = Path(path).expanduser()
+    return (p / "config.yaml").is_file() and (p / "checkpoints").is_dir()
+
+
+def _run_dir_and_export(run_dir: str, stack: contextlib.ExitStack) -> tuple[Any, Any, Any, Any]:
+    """Our policy of the run's latest checkpoint (float32, LoRA adapters as they are), and its
+    `mmpo-jax export` in a temporary directory, which transformers loads on the other side."""
+    import tempfile
+
+    from mmpo_jax.data.tokenizers import load_tokenizer
+    from mmpo_jax.models.checkpoints import export_hf, open_checkpoint
+    from mmpo_jax.train.loop import restore_run
+
+    trainer, _ = restore_run(run_dir, ["model.compute_dtype=float32", "model.attention=xla"])
+    if trainer.cfg.model.param_dtype != "float32":
+        raise UserError(f"{run_dir}: compare reads float32 runs (model.param_dtype={trainer.cfg.model.param_dtype})")
+    model = trainer.sdef.policy(trainer.state)
+    tokenizer = load_tokenizer(trainer.cfg.data.tokenizer)
+    tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="mmpo-compare-export-"))
+    export_hf(model, trainer.arch, tokenizer, tmp)
+    return model, trainer.arch, tokenizer, open_checkpoint(tmp)
+
+
+def _compare_loaded(args: argparse.Namespace, model: Any, cfg: Any, tokenizer: Any, source: Any) -> dict[str, Any]:
+    import jax
+
     pad_id = cfg.pad_token_id if isinstance(cfg.pad_token_id, int) and 0 <= cfg.pad_token_id < cfg.vocab_size else 0
     batch, notes = build_batch(args, tokenizer, cfg.vocab_size, pad_id)
     if source.kind == "gguf" and cfg.rope_type == "llama3":
@@ -451,6 +493,12 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.step or args.config:
+        return run_step(args)
+    if not args.model:
+        raise UserError("compare needs --model PATH, or --config CONFIG --step")
+    if args.overrides:
+        raise UserError(f"key=value overrides ({args.overrides[0]}) apply to --config --step only")
     with _stdout_to_stderr(args.json):
         result = compare(args)
     if args.json:
@@ -475,4 +523,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"    {a: .6f} | {b: .6f}")
     for note in result.get("notes", []):
         print(f"  note: {note}")
+    return 0
+
+
+def run_step(args: argparse.Namespace) -> int:
+    from mmpo_jax.commands.compare_step import compare_step, print_result
+
+    if not (args.step and args.config):
+        raise UserError("a train-step comparison needs both --config CONFIG and --step")
+    if args.model:
+        raise UserError("--model and --config --step are two different comparisons: give one")
+    with _stdout_to_stderr(args.json):
+        result = compare_step(args.config, args.overrides, args.lora_b_std, args.seed)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_result(result)
     return 0

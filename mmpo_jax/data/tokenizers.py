@@ -35,6 +35,9 @@ def load_tokenizer(spec: str, key: str = "data.tokenizer") -> Any:
             raise UserError(f"{key}={spec!r}: {err}") from None
         return AutoTokenizer.from_pretrained(str(path))
 
+    from mmpo_jax.paths import resolve
+
+    spec = resolve(spec)
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():

@@ -1,0 +1,356 @@
+"""Train-state checkpoints: orbax steps under `<output_dir>/checkpoints/<step>/`.
+
+Each step directory holds two orbax items:
+
+- `state`: the train state pytree (params, optimizer state, step, RNG), saved
+  sharded, each process writing its own shards (every process must call `save`);
+- `config`: `{"config_yaml": <the resolved run config as YAML text>}`.
+
+The data position is the step, so nothing else is needed to resume.
+
+Completeness. Orbax writes a step into a temporary directory
+(`<step>.orbax-checkpoint-tmp-<n>`) and renames it when every file is written
+(or, on object stores, writes `commit_success.txt` last), so a crash mid-save
+leaves the previous checkpoints untouched. A step directory counts as complete
+when it has orbax's commit marker and its metadata files parse; anything else
+(a temporary directory, a step cut off before its marker, truncated metadata)
+is skipped with a warning, and when the Checkpointer may write, moved aside to
+`<output_dir>/checkpoints_incomplete/` (not deleted: a false alarm must never
+cost a checkpoint), so that the step can be saved again and does not count
+towards `keep`.
+
+Restoring takes an abstract target (a pytree of `jax.ShapeDtypeStruct` with
+`.sharding`, or of arrays) and puts every array on the target's sharding, so a
+checkpoint written on one mesh (or number of processes) resumes on another.
+
+Only orbax APIs present in orbax-checkpoint 0.12.4 are used.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from mmpo_jax.errors import UserError
+
+STATE_ITEM = "state"
+CONFIG_ITEM = "config"
+CHECKPOINTS_DIR = "checkpoints"
+INCOMPLETE_DIR = "checkpoints_incomplete"
+
+# Orbax's marker of a finished step (both atomicity modes write it, 0.12.4 on).
+_COMMIT_MARKER = "commit_success.txt"
+# Files that must parse as JSON in a complete step: orbax's step metadata, the
+# state item's tree metadata, the config item's JSON payload.
+_JSON_FILES = ("_CHECKPOINT_METADATA", f"{STATE_ITEM}/_METADATA", f"{CONFIG_ITEM}/metadata")
+_TMP_MARKER = ".orbax-checkpoint-tmp"
+# At most this many leaf differences are listed in a mismatch error.
+_MAX_LISTED = 8
+
+
+class Checkpointer:
+    """Saves and restores the train state of one run directory.
+
+    Every process of a multi-process run must construct it and call `save` for
+    each step (orbax coordinates the processes). Use as a context manager, or
+    call `close()`, so that an async save finishes before exit.
+
+    Args:
+      output_dir: the run's output directory; checkpoints go under
+        `<output_dir>/checkpoints/<step>/`.
+      keep: how many of the latest checkpoints to keep (>= 1; older ones are
+        deleted after a newer one is complete).
+      async_save: save in a background thread after copying the arrays to host
+        memory (`save` returns early; `wait()` blocks until written).
+      read_only: never write: incomplete steps are skipped but not moved, and
+        `save` raises.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        keep: int,
+        *,
+        async_save: bool = False,
+        read_only: bool = False,
+    ) -> None:
+        if keep < 1:
+            raise UserError(f"train.keep_checkpoints={keep}: must be >= 1 (the checkpoints to keep)")
+        self.output_dir = Path(output_dir).absolute()
+        self.directory = self.output_dir / CHECKPOINTS_DIR
+        self.read_only = read_only
+        skipped = _incomplete_entries(self.directory)
+        # Read-only: orbax still lists the incomplete (non-tmp) step dirs; hide them.
+        self._skipped_steps: set[int] = set()
+        if read_only:
+            for path, why in skipped:
+                warnings.warn(f"skipping incomplete checkpoint '{path}': {why}", stacklevel=2)
+                if _TMP_MARKER not in path.name:
+                    self._skipped_steps.add(_step_of(path))
+        else:
+            # Called on every process even with nothing to move: it ends in a barrier.
+            _move_aside(skipped, self.output_dir / INCOMPLETE_DIR)
+        options = ocp.CheckpointManagerOptions(
+            # read-only: orbax would reset these itself, logging a warning each.
+            save_interval_steps=0 if read_only else 1,
+            preservation_policy=None if read_only else ocp.checkpoint_managers.LatestN(n=keep),
+            enable_async_checkpointing=async_save,
+            read_only=read_only,
+            create=not read_only,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            item_names=(STATE_ITEM, CONFIG_ITEM),
+            # Registered up front so that metadata can be read before any
+            # save or restore of this manager.
+            item_handlers={
+                STATE_ITEM: ocp.StandardCheckpointHandler(),
+                CONFIG_ITEM: ocp.JsonCheckpointHandler(),
+            },
+            options=options,
+        )
+
+    # -- queries -------------------------------------------------------------
+
+    def all_steps(self) -> list[int]:
+        """The steps of the complete checkpoints, ascending.
+
+        With `async_save`, includes a step this Checkpointer is still writing
+        (call `wait()` first for only what is on disk).
+        """
+        return sorted(s for s in self._manager.all_steps() if s not in self._skipped_steps)
+
+    def latest_step(self) -> int | None:
+        """The latest complete checkpoint's step, or None when there is none."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    # -- save ----------------------------------------------------------------
+
+    def save(self, step: int, state: Any, config_yaml: str, *, wait: bool = False) -> bool:
+        """Saves `state` (a pytree of arrays) and the resolved config at `step`.
+
+        Every process must call it with its shards of the same state. Returns
+        False, saving nothing, when `step` is already saved (e.g. a final or
+        SIGINT save right after a periodic one). With `async_save` it returns
+        once the arrays are copied to host memory; `wait=True` blocks until the
+        checkpoint is complete on disk (use it before exiting).
+        """
+        if self.read_only:
+            raise ValueError(f"Checkpointer on '{self.directory}' is read-only: cannot save step {step}")
+        if step in self._manager.all_steps():
+            if wait:
+                self.wait()
+            return False
+        args = ocp.args.Composite(
+            **{
+                STATE_ITEM: ocp.args.StandardSave(state),
+                CONFIG_ITEM: ocp.args.JsonSave({"config_yaml": config_yaml}),
+            }
+        )
+        # force: the loop decides when to save; orbax's own interval policy must not skip.
+        saved = self._manager.save(step, args=args, force=True)
+        if wait:
+            self.wait()
+        return bool(saved)
+
+    def wait(self) -> None:
+        """Blocks until any async save is complete on disk; raises its error if it failed."""
+        self._manager.wait_until_finished()
+
+    # -- restore -------------------------------------------------------------
+
+    def restore(self, step: int | None, target: Any) -> tuple[Any, str]:
+        """`(state, config_yaml)` of checkpoint `step` (None: the latest complete one).
+
+        `target`: a pytree shaped like the saved state whose leaves are
+        `jax.ShapeDtypeStruct`s with a `.sharding` (or arrays); each array is
+        restored onto its leaf's sharding, whatever mesh it was saved from.
+        Raises UserError when there is no such checkpoint, or when its leaves
+        (names, shapes, dtypes) differ from the target's, naming them.
+        """
+        step = self._existing_step(step)
+        self._check_matches(step, target)
+        _check_shardings(target)
+        args = ocp.args.Composite(
+            **{
+                STATE_ITEM: ocp.args.StandardRestore(target),
+                CONFIG_ITEM: ocp.args.JsonRestore(),
+            }
+        )
+        restored = self._manager.restore(step, args=args)
+        return restored[STATE_ITEM], _config_text(restored[CONFIG_ITEM], self._step_dir(step))
+
+    def read_config(self, step: int | None = None) -> str:
+        """The resolved config YAML saved with checkpoint `step` (None: the latest)."""
+        step = self._existing_step(step)
+        args = ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()})
+        restored = self._manager.restore(step, args=args)
+        return _config_text(restored[CONFIG_ITEM], self._step_dir(step))
+
+    def _existing_step(self, step: int | None) -> int:
+        steps = self.all_steps()
+        if step is None:
+            if not steps:
+                raise UserError(f"no complete checkpoint in '{self.directory}' to restore from")
+            return steps[-1]
+        if step not in steps:
+            raise UserError(
+                f"no complete checkpoint for step {step} in '{self.directory}'; "
+                f"the complete ones are at steps {steps or 'none'}"
+            )
+        return step
+
+    def _step_dir(self, step: int) -> Path:
+        return self.directory / str(step)
+
+    def _check_matches(self, step: int, target: Any) -> None:
+        metadata = self._manager.metadata(step).item_metadata[STATE_ITEM]
+        tree = getattr(metadata, "tree", metadata)  # TreeMetadata, or a bare tree
+        saved = {m.name: m for m in jax.tree.leaves(tree)}
+        wanted = _leaf_specs(target)
+        problems = tree_mismatches(saved, wanted)
+        if problems:
+            listed = "\n  ".join(problems[:_MAX_LISTED])
+            more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+            raise UserError(
+                f"checkpoint '{self._step_dir(step)}' does not match the state this config builds "
+                f"({len(problems)} difference(s), checkpoint vs this run):\n  {listed}{more}\n"
+                "The model, LoRA, reference or optimizer settings changed since it was saved: "
+                f"resume with the config it was saved with (its text is in "
+                f"'{self._step_dir(step) / CONFIG_ITEM / 'metadata'}'), or start this config "
+                "in a new train.output_dir."
+            )
+
+    # -- lifetime ------------------------------------------------------------
+
+    def close(self) -> None:
+        """Waits for any async save, then releases orbax's resources."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# -- pure helpers -------------------------------------------------------------
+
+
+def tree_mismatches(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two `{leaf name: spec}` maps.
+
+    A spec is anything with `.shape` and `.dtype` (orbax ArrayMetadata,
+    jax.ShapeDtypeStruct, arrays). Names are orbax's dotted leaf names
+    (`trainable.layers.attn.q.kernel.value`, `opt_state.0.mu...`).
+    """
+    problems = []
+    for name in sorted(saved.keys() - wanted.keys()):
+        problems.append(f"{name}: in the checkpoint, not in this run's state")
+    for name in sorted(wanted.keys() - saved.keys()):
+        problems.append(f"{name}: in this run's state, not in the checkpoint")
+    for name in sorted(saved.keys() & wanted.keys()):
+        a, b = saved[name], wanted[name]
+        a_shape, b_shape = tuple(getattr(a, "shape", ())), tuple(getattr(b, "shape", ()))
+        if a_shape != b_shape:
+            problems.append(f"{name}: shape {a_shape} in the checkpoint, {b_shape} in this run")
+        a_dtype, b_dtype = getattr(a, "dtype", None), getattr(b, "dtype", None)
+        # A dtype change (e.g. model.param_dtype) would be cast silently: refuse it.
+        if a_dtype is not None and b_dtype is not None and np.dtype(a_dtype) != np.dtype(b_dtype):
+            problems.append(f"{name}: dtype {a_dtype} in the checkpoint, {b_dtype} in this run")
+    return problems
+
+
+def _leaf_specs(target: Any) -> dict[str, Any]:
+    """`{orbax leaf name: leaf}` of `target`, named as orbax names saved leaves."""
+    names = ocp.tree.get_param_names(target, include_empty_nodes=False)
+    return dict(zip(jax.tree.leaves(names), jax.tree.leaves(target)))
+
+
+def _check_shardings(target: Any) -> None:
+    """Every abstract leaf must say where it goes: orbax would otherwise guess from the saved mesh."""
+    for name, leaf in _leaf_specs(target).items():
+        if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is None:
+            raise ValueError(
+                f"restore target leaf '{name}' is a ShapeDtypeStruct without a sharding; "
+                "give every leaf its target sharding (e.g. jax.ShapeDtypeStruct(s, d, sharding=...))"
+            )
+
+
+def _config_text(payload: Any, step_dir: Path) -> str:
+    if not isinstance(payload, dict) or not isinstance(payload.get("config_yaml"), str):
+        raise UserError(f"checkpoint '{step_dir}': its config item holds no `config_yaml` text")
+    return payload["config_yaml"]
+
+
+def _step_of(path: Path) -> int | None:
+    """The step of a step directory or orbax tmp directory name (None if neither)."""
+    name = path.name.split(_TMP_MARKER)[0]
+    return int(name) if name.isdigit() else None
+
+
+def incomplete_reason(step_dir: Path) -> str | None:
+    """Why `step_dir` is not a complete checkpoint, or None when it is."""
+    if _TMP_MARKER in step_dir.name:
+        return "an orbax temporary directory (a save cut off before it finished)"
+    if not (step_dir / _COMMIT_MARKER).is_file():
+        return f"no '{_COMMIT_MARKER}' (the save never finished)"
+    for rel in _JSON_FILES:
+        path = step_dir / rel
+        if not path.is_file():
+            return f"'{rel}' is missing"
+        try:
+            json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            return f"'{rel}' is truncated or corrupt"
+    return None
+
+
+def _incomplete_entries(directory: Path) -> list[tuple[Path, str]]:
+    """`(path, reason)` of each step-like entry of `directory` that is not complete, by step."""
+    if not directory.is_dir():
+        return []
+    found = []
+    for entry in directory.iterdir():
+        if not entry.is_dir() or _step_of(entry) is None:
+            continue  # not a step: orbax's root metadata files and the like
+        reason = incomplete_reason(entry)
+        if reason is not None:
+            found.append((entry, reason))
+    return sorted(found, key=lambda pr: (_step_of(pr[0]), pr[0].name))
+
+
+def _move_aside(entries: list[tuple[Path, str]], destination: Path) -> None:
+    """Moves incomplete step dirs out of orbax's sight (process 0), then syncs processes.
+
+    Moved, not deleted: the step can then be saved again, does not count towards
+    `keep`, and a wrong verdict costs disk space, never a checkpoint.
+    """
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for path, why in entries:
+        moved = destination / f"{path.name}.{stamp}"
+        for n in itertools.count(1):  # the same step cut off twice within a second
+            if not moved.exists():
+                break
+            moved = destination / f"{path.name}.{stamp}-{n}"
+        warnings.warn(
+            f"skipping incomplete checkpoint '{path}': {why}; moved it to '{moved}'", stacklevel=3
+        )
+        if jax.process_index() == 0:
+            destination.mkdir(parents=True, exist_ok=True)
+            path.rename(moved)
+    if jax.process_count() > 1:
+        # Every process must see the moved directories before orbax lists the steps.
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("mmpo_jax_checkpoint_move_incomplete")

@@ -1,0 +1,288 @@
+"""Checkpointer: sharded round trips, resume on another mesh, keep, incomplete steps, mismatches.
+
+The state is a small stand-in for TrainState (a flax.struct dataclass of a dict
+of params, an optax adam state, an int step and RNG key data), sharded over the
+8 simulated CPU devices of tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
+
+from mmpo_jax.errors import UserError
+from mmpo_jax.train.checkpoint import (
+    CHECKPOINTS_DIR,
+    INCOMPLETE_DIR,
+    Checkpointer,
+    incomplete_reason,
+    tree_mismatches,
+)
+
+CONFIG = "loss:\n  name: mmpo\n  beta: 0.1\ntrain:\n  output_dir: runs/x  # ünïcode ok\n"
+
+
+@flax.struct.dataclass
+class State:
+    step: jax.Array  # int32 []
+    params: dict[str, jax.Array]
+    opt_state: Any
+    rng: jax.Array  # uint32 [2]
+
+
+# Partition specs by param name: the sharded layout of the save mesh.
+SPECS = {"w": P("fsdp", "tensor"), "b": P("tensor"), "e": P(None, "fsdp")}
+SHAPES = {"w": (8, 4), "b": (4,), "e": (3, 8)}
+
+
+def _mesh(shape: tuple[int, ...], names: tuple[str, ...]) -> jax.sharding.Mesh:
+    return jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+
+
+def _specs_for(mesh: jax.sharding.Mesh) -> dict[str, P]:
+    # Drop axes the mesh does not have, so one spec table serves every mesh.
+    def keep(spec: P) -> P:
+        return P(*(a if a in mesh.axis_names else None for a in spec))
+
+    return {k: keep(v) for k, v in SPECS.items()}
+
+
+def make_state(mesh: jax.sharding.Mesh, seed: int = 0) -> State:
+    """A state with distinct values everywhere, params and their adam moments sharded.
+
+    Built on the host and placed with one device_put: eager jax ops on sharded
+    arrays would compile once each, which dominates a small test's time.
+    """
+    rng = np.random.default_rng(seed)
+    params = {k: rng.standard_normal(shape).astype(np.float32) for k, shape in SHAPES.items()}
+    # Non-zero moments and count, different from the params.
+    opt_state = jax.tree.map(
+        lambda x: (rng.standard_normal(x.shape) * 0.1).astype(x.dtype)
+        if np.issubdtype(x.dtype, np.floating)
+        else np.asarray(rng.integers(1, 100), x.dtype),
+        optax.adam(1e-2).init(params),
+    )
+    host = State(
+        step=np.int32(7 + seed),
+        params=params,
+        opt_state=opt_state,
+        rng=rng.integers(0, 2**32, size=(2,), dtype=np.uint32),
+    )
+    return jax.device_put(host, shardings_on(mesh, host))
+
+
+def shardings_on(mesh: jax.sharding.Mesh, state: State) -> State:
+    """Param-like leaves (keyed w/b/e, in params or adam moments) sharded by SPECS; the rest replicated."""
+    specs = _specs_for(mesh)
+
+    def sharding(path, _):
+        keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        return NamedSharding(mesh, specs[keys[-1]] if keys else P())
+
+    return jax.tree_util.tree_map_with_path(sharding, state)
+
+
+def abstract_on(state: State, sharding_of) -> State:
+    """The restore target: ShapeDtypeStructs with the shardings `sharding_of(x)` gives."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_of(x)), state)
+
+
+def assert_identical(a: State, b: State) -> None:
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(la, lb):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def save_mesh() -> jax.sharding.Mesh:
+    return _mesh((2, 2, 2), ("data", "fsdp", "tensor"))
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory, save_mesh) -> tuple[Path, dict[int, State]]:
+    """A run dir with complete checkpoints at steps 1 and 2 (keep=3), saved on the 2x2x2 mesh."""
+    out = tmp_path_factory.mktemp("run")
+    states = {1: make_state(save_mesh, seed=1), 2: make_state(save_mesh, seed=2)}
+    with Checkpointer(out, keep=3) as ckpt:
+        for step, state in states.items():
+            assert ckpt.save(step, state, CONFIG + f"# step {step}\n")
+    return out, states
+
+
+def copy_run(saved_run, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(saved_run[0], out)
+    return out
+
+
+def test_round_trip_sharded_is_bit_identical(saved_run, save_mesh):
+    out, states = saved_run
+    with Checkpointer(out, keep=3) as ckpt:
+        assert ckpt.all_steps() == [1, 2]
+        assert ckpt.latest_step() == 2
+        target = abstract_on(states[2], lambda x: x.sharding)
+        restored, config = ckpt.restore(None, target)
+    assert config == CONFIG + "# step 2\n"
+    assert isinstance(restored, State)
+    assert_identical(restored, states[2])
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(target)):
+        assert got.sharding == want.sharding
+
+
+def test_restore_onto_another_mesh_and_one_device(saved_run):
+    out, states = saved_run
+    other = _mesh((4, 2), ("data", "fsdp"))  # no tensor axis, fsdp across other devices
+    on_other = shardings_on(other, states[1])
+
+    one = SingleDeviceSharding(jax.devices()[3])
+    with Checkpointer(out, keep=3, read_only=True) as ckpt:
+        target = jax.tree.map(
+            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), states[1], on_other
+        )
+        restored, _ = ckpt.restore(1, target)
+        single, _ = ckpt.restore(1, abstract_on(states[1], lambda x: one))
+    assert_identical(restored, states[1])
+    assert_identical(single, states[1])
+    assert restored.params["e"].sharding == NamedSharding(other, P(None, "fsdp"))
+    assert restored.opt_state[0].mu["w"].sharding == NamedSharding(other, P("fsdp", None))
+    assert all(x.sharding == one for x in jax.tree.leaves(single))
+
+
+def test_keep_two_keeps_the_last_two(tmp_path, save_mesh):
+    state = make_state(save_mesh)
+    with Checkpointer(tmp_path, keep=2) as ckpt:
+        for step in (2, 4, 6):
+            assert ckpt.save(step, state, CONFIG)
+        assert ckpt.all_steps() == [4, 6]
+    on_disk = sorted(int(p.name) for p in (tmp_path / CHECKPOINTS_DIR).iterdir() if p.name.isdigit())
+    assert on_disk == [4, 6]
+    with Checkpointer(tmp_path, keep=2) as ckpt:
+        assert ckpt.latest_step() == 6
+
+
+def test_saving_a_saved_step_again_is_a_no_op(tmp_path, save_mesh):
+    state = make_state(save_mesh)
+    with Checkpointer(tmp_path, keep=2, async_save=True) as ckpt:
+        assert ckpt.save(3, state, CONFIG)
+        # e.g. the SIGINT save right after the periodic one: blocking, saves nothing
+        assert not ckpt.save(3, make_state(save_mesh, seed=5), "other", wait=True)
+        restored, config = ckpt.restore(3, abstract_on(state, lambda x: x.sharding))
+    assert config == CONFIG
+    assert_identical(restored, state)
+
+
+def _break_marker(step_dir: Path) -> None:
+    (step_dir / "commit_success.txt").unlink()
+
+
+def _truncate_metadata(step_dir: Path) -> None:
+    meta = step_dir / "state" / "_METADATA"
+    meta.write_bytes(meta.read_bytes()[: meta.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage", [_break_marker, _truncate_metadata], ids=["no-marker", "truncated"])
+def test_incomplete_latest_is_skipped_for_the_one_before(saved_run, tmp_path, save_mesh, damage):
+    out = copy_run(saved_run, tmp_path)
+    ckdir = out / CHECKPOINTS_DIR
+    shutil.copytree(ckdir / "2", ckdir / "3")
+    damage(ckdir / "3")
+    # and an orbax temporary dir of a save cut off even earlier in its life
+    shutil.copytree(ckdir / "2", ckdir / "4.orbax-checkpoint-tmp-1234567")
+    assert incomplete_reason(ckdir / "3") is not None
+    assert incomplete_reason(ckdir / "2") is None
+
+    with pytest.warns(UserWarning) as caught:
+        ckpt = Checkpointer(out, keep=3)
+    messages = " ".join(str(w.message) for w in caught)
+    assert str(ckdir / "3") in messages and "4.orbax-checkpoint-tmp-1234567" in messages
+    with ckpt:
+        assert ckpt.latest_step() == 2
+        restored, config = ckpt.restore(None, abstract_on(saved_run[1][2], lambda x: x.sharding))
+        assert_identical(restored, saved_run[1][2])
+        assert config.endswith("# step 2\n")
+        # moved aside, not deleted: step 3 can be saved again
+        moved = sorted(p.name.split(".")[0] for p in (out / INCOMPLETE_DIR).iterdir())
+        assert moved == ["3", "4"]
+        assert ckpt.save(3, make_state(save_mesh, seed=3), CONFIG)
+        assert ckpt.all_steps() == [1, 2, 3]
+
+
+def test_read_only_skips_incomplete_without_moving(saved_run, tmp_path):
+    out = copy_run(saved_run, tmp_path)
+    ckdir = out / CHECKPOINTS_DIR
+    shutil.copytree(ckdir / "2", ckdir / "3")
+    _break_marker(ckdir / "3")
+    with pytest.warns(UserWarning, match="incomplete checkpoint .*3"):
+        ckpt = Checkpointer(out, keep=3, read_only=True)
+    with ckpt:
+        assert ckpt.all_steps() == [1, 2]
+        with pytest.raises(UserError, match="no complete checkpoint for step 3"):
+            ckpt.restore(3, abstract_on(saved_run[1][2], lambda x: x.sharding))
+        with pytest.raises(ValueError, match="read-only"):
+            ckpt.save(5, saved_run[1][2], CONFIG)
+    assert (ckdir / "3").is_dir() and not (out / INCOMPLETE_DIR).exists()
+
+
+def test_mismatched_target_names_the_leaf(saved_run):
+    out, states = saved_run
+    state = states[2]
+    wider = state.replace(params={**state.params, "w": np.zeros((8, 6), np.float32)})
+    extra = state.replace(params={**state.params, "lora_a": np.zeros((2, 2), np.float32)})
+    half = state.replace(params={**state.params, "b": jax.ShapeDtypeStruct((4,), jnp.bfloat16)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a complete run dir warns about nothing
+        ckpt = Checkpointer(out, keep=3, read_only=True)
+    with ckpt:
+        with pytest.raises(UserError, match=r"params\.w: shape \(8, 4\) in the checkpoint, \(8, 6\)") as err:
+            ckpt.restore(2, abstract_on(wider, lambda x: SingleDeviceSharding(jax.devices()[0])))
+        assert "new train.output_dir" in str(err.value)
+        with pytest.raises(UserError, match=r"params\.lora_a: in this run's state, not in the checkpoint"):
+            ckpt.restore(2, abstract_on(extra, lambda x: SingleDeviceSharding(jax.devices()[0])))
+        with pytest.raises(UserError, match=r"params\.b: dtype float32 in the checkpoint, bfloat16"):
+            ckpt.restore(2, abstract_on(half, lambda x: SingleDeviceSharding(jax.devices()[0])))
+
+
+def test_tree_mismatches_lists_every_kind():
+    s = jax.ShapeDtypeStruct
+    saved = {"a": s((2,), jnp.float32), "b": s((3,), jnp.float32), "gone": s((), jnp.int32)}
+    wanted = {"a": s((2,), jnp.float32), "b": s((4,), jnp.bfloat16), "new": s((), jnp.int32)}
+    assert tree_mismatches(saved, wanted) == [
+        "gone: in the checkpoint, not in this run's state",
+        "new: in this run's state, not in the checkpoint",
+        "b: shape (3,) in the checkpoint, (4,) in this run",
+        "b: dtype float32 in the checkpoint, bfloat16 in this run",
+    ]
+    assert tree_mismatches(saved, dict(saved)) == []
+
+
+def test_config_text_round_trips_and_empty_dir(tmp_path, saved_run):
+    out, _ = saved_run
+    with Checkpointer(out, keep=3, read_only=True) as ckpt:
+        assert ckpt.read_config(1) == CONFIG + "# step 1\n"
+        assert ckpt.read_config() == CONFIG + "# step 2\n"
+    with Checkpointer(tmp_path / "fresh", keep=2) as ckpt:
+        assert ckpt.latest_step() is None and ckpt.all_steps() == []
+        with pytest.raises(UserError, match="no complete checkpoint in"):
+            ckpt.restore(None, {})
+    with pytest.raises(UserError, match="keep_checkpoints=0"):
+        Checkpointer(tmp_path, keep=0)
+
+
+def test_abstract_leaf_without_sharding_is_refused(saved_run):
+    out, states = saved_run
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), states[1])
+    with Checkpointer(out, keep=3, read_only=True) as ckpt:
+        with pytest.raises(ValueError, match="without a sharding"):
+            ckpt.restore(1, target)

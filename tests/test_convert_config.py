@@ -1,0 +1,351 @@
+"""`mmpo-jax convert-config` (alignment-handbook / TRL recipes -> our config) and the paper-shaped configs.
+
+The recipes under tests/fixtures/recipes/ are hand-written in the shapes of
+alignment-handbook's DPO recipes (old `dataset_mixer` and new `dataset_mixture`
+formats), TRL's CPO/SimPO scripts and the MMPO authors' fork of the handbook.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmpo_jax import cli, recipes
+from mmpo_jax.config import config_to_dict, load_config
+from mmpo_jax.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = Path(__file__).parent / "fixtures" / "recipes"
+MODULE = "mmpo_jax.commands.convert_config"
+# The authors' data: UltraFeedback-binarized train_prefs + Orca DPO pairs train_prefs.
+PAPER_ROWS = 61_135 + 12_359
+
+
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+    """`mmpo-jax convert-config ARGS` through cli.main: (exit code, stdout, stderr)."""
+    if MODULE not in cli.SUBCOMMANDS:  # until cli.py lists the command
+        monkeypatch.setattr(cli, "SUBCOMMANDS", (*cli.SUBCOMMANDS, MODULE))
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = cli.main(["convert-config", *map(str, args)])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
+def _skipped(conversion: recipes.Conversion) -> dict[str, str]:
+    return {s.key: s.reason for s in conversion.skipped}
+
+
+def _convert(name: str, **kwargs) -> recipes.Conversion:
+    return recipes.convert_recipe(recipes.read_recipe(RECIPES / name), **kwargs)
+
+
+# --------------------------------------------------------------------------- #
+# The command
+# --------------------------------------------------------------------------- #
+def test_authors_recipe_converts_to_a_config_that_loads(run_cli, tmp_path):
+    out = tmp_path / "run.yaml"
+    code, stdout, stderr = run_cli(
+        RECIPES / "mmpo_fork_smollm2.yaml", "--devices", 4, "--train-rows", PAPER_ROWS, "--out", out
+    )
+    assert code == 0 and stdout == ""
+    assert "8 recipe key(s) not carried over" in stderr
+    cfg = load_config(out)
+    assert cfg.model.path == "HuggingFaceTB/SmolLM2-135M-Instruct" == cfg.data.tokenizer
+    assert (cfg.model.param_dtype, cfg.model.compute_dtype, cfg.model.remat) == (
+        "float32",
+        "bfloat16",
+        "none",
+    )
+    assert cfg.model.lora.rank == 0  # use_peft: false
+    assert cfg.data.mixture == {
+        "HuggingFaceH4/ultrafeedback_binarized": 1.0,
+        "HuggingFaceH4/orca_dpo_pairs": 1.0,
+    }
+    assert (cfg.data.split, cfg.data.test_split) == ("train_prefs", "test_prefs")
+    assert cfg.data.test_files == list(cfg.data.mixture)
+    assert (cfg.data.max_length, cfg.data.max_prompt_length) == (2312, 1800)
+    # 4 pairs x 8 accumulation steps x 4 devices; 73,494 // 128 = 574 steps an epoch, 5 epochs
+    assert (cfg.data.batch_size, cfg.optim.grad_accum) == (128, 8)
+    assert (cfg.train.max_steps, cfg.optim.warmup_steps) == (2870, 287)
+    assert (cfg.train.log_every, cfg.train.eval_every, cfg.train.save_every) == (5, 64, 574)
+    assert (cfg.train.seed, cfg.data.seed, cfg.train.keep_checkpoints) == (42, 42, 2)
+    assert (cfg.loss.name, cfg.loss.beta, cfg.loss.reward_epsilon) == ("mmpo", 0.1, 1.0)
+    assert cfg.loss.average_logps is False  # `average_logps: no`
+    assert (cfg.optim.learning_rate, cfg.optim.schedule) == (1e-4, "cosine")
+    text = out.read_text()
+    header = text.split("\nmodel:")[0]
+    for key in ("attn_implementation", "report_to", "run_name", "preprocessing_num_workers"):
+        assert f"#   - {key}:" in header
+    assert "ours picks its attention kernel with model.attention" in header
+    assert "  batch_size: 128  # per_device_train_batch_size 4 x gradient_accumulation_steps 8" in text
+
+
+def test_output_is_yaml_whose_comments_do_not_change_it(run_cli):
+    args = (RECIPES / "dpo_handbook_lora.yaml", "--devices", 2)
+    code, text, _ = run_cli(*args)
+    assert code == 0
+    code, as_json, _ = run_cli(*args, "--json")
+    assert code == 0
+    report = json.loads(as_json)
+    assert yaml.safe_load(text) == report["config"]
+    assert set(report) == {"recipe", "config", "sources", "notes", "not_carried"}
+    assert report["sources"]["model.lora.rank"] == "lora_r"
+    assert {"key": "optim", "value": "rmsprop", "reason": "ours is AdamW only"} in report["not_carried"]
+
+
+def test_paper_config_agrees_with_the_converted_authors_recipe():
+    """configs/smollm2-135m-mmpo.yaml holds what the converter makes of the authors' recipe."""
+    conversion = _convert("mmpo_fork_smollm2.yaml", devices=4, train_rows=PAPER_ROWS)
+    converted, _ = recipes.finalize(conversion)
+    paper = config_to_dict(load_config(ROOT / "configs" / "smollm2-135m-mmpo.yaml"))
+    checked = {
+        "model": ["param_dtype", "compute_dtype", "remat"],
+        "data": ["mixture", "split", "test_files", "test_split", "max_length",
+                 "max_prompt_length", "batch_size", "seed", "tokenizer"],
+        "loss": ["name", "beta", "reward_epsilon", "average_logps"],
+        "optim": ["schedule", "warmup_steps", "grad_accum"],
+        "train": ["max_steps", "seed", "log_every", "eval_every", "save_every"],
+    }
+    for section, keys in checked.items():
+        for key in keys:
+            assert converted[section][key] == paper[section][key], f"{section}.{key}"
+
+
+def test_overrides_apply_after_the_conversion(run_cli):
+    code, text, _ = run_cli(
+        RECIPES / "mmpo_fork_smollm2.yaml", "data.batch_size=64", "optim.learning_rate=2e-6",
+        "train.output_dir=runs/007",
+    )
+    assert code == 0
+    assert "  batch_size: 64  # override" in text
+    config = yaml.safe_load(text)
+    assert config["optim"]["learning_rate"] == 2e-6
+    assert config["train"]["output_dir"] == "runs/007"  # a string, as load_config keeps it
+
+
+def test_a_bad_override_is_a_config_error(run_cli):
+    code, _, err = run_cli(RECIPES / "mmpo_fork_smollm2.yaml", "data.batch_size=0")
+    assert code == 2 and "data.batch_size=0: must be >= 1" in err
+    code, _, err = run_cli(RECIPES / "mmpo_fork_smollm2.yaml", "other.yaml")
+    assert code == 2 and "'other.yaml' is not a key=value override" in err
+
+
+def test_a_recipe_that_is_not_a_mapping_is_a_user_error(run_cli, tmp_path):
+    code, _, err = run_cli(RECIPES / "not_a_mapping.yaml")
+    assert code == 2 and "a recipe must be a mapping" in err and "got a list" in err
+    code, _, err = run_cli(tmp_path / "missing.yaml")
+    assert code == 2 and "recipe file not found" in err
+    with pytest.raises(UserError, match="got a list"):
+        recipes.convert_recipe([{"beta": 0.1}])  # type: ignore[arg-type]
+
+
+def test_an_unsupported_loss_stops_unless_an_override_names_ours(run_cli):
+    code, _, err = run_cli(RECIPES / "ipo.yaml")
+    assert code == 2
+    assert "loss_type: ipo" in err and "loss.name=mmpo|dpo|simpo" in err
+    code, text, _ = run_cli(RECIPES / "ipo.yaml", "loss.name=dpo")
+    assert code == 0
+    assert "#   - loss_type: ipo\n#       replaced by the override loss.name=dpo" in text
+    assert yaml.safe_load(text)["loss"] == {"name": "dpo", "beta": 0.1}
+
+
+# --------------------------------------------------------------------------- #
+# The mapping rules
+# --------------------------------------------------------------------------- #
+def test_epochs_need_the_number_of_training_rows():
+    conversion = _convert("mmpo_fork_smollm2.yaml", devices=4)
+    skipped = _skipped(conversion)
+    assert "--train-rows N" in skipped["num_train_epochs"]
+    assert "total steps" in skipped["warmup_ratio"]
+    assert "--train-rows N" in skipped["save_strategy"]
+    assert "max_steps" not in conversion.config["train"]
+    with pytest.raises(UserError, match="fewer than one batch of 128 pairs"):
+        _convert("mmpo_fork_smollm2.yaml", devices=4, train_rows=100)
+
+
+def test_devices_scale_the_global_batch_not_the_accumulation():
+    one = _convert("mmpo_fork_smollm2.yaml")
+    four = _convert("mmpo_fork_smollm2.yaml", devices=4)
+    assert one.config["data"]["batch_size"] == 32 and four.config["data"]["batch_size"] == 128
+    assert one.config["optim"]["grad_accum"] == four.config["optim"]["grad_accum"] == 8
+    assert any("Assumed 1 device(s) (--devices)" in n for n in one.notes)
+
+
+def test_placeholders_and_keys_outside_the_contract_are_listed():
+    conversion = _convert("mmpo_fork_placeholders.yaml", devices=4, train_rows=PAPER_ROWS)
+    skipped = _skipped(conversion)
+    for key in ("beta", "mmpo_reward_epsilon", "output_dir"):
+        assert skipped[key].startswith("a placeholder")
+    assert "ReLU-margin" in skipped["mmpo_relu_coefficient"]
+    assert "ReLU-margin" in skipped["mmpo_relu_epsilon"]
+    assert "weight the entropy term by beta" in skipped["mmpo_optimize_entropy"]
+    assert "learning rate > 0" in skipped["learning_rate"]
+    assert "data.max_length minus its prompt" in skipped["max_completion_length"]
+    assert any("looks like a local directory" in n for n in conversion.notes)
+    assert any("optim adamw_8bit: ours is AdamW with float32 moments" in n for n in conversion.notes)
+    _, cfg = recipes.finalize(conversion)
+    assert (cfg.model.lora.rank, cfg.model.lora.alpha) == (64, 64.0)
+    assert cfg.model.lora.targets == ["q", "k", "v", "o"]
+    assert cfg.model.reference == "lora_base"  # TRL's reference under PEFT: adapters off
+    assert (cfg.train.max_steps, cfg.optim.warmup_steps) == (1148, 115)
+
+
+def test_entropy_flag_maps_to_the_authors_estimator():
+    recipe = {"objective_type": "mmpo", "beta": 0.05, "mmpo_optimize_entropy": "yes"}
+    loss = recipes.convert_recipe(recipe).config["loss"]
+    assert (loss["entropy_weight"], loss["entropy_estimator"]) == (0.05, "score_function")
+    off = {"objective_type": "mmpo", "mmpo_optimize_entropy": False}
+    assert recipes.convert_recipe(off).config["loss"]["entropy_weight"] == 0.0
+
+
+def test_handbook_lora_recipe():
+    conversion = _convert("dpo_handbook_lora.yaml", devices=4)
+    skipped = _skipped(conversion)
+    model, optim, train = (conversion.config[s] for s in ("model", "optim", "train"))
+    assert model["lora"] == {
+        "rank": 16,
+        "alpha": 32.0,
+        "dropout": 0.05,
+        "targets": ["q", "k", "v", "o", "gate", "up", "down"],  # all-linear
+    }
+    assert model["remat"] == "full" and "param_dtype" not in model
+    assert "whatever the checkpoint's dtype" in skipped["torch_dtype"]  # auto
+    assert train["max_steps"] == 400
+    assert "max_steps > 0 takes precedence" in skipped["num_train_epochs"]
+    assert optim["warmup_steps"] == 40 and "warmup_steps > 0 wins" in skipped["warmup_ratio"]
+    assert (optim["weight_decay"], optim["b2"], optim["schedule"]) == (0.01, 0.98, "linear")
+    assert conversion.config["loss"] == {"name": "dpo", "beta": 0.05, "label_smoothing": 0.1}
+    assert conversion.config["data"]["mixture"] == {"HuggingFaceH4/ultrafeedback_binarized": 0.5}
+    assert "fraction in (0, 1]" in skipped["dataset_mixer.my-org/empty"]
+    assert train["save_every"] == 0  # save_strategy "no": ours saves at the end only
+    assert "keeps the last train.keep_checkpoints" in skipped["save_total_limit"]
+    assert skipped["optim"] == "ours is AdamW only"
+    for key in ("hub_model_id", "push_to_hub"):
+        assert "Hugging Face Hub" in skipped[key]
+    assert skipped["mystery_knob"].startswith("not a key this converter knows")
+    # evaluation_strategy epoch needs the steps in an epoch
+    assert "--train-rows N" in skipped["evaluation_strategy"]
+    # the not-carried list follows the recipe's key order
+    order = list(recipes.read_recipe(RECIPES / "dpo_handbook_lora.yaml"))
+    positions = [order.index(s.key.split(".")[0]) for s in conversion.skipped]
+    assert positions == sorted(positions)
+
+
+def test_new_mixture_format():
+    conversion = _convert("dpo_mixture.yaml", devices=4, train_rows=PAPER_ROWS)
+    skipped = _skipped(conversion)
+    data, train = conversion.config["data"], conversion.config["train"]
+    assert data["mixture"] == {"HuggingFaceH4/ultrafeedback_binarized": 0.25}
+    assert data["split"] == "train_prefs" and "test_files" not in data
+    assert "one split (data.split: train_prefs)" in skipped["dataset_mixture.datasets[1]"]
+    assert "does not split a test set off" in skipped["dataset_mixture.test_split_size"]
+    assert "keeps our default cosine" in skipped["lr_scheduler_type"]
+    assert any("shuffled subset" in n for n in conversion.notes)
+    steps = 3 * (PAPER_ROWS // 64)
+    assert train["max_steps"] == steps
+    assert train["save_every"] == -(-steps // 4)  # save_steps: 0.25 of the run
+    assert (train["log_every"], train["eval_every"]) == (10, 100)
+    recipes.finalize(conversion)  # validates
+
+
+def test_trl_cpo_simpo_recipe():
+    conversion = _convert("simpo_cpo.yaml", devices=4)
+    _, cfg = recipes.finalize(conversion)
+    assert (cfg.loss.name, cfg.loss.beta, cfg.loss.gamma) == ("simpo", 2.5, 1.375)
+    assert cfg.model.reference == "none"
+    assert (cfg.optim.schedule, cfg.optim.warmup_steps) == ("constant", 100)  # constant_with_warmup
+    assert cfg.data.train_files == cfg.data.test_files == "HuggingFaceH4/ultrafeedback_binarized"
+    assert (cfg.data.split, cfg.data.test_split) == ("train_prefs", "test_prefs")
+    assert conversion.skipped == []  # cpo_alpha 0 is pure SimPO
+
+
+def test_simpo_authors_keys():
+    conversion = _convert("simpo_ratio.yaml")
+    assert conversion.config["loss"] == {"name": "simpo", "beta": 2.0, "gamma": 1.0}
+    assert "always averages" in _skipped(conversion)["average_logps"]
+    cpo = recipes.convert_recipe({"loss_type": "simpo", "cpo_alpha": 1.0})
+    assert "pure SimPO" in _skipped(cpo)["cpo_alpha"]
+
+
+def test_transformers_defaults_are_said_not_assumed_silently():
+    conversion = recipes.convert_recipe({"model_name_or_path": "m"}, train_rows=1000)
+    notes = " ".join(conversion.notes)
+    assert "transformers' default 8" in notes and "transformers' default 3" in notes
+    assert conversion.config["optim"]["schedule"] == "linear"  # transformers' default
+    assert conversion.config["train"]["max_steps"] == 3 * (1000 // 8)
+    assert conversion.config["loss"]["name"] == "dpo"
+    assert conversion.sources["loss.name"] == "TRL's default loss_type sigmoid"
+
+
+# --------------------------------------------------------------------------- #
+# The paper-shaped configs
+# --------------------------------------------------------------------------- #
+PAPER_MODELS = {
+    "smollm2-135m": "",
+    "llama3.2-1b": "-lora",
+    "llama3-8b": "-lora",
+}
+LOSSES = ("mmpo", "dpo", "simpo")
+
+
+def _paper_path(model: str, loss: str) -> Path:
+    return ROOT / "configs" / f"{model}-{loss}{PAPER_MODELS[model]}.yaml"
+
+
+@pytest.mark.parametrize("model", list(PAPER_MODELS))
+def test_paper_configs_load_and_twins_differ_only_in_loss_and_output_dir(model):
+    loaded = {loss: load_config(_paper_path(model, loss)) for loss in LOSSES}
+    rest = {}
+    for loss, cfg in loaded.items():
+        assert cfg.loss.name == loss
+        assert cfg.train.output_dir == f"runs/{_paper_path(model, loss).stem}"
+        d = config_to_dict(cfg)
+        del d["loss"], d["train"]["output_dir"]
+        d["model"].pop("reference")  # resolved from auto per loss: none for simpo
+        rest[loss] = d
+    assert rest["mmpo"] == rest["dpo"] == rest["simpo"]
+    raw = {loss: yaml.safe_load(_paper_path(model, loss).read_text()) for loss in LOSSES}
+    for loss in LOSSES:
+        assert raw[loss]["model"]["reference"] == "auto"
+        del raw[loss]["loss"], raw[loss]["train"]["output_dir"]
+    assert raw["mmpo"] == raw["dpo"] == raw["simpo"]  # as written, not only as resolved
+    assert loaded["simpo"].model.reference == "none"
+    cfg = loaded["mmpo"]
+    assert cfg.data.mixture == {
+        "HuggingFaceH4/ultrafeedback_binarized": 1.0,
+        "HuggingFaceH4/orca_dpo_pairs": 1.0,
+    }
+    assert (cfg.data.batch_size, cfg.data.split, cfg.data.test_split) == (128, "train_prefs", "test_prefs")
+    assert cfg.data.tokenizer == cfg.model.path
+    if PAPER_MODELS[model]:
+        assert cfg.model.lora.rank > 0
+        assert loaded["mmpo"].model.reference == loaded["dpo"].model.reference == "lora_base"
+    else:
+        assert cfg.model.lora.rank == 0
+
+
+@pytest.mark.parametrize("model", list(PAPER_MODELS))
+def test_paper_configs_say_where_each_value_comes_from(model):
+    for loss in LOSSES:
+        path = _paper_path(model, loss)
+        parents: dict[int, str] = {}
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            body = line.split("#")[0].rstrip()
+            if not body.strip() or body.lstrip().startswith("-"):
+                continue
+            indent = len(body) - len(body.lstrip())
+            key, _, value = body.strip().partition(":")
+            parents[indent] = key
+            if not value.strip():
+                continue  # a section or a nested mapping (model.lora, data.mixture)
+            if key == "name" or parents.get(indent - 2) == "mixture":
+                continue  # the loss itself, and the mixture's entries under its comment
+            comment = line.partition("#")[2]
+            assert comment.strip().startswith(("paper", "ours")), f"{path.name}:{n}: {line}"

@@ -1,0 +1,247 @@
+"""The run (`mmpo-jax train`): exact resume after SIGKILL, the non-finite stop, SIGINT,
+eval of a run directory, and export (full, and the LoRA adapter loaded by PEFT)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmpo_jax.config import load_config
+from mmpo_jax.train import loop
+
+TINY = "configs/tiny.yaml"
+TIMING = {"tokens_per_second"}
+
+
+def _env():
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # one CPU device: the runs here test the loop, not the mesh
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "mmpo_jax.cli", *args]
+
+
+def _records(run_dir):
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _train_records(run_dir):
+    return {r["step"]: r for r in _records(run_dir) if "loss" in r}
+
+
+def _wait_for(predicate, proc, timeout):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (status {proc.returncode}) before the condition held")
+        time.sleep(0.2)
+    raise AssertionError("timed out")
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    done = subprocess.run(_cli("train", TINY, f"train.output_dir={out}"), env=_env(), capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done
+
+
+def test_straight_run_writes_metrics_and_checkpoints(straight_run):
+    out, done = straight_run
+    records = _records(out)
+    train = _train_records(out)
+    assert sorted(train) == list(range(1, 21))
+    for key in ("loss", "rewards/accuracies", "grad_norm", "learning_rate", "tokens_per_second"):
+        assert key in train[5], key
+    evals = [r["step"] for r in records if "eval/loss" in r]
+    assert evals == [0, 10, 20]  # before training, every train.eval_every=10, at the end
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir()) == [10, 20]
+    assert "step 20/20" in done.stdout + done.stderr
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert load_config(out / "config.yaml").train.max_steps == 20
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_reproduces_the_straight_run(straight_run, tmp_path):
+    ref, _ = straight_run
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cli("train", TINY, f"train.output_dir={out}"), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def past_checkpoint():
+            ckpt = out / "checkpoints" / "10" / "commit_success.txt"
+            try:
+                return ckpt.exists() and max(_train_records(out)) >= 12
+            except (FileNotFoundError, ValueError, json.JSONDecodeError):
+                return False
+
+        _wait_for(past_checkpoint, proc, 600)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done = subprocess.run(_cli("train", TINY, f"train.output_dir={out}"), env=_env(), capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from" in done.stdout
+    steps = [r["step"] for r in _records(out) if "loss" in r]
+    assert steps == list(range(1, 21))  # each step once: 11 and 12 of the killed run were dropped
+    want, got = _train_records(ref), _train_records(out)
+    for step in range(11, 21):
+        for key, value in want[step].items():
+            if key in TIMING:
+                continue
+            assert got[step][key] == value, (step, key, got[step][key], value)
+    evals = {r["step"]: r for r in _records(out) if "eval/loss" in r}
+    ref_evals = {r["step"]: r for r in _records(ref) if "eval/loss" in r}
+    assert evals[20] == ref_evals[20]
+
+
+def test_nonfinite_step_stops_the_run(tmp_path, capsys):
+    cfg = load_config(TINY, [f"train.output_dir={tmp_path}", "train.max_steps=6", "train.save_every=2",
+                             "train.eval_every=0", "data.test_files=null", "mesh.data=1"])
+    trainer = loop.build_trainer(cfg, devices=jax.devices()[:1])
+    real_step, calls = trainer.train_step, []
+
+    def poisoned(state, batch):
+        calls.append(1)
+        if len(calls) == 3:  # a NaN weight: the loss and every gradient of step 3 are NaN
+            emb = state.trainable["embed_tokens"]
+            emb.set_value(emb.get_value().at[0, 0].set(jnp.nan))
+        return real_step(state, batch)
+
+    trainer.train_step = poisoned
+    with pytest.raises(loop.NonFiniteStep) as err:
+        loop.train(cfg, trainer=trainer)
+    message = str(err.value)
+    assert "step 3" in message and str(tmp_path / "checkpoints" / "2") in message
+    assert sorted(_train_records(tmp_path)) == [1, 2]  # nothing of step 3 was written
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [2]
+
+
+@pytest.mark.slow
+def test_sigint_saves_a_checkpoint_and_exits(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_cli("train", TINY, f"train.output_dir={out}", "train.max_steps=1000",
+                                 "train.eval_every=0", "train.save_every=0"), env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def training():
+            try:
+                return max(_train_records(out)) >= 2
+            except (FileNotFoundError, ValueError, json.JSONDecodeError):
+                return False
+
+        _wait_for(training, proc, 600)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, output[-2000:]
+    last = max(_train_records(out))
+    assert (out / "checkpoints" / str(last) / "commit_success.txt").exists()
+    assert "interrupted" in output and "Traceback" not in output
+
+
+def test_eval_of_a_run_directory(straight_run, capsys):
+    from mmpo_jax.cli import main
+
+    out, _ = straight_run
+    assert main(["eval", str(out), "--json", "train.eval_batches=2"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["step"] == 20
+    evals = {r["step"]: r for r in _records(out) if "eval/loss" in r}
+    # the same policy and the same first two test batches: the loss of the run's own eval
+    # (which averaged 4 batches) is close, and the eval runs through the restored weights
+    assert np.isfinite(result["eval/loss"]) and abs(result["eval/loss"] - evals[20]["eval/loss"]) < 5
+
+
+def _torch_logps(model, ids):
+    import torch
+
+    with torch.no_grad():
+        logits = model(input_ids=torch.as_tensor(ids, dtype=torch.long)).logits.float()
+    lp = torch.log_softmax(logits[:, :-1], -1)
+    return torch.gather(lp, -1, torch.as_tensor(ids[:, 1:, None], dtype=torch.long))[..., 0].numpy()
+
+
+def _our_logps(module, ids):
+    from mmpo_jax.logprobs import model_token_logps
+
+    with jax.default_matmul_precision("highest"):
+        return np.asarray(model_token_logps(module, jnp.asarray(ids), chunk=16))[:, 1:]
+
+
+def test_export_loads_in_transformers_with_our_logps(straight_run, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mmpo_jax.cli import main
+
+    out, _ = straight_run
+    assert main(["export", str(out), str(tmp_path / "hf")]) == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = np.asarray([tok("The capital of France is Paris.")["input_ids"] * 2])
+    trainer, step = loop.restore_run(out)
+    assert step == 20
+    ours = _our_logps(trainer.sdef.policy(trainer.state), ids)
+    np.testing.assert_allclose(_torch_logps(model, ids), ours, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_lora_adapter_export_loads_with_peft(tmp_path):
+    """A LoRA run from an HF base: PEFT's load of `export --adapter` on the base model equals
+    our policy and the merged export."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mmpo_jax.cli import main
+    from mmpo_jax.data.tokenizers import load_tokenizer
+    from mmpo_jax.models.checkpoints import export_hf
+    from mmpo_jax.models.llama import ModelOptions, build_model, model_config_from_init
+
+    cfg0 = load_config(TINY)
+    arch = model_config_from_init(cfg0.model.init)
+    base_dir = tmp_path / "base"
+    export_hf(build_model(arch, ModelOptions(), seed=3), arch, load_tokenizer("builtin:tiny"), base_dir)
+    run = tmp_path / "run"
+    cfg = load_config(TINY, [f"model.path={base_dir}", "model.lora.rank=4", "model.lora.alpha=8",
+                             "model.lora.targets=[q,v,o,up,down]", "optim.learning_rate=3e-2",
+                             "train.max_steps=4", "train.eval_every=0", "train.save_every=0",
+                             "data.test_files=null", f"train.output_dir={run}"])
+    loop.train(cfg)
+    assert main(["export", str(run), str(tmp_path / "adapter"), "--adapter"]) == 0
+    assert main(["export", str(run), str(tmp_path / "merged")]) == 0
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and sorted(config["target_modules"]) == ["down_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+    ids = np.random.default_rng(0).integers(3, 2048, (2, 24))
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    before = _torch_logps(base, ids)
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    trainer, _ = loop.restore_run(run)
+    ours = _our_logps(trainer.sdef.policy(trainer.state), ids)
+    with_adapter = _torch_logps(peft_model, ids)
+    assert np.abs(with_adapter - before).max() > 1e-3  # the adapter changes the model
+    np.testing.assert_allclose(with_adapter, ours, atol=1e-5)
+    np.testing.assert_allclose(_torch_logps(merged, ids), ours, atol=1e-5)
