@@ -147,7 +147,7 @@ class ModelConfig:
     # Per-layer rematerialisation: none (keep all activations), full (keep only each
     # layer's input, recompute the rest), dots (keep the outputs of the weight
     # matmuls, recompute attention and the elementwise ops).
-    remat: Literal["none", "full", "dots"] = "full"
+    remat: Literal["none", "full", "dots"] = "dots"
     # Dropout on the attention and MLP outputs (residual branches) in training; 0 = off.
     dropout: float = 0.0
     # Sequence positions per chunk of the LM head + log-softmax (mmpo_jax.logprobs).

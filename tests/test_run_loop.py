@@ -226,7 +226,7 @@ def test_lora_adapter_export_loads_with_peft(tmp_path):
     run = tmp_path / "run"
     cfg = load_config(TINY, [f"model.path={base_dir}", "model.lora.rank=4", "model.lora.alpha=8",
                              "model.lora.targets=[q,v,o,up,down]", "optim.learning_rate=3e-2",
-                             "train.max_steps=4", "train.eval_every=0", "train.save_every=0",
+                             "train.max_steps=2", "train.eval_every=0", "train.save_every=0",
                              "data.test_files=null", f"train.output_dir={run}"])
     loop.train(cfg)
     assert main(["export", str(run), str(tmp_path / "adapter"), "--adapter"]) == 0

@@ -44,14 +44,25 @@ def _run(overrides, data, tmp_path, devices=None, steps=STEPS):
     return history
 
 
-def _assert_same(got, want, label):
+def _assert_same(got, want, label, beta=0.1):
+    """Losses and log-probs to 1e-5 relative. Rewards are beta * (policy - reference) of
+    log-probs around -50: their float32 noise is set by the log-probs' size, so they are
+    compared to 1e-5 of beta * |log-prob|; `rewards/accuracies` (near-equal rewards while the
+    policy is close to the reference) to within one pair; `grad_norm` (a sum over every
+    parameter) to 1e-4 relative."""
     for step, (a, b) in enumerate(zip(got, want)):
+        scale = beta * max(abs(b["logps/chosen"]), abs(b["logps/rejected"]))
         for key in b:
-            if key == "rewards/accuracies":  # near-equal rewards: may flip one pair of 8
+            if key in ("rewards/accuracies", "mmpo/score_accuracy"):  # may flip one pair of 8
                 assert abs(a[key] - b[key]) <= 1 / 8 + 1e-6, (label, step, key, a[key], b[key])
                 continue
-            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6,
-                                       err_msg=f"{label}: {key} at step {step}")
+            if key.startswith(("rewards/", "mmpo/")):
+                tol = dict(rtol=1e-5, atol=1e-5 * scale)
+            elif key == "grad_norm":
+                tol = dict(rtol=1e-4)
+            else:
+                tol = dict(rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(a[key], b[key], **tol, err_msg=f"{label}: {key} at step {step}")
 
 
 @pytest.fixture(scope="module")

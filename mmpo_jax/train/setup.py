@@ -125,10 +125,11 @@ def build_trainer(cfg: RunConfig, mesh: jax.sharding.Mesh | None = None,
     scfg = step_config(cfg, schedule, options)
     example = example_batch(cfg, mode)
     shardings = state_shardings(state)
+    n = sum(x.size for x in jax.tree.leaves((state.trainable, state.frozen)))
     return Trainer(
         cfg=cfg, mesh=mesh, arch=arch, options=options, sdef=sdef, state=state, optimizer=optimizer,
-        scfg=scfg, train_step=make_train_step(sdef, scfg, optimizer, mesh, shardings, example),
-        eval_step=make_eval_step(sdef, scfg, mesh, shardings, example), precompute_model=precompute_model,
+        scfg=scfg, train_step=make_train_step(sdef, scfg, optimizer, mesh, shardings, example, n),
+        eval_step=make_eval_step(sdef, scfg, mesh, shardings, example, n), precompute_model=precompute_model,
     )
 
 

@@ -240,23 +240,29 @@ def check_batch_divisible(pairs: int, grad_accum: int, mesh: jax.sharding.Mesh) 
         )
 
 
-def compiler_options(mesh: jax.sharding.Mesh) -> dict[str, Any] | None:
-    """XLA options of the steps: on CPU, LLVM at -O0.
+# Below this many parameters a CPU step is compile-bound (tests, tiny models), above it
+# run-bound (the 135M demo: -O3 steps run ~1.7x faster for ~20 s more compile).
+FAST_COMPILE_MAX_PARAMS = 20_000_000
+
+
+def compiler_options(mesh: jax.sharding.Mesh, num_params: int = 0) -> dict[str, Any] | None:
+    """XLA options of the steps: on CPU, for small models, LLVM at -O0.
 
     XLA's CPU compile of a train step is slow (~30 s for a 2-layer model here) and
-    mostly LLVM optimisation of the fused elementwise loops; the matmuls call
-    precompiled kernels either way. -O0 compiles ~2.5x faster, which is what a
-    CPU run (tests, the demo, debugging) waits for. MMPO_CPU_FAST_COMPILE=0 turns it off.
+    mostly LLVM optimisation of the fused elementwise loops; -O0 compiles ~2.5x faster
+    and runs those loops ~2x slower, a gain where compiling dominates (models under
+    FAST_COMPILE_MAX_PARAMS). MMPO_CPU_FAST_COMPILE=1 / 0 forces it on / off.
     """
     import os
 
-    on_cpu = all(d.platform == "cpu" for d in mesh.devices.flat)
-    if on_cpu and os.environ.get("MMPO_CPU_FAST_COMPILE", "1") != "0":
-        return {"xla_backend_optimization_level": 0}
-    return None
+    if not all(d.platform == "cpu" for d in mesh.devices.flat):
+        return None
+    forced = os.environ.get("MMPO_CPU_FAST_COMPILE")
+    fast = num_params < FAST_COMPILE_MAX_PARAMS if forced is None else forced != "0"
+    return {"xla_backend_optimization_level": 0} if fast else None
 
 
-def make_train_step(sdef, scfg, optimizer, mesh, state_sharding, example_batch: Batch):
+def make_train_step(sdef, scfg, optimizer, mesh, state_sharding, example_batch: Batch, num_params: int = 0):
     """The jitted train step `(state, batch) -> (state, metrics)`; the state is donated."""
     fn = partial(train_step_fn, sdef, scfg, optimizer, mesh)
     replicated = NamedSharding(mesh, P())
@@ -265,16 +271,16 @@ def make_train_step(sdef, scfg, optimizer, mesh, state_sharding, example_batch: 
         in_shardings=(state_sharding, batch_shardings(mesh, example_batch)),
         out_shardings=(state_sharding, replicated),
         donate_argnums=(0,),
-        compiler_options=compiler_options(mesh),
+        compiler_options=compiler_options(mesh, num_params),
     )
 
 
-def make_eval_step(sdef, scfg, mesh, state_sharding, example_batch: Batch):
+def make_eval_step(sdef, scfg, mesh, state_sharding, example_batch: Batch, num_params: int = 0):
     """The jitted eval step `(state, batch) -> metrics`."""
     fn = partial(eval_step_fn, sdef, scfg, mesh)
     return jax.jit(
         fn,
         in_shardings=(state_sharding, batch_shardings(mesh, example_batch)),
         out_shardings=NamedSharding(mesh, P()),
-        compiler_options=compiler_options(mesh),
+        compiler_options=compiler_options(mesh, num_params),
     )
