@@ -25,9 +25,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
 
-# configs/demo.yaml measured eval rewards/accuracies 0.75 at its last step (16 test pairs);
-# the floor leaves 3 of 16 pairs of margin.
-ACCURACY_FLOOR = 0.55
+# configs/demo.yaml measured eval rewards/accuracies 0.8125 (13 of 16 test pairs) at its last
+# step in five runs (XLA at -O3, its default for this model, and -O0 alike: the same eval
+# metrics to 4 digits); the floor (10 of 16) leaves 3 pairs of margin. At step 0 it is 0 by
+# construction (policy = reference), so a trainer that does not learn stays far below.
+ACCURACY_FLOOR = 0.6
 
 
 def _smollm2_installed() -> bool:
@@ -53,10 +55,10 @@ def test_demo_run(tmp_path):
     start = time.time()
     done = subprocess.run(
         [sys.executable, "-m", "mmpo_jax.cli", "train", str(DEMO), f"train.output_dir={out}"],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900,
+        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900,
     )
     seconds = time.time() - start
-    output = done.stdout + done.stderr
+    output = done.stdout
     print(f"\nmmpo-jax train configs/demo.yaml: exit {done.returncode} in {seconds:.0f} s\n{output[-3000:]}")
     assert done.returncode == 0, output[-3000:]
 
