@@ -16,6 +16,7 @@ from mmpo_jax.errors import UserError
 
 # Add a subcommand by adding its module here (see mmpo_jax/commands/__init__.py).
 SUBCOMMANDS = (
+    "mmpo_jax.commands.aot_check",
     "mmpo_jax.commands.compare",
     "mmpo_jax.commands.convert_config",
     "mmpo_jax.commands.evaluate",

@@ -106,8 +106,9 @@ def create_state(
     """The initial state of a run.
 
     `reference_model` (mode `separate` only): the reference; None = a copy of the
-    initial policy. The optimizer state is created under jit so it lands on the
-    devices (and shardings) of the trainable params.
+    initial policy. With `mesh`, the optimizer's moments are created sharded as their
+    parameters (FSDP shards the AdamW state with the weights: for full fine-tuning in
+    float32 it is twice the model).
     """
     if reference_mode not in REFERENCE_MODES:
         raise ValueError(f"reference mode {reference_mode!r} not in {REFERENCE_MODES}")
@@ -129,7 +130,7 @@ def create_state(
             return x.astype(compute) if narrower else jnp.copy(x)
 
         reference = jax.tree.map(copy, reference)
-    opt_state = jax.jit(optimizer.init)(trainable)
+    opt_state = init_optimizer_state(optimizer, trainable, mesh)
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         trainable=trainable,
@@ -142,6 +143,36 @@ def create_state(
     if mesh is not None:
         state = _onto_mesh(state, mesh)
     return StateDef(graphdef=graphdef, lora=lora, reference_mode=reference_mode), state
+
+
+def optimizer_state_shardings(optimizer: optax.GradientTransformation, opt_state: Any, param_shardings: Any,
+                              mesh: jax.sharding.Mesh) -> Any:
+    """The sharding of every leaf of `opt_state` (arrays or ShapeDtypeStructs): a
+    per-parameter leaf (`mu`, `nu`) as its parameter in `param_shardings`, the rest
+    (step counters) replicated."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return optax.tree_map_params(optimizer, lambda _, s: s, opt_state, param_shardings,
+                                 transform_non_params=lambda _: replicated)
+
+
+def init_optimizer_state(optimizer: optax.GradientTransformation, trainable: nnx.State,
+                         mesh: jax.sharding.Mesh | None) -> Any:
+    """`optimizer.init(trainable)` on the devices of `trainable`, sharded as it is.
+
+    A plain `jit(optimizer.init)` would not do: the moments are zeros with no data
+    dependence on the parameters, so XLA's sharding propagation replicates them.
+    """
+    if mesh is None:
+        return jax.jit(optimizer.init)(trainable)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def on_mesh(x):  # a parameter not yet placed on `mesh` is replicated there later (_onto_mesh)
+        s = x.sharding
+        return s if isinstance(s, jax.sharding.NamedSharding) and s.mesh == mesh else replicated
+
+    shapes = jax.eval_shape(optimizer.init, trainable)
+    shardings = optimizer_state_shardings(optimizer, shapes, jax.tree.map(on_mesh, trainable), mesh)
+    return jax.jit(optimizer.init, out_shardings=shardings)(trainable)
 
 
 def _onto_mesh(tree: Any, mesh: jax.sharding.Mesh) -> Any:
