@@ -245,3 +245,26 @@ def test_lora_adapter_export_loads_with_peft(tmp_path):
     assert np.abs(with_adapter - before).max() > 1e-3  # the adapter changes the model
     np.testing.assert_allclose(with_adapter, ours, atol=1e-5)
     np.testing.assert_allclose(_torch_logps(merged, ids), ours, atol=1e-5)
+
+
+def test_ctrl_c_on_any_process_stops_every_process(monkeypatch):
+    """A multi-process run stops at the same step everywhere (its checkpoint save is
+    collective): the local Ctrl-C flag is all-gathered, and any process's flag stops all."""
+    from jax.experimental import multihost_utils
+
+    others = {"flag": 0}
+    sent = []
+
+    def allgather(x):  # this process's flag, then the other process's
+        sent.append(int(x))
+        return np.array([int(x), others["flag"]], np.int32)
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+    interrupt = loop._Interrupt()
+    assert not interrupt.stop_now()
+    others["flag"] = 1  # Ctrl-C on the other process only
+    assert interrupt.stop_now()
+    interrupt.requested, others["flag"] = True, 0  # on this one only
+    assert interrupt.stop_now()
+    assert sent == [0, 0, 1]

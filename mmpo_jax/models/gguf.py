@@ -17,6 +17,8 @@ from it (transformers' own GGUF loader ignores that tensor).
 
 from __future__ import annotations
 
+import functools
+
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -213,6 +215,30 @@ def _field_value(field: Any) -> Any:
     return scalar(field.parts[field.data[0]], types[0])
 
 
+@functools.lru_cache(maxsize=2)
+def _read_gguf(path: str, mtime_ns: int, size: int) -> tuple[Any, dict[str, Any]]:
+    """`(GGUFReader, metadata)` of one file, kept for the process: a run reads the same
+    GGUF for its tokenizer and for its weights, and parsing it costs ~20 s (49k
+    vocabulary strings for SmolLM2). The reader memory-maps the file, so keeping it
+    holds no tensor data; `mtime_ns` and `size` key the cache so a rewritten file is
+    read anew."""
+    try:
+        from gguf import GGUFReader
+    except ImportError as err:  # pragma: no cover - gguf is a dependency
+        raise UserError(f"reading GGUF files needs the 'gguf' package: {err}") from None
+    try:
+        reader = GGUFReader(path)
+    except Exception as err:
+        raise UserError(f"'{path}' is not a readable GGUF file: {err}") from None
+    metadata: dict[str, Any] = {}
+    for name, field in reader.fields.items():
+        try:
+            metadata[name] = _field_value(field)
+        except Exception:  # an exotic field we do not need
+            continue
+    return reader, metadata
+
+
 class GGUFCheckpoint:
     """One GGUF file: metadata, a transformers-layout tensor getter, config and tokenizer.
 
@@ -224,20 +250,9 @@ class GGUFCheckpoint:
         self.path = Path(path)
         if not self.path.is_file():
             raise UserError(f"no such GGUF file: '{self.path}'")
-        try:
-            from gguf import GGUFReader
-        except ImportError as err:  # pragma: no cover - gguf is a dependency
-            raise UserError(f"reading GGUF files needs the 'gguf' package: {err}") from None
-        try:
-            self._reader = GGUFReader(str(self.path))
-        except Exception as err:
-            raise UserError(f"'{self.path}' is not a readable GGUF file: {err}") from None
-        self.metadata: dict[str, Any] = {}
-        for name, field in self._reader.fields.items():
-            try:
-                self.metadata[name] = _field_value(field)
-            except Exception:  # an exotic field we do not need
-                continue
+        stat = self.path.stat()
+        self._reader, metadata = _read_gguf(str(self.path.resolve()), stat.st_mtime_ns, stat.st_size)
+        self.metadata: dict[str, Any] = dict(metadata)
         self.tensors = {t.name: t for t in self._reader.tensors}
         self.architecture = str(self.metadata.get("general.architecture", "?"))
         self._check_supported()

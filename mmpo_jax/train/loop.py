@@ -136,6 +136,17 @@ class _Interrupt:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
 
+    def stop_now(self) -> bool:
+        """Whether the run stops after this step. In a multi-process run every process
+        must stop at the same step (the checkpoint save is collective: a process that
+        stops alone leaves the others waiting in it), so a Ctrl-C on any process stops
+        them all; the flag travels with one small all-gather per step."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
+
 
 def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None,
           trainer: Trainer | None = None, data: RunData | None = None) -> RunResult:
@@ -244,7 +255,7 @@ def _steps(trainer: Trainer, state: Any, data: RunData, ckpt: Checkpointer, writ
                 if ckpt.save(step, state, config_yaml):
                     last_ckpt = step
                 throughput.reset()
-            if interrupt.requested:
+            if interrupt.stop_now():
                 return state, RunResult("interrupted", step, last_ckpt, eval_metrics)
     return state, RunResult("finished", step, last_ckpt, eval_metrics)
 
