@@ -153,11 +153,12 @@ class ModelConfig:
     # Sequence positions per chunk of the LM head + log-softmax (mmpo_jax.logprobs).
     logprob_chunk: int = 256
     lora: LoraConfig = field(default_factory=LoraConfig)
-    # The reference model: auto = none for simpo, lora_base with LoRA, else separate.
+    # The reference model: auto = none for simpo and sft, lora_base with LoRA, else separate.
     # separate: a frozen copy of the initial weights (or of `reference_path`);
     # lora_base: the policy's base weights without adapters (LoRA only, no copy);
     # precomputed: reference log-probs computed in one pass before training and
-    # cached on disk (keyed by data, model and config); none: no reference (simpo).
+    # cached on disk (keyed by data, model and config); none: no reference (simpo, sft;
+    # sft with a reference only reports the rewards/* metrics against it).
     reference: Literal["auto", "separate", "lora_base", "precomputed", "none"] = "auto"
     # Another checkpoint as the reference (HF dir, hub id, .gguf); "" = the initial policy.
     reference_path: str = ""
@@ -277,10 +278,16 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
-    """The preference loss; names and defaults follow `shared/docs/losses.md`."""
+    """The preference loss; names and defaults follow `shared/docs/losses.md`.
 
-    name: Literal["mmpo", "dpo", "simpo"] = "mmpo"
-    # None: the loss's own default (0.1 for mmpo and dpo, 2.0 for simpo).
+    `sft` is supervised fine-tuning on the chosen answers (the rejected are ignored):
+    the token-mean NLL of the batch's chosen tokens (TRL SFTTrainer's), or with
+    `average_logps: true` the mean over pairs of each answer's per-token NLL.
+    """
+
+    name: Literal["mmpo", "dpo", "simpo", "sft"] = "mmpo"
+    # None: the loss's own default (0.1 for mmpo, dpo and sft, 2.0 for simpo); sft
+    # uses it only for the rewards/* metrics when it has a reference.
     beta: float | None = None
     reward_epsilon: float = 1.0
     rejected_epsilon: float = 0.1
@@ -291,7 +298,7 @@ class LossConfig:
     entropy_estimator: Literal["token", "score_function"] = "token"
     label_smoothing: float = 0.0
     gamma: float = 1.0
-    # None: False for mmpo and dpo, True for simpo (which always averages).
+    # None: False for mmpo, dpo and sft (token-mean NLL), True for simpo (which always averages).
     average_logps: bool | None = None
 
     def validate(self, prefix: str) -> None:
@@ -456,18 +463,23 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
     return cfg
 
 
+# Losses that need no reference model: `model.reference: auto` resolves to none for them.
+REFERENCE_FREE_LOSSES = ("simpo", "sft")
+
+
 def _resolve_reference(cfg: RunConfig) -> None:
     """`model.reference: auto` becomes a concrete mode; a mode the loss cannot use is an error."""
     model, loss = cfg.model, cfg.loss
     if model.reference == "auto":
-        if loss.name == "simpo":
+        if loss.name in REFERENCE_FREE_LOSSES:
             model.reference = "none"
         else:
             model.reference = "lora_base" if model.lora.rank > 0 and not model.reference_path else "separate"
-    if loss.name != "simpo" and model.reference == "none":
+    if loss.name not in REFERENCE_FREE_LOSSES and model.reference == "none":
         raise ConfigError(
             f"model.reference=none: loss.name={loss.name} needs reference log-probs; "
-            "use separate, lora_base (with LoRA) or precomputed"
+            "use separate, lora_base (with LoRA) or precomputed "
+            f"(only {' and '.join(REFERENCE_FREE_LOSSES)} run without a reference)"
         )
 
 

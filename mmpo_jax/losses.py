@@ -1,4 +1,4 @@
-"""Preference losses on per-pair sequence log-probs: MMPO, DPO, SimPO.
+"""Preference losses on per-pair sequence log-probs: MMPO, DPO, SimPO, and SFT.
 
 The contract is `shared/docs/losses.md`. Every function here is pure: it takes
 `[N]` arrays of sequence log-probs (one entry per preference pair) and returns
@@ -28,7 +28,7 @@ Array = jax.Array
 AxisName = str | tuple[str, ...] | None
 Metrics = dict[str, Array]
 
-LOSS_NAMES = ("mmpo", "dpo", "simpo")
+LOSS_NAMES = ("mmpo", "dpo", "simpo", "sft")
 
 
 # --------------------------------------------------------------------------- #
@@ -298,6 +298,83 @@ def simpo_loss(
     return loss, _stop_metrics(metrics, loss)
 
 
+# --------------------------------------------------------------------------- #
+# SFT on the chosen answers
+# --------------------------------------------------------------------------- #
+def sft_loss(
+    policy_chosen_logps: Array,
+    policy_rejected_logps: Array,
+    ref_chosen_logps: Array | None = None,
+    ref_rejected_logps: Array | None = None,
+    *,
+    chosen_tokens: Array | None = None,
+    beta: float = 0.1,
+    pair_mask: Array | None = None,
+    axis_name: AxisName = None,
+) -> tuple[Array, Metrics]:
+    """Supervised fine-tuning: the negative log-likelihood of the chosen answers.
+
+    The rejected answers take no part in the loss; their log-probs are only
+    reported (`logps/rejected`), like every loss reports them.
+
+    Normalisation, by what the caller has:
+    - `chosen_tokens` `[N]` given (the train step's default, `average_logps: false`):
+      `policy_chosen_logps` are sequence SUMS and the loss is the token-mean NLL
+      over every chosen completion token of the global batch,
+      `-sum_i pc_i / sum_i T_i`, as TRL's SFTTrainer (mean cross-entropy over the
+      unmasked label tokens). Long answers weigh more, per token.
+    - `chosen_tokens` None: the mean over the global real pairs of whatever
+      `policy_chosen_logps` holds, `-mean_i pc_i`: the mean of per-sequence token
+      averages with `average_logps: true`, of sequence sums otherwise. With sums
+      this is exactly the loss whose gradient MMPO with `aux_weight = 1` has
+      (`-1/N` on every `pc`, 0 on every `pr`; see the contract's identity); the
+      token mean differs from it by the factor `sum_i T_i / N` in the gradient.
+
+    Args:
+      policy_chosen_logps, policy_rejected_logps: `[N]` policy sequence log-probs.
+      ref_chosen_logps, ref_rejected_logps: optional `[N]` reference log-probs. SFT
+        needs none; given (a run with `model.reference` set), they only add the
+        contract's DPO-style `rewards/*` metrics (with `beta`), for comparing runs.
+      chosen_tokens: `[N]` completion tokens of each chosen answer (data, no
+        gradient), or None (see above).
+      beta: the scale of the `rewards/*` metrics; not part of the loss.
+      pair_mask, axis_name: as in `mmpo_loss`.
+
+    Returns:
+      `(loss, metrics)`: `loss`, `logps/chosen`, `logps/rejected` (means over the
+      global real pairs of the inputs as given), and `rewards/*` with a reference.
+    """
+    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
+        raise ValueError("sft_loss: give both reference log-probs (chosen and rejected) or neither")
+    with_ref = ref_chosen_logps is not None
+    inputs: tuple[Array, ...] = (policy_chosen_logps, policy_rejected_logps)
+    if with_ref:
+        inputs = inputs + (ref_chosen_logps, ref_rejected_logps)
+    if chosen_tokens is not None:
+        # token counts are data: never differentiated
+        inputs = inputs + (lax.stop_gradient(jnp.asarray(chosen_tokens)),)
+    cleaned, mask = _prepare(inputs, pair_mask)
+    pc, pr = cleaned[:2]
+    red = _Reducer(mask, axis_name)
+    if chosen_tokens is None:
+        loss = -red.mean(pc)
+    else:
+        # global sums divided once, so the result is the token mean of the whole
+        # batch however its pairs are split over devices
+        total_logp = _psum(jnp.sum(pc), axis_name)  # padding pairs are already 0
+        total_tokens = _psum(jnp.sum(cleaned[-1]), axis_name)
+        loss = -total_logp / jnp.maximum(total_tokens, 1.0)
+    metrics: Metrics = {
+        "loss": loss,
+        "logps/chosen": red.mean(pc),
+        "logps/rejected": red.mean(pr),
+    }
+    if with_ref:
+        rc, rr = cleaned[2:4]
+        metrics.update(_implicit_reward_metrics(red, beta * (pc - rc), beta * (pr - rr)))
+    return loss, _stop_metrics(metrics, loss)
+
+
 def _stop_metrics(metrics: Metrics, loss: Array) -> Metrics:
     """Metrics are reported values, never differentiated (the loss excepted)."""
     return {k: (loss if k == "loss" else lax.stop_gradient(v)) for k, v in metrics.items()}
@@ -311,6 +388,7 @@ def configured_loss(
     ref_rejected_logps: jax.Array | None = None,
     *,
     entropy: jax.Array | None = None,
+    chosen_tokens: jax.Array | None = None,
     pair_mask: jax.Array | None = None,
     axis_name: Any = None,
     name: str | None = None,
@@ -318,11 +396,16 @@ def configured_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The loss the `loss` config section names (`name` / `beta` override it), `[pairs]` inputs.
 
-    SimPO reads no reference log-probs; the entropy term is MMPO's only.
+    SimPO reads no reference log-probs; SFT reads them only for its `rewards/*`
+    metrics, when given. The entropy term is MMPO's only; `chosen_tokens` `[pairs]`
+    (SFT's only) makes SFT the token-mean NLL and needs sequence sums
+    (`average_logps: false`).
     """
     lc = loss_cfg
     name = lc.name if name is None else name
     beta = lc.beta if beta is None else beta
+    if chosen_tokens is not None and name != "sft":
+        raise ValueError(f"chosen_tokens is SFT's token-mean normaliser; loss {name!r} takes none")
     if name == "mmpo":
         return mmpo_loss(
             policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
@@ -339,4 +422,12 @@ def configured_loss(
     if name == "simpo":
         return simpo_loss(policy_chosen_logps, policy_rejected_logps, beta=beta, gamma=lc.gamma,
                           pair_mask=pair_mask, axis_name=axis_name)
-    raise ValueError(f"unknown loss {name!r}")
+    if name == "sft":
+        if chosen_tokens is not None and lc.average_logps:
+            raise ValueError(
+                "sft: chosen_tokens (token-mean NLL) needs sequence sums, but loss.average_logps "
+                "is true (the inputs are already per-sequence averages)"
+            )
+        return sft_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                        chosen_tokens=chosen_tokens, beta=beta, pair_mask=pair_mask, axis_name=axis_name)
+    raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")

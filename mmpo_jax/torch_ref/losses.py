@@ -1,4 +1,4 @@
-"""The preference losses in PyTorch, written from the contract (`shared/docs/losses.md`).
+"""The preference losses (and SFT) in PyTorch, written from the contract (`shared/docs/losses.md`).
 
 This is the reference the JAX code is checked against. It is written from the
 specification, not translated from `mmpo_jax.losses`: the arithmetic is spelled
@@ -214,4 +214,48 @@ def simpo_loss(
         "logps/rejected": b.average(pr).detach(),
         **_reward_metrics(b, beta * pc, beta * pr),
     }
+    return loss, metrics
+
+
+def sft_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor | None = None,
+    ref_rejected_logps: Tensor | None = None,
+    *,
+    chosen_tokens: Tensor | None = None,
+    beta: float = 0.1,
+    pair_mask: Tensor | None = None,
+    group=None,
+) -> tuple[Tensor, dict]:
+    """SFT: the negative log-likelihood of the chosen answers (rejected ignored).
+
+    With `chosen_tokens` (completion tokens per chosen answer, and summed log-probs),
+    TRL SFTTrainer's token mean over the whole (global) batch: every chosen token's
+    NLL counts once, `-(sum of chosen log-probs) / (number of chosen tokens)`.
+    Without, the mean over real pairs of the given chosen log-probs. A reference
+    (optional) only adds the `rewards/*` metrics.
+    """
+    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
+        raise ValueError("sft_loss: give both reference log-probs or neither")
+    tensors = [policy_chosen_logps, policy_rejected_logps]
+    if ref_chosen_logps is not None:
+        tensors += [ref_chosen_logps, ref_rejected_logps]
+    b = _Batch(tensors, pair_mask, group)
+    pc, pr = b.tensors[0], b.tensors[1]
+    if chosen_tokens is None:
+        loss = -b.average(pc)
+    else:
+        tokens = torch.where(b.real, chosen_tokens.detach().to(b.dtype), pc.new_zeros(()))
+        token_count = _all_reduce(tokens.sum(), "sum", group).detach()
+        chosen_logp = _all_reduce(torch.where(b.real, pc, pc.new_zeros(())).sum(), "sum", group)
+        loss = -chosen_logp / torch.clamp(token_count, min=1.0)
+    metrics = {
+        "loss": loss,
+        "logps/chosen": b.average(pc).detach(),
+        "logps/rejected": b.average(pr).detach(),
+    }
+    if ref_chosen_logps is not None:
+        rc, rr = b.tensors[2], b.tensors[3]
+        metrics.update(_reward_metrics(b, beta * (pc - rc), beta * (pr - rr)))
     return loss, metrics

@@ -86,7 +86,9 @@ def pair_logps(model: nn.Module, input_ids: np.ndarray, loss_mask: np.ndarray, *
     return seq_logps, entropy
 
 
-def configured_loss(loss_cfg: Any, pc, pr, rc, rr, entropy, pair_mask) -> tuple[torch.Tensor, dict]:
+def configured_loss(loss_cfg: Any, pc, pr, rc, rr, entropy, pair_mask,
+                    chosen_tokens=None) -> tuple[torch.Tensor, dict]:
+    """`chosen_tokens` `[N]`: completion tokens of each chosen answer (sft's token mean)."""
     lc = loss_cfg
     if lc.name == "mmpo":
         return ref_losses.mmpo_loss(
@@ -97,6 +99,8 @@ def configured_loss(loss_cfg: Any, pc, pr, rc, rr, entropy, pair_mask) -> tuple[
     if lc.name == "dpo":
         return ref_losses.dpo_loss(pc, pr, rc, rr, beta=lc.beta, label_smoothing=lc.label_smoothing,
                                    pair_mask=pair_mask)
+    if lc.name == "sft":
+        return ref_losses.sft_loss(pc, pr, rc, rr, chosen_tokens=chosen_tokens, beta=lc.beta, pair_mask=pair_mask)
     return ref_losses.simpo_loss(pc, pr, beta=lc.beta, gamma=lc.gamma, pair_mask=pair_mask)
 
 
@@ -119,7 +123,9 @@ def step_loss_and_grads(
         logps, entropy = pair_logps(policy, mb["input_ids"], mb["loss_mask"], average=loss_cfg.average_logps,
                                     entropy_estimator=estimator)
         rc = rr = None
-        if loss_cfg.name != "simpo":
+        # sft takes a reference only for its rewards/* metrics, when the run has one
+        needs_reference = loss_cfg.name not in ("simpo", "sft") or reference is not None or "ref_logps" in mb
+        if loss_cfg.name != "simpo" and needs_reference:
             if reference is not None:
                 with torch.no_grad():
                     ref, _ = pair_logps(reference, mb["input_ids"], mb["loss_mask"],
@@ -128,7 +134,11 @@ def step_loss_and_grads(
                 ref = torch.as_tensor(mb["ref_logps"], dtype=torch.float32)
             rc, rr = ref[:, 0], ref[:, 1]
         pair_mask = torch.as_tensor(mb["pair_mask"], dtype=torch.float32)
-        loss, metrics = configured_loss(loss_cfg, logps[:, 0], logps[:, 1], rc, rr, entropy, pair_mask)
+        chosen_tokens = None
+        if loss_cfg.name == "sft" and not loss_cfg.average_logps:
+            chosen_tokens = torch.as_tensor(mb["loss_mask"][:, 0].sum(-1), dtype=torch.float32)
+        loss, metrics = configured_loss(loss_cfg, logps[:, 0], logps[:, 1], rc, rr, entropy, pair_mask,
+                                        chosen_tokens)
         (loss / n).backward()
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach()) / n

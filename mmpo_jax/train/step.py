@@ -12,6 +12,7 @@ A batch is a dict of arrays, pair-major and split over the batch mesh axes
 One step: for each of `optim.grad_accum` micro-batches (each normalised on its
 own, as the loss contract says), the policy's chosen and rejected log-probs in
 one forward, the reference's without gradient, the loss named by `loss.name`
+(for `sft` with `average_logps: false`, also the chosen answers' token counts)
 under `shard_map` with global statistics (`lax.pmin`/`pmax`/`psum` over the
 batch axes), and its gradient; the gradients are averaged, clipped and applied
 by the optimizer. If the loss or any gradient is not finite, the state is
@@ -54,12 +55,20 @@ def loss_on_mesh(
     rr: jax.Array | None,
     entropy: jax.Array | None,
     pair_mask: jax.Array,
+    chosen_tokens: jax.Array | None = None,
 ) -> tuple[jax.Array, Metrics]:
-    """The configured loss on `[pairs]` inputs split over the batch mesh axes."""
+    """The configured loss on `[pairs]` inputs split over the batch mesh axes.
+
+    `chosen_tokens` `[pairs]`: completion tokens of each chosen answer, SFT's
+    token-mean normaliser (None for the other losses)."""
     name = loss_cfg.name
     args = [pc, pr]
-    if name != "simpo":
+    # SimPO never reads a reference; SFT reads one (for its rewards/* metrics) if the run has it
+    if name in ("mmpo", "dpo") or (name == "sft" and rc is not None):
         args += [rc, rr]
+    with_tokens = chosen_tokens is not None
+    if with_tokens:
+        args.append(chosen_tokens)
     with_entropy = name == "mmpo" and entropy is not None
     if with_entropy:
         args.append(entropy)
@@ -67,7 +76,9 @@ def loss_on_mesh(
     def local(*xs):
         *inputs, mask = xs
         ent = inputs.pop() if with_entropy else None
-        return losses.configured_loss(loss_cfg, *inputs, entropy=ent, pair_mask=mask, axis_name=BATCH_AXES)
+        tokens = inputs.pop() if with_tokens else None
+        return losses.configured_loss(loss_cfg, *inputs, entropy=ent, chosen_tokens=tokens, pair_mask=mask,
+                                      axis_name=BATCH_AXES)
 
     spec = P(BATCH_AXES)
     fn = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * (len(args) + 1), out_specs=(P(), P()))
@@ -126,7 +137,12 @@ def _forward_loss(
     rc = rr = None
     if ref is not None:
         rc, rr = ref[:, 0], ref[:, 1]
-    return loss_on_mesh(lc, mesh, logps[:, 0], logps[:, 1], rc, rr, entropy, pair_mask)
+    chosen_tokens = None
+    if lc.name == "sft" and not lc.average_logps:
+        # SFT's token mean (TRL SFTTrainer's): the loss divides the chosen log-prob sums
+        # by the micro-batch's chosen completion tokens
+        chosen_tokens = jnp.sum(batch["loss_mask"][:, 0].astype(jnp.float32), axis=-1)
+    return loss_on_mesh(lc, mesh, logps[:, 0], logps[:, 1], rc, rr, entropy, pair_mask, chosen_tokens)
 
 
 def _reference_logps(sdef: StateDef, scfg: StepConfig, state: TrainState, batch: Batch):
