@@ -21,6 +21,7 @@ SUBCOMMANDS = (
     "mmpo_jax.commands.convert_config",
     "mmpo_jax.commands.evaluate",
     "mmpo_jax.commands.export",
+    "mmpo_jax.commands.generate",
     "mmpo_jax.commands.inspect_data",
     "mmpo_jax.commands.launch",
     "mmpo_jax.commands.losses",

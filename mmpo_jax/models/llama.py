@@ -10,6 +10,8 @@ Public interface (checkpoint import/export, `compare` and the train step use the
 - `Llama(cfg, options, rngs=...)`: `model(input_ids [B, T] int32) -> hidden [B, T, D]`
   after the final RMSNorm; `model.lm_head_kernel() -> [D, V]`. Log-probs are computed
   from these two by `mmpo_jax.logprobs` (chunked, no [B, T, V] logits).
+  `model.decode(input_ids, positions, cache, slot, mask)`: the same layers with a KV
+  cache, for generation (`mmpo_jax.generate`, which owns the cache layout and masks).
 - `hf_weight_names(cfg)`: transformers' tensor names of the model.
 - `build_model(cfg, options, mesh=, get_tensor=, seed=, init_scale=)`: random init, or
   every parameter filled from `get_tensor(hf_name) -> np.ndarray` (transformers layout),
@@ -533,6 +535,35 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[None, :, None, :] + _rotate_half(x) * sin[None, :, None, :]
 
 
+def apply_rope_rows(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """`apply_rope` with per-row positions: x `[B, T, N, H]`; cos/sin `[B, T, H]`."""
+    return x * cos[:, :, None, :] + _rotate_half(x) * sin[:, :, None, :]
+
+
+# Masked attention scores: a large finite negative (as jax.nn.dot_product_attention),
+# so a query that sees no key (a padding position) gets uniform weights, not NaN.
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+    """Grouped-query attention over a KV cache.
+
+    q `[B, T, N, H]`; k, v `[B, K, S, H]` (K kv heads divide the N heads: query head n
+    reads kv head n // (N // K), transformers' `repeat_kv`); mask `[B, T, S]` bool.
+    Scores and softmax in float32 (as `jax.nn.dot_product_attention`'s xla path), the
+    weights cast back to v's dtype for the second matmul. Returns `[B, T, N, H]`.
+    """
+    b, t, n, h = q.shape
+    kv = k.shape[1]
+    qg = q.reshape(b, t, kv, n // kv, h)
+    logits = jnp.einsum("btkgh,bksh->bkgts", qg, k, preferred_element_type=jnp.float32)
+    logits = logits.astype(jnp.float32) * jnp.float32(scale)
+    logits = jnp.where(mask[:, None, None], logits, _MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bksh->btkgh", probs, v)
+    return out.reshape(b, t, n, h)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, options: ModelOptions, scale: float, *, rngs: nnx.Rngs):
         d, h, k, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -560,8 +591,8 @@ class Attention(nnx.Module):
         self.compute_dtype = options.compute_dtype
         self.implementation = options.attention_implementation(hd)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
-                 lora_key: jax.Array | None = None) -> jax.Array:
+    def _project(self, x: jax.Array, lora_key: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q `[B, T, heads, head_dim]`, k, v `[B, T, kv_heads, head_dim]` of x `[B, T, D]`, before RoPE."""
         cd = self.compute_dtype
 
         def proj(t, kernel, bias):
@@ -569,9 +600,21 @@ class Attention(nnx.Module):
             y = _add(y, _lora_delta(self, t, x, self.lora, lora_key, cd))
             return y if bias is None else y + bias[...].astype(cd)
 
-        q = apply_rope(proj("q", self.q_kernel, self.q_bias), cos, sin)
-        k = apply_rope(proj("k", self.k_kernel, self.k_bias), cos, sin)
-        v = proj("v", self.v_kernel, self.v_bias)
+        return (proj("q", self.q_kernel, self.q_bias), proj("k", self.k_kernel, self.k_bias),
+                proj("v", self.v_kernel, self.v_bias))
+
+    def _output(self, out: jax.Array, lora_key: jax.Array | None) -> jax.Array:
+        """The output projection of the attention `[B, T, heads, head_dim]` -> `[B, T, D]`."""
+        cd = self.compute_dtype
+        y = jnp.einsum("btnh,nhd->btd", out, self.o_kernel[...].astype(cd))
+        y = _add(y, _lora_delta(self, "o", out, self.lora, lora_key, cd))
+        return y if self.o_bias is None else y + self.o_bias[...].astype(cd)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
+                 lora_key: jax.Array | None = None) -> jax.Array:
+        q, k, v = self._project(x, lora_key)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
         window = None if self.sliding_window is None else (self.sliding_window - 1, 0)
         out = jax.nn.dot_product_attention(
             q,
@@ -582,9 +625,29 @@ class Attention(nnx.Module):
             local_window_size=window,
             implementation=self.implementation,
         )
-        y = jnp.einsum("btnh,nhd->btd", out, self.o_kernel[...].astype(cd))
-        y = _add(y, _lora_delta(self, "o", out, self.lora, lora_key, cd))
-        return y if self.o_bias is None else y + self.o_bias[...].astype(cd)
+        return self._output(out, lora_key)
+
+    def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache_k: jax.Array,
+               cache_v: jax.Array, slot: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Attention with a KV cache (generation; no dropout).
+
+        x `[B, T, D]` are the tokens of cache slots `slot .. slot+T-1` (`slot` an int32
+        scalar, the same for every row: rows are left-padded); cos/sin `[B, T, head_dim]`
+        at each row's own positions; cache_k/cache_v `[B, kv_heads, S, head_dim]`;
+        mask `[B, T, S]` bool, True where a query may see a key slot (the caller
+        handles causality, the padding and the sliding window). Returns
+        `(y [B, T, D], cache_k, cache_v)` with this chunk's keys and values written.
+        """
+        q, k, v = self._project(x, None)
+        q = apply_rope_rows(q, cos, sin)
+        k = apply_rope_rows(k, cos, sin)
+        start = (0, 0, slot, 0)
+        # [B, T, K, H] -> the cache's [B, K, T, H]: the slot axis next to head_dim, so
+        # each head's keys are one contiguous [S, H] matrix for the score matmul
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k.transpose(0, 2, 1, 3).astype(cache_k.dtype), start)
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v.transpose(0, 2, 1, 3).astype(cache_v.dtype), start)
+        out = cached_attention(q, cache_k, cache_v, mask, self.head_dim**-0.5)
+        return self._output(out, None), cache_k, cache_v
 
 
 class MLP(nnx.Module):
@@ -634,6 +697,14 @@ class DecoderLayer(nnx.Module):
         if k2 is not None and self.dropout > 0:
             m = _dropout(m, self.dropout, k2)
         return x + m
+
+    def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
+               slot: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The layer on cache slots `slot..slot+T-1` (see `Attention.decode`); no dropout."""
+        a, cache_k, cache_v = self.self_attn.decode(
+            self.input_layernorm(x), cos, sin, cache_k, cache_v, slot, mask)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), cache_k, cache_v
 
 
 def _dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
@@ -723,10 +794,8 @@ class Llama(nnx.Module):
         spec = logical_to_spec(("batch", "seq", "act_embed"), x.shape, self.mesh)
         return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(self.mesh, spec))
 
-    def __call__(self, input_ids: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
-        """Final hidden states `[B, T, D]`; `dropout_key` turns dropout on (training)."""
-        cfg, options = self.cfg, self.options
-        cd = options.compute_dtype
+    def _embed(self, input_ids: jax.Array) -> jax.Array:
+        """The token embeddings `[B, T, D]` of input_ids `[B, T]`, in the compute dtype."""
         table = self.embed_tokens[...]
         if self.mesh is not None:
             # FSDP: gather the table over `fsdp` first (as XLA does for matmul weights);
@@ -735,7 +804,12 @@ class Llama(nnx.Module):
 
             spec = logical_to_spec(("vocab", None), table.shape, self.mesh)
             table = jax.lax.with_sharding_constraint(table, jax.sharding.NamedSharding(self.mesh, spec))
-        x = self._constrain(jnp.take(table, input_ids, axis=0).astype(cd))
+        return self._constrain(jnp.take(table, input_ids, axis=0).astype(self.options.compute_dtype))
+
+    def __call__(self, input_ids: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
+        """Final hidden states `[B, T, D]`; `dropout_key` turns dropout on (training)."""
+        cfg, options = self.cfg, self.options
+        x = self._embed(input_ids)
         cos, sin = self.rope(input_ids.shape[1])
         n = cfg.num_hidden_layers
         use_dropout = dropout_key is not None and options.uses_dropout
@@ -753,6 +827,47 @@ class Llama(nnx.Module):
             for i, layer in enumerate(self.layers):
                 x = self._constrain(layer_fn(layer, x, cos, sin, keys[i] if use_dropout else None))
         return self._constrain(self.norm(x))
+
+    def rope_at(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """cos, sin `[B, T, head_dim]` at positions `[B, T]` (int), as `rope` computes them."""
+        inv_freq = jnp.asarray(rope_inv_freq(self.cfg), jnp.float32)
+        freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+        emb = jnp.concatenate([freqs, freqs], axis=-1)
+        cd = self.options.compute_dtype
+        return jnp.cos(emb).astype(cd), jnp.sin(emb).astype(cd)
+
+    def decode(self, input_ids: jax.Array, positions: jax.Array, cache: tuple[jax.Array, jax.Array],
+               slot: jax.Array, mask: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """The forward with a KV cache, for generation (no dropout).
+
+        input_ids `[B, T]` int32 go to cache slots `slot..slot+T-1` (`slot` an int32
+        scalar shared by all rows); positions `[B, T]` their RoPE positions (each row's
+        own: a left-padded row starts at position 0 after its padding); cache `(k, v)`,
+        each `[layers, B, kv_heads, S, head_dim]`; mask `[B, T, S]` bool, True where a
+        query may see a key slot. Returns `(hidden [B, T, D] after the final norm, cache)`
+        with this chunk's keys and values written into the cache.
+        """
+        x = self._embed(input_ids)
+        cos, sin = self.rope_at(positions)
+        cache_k, cache_v = cache
+        if self.options.scan_layers:
+
+            @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0),
+                      transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def body(h, layer, ck, cv):
+                h, ck, cv = layer.decode(h, cos, sin, ck, cv, slot, mask)
+                return self._constrain(h), (ck, cv)
+
+            x, (cache_k, cache_v) = body(x, self.layers, cache_k, cache_v)
+        else:
+            ks, vs = [], []
+            for i, layer in enumerate(self.layers):
+                x, ck, cv = layer.decode(x, cos, sin, cache_k[i], cache_v[i], slot, mask)
+                x = self._constrain(x)
+                ks.append(ck)
+                vs.append(cv)
+            cache_k, cache_v = jnp.stack(ks), jnp.stack(vs)
+        return self._constrain(self.norm(x)), (cache_k, cache_v)
 
 
 # --------------------------------------------------------------------------- #
