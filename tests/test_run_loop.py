@@ -173,6 +173,20 @@ def test_eval_of_a_run_directory(straight_run, capsys):
     assert np.isfinite(result["eval/loss"]) and abs(result["eval/loss"] - evals[20]["eval/loss"]) < 5
 
 
+def test_train_on_a_finished_run_hands_its_state_to_the_trainer(straight_run):
+    """`train(cfg, trainer=t)` on a finished run returns at once, and `t.state` is the
+    run's last checkpoint, not the initial weights (a sweep evaluates through it)."""
+    from mmpo_jax.train.setup import build_trainer
+
+    out, _ = straight_run
+    cfg = load_config(out / "config.yaml", [])
+    trainer = build_trainer(cfg)
+    assert int(trainer.state.step) == 0
+    result = loop.train(cfg, trainer=trainer, log=lambda _: None)
+    assert (result.status, result.step) == ("finished", 20)
+    assert int(trainer.state.step) == 20
+
+
 def _torch_logps(model, ids):
     import torch
 

@@ -181,6 +181,7 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None,
         if start >= tc.max_steps:
             say(f"{out} already holds a finished run ({start} of train.max_steps={tc.max_steps} steps); "
                 "raise train.max_steps to continue it, or choose another train.output_dir")
+            trainer.state = state  # the caller's trainer holds the finished run, not its initial weights
             return RunResult("finished", start, start, {}, time.time() - start_time)
         with MetricsWriter(out, resume_step=start, enabled=lead) as writer:
             eval_metrics: dict[str, float] = {}

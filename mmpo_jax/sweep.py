@@ -1,0 +1,696 @@
+"""Hyperparameter sweeps: a grid of runs, trained one after another, evaluated, summarised.
+
+`mmpo-jax sweep` (`mmpo_jax.commands.sweep`) is the command line around `run_sweep`.
+
+Runs. Each `--grid KEY=[V1,V2,...]` is an axis; the runs are the cartesian product
+of the axes (the first axis varies slowest). Each `--also "KEY=V KEY=V ..."` adds
+ablation runs: every grid combination with these overrides applied on top (they
+replace the combination's values for their keys), duplicates dropped. So with
+`--grid loss.name=[mmpo,dpo,simpo] --grid loss.beta=[0.1,1.0]`,
+`--also "loss.name=mmpo loss.aux_weight=0"` adds one run per beta: `mmpo-beta0.1-aux_weight0`
+and `mmpo-beta1.0-aux_weight0` (the dpo and simpo combinations become the same
+mmpo runs). The overrides of a run apply after the config's and the sweep's own
+`key=value` overrides; `train.output_dir` is set to `OUT/<name>`.
+
+Names. A run's name joins its overrides in order with '-': `loss.name`'s value alone
+(`mmpo`), a number as key+value (`beta0.1`), other values as key_value
+(`normalize_none`). The key is its last part (`aux_weight`), or the whole key with
+'_' for '.' when two swept keys share a last part. No overrides at all: `base`.
+
+Resume. A run is skipped when its final checkpoint (`checkpoints/<max_steps>`) is
+complete and its `eval.json` holds an eval with the same settings; with the
+checkpoint but no such eval, it is only evaluated; otherwise `train` runs (or resumes
+from the run's latest checkpoint). A run directory whose `config.yaml` differs from
+the run's config (a changed base override) fails rather than being mixed in.
+
+Per run, under `OUT/<name>/`: the run's own files (`config.yaml`, `metrics.jsonl`,
+`checkpoints/`), `train.log` (its messages), `train_result.json` (steps, seconds),
+`eval.json` (the metrics; see `eval_record`), `generations.jsonl` (with the win
+rate), `error.txt` (a failed run's traceback).
+
+Summary. `OUT/summary.csv` has one row per run in run order (`SUMMARY_COLUMNS`,
+then a column per swept key the fixed ones do not cover); floats with 4 decimals,
+`seconds` (the training's wall time, which differs between reruns) with 1. The MMPO
+keys (aux_weight, normalize, entropy_*) are blank for the other losses, which do not
+use them. `status` is `ok` or `failed: <error>`. Plots: `win_rate_vs_capability.png`
+(the shape of the MMPO paper's Figure 1) and `training_curves.png`.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import itertools
+import json
+import math
+import re
+import shlex
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmpo_jax.errors import UserError
+
+EVAL_FILE = "eval.json"
+TRAIN_RESULT_FILE = "train_result.json"
+TRAIN_LOG_FILE = "train.log"
+ERROR_FILE = "error.txt"
+GENERATIONS_FILE = "generations.jsonl"
+SUMMARY_FILE = "summary.csv"
+FIGURE1_FILE = "win_rate_vs_capability.png"
+CURVES_FILE = "training_curves.png"
+PRECISION = 4  # decimals of the summary's floats
+
+# summary column -> the config key it shows (the loss hyperparameters)
+LOSS_COLUMNS = {
+    "loss": "loss.name",
+    "beta": "loss.beta",
+    "aux_weight": "loss.aux_weight",
+    "normalize": "loss.normalize",
+    "entropy_weight": "loss.entropy_weight",
+    "entropy_estimator": "loss.entropy_estimator",
+}
+MMPO_ONLY = ("aux_weight", "normalize", "entropy_weight", "entropy_estimator")
+# summary column -> the eval metric it shows
+METRIC_COLUMNS = {
+    "win_rate": "win_rate/win_rate",
+    "judge_accuracy": "win_rate/judge_accuracy",
+    "reference_judge_accuracy": "win_rate/reference_judge_accuracy",
+    "capability_acc": "capability/acc",
+    "capability_acc_norm": "capability/acc_norm",
+    "eval_rewards_accuracies": "eval/rewards/accuracies",
+    "eval_rewards_margins": "eval/rewards/margins",
+    "eval_loss": "eval/loss",
+}
+SUMMARY_COLUMNS = ("run", "status", *LOSS_COLUMNS, *METRIC_COLUMNS, "steps", "seconds")
+LOSS_COLOURS = {"mmpo": "tab:red", "dpo": "tab:blue", "simpo": "tab:green", "sft": "tab:gray"}
+LOSS_COLOURMAPS = {"mmpo": "Reds", "dpo": "Blues", "simpo": "Greens", "sft": "Greys"}
+RESERVED_KEYS = ("train.output_dir",)  # set by the sweep for each run
+
+Overrides = tuple[tuple[str, str], ...]  # ordered (key, value text) pairs
+
+
+# --------------------------------------------------------------------------- #
+# Grid and names (pure)
+# --------------------------------------------------------------------------- #
+@dataclass(frozen=True)
+class Axis:
+    """One `--grid KEY=[V1,...]`: a config key and its values as override text."""
+
+    key: str
+    values: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a sweep: its directory name and its overrides, in order."""
+
+    name: str
+    overrides: Overrides
+
+    def override_list(self) -> list[str]:
+        return [f"{k}={v}" for k, v in self.overrides]
+
+    def value(self, key: str) -> str | None:
+        return dict(self.overrides).get(key)
+
+
+def split_values(text: str) -> list[str]:
+    """The values of `[a,b,c]` (commas inside nested brackets or braces stay, so
+    `[[q,v],[q,k,v]]` gives `[q,v]` and `[q,k,v]`); text without brackets is one value."""
+    text = text.strip()
+    if not (text.startswith("[") and text.endswith("]")):
+        return [text]
+    inner, parts, depth, start = text[1:-1], [], 0, 0
+    for i, ch in enumerate(inner):
+        if ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(inner[start:i])
+            start = i + 1
+    parts.append(inner[start:])
+    return [p.strip() for p in parts]
+
+
+def _key_value(text: str, flag: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+", key):
+        raise UserError(f"{flag} {text!r}: expected section.key=value (e.g. loss.beta=0.1)")
+    if key in RESERVED_KEYS:
+        raise UserError(f"{flag} {text!r}: the sweep sets {key} itself (OUT/<run name>); use --out")
+    return key, value.strip()
+
+
+def parse_grid(text: str) -> Axis:
+    """`--grid KEY=[V1,V2,...]` (or `KEY=V`, one value) as an `Axis`."""
+    key, value = _key_value(text, "--grid")
+    values = split_values(value)
+    if any(v == "" for v in values):
+        raise UserError(f"--grid {text!r}: an empty value; give KEY=[V1,V2,...]")
+    if len(set(values)) != len(values):
+        raise UserError(f"--grid {text!r}: a value is repeated")
+    return Axis(key, tuple(values))
+
+
+def parse_also(text: str) -> Overrides:
+    """`--also "KEY=V KEY=V ..."` as ordered overrides (shell quoting allowed inside)."""
+    items = shlex.split(text)
+    if not items:
+        raise UserError(f"--also {text!r}: give at least one KEY=VALUE")
+    pairs = [_key_value(item, "--also") for item in items]
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise UserError(f"--also {text!r}: a key is given twice")
+    return tuple(pairs)
+
+
+def combinations(axes: Sequence[Axis]) -> list[Overrides]:
+    """The cartesian product of the axes, the first axis varying slowest ([()] without axes)."""
+    keys = [a.key for a in axes]
+    if len(set(keys)) != len(keys):
+        raise UserError(f"--grid: key {next(k for k in keys if keys.count(k) > 1)} is given twice")
+    return [tuple(zip(keys, values)) for values in itertools.product(*(a.values for a in axes))]
+
+
+def apply_on_top(base: Overrides, extra: Overrides) -> Overrides:
+    """`base` with `extra`'s values replacing its own (a key keeps its place), then
+    `extra`'s new keys."""
+    merged = dict(base)
+    merged.update(extra)
+    return tuple(merged.items())
+
+
+def _number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def name_part(key: str, value: str, label: str) -> str:
+    """One override in a run name: `mmpo` for loss.name, `beta0.1`, `normalize_none`."""
+    clean = re.sub(r"[^A-Za-z0-9.+-]+", "_", value).strip("_") or "empty"
+    if key == "loss.name":
+        return clean
+    return f"{label}{clean}" if _number(value) else f"{label}_{clean}"
+
+
+def key_labels(keys: Sequence[str]) -> dict[str, str]:
+    """Each key's label in run names: its last part, or the whole key (dots as '_')
+    when another key has the same last part."""
+    last = {k: k.rsplit(".", 1)[-1] for k in keys}
+    counts: dict[str, int] = {}
+    for k in set(keys):
+        counts[last[k]] = counts.get(last[k], 0) + 1
+    return {k: last[k] if counts[last[k]] == 1 else k.replace(".", "_") for k in keys}
+
+
+def run_name(overrides: Overrides, labels: Mapping[str, str]) -> str:
+    """The run's directory name: loss.name first, the other overrides in order."""
+    ordered = sorted(overrides, key=lambda kv: kv[0] != "loss.name")  # stable
+    return "-".join(name_part(k, v, labels.get(k, k)) for k, v in ordered) or "base"
+
+
+def expand(axes: Sequence[Axis], also: Sequence[Overrides] = ()) -> list[RunSpec]:
+    """The runs of a sweep: the grid's combinations, then per `--also` the combinations
+    with its overrides on top; a run equal to an earlier one (same overrides, in any
+    order) is dropped. Names must come out distinct."""
+    sets = combinations(axes)
+    for extra in also:
+        sets += [apply_on_top(c, extra) for c in combinations(axes)]
+    unique: list[Overrides] = []
+    seen: set[frozenset] = set()
+    for s in sets:
+        if frozenset(s) not in seen:
+            seen.add(frozenset(s))
+            unique.append(s)
+    labels = key_labels(sorted({k for s in unique for k, _ in s}))
+    runs = [RunSpec(run_name(s, labels), s) for s in unique]
+    names = [r.name for r in runs]
+    for name in names:
+        if names.count(name) > 1:
+            same = [" ".join(r.override_list()) for r in runs if r.name == name]
+            raise UserError(f"two runs get the name {name!r} ({' | '.join(same)}); write the values alike "
+                            "(e.g. 0.1 and 0.10 are the same number)")
+    return runs
+
+
+def series_name(spec: RunSpec) -> str:
+    """The run's name without its beta: the runs that one line of the plots joins."""
+    rest = tuple((k, v) for k, v in spec.overrides if k != "loss.beta")
+    labels = key_labels([k for k, _ in rest])
+    return run_name(rest, labels) if rest else "runs"
+
+
+# --------------------------------------------------------------------------- #
+# Files of a run
+# --------------------------------------------------------------------------- #
+def checkpoint_complete(run_dir: Path, step: int) -> bool:
+    """Whether `run_dir/checkpoints/<step>` is a complete checkpoint."""
+    from mmpo_jax.train.checkpoint import CHECKPOINTS_DIR, incomplete_reason
+
+    step_dir = run_dir / CHECKPOINTS_DIR / str(step)
+    return step_dir.is_dir() and incomplete_reason(step_dir) is None
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in `path`, or None when it is missing or unreadable (a cut-off write)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    """Written to a temporary file then renamed: an interrupted write leaves no half file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, allow_nan=True) + "\n")
+    tmp.replace(path)
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix[:-1]: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def config_differences(saved_yaml: str, current_yaml: str, ignore: Sequence[str] = RESERVED_KEYS) -> list[str]:
+    """`key (old -> new)` for each config key that differs, `ignore`d keys aside."""
+    import yaml
+
+    a, b = _flat(yaml.safe_load(saved_yaml) or {}), _flat(yaml.safe_load(current_yaml) or {})
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in ignore)
+    return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in keys]
+
+
+def eval_record(spec: RunSpec, cfg: Any, settings: Mapping[str, Any], train_result: Mapping[str, Any],
+                metrics: Mapping[str, float], notes: Mapping[str, str]) -> dict[str, Any]:
+    """`eval.json` of a run: its name and overrides, the resolved loss config, the eval
+    settings, the training's steps and seconds, and the flat metrics."""
+    import dataclasses
+
+    return {
+        "run": spec.name,
+        "overrides": dict(spec.overrides),
+        "loss": dataclasses.asdict(cfg.loss),
+        "eval_settings": dict(settings),
+        "steps": train_result.get("steps"),
+        "seconds": train_result.get("seconds"),
+        "metrics": dict(metrics),
+        "notes": dict(notes),
+    }
+
+
+# --------------------------------------------------------------------------- #
+# Running
+# --------------------------------------------------------------------------- #
+class SweepInterrupted(Exception):
+    """Ctrl-C stopped a run's training (its checkpoint is saved); the sweep stops."""
+
+
+@dataclass
+class Outcome:
+    """What became of one run: `status` ok / failed: ..., its eval record (ok runs)."""
+
+    spec: RunSpec
+    status: str
+    record: dict[str, Any] | None = None
+    action: str = ""  # trained / evaluated / skipped / failed
+
+
+@dataclass
+class SweepSettings:
+    """config: the base YAML (None: defaults); overrides: the sweep's own key=value;
+    out: the sweep directory; eval_options: an `EvalOptions` (the eval flags)."""
+
+    config: str | None
+    overrides: list[str]
+    out: Path
+    eval_options: Any
+    log: Callable[[str], None] = field(default=lambda text: print(text, flush=True))
+
+
+def run_config(settings: SweepSettings, spec: RunSpec) -> Any:
+    """The resolved config of one run (a ConfigError for bad overrides)."""
+    from mmpo_jax.config import load_config
+
+    run_dir = settings.out / spec.name
+    return load_config(settings.config, [*settings.overrides, *spec.override_list(),
+                                         f"train.output_dir={run_dir}"])
+
+
+def _file_logger(path: Path) -> Callable[[str], None]:
+    def log(text: str) -> None:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text + "\n")
+    return log
+
+
+def run_one(settings: SweepSettings, spec: RunSpec, say: Callable[[str], None]) -> Outcome:
+    """Trains (or resumes) and evaluates one run, or skips it when finished; see the
+    module docstring. Errors propagate (the caller records them)."""
+    from mmpo_jax.commands.evaluate import evaluate_trainer
+    from mmpo_jax.config import config_to_yaml
+
+    cfg = run_config(settings, spec)
+    run_dir = settings.out / spec.name
+    options = settings.eval_options
+    eval_settings = options.settings()
+    config_file = run_dir / "config.yaml"
+    if config_file.is_file():
+        diff = config_differences(config_file.read_text(), config_to_yaml(cfg))
+        if diff:
+            raise UserError(f"{run_dir} holds a run of another config (differs in {', '.join(diff)}); "
+                            "delete that directory or give the sweep another --out")
+    stored = read_json(run_dir / EVAL_FILE)
+    finished = checkpoint_complete(run_dir, cfg.train.max_steps)
+    if finished and stored is not None and stored.get("eval_settings") == eval_settings:
+        say("skipped (finished: final checkpoint and eval.json)")
+        return Outcome(spec, "ok", stored, "skipped")
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = _file_logger(run_dir / TRAIN_LOG_FILE)
+    trainer, data, preference = None, None, None
+    try:
+        if finished:
+            from mmpo_jax.train.loop import restore_run
+
+            say("evaluating (training finished earlier) ...")
+            trainer, _ = restore_run(run_dir)
+            action = "evaluated"
+        else:
+            from mmpo_jax.train.loop import load_data, train
+            from mmpo_jax.train.setup import build_trainer
+
+            say("training ...")
+            data = load_data(cfg)
+            trainer = build_trainer(cfg)
+            result = train(cfg, log=log, trainer=trainer, data=data)
+            if result.status == "interrupted":
+                raise SweepInterrupted(f"{spec.name}: interrupted at step {result.step} (checkpoint saved)")
+            write_json(run_dir / TRAIN_RESULT_FILE, {"steps": result.step, "seconds": result.seconds})
+            preference = result.eval or None
+            action = "trained"
+            say(f"trained {result.step} steps in {result.seconds:.1f} s; evaluating ...")
+        train_result = read_json(run_dir / TRAIN_RESULT_FILE) or {"steps": cfg.train.max_steps, "seconds": None}
+        if options.win_rate:
+            options = _with(options, save_generations=str(run_dir / GENERATIONS_FILE))
+        metrics: dict[str, float] = {}
+        notes: dict[str, str] = {}
+        if cfg.data.test_files is not None or options.capability or options.win_rate:
+            ev = evaluate_trainer(trainer, options, what=f"{spec.name}", data=data, preference=preference, log=log)
+            metrics, notes = ev.metrics, ev.notes
+    finally:
+        del trainer, data
+        gc.collect()
+    record = eval_record(spec, cfg, eval_settings, train_result, metrics, notes)
+    write_json(run_dir / EVAL_FILE, record)
+    return Outcome(spec, "ok", record, action)
+
+
+def _with(options: Any, **changes: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(options, **changes)
+
+
+def one_line(err: BaseException) -> str:
+    """An error as one line for the summary: its type (unless a user error) and message."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if isinstance(err, UserError) else f"{type(err).__name__}: {text}"
+
+
+def run_sweep(settings: SweepSettings, runs: Sequence[RunSpec]) -> list[Outcome]:
+    """Every run in order (see `run_one`); a failed run is recorded and the others go on.
+    The summary and plots are written at the end (also after a Ctrl-C, for the runs done)."""
+    settings.out.mkdir(parents=True, exist_ok=True)
+    outcomes: list[Outcome] = []
+    total = len(runs)
+    try:
+        for i, spec in enumerate(runs, 1):
+            head = f"[{i}/{total}] {spec.name}"
+
+            def say(text: str, head: str = head) -> None:
+                settings.log(f"{head}: {text}")
+
+            start = time.perf_counter()
+            try:
+                outcome = run_one(settings, spec, say)
+            except (SweepInterrupted, KeyboardInterrupt):
+                raise
+            except Exception as err:  # noqa: BLE001 - any failure is recorded, the sweep goes on
+                outcome = Outcome(spec, f"failed: {one_line(err)}", None, "failed")
+                run_dir = settings.out / spec.name
+                if run_dir.is_dir():
+                    (run_dir / ERROR_FILE).write_text(traceback.format_exc())
+                say(f"FAILED: {one_line(err)}")
+            else:
+                (settings.out / spec.name / ERROR_FILE).unlink(missing_ok=True)  # an earlier failure's
+                if outcome.action != "skipped":
+                    say(f"done in {time.perf_counter() - start:.1f} s: {headline(outcome.record)}")
+            outcomes.append(outcome)
+    finally:
+        if outcomes:
+            write_outputs(settings.out, outcomes, settings.log)
+    return outcomes
+
+
+def headline(record: Mapping[str, Any] | None) -> str:
+    """The key metrics of an eval record in one line."""
+    if not record:
+        return "no metrics"
+    m = record.get("metrics", {})
+    parts = [(label, m.get(key)) for label, key in (
+        ("eval loss", "eval/loss"), ("eval accuracy", "eval/rewards/accuracies"),
+        ("win rate", "win_rate/win_rate"), ("judge accuracy", "win_rate/judge_accuracy"),
+        ("capability acc", "capability/acc"))]
+    return ", ".join(f"{label} {v:.{PRECISION}f}" for label, v in parts if v is not None) or "no metrics"
+
+
+# --------------------------------------------------------------------------- #
+# Summary
+# --------------------------------------------------------------------------- #
+def _fmt(value: Any, decimals: int = PRECISION) -> str:
+    """A summary cell: floats with a fixed number of decimals, '' for missing or NaN."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.{decimals}f}"
+    return str(value)
+
+
+def _hyper(value: Any) -> str:
+    """A hyperparameter cell: numbers as short as exact (`0.1`, `1e-07`), text as it is."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    return _fmt(value)
+
+
+def extra_keys(outcomes: Sequence[Outcome]) -> list[str]:
+    """The swept keys that no fixed column shows, in order of first appearance."""
+    shown = set(LOSS_COLUMNS.values())
+    keys: list[str] = []
+    for o in outcomes:
+        keys += [k for k, _ in o.spec.overrides if k not in shown and k not in keys]
+    return keys
+
+
+def summary_row(outcome: Outcome, extras: Sequence[str]) -> dict[str, str]:
+    """One summary row (see the module docstring)."""
+    spec, record = outcome.spec, outcome.record or {}
+    row = {"run": spec.name, "status": outcome.status}
+    loss = record.get("loss")
+    for column, key in LOSS_COLUMNS.items():
+        if loss is not None:
+            name = loss.get("name")
+            used = column not in MMPO_ONLY or name == "mmpo"
+            row[column] = _hyper(loss.get(key.split(".", 1)[1])) if used else ""
+        else:  # a failed run: what its overrides said
+            row[column] = spec.value(key) or ""
+    metrics = record.get("metrics", {})
+    for column, key in METRIC_COLUMNS.items():
+        row[column] = _fmt(metrics.get(key))
+    row["steps"] = _fmt(record.get("steps"))
+    row["seconds"] = _fmt(record.get("seconds"), 1)
+    for key in extras:
+        row[key] = spec.value(key) or ""
+    return row
+
+
+def summary_table(outcomes: Sequence[Outcome]) -> tuple[list[str], list[dict[str, str]]]:
+    """`(columns, rows)` of summary.csv."""
+    extras = extra_keys(outcomes)
+    fixed = list(SUMMARY_COLUMNS)
+    at = fixed.index("entropy_estimator") + 1  # the swept keys beside the loss's
+    columns = fixed[:at] + extras + fixed[at:]
+    return columns, [summary_row(o, extras) for o in outcomes]
+
+
+def write_summary(path: Path, columns: Sequence[str], rows: Sequence[Mapping[str, str]]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_outputs(out: Path, outcomes: Sequence[Outcome], log: Callable[[str], None]) -> None:
+    """summary.csv and both plots; a plot that fails is reported, not fatal."""
+    columns, rows = summary_table(outcomes)
+    write_summary(out / SUMMARY_FILE, columns, rows)
+    plotted = []
+    for name, plot in ((FIGURE1_FILE, plot_win_rate_vs_capability), (CURVES_FILE, plot_training_curves)):
+        try:
+            plot(outcomes, rows, out, out / name)
+            plotted.append(str(out / name))
+        except Exception as err:  # noqa: BLE001 - the summary matters more than a figure
+            log(f"warning: could not draw {out / name}: {one_line(err)}")
+    ok = sum(o.status == "ok" for o in outcomes)
+    log(f"summary: {out / SUMMARY_FILE}; plots: {', '.join(plotted) or 'none'}; "
+        f"{ok} ok, {len(outcomes) - ok} failed")
+
+
+# --------------------------------------------------------------------------- #
+# Plots (matplotlib's Agg canvas: no display, no global pyplot state)
+# --------------------------------------------------------------------------- #
+def _figure(width: float = 7.0, height: float = 5.0) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _colour(loss: str) -> str:
+    return LOSS_COLOURS.get(loss, "tab:purple")
+
+
+def _float(text: str) -> float | None:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(value) else value
+
+
+def plot_win_rate_vs_capability(outcomes: Sequence[Outcome], rows: Sequence[Mapping[str, str]],
+                                out: Path, path: Path) -> None:
+    """Win rate (y) against capability accuracy (x), a point per run coloured by loss and
+    labelled with its beta, the runs of a series (same overrides but beta) joined in
+    beta order. Without both numbers for any run: eval rewards/accuracies against eval
+    loss instead, as the title says."""
+    have = [(o, r) for o, r in zip(outcomes, rows)
+            if o.status == "ok" and _float(r["win_rate"]) is not None and _float(r["capability_acc"]) is not None]
+    if have:
+        xcol, ycol = "capability_acc", "win_rate"
+        title = "Win rate against the reference vs capability accuracy (MMPO paper, Figure 1)"
+        xlabel, ylabel = "capability probe accuracy (acc)", "win rate vs reference (judge)"
+    else:
+        have = [(o, r) for o, r in zip(outcomes, rows)
+                if o.status == "ok" and _float(r["eval_loss"]) is not None
+                and _float(r["eval_rewards_accuracies"]) is not None]
+        xcol, ycol = "eval_loss", "eval_rewards_accuracies"
+        missing = [(what, flag) for what, flag, col in (("win rate", "--win-rate", "win_rate"),
+                                                         ("capability accuracy", "--capability", "capability_acc"))
+                   if not any(_float(r[col]) is not None for r in rows)] or [("win rate with capability", "both")]
+        title = (f"No {' and no '.join(w for w, _ in missing)} computed (sweep without "
+                 f"{' '.join(f for _, f in missing)}):\neval rewards/accuracies vs eval loss instead")
+        xlabel, ylabel = "eval loss", "eval rewards/accuracies"
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    series: dict[str, list[tuple[float, float, float, str, str]]] = {}
+    markers = "osD^v<>P*X"
+    for o, r in have:
+        beta = _float(r["beta"])
+        series.setdefault(series_name(o.spec), []).append(
+            (beta if beta is not None else math.nan, _float(r[xcol]), _float(r[ycol]), r["beta"], r["loss"]))
+    per_loss: dict[str, int] = {}
+    for name, points in series.items():
+        points.sort(key=lambda p: p[0])
+        loss = points[0][4]
+        marker = markers[per_loss.get(loss, 0) % len(markers)]
+        per_loss[loss] = per_loss.get(loss, 0) + 1
+        xs, ys = [p[1] for p in points], [p[2] for p in points]
+        ax.plot(xs, ys, linestyle="-", linewidth=0.8, alpha=0.5, color=_colour(loss))
+        ax.scatter(xs, ys, color=_colour(loss), marker=marker, label=name, zorder=3)
+        for _, x, y, beta_text, _ in points:
+            if beta_text:
+                ax.annotate(f"β={beta_text}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if ycol == "win_rate":
+        ax.axhline(0.5, color="black", linestyle=":", linewidth=0.8, label="tie with the reference")
+    if not have:
+        ax.text(0.5, 0.5, "no finished run", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(title, fontsize=9)
+    ax.margins(0.15)  # room for the beta labels
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    if have:
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def train_losses(metrics_file: Path) -> tuple[list[int], list[float]]:
+    """`(steps, losses)` of the train records of a `metrics.jsonl` (eval records skipped)."""
+    steps, losses = [], []
+    if not metrics_file.is_file():
+        return steps, losses
+    for line in metrics_file.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line cut off by a crash
+        if isinstance(rec, dict) and isinstance(rec.get("loss"), (int, float)) and "step" in rec:
+            steps.append(int(rec["step"]))
+            losses.append(float(rec["loss"]))
+    return steps, losses
+
+
+def plot_training_curves(outcomes: Sequence[Outcome], rows: Sequence[Mapping[str, str]],
+                         out: Path, path: Path) -> None:
+    """Train loss per step of every run (its metrics.jsonl), one panel per loss (their
+    scales differ), one line per run."""
+    from mmpo_jax.train.metrics import METRICS_FILE
+
+    curves: dict[str, list[tuple[str, list[int], list[float]]]] = {}
+    for o, r in zip(outcomes, rows):
+        steps, losses = train_losses(out / o.spec.name / METRICS_FILE)
+        if steps:
+            curves.setdefault(r["loss"] or "?", []).append((o.spec.name, steps, losses))
+    panels = max(1, len(curves))
+    fig = _figure(5.0 * panels, 4.0)
+    if not curves:
+        ax = fig.add_subplot(1, 1, 1)
+        ax.text(0.5, 0.5, "no training metrics", ha="center", va="center", transform=ax.transAxes)
+    from matplotlib import colormaps
+
+    for i, (loss, lines) in enumerate(curves.items(), 1):
+        ax = fig.add_subplot(1, panels, i)
+        cmap = colormaps[LOSS_COLOURMAPS.get(loss, "Purples")]
+        for j, (name, steps, losses) in enumerate(lines):
+            # the loss's hue, darker for later runs (higher beta when beta is the last axis)
+            shade = cmap(0.4 + 0.55 * j / (len(lines) - 1)) if len(lines) > 1 else cmap(0.75)
+            ax.plot(steps, losses, label=name, color=shade, linewidth=1.2)
+        ax.set_title(f"{loss}: train loss", color=_colour(loss))
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
