@@ -55,7 +55,7 @@ def test_demo_run(tmp_path):
     start = time.time()
     done = subprocess.run(
         [sys.executable, "-m", "mmpo_jax.cli", "train", str(DEMO), f"train.output_dir={out}"],
-        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900,
+        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1800,
     )
     seconds = time.time() - start
     output = done.stdout

@@ -140,4 +140,4 @@ def test_every_device_contributes_to_min_max():
         out_specs=P(),
     )
     # rewards: 1 + (-10) = -9, 1 + (-500) = -499, 0.1 - 10 = -9.9 -> range 490
-    np.testing.assert_allclose(float(sharded(pc, pr, rc, rr)), 490.0, rtol=1e-6)
+    np.testing.assert_allclose(float(jax.jit(sharded)(pc, pr, rc, rr)), 490.0, rtol=1e-6)
