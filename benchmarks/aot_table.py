@@ -42,8 +42,12 @@ def memory_cell(d: dict) -> str:
 
 def row(d: dict) -> str:
     verdict = "**fits**" if d["fits"] else "does not fit"
-    return (f"| {model_label(d)} | {tuning_label(d)} | {d['model']['remat']} | `{d['topology']}` ({d['chips']}) | "
-            f"{d['batch']['pairs']} | {memory_cell(d)} | {d['state_bytes_per_device'] / GIB:.2f} GiB | {verdict} | "
+    state = d.get("state_bytes_per_device")  # absent from results of aot-check before it reported it
+    state = f"{state / GIB:.2f} GiB" if state is not None else "-"
+    tensor = d["mesh"].get("tensor", 1)
+    chips = f"{d['chips']}; tensor {tensor}" if tensor > 1 else f"{d['chips']}"
+    return (f"| {model_label(d)} | {tuning_label(d)} | {d['model']['remat']} | `{d['topology']}` ({chips}) | "
+            f"{d['batch']['pairs']} | {memory_cell(d)} | {state} | {verdict} | "
             f"{d['compile_seconds']:.0f} s |")
 
 
@@ -53,7 +57,7 @@ def table(results: list[dict]) -> str:
     def key(d: dict):
         label = model_label(d)
         return (order.index(label) if label in order else len(order), label, bool(d["model"]["lora_rank"]) is False,
-                d["topology"].split(":")[0], not d["fits"], d["chips"])
+                d["topology"].split(":")[0], not d["fits"], d["chips"], d["mesh"].get("tensor", 1))
 
     lines = ["| model | fine-tuning | remat | topology (chips) | pairs | per-chip total (of HBM) | "
              "state per chip | verdict | compile |",

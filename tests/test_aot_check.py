@@ -217,3 +217,32 @@ def test_batch_that_does_not_split_is_a_user_error(capsys):
 def test_bad_topology_exits_2_before_reading_the_config(capsys):
     assert main(["aot-check", "no-such-config.yaml", "--topology", "v5e"]) == 2
     assert "--topology 'v5e'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- #
+# The table in tpu_scripts/README.md is the compiles' own output
+# --------------------------------------------------------------------------- #
+def test_readme_table_is_made_of_the_recorded_compiles():
+    """Every row of the README's table comes from a recorded `aot-check --json` result
+    (tpu_scripts/aot_results), and each verdict follows the rule: XLA's total within 95%
+    of the chip's HBM, none when XLA refused to compile."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    results = sorted((root / "tpu_scripts" / "aot_results").glob("*.json"))
+    assert len(results) >= 10
+    for path in results:
+        d = json.loads(path.read_text())
+        plan = d["per_device_bytes"]
+        hbm = aot.HBM_BYTES_PER_CHIP[d["topology"].split(":")[0]]
+        assert d["device_memory_bytes"] == hbm, path.name
+        if plan is None:
+            assert d["fits"] is False and d["xla_refused"]["required_bytes"] > d["xla_refused"]["available_bytes"]
+        else:
+            assert plan["total"] == plan["arguments"] + plan["outputs"] - plan["aliased"] + plan["temporaries"]
+            assert d["fits"] == (plan["total"] <= aot.FIT_FRACTION * hbm), path.name
+    table = subprocess.run([sys.executable, str(root / "benchmarks" / "aot_table.py"), str(results[0].parent)],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert table in (root / "tpu_scripts" / "README.md").read_text()
