@@ -282,3 +282,16 @@ def test_ctrl_c_on_any_process_stops_every_process(monkeypatch):
     interrupt.requested, others["flag"] = True, 0  # on this one only
     assert interrupt.stop_now()
     assert sent == [0, 0, 1]
+
+
+def test_eval_with_precomputed_reference_computes_the_test_split_only(tmp_path, capsys):
+    """`eval` of a precomputed-reference config runs the reference pass over the test
+    split it evaluates, not over the 3150 training rows too."""
+    from mmpo_jax.cli import main
+
+    assert main(["eval", TINY, "--json", "model.reference=precomputed", "train.eval_batches=1",
+                 f"train.output_dir={tmp_path}"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert np.isfinite(result["eval/loss"])
+    cached = sorted(p.name.split("-")[0] for p in (tmp_path / "reference_logps").glob("*.npy"))
+    assert cached == ["test"], cached

@@ -192,7 +192,7 @@ def evaluate_trainer(trainer: Any, options: EvalOptions, *, what: str = "the pol
     if with_test:
         if preference is None:
             if data.test_ref is None:  # not attached yet (a run's own data may have them)
-                attach_reference_tables(cfg, trainer, data, say)
+                attach_reference_tables(cfg, trainer, data, say, splits=("test",))
             preference = evaluate(trainer, trainer.state, data.test, data.test_ref, cfg.train.eval_batches)
         result.metrics = {**{f"eval/{k}": v for k, v in preference.items()}, **result.metrics}
     return result

@@ -68,16 +68,18 @@ def load_data(cfg: RunConfig) -> RunData:
     return RunData(tokenizer=tokenizer, train=train, test=test)
 
 
-def attach_reference_tables(cfg: RunConfig, trainer: Trainer, data: RunData, log: Callable[[str], None]) -> None:
-    """Mode `precomputed`: the reference pass over both splits (cached), then the
-    reference weights are released."""
+def attach_reference_tables(cfg: RunConfig, trainer: Trainer, data: RunData, log: Callable[[str], None],
+                            splits: tuple[str, ...] = ("train", "test")) -> None:
+    """Mode `precomputed`: the reference pass over `splits` (cached), then the reference
+    weights are released (an evaluation asks for the test split only)."""
     if cfg.model.reference != "precomputed":
         return
     from mmpo_jax.train.reference_cache import reference_table
 
     model = trainer.precompute_model
-    data.train_ref = reference_table(cfg, model, data.train, "train", trainer.mesh, log)
-    if data.test is not None:
+    if "train" in splits:
+        data.train_ref = reference_table(cfg, model, data.train, "train", trainer.mesh, log)
+    if "test" in splits and data.test is not None:
         data.test_ref = reference_table(cfg, model, data.test, "test", trainer.mesh, log)
     trainer.precompute_model = None
 
