@@ -276,24 +276,6 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
     tmp.replace(path)
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix[:-1]: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}."))
-    return out
-
-
-def config_differences(saved_yaml: str, current_yaml: str, ignore: Sequence[str] = RESERVED_KEYS) -> list[str]:
-    """`key (old -> new)` for each config key that differs, `ignore`d keys aside."""
-    import yaml
-
-    a, b = _flat(yaml.safe_load(saved_yaml) or {}), _flat(yaml.safe_load(current_yaml) or {})
-    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in ignore)
-    return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in keys]
-
-
 def eval_record(spec: RunSpec, cfg: Any, settings: Mapping[str, Any], train_result: Mapping[str, Any],
                 metrics: Mapping[str, float], notes: Mapping[str, str]) -> dict[str, Any]:
     """`eval.json` of a run: its name and overrides, the resolved loss config, the eval
@@ -362,6 +344,7 @@ def run_one(settings: SweepSettings, spec: RunSpec, say: Callable[[str], None]) 
     module docstring. Errors propagate (the caller records them)."""
     from mmpo_jax.commands.evaluate import evaluate_trainer
     from mmpo_jax.config import config_to_yaml
+    from mmpo_jax.train.loop import config_differences
 
     cfg = run_config(settings, spec)
     run_dir = settings.out / spec.name
@@ -369,7 +352,7 @@ def run_one(settings: SweepSettings, spec: RunSpec, say: Callable[[str], None]) 
     eval_settings = options.settings()
     config_file = run_dir / "config.yaml"
     if config_file.is_file():
-        diff = config_differences(config_file.read_text(), config_to_yaml(cfg))
+        diff = config_differences(config_file.read_text(), config_to_yaml(cfg), ignore=RESERVED_KEYS)
         if diff:
             raise UserError(f"{run_dir} holds a run of another config (differs in {', '.join(diff)}); "
                             "delete that directory or give the sweep another --out")

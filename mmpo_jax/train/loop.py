@@ -18,7 +18,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -268,7 +268,8 @@ def _eval_line(step: int, m: dict[str, float]) -> str:
     return f"eval @ step {step}: " + ", ".join(f"{k} {m[k]:.4g}" for k in keys if k in m)
 
 
-def _warn_config_changes(saved: str, current: str, say: Callable[[str], None]) -> None:
+def config_differences(saved_yaml: str, current_yaml: str, ignore: Sequence[str] = ()) -> list[str]:
+    """`key (old -> new)` for each config key (dotted) that differs, `ignore`d keys aside."""
     import yaml
 
     def flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -279,11 +280,15 @@ def _warn_config_changes(saved: str, current: str, say: Callable[[str], None]) -
             out.update(flat(v, f"{prefix}{k}."))
         return out
 
-    a, b = flat(yaml.safe_load(saved) or {}), flat(yaml.safe_load(current) or {})
-    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    a, b = flat(yaml.safe_load(saved_yaml) or {}), flat(yaml.safe_load(current_yaml) or {})
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in ignore)
+    return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in keys]
+
+
+def _warn_config_changes(saved: str, current: str, say: Callable[[str], None]) -> None:
+    changed = config_differences(saved, current)
     if changed:
-        say("warning: the config differs from the checkpoint's in " + ", ".join(
-            f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in changed))
+        say("warning: the config differs from the checkpoint's in " + ", ".join(changed))
 
 
 def restore_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Trainer, int]:
