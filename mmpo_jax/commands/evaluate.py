@@ -240,15 +240,18 @@ def run(args: argparse.Namespace) -> int:
     if capability:
         print(f"capability probe of {what} ({options.capability_template} prompts; "
               f"{int(capability['capability/n'])} items, chance {capability['capability/chance']:.3f})")
-        width = max(32, *(len(k) for k in capability))
-        for k, v in capability.items():
-            print(f"  {k:{width}s} {v:.6g}")
+        _print_metrics(capability)
     if win:
         print(f"win rate of {what} against {result.notes['win_rate/reference']} on {int(win['win_rate/n'])} "
               f"test prompts (greedy, at most {options.max_new_tokens} new tokens, judged by the demo rules)")
-        width = max(32, *(len(k) for k in win))
-        for k, v in win.items():
-            print(f"  {k:{width}s} {v:.6g}")
+        _print_metrics(win)
         if "win_rate/generations" in result.notes:
             print(f"  generations written to {result.notes['win_rate/generations']}")
     return 0
+
+
+def _print_metrics(metrics: dict[str, float]) -> None:
+    """One `  key value` line per metric, the keys aligned."""
+    width = max(32, *(len(k) for k in metrics))
+    for k, v in metrics.items():
+        print(f"  {k:{width}s} {v:.6g}")
