@@ -5,10 +5,10 @@
 #
 # Within GPU_ALL_BUDGET_S (default 540 s), in this order:
 #   1. nvidia-smi, versions (no torch/transformers import: metadata only);
-#   2. step throughput, Llama-3.2-1B (the hardest targets): the matmul peak, our step as is,
-#      remat=dots, remat=dots + bf16 params, the peer eager and compiled
+#   2. step throughput, Llama-3.2-1B (the hardest targets): the matmul peak, our step as is
+#      (the config's defaults: remat=dots), remat=none, bf16 params, the peer eager and compiled
 #      -> $OUT/throughput_1b.json (+ .log);
-#   3. step throughput, SmolLM2-360M and -135M (our default and remat=dots, the peer eager and
+#   3. step throughput, SmolLM2-360M and -135M (our default and remat=none, the peer eager and
 #      compiled), with whatever time is left before the memory-fit reserve; MFU from step 2's
 #      peak -> $OUT/throughput_small.json (+ .log);
 #   4. the Llama-3-8B + LoRA memory fit (benchmarks/memory_fit.py: compiled memory plan at seq
@@ -61,7 +61,7 @@ EOF
 a=$(( $(left) - FIT_RESERVE )); [ "$a" -gt "$A_BUDGET" ] && a=$A_BUDGET
 echo "== throughput ${M1}: budget ${a} s (t=$(( $(date +%s) - START )) s)"
 "$PY" benchmarks/step_throughput.py --models "$M1" "${SHAPE[@]}" --peer both \
-    --variants '' remat=dots remat=dots,param_dtype=bfloat16 \
+    --variants '' remat=none param_dtype=bfloat16 \
     --budget-s "$a" --timeout-s 240 \
     --json-out "$OUT/throughput_1b.json" --log "$OUT/throughput_1b.log"
 
@@ -70,7 +70,7 @@ b=$(( $(left) - FIT_RESERVE ))
 if [ "$b" -ge 30 ]; then
     echo "== throughput ${MSMALL}: budget ${b} s (t=$(( $(date +%s) - START )) s)"
     "$PY" benchmarks/step_throughput.py --models "$MSMALL" "${SHAPE[@]}" --peer both \
-        --variants '' remat=dots --peak-size -1 --peak-from "$OUT/throughput_1b.json" \
+        --variants '' remat=none --peak-size -1 --peak-from "$OUT/throughput_1b.json" \
         --budget-s "$b" --timeout-s 200 \
         --json-out "$OUT/throughput_small.json" --log "$OUT/throughput_small.log"
 else
