@@ -20,16 +20,12 @@
 # CPU smoke test of the whole script (tiny shapes, minutes):
 #   GPU_ALL_SMOKE=1 JAX_PLATFORMS=cpu OUT=/tmp/gpu_all_smoke bash benchmarks/gpu_all.sh
 set -u
-cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=1
-OUT="${OUT:-/tmp/gpu_all_out}"
-mkdir -p "$OUT"
-PY="${PYTHON:-python3}"
+OUT_DEFAULT=/tmp/gpu_all_out
+# shellcheck source=benchmarks/gpu_env.sh
+source "$(dirname "$0")/gpu_env.sh"
 BUDGET="${GPU_ALL_BUDGET_S:-540}"
 FIT_RESERVE="${FIT_RESERVE_S:-130}"
 A_BUDGET="${A_BUDGET_S:-340}"
-START=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 
 if [ "${GPU_ALL_SMOKE:-0}" = 1 ]; then

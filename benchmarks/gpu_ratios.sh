@@ -13,14 +13,10 @@
 #   3. the summary table -> $OUT/table.md, printed last.
 # CPU smoke test: GPU_RATIOS_SMOKE=1 JAX_PLATFORMS=cpu OUT=/tmp/ratios bash benchmarks/gpu_ratios.sh
 set -u
-cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=1
-OUT="${OUT:-/tmp/gpu_ratios_out}"
-mkdir -p "$OUT"
-PY="${PYTHON:-python3}"
+OUT_DEFAULT=/tmp/gpu_ratios_out
+# shellcheck source=benchmarks/gpu_env.sh
+source "$(dirname "$0")/gpu_env.sh"
 BUDGET="${GPU_RATIOS_BUDGET_S:-560}"
-START=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - START) - 10 )); }
 
 if [ "${GPU_RATIOS_SMOKE:-0}" = 1 ]; then
