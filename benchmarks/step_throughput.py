@@ -68,7 +68,7 @@ GIB = 2**30
 
 if str(REPO) not in sys.path:  # run as `python benchmarks/step_throughput.py` from a checkout
     sys.path.insert(0, str(REPO))
-from mmpo_jax.config import ModelConfig  # noqa: E402  (imports neither jax nor the data)
+from mmpo_jax.config import ModelConfig, OptimConfig  # noqa: E402  (imports neither jax nor the data)
 
 # Keys a variant may set (`--variants remat=dots,logprob_chunk=512`), with parsers.
 VARIANT_KEYS: dict[str, Callable[[str], Any]] = {
@@ -649,18 +649,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=8, help="timed steps (median)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--peer", choices=["eager", "compiled", "both", "none"], default="both")
-    # the run's defaults (`ModelConfig`), so the plain `default` row is what `mmpo-jax train` runs
-    defaults = ModelConfig()
-    p.add_argument("--remat", choices=["none", "full", "dots"], default=defaults.remat,
-                   help="default: the config's")
-    p.add_argument("--attention", choices=["auto", "xla", "cudnn"], default="auto")
-    p.add_argument("--param-dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--compute-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+    # our step's flags default to the run config's defaults, so the plain `default` row is
+    # what `mmpo-jax train` runs
+    model, optim = ModelConfig(), OptimConfig()
+    p.add_argument("--remat", choices=["none", "full", "dots"], default=model.remat)
+    p.add_argument("--attention", choices=["auto", "xla", "cudnn"], default=model.attention)
+    p.add_argument("--param-dtype", choices=["float32", "bfloat16"], default=model.param_dtype)
+    p.add_argument("--compute-dtype", choices=["auto", "float32", "bfloat16"], default=model.compute_dtype,
                    help="auto: bfloat16 on a GPU, float32 on a CPU")
-    p.add_argument("--logprob-chunk", type=VARIANT_KEYS["logprob_chunk"], default=defaults.logprob_chunk,
+    p.add_argument("--logprob-chunk", type=VARIANT_KEYS["logprob_chunk"], default=model.logprob_chunk,
                    help="sequence positions per LM-head chunk; 'none' = full logits")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--mu-dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--grad-accum", type=int, default=optim.grad_accum)
+    p.add_argument("--mu-dtype", choices=["float32", "bfloat16"], default=optim.mu_dtype)
     p.add_argument("--variants", nargs="+", default=None, metavar="SPEC",
                    help="several of our configs, each 'key=value,...' over the flags above "
                         f"(keys: {', '.join(VARIANT_KEYS)}), e.g. --variants remat=none remat=dots")
