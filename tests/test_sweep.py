@@ -210,3 +210,21 @@ def test_sweep_again_skips_finished_runs(sweep):
         return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
 
     assert without_seconds(after) == without_seconds(before)
+
+
+def test_dry_run_checks_every_runs_config(tmp_path, capsys):
+    """A misspelt key and a bad value are named under their runs before anything trains;
+    nothing is written."""
+    from mmpo_jax.cli import main
+
+    out = tmp_path / "sweep"
+    code = main(["sweep", TINY, "--grid", "loss.beta=[0.1,-1]", "--also", "loss.nme=dpo",
+                 "--out", str(out), "--dry-run"])
+    text = capsys.readouterr().out
+    assert code == 2
+    assert "invalid config: loss.beta=-1.0: must be > 0" in text
+    assert text.count("Did you mean 'loss.name'?") == 2  # the two --also runs
+    assert "3 of 4 runs have an invalid config" in text
+    assert not out.exists()
+    assert main(["sweep", TINY, "--grid", "loss.beta=[0.1,1]", "--out", str(out), "--dry-run"]) == 0
+    assert "invalid" not in capsys.readouterr().out and not out.exists()

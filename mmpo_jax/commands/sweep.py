@@ -19,13 +19,16 @@ Writes `DIR/summary.csv` (a row per run), `DIR/win_rate_vs_capability.png` (the 
 paper's Figure 1: win rate against capability accuracy, a point per run coloured by
 loss and labelled with its beta; eval rewards/accuracies against eval loss when the
 win rate or capability was not computed) and `DIR/training_curves.png` (each run's
-train loss per step). `--dry-run` lists the runs and exits.
+train loss per step). `--dry-run` lists the runs, resolves each one's config (naming any
+bad override, such as a misspelt key) and exits: 0 if all are valid, 2 if not.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from mmpo_jax.commands.evaluate import add_capability_flags, add_win_rate_flags
 from mmpo_jax.errors import UserError
@@ -44,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="extra runs: every grid combination with these overrides on top (repeatable)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="the sweep directory (default: sweeps/<config name>)")
-    p.add_argument("--dry-run", action="store_true", help="list the runs and their overrides, run nothing")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their overrides, check their configs, run nothing")
     add_win_rate_flags(p)
     add_capability_flags(p)
     p.set_defaults(func=run)
@@ -63,13 +66,10 @@ def run(args: argparse.Namespace) -> int:
     options = EvalOptions.from_args(args)
     options.check()
     out = Path(args.out) if args.out else Path("sweeps") / config.stem
-    if args.dry_run:
-        for i, spec in enumerate(runs, 1):
-            print(f"[{i}/{len(runs)}] {spec.name}: {' '.join(spec.override_list()) or '(no overrides)'} "
-                  f"-> {out / spec.name}")
-        return 0
-    print(f"sweep of {len(runs)} run{'s' if len(runs) != 1 else ''} of {config} into {out}", flush=True)
     settings = SweepSettings(config=str(config), overrides=list(args.overrides), out=out, eval_options=options)
+    if args.dry_run:
+        return _dry_run(settings, runs)
+    print(f"sweep of {len(runs)} run{'s' if len(runs) != 1 else ''} of {config} into {out}", flush=True)
     try:
         outcomes = run_sweep(settings, runs)
     except (SweepInterrupted, KeyboardInterrupt) as err:
@@ -77,3 +77,22 @@ def run(args: argparse.Namespace) -> int:
               flush=True)
         return INTERRUPTED_EXIT
     return 0 if all(o.status == "ok" for o in outcomes) else 1
+
+
+def _dry_run(settings: Any, runs: Sequence[Any]) -> int:
+    """Lists the runs; a run whose config does not resolve gets its error beneath it (the
+    real sweep would record it as failed and go on)."""
+    from mmpo_jax.sweep import run_config
+
+    bad = 0
+    for i, spec in enumerate(runs, 1):
+        print(f"[{i}/{len(runs)}] {spec.name}: {' '.join(spec.override_list()) or '(no overrides)'} "
+              f"-> {settings.out / spec.name}")
+        try:
+            run_config(settings, spec)
+        except UserError as err:
+            bad += 1
+            print(f"    invalid config: {err}")
+    if bad:
+        print(f"{bad} of {len(runs)} runs have an invalid config")
+    return 2 if bad else 0
