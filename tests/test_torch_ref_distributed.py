@@ -77,7 +77,7 @@ def test_two_process_group_equals_single_process(tmp_path):
         )
         for r in range(2)
     ]
-    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    assert [p.wait(timeout=600) for p in procs] == [0, 0]
     parts = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(2)]
 
     xs = [torch.tensor(data[k], dtype=torch.float64, requires_grad=True) for k in ("pc", "pr", "rc", "rr")]
