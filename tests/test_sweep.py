@@ -200,10 +200,13 @@ def test_sweep_records_an_invalid_run_as_failed_and_goes_on(sweep):
 def test_sweep_again_skips_finished_runs(sweep):
     out, _, _ = sweep
     before = _summary(out)
-    code, text, seconds = _sweep(out)
+    written = {f: f.stat().st_mtime_ns for run in ("mmpo", "dpo")
+               for f in (out / run / "eval.json", out / run / "generations.jsonl")}
+    code, text, _ = _sweep(out)
     assert code == 1
     assert text.count("skipped (finished") == 2 and "training ..." not in text
-    assert seconds < 30, f"the rerun took {seconds:.0f} s: it should only read files"
+    # neither re-evaluated nor re-generated: a finished run's files are only read
+    assert {f: f.stat().st_mtime_ns for f in written} == written
     after = _summary(out)
 
     def without_seconds(rows):
