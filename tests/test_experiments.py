@@ -44,7 +44,7 @@ def test_configs_load_and_the_sweep_starts_from_the_sft_export():
     assert sft.loss.name == "sft" and sft.model.path == ""
     run_sh = (EXP / "run.sh").read_text()
     # run.sh exports the SFT run to the directory every sweep run starts from
-    assert f'mmpo-jax export "$HERE/runs/sft" "$HERE/runs/sft_model"' in run_sh
+    assert 'mmpo-jax export "$HERE/runs/sft" "$HERE/runs/sft_model"' in run_sh
     assert sweep.model.path == "experiments/beta_sweep/runs/sft_model"
     assert sft.train.output_dir == "experiments/beta_sweep/runs/sft"
     # same tokenizer and sequence shapes in both stages

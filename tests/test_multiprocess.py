@@ -3,12 +3,12 @@ configs/tiny.yaml (jax.distributed on 127.0.0.1, 4 CPU devices each) against one
 process with 8 devices, then resumed in one process."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
+from cpu_env import cli_env
 from mmpo_jax import distributed
 from mmpo_jax.commands.launch import process_envs
 from mmpo_jax.errors import UserError
@@ -50,10 +50,7 @@ def test_launch_splits_cpu_devices_and_gpus():
 
 
 def _run(args, devices, timeout=900):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    done = subprocess.run([sys.executable, "-m", "mmpo_jax.cli", *args], env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "mmpo_jax.cli", *args], env=cli_env(devices), capture_output=True,
                           text=True, timeout=timeout)
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
     return done

@@ -2,7 +2,6 @@
 eval of a run directory, and export (full, and the LoRA adapter loaded by PEFT)."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cpu_env import cli_env
 from mmpo_jax.config import load_config
 from mmpo_jax.train import loop
 
@@ -22,10 +22,7 @@ TIMING = {"tokens_per_second"}
 
 
 def _env():
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # one CPU device: the runs here test the loop, not the mesh
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
+    return cli_env(1)  # one CPU device: the runs here test the loop, not the mesh
 
 
 def _cli(*args):

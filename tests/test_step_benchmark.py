@@ -6,12 +6,13 @@ and its pure helpers.
 import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from cpu_env import cli_env
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "step_throughput.py"
@@ -26,13 +27,8 @@ def _bench_module():
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    # conftest's 8 simulated devices are not wanted: the benchmark runs on one device.
-    # Lowest XLA CPU optimisation: this tests the harness, not the code XLA emits, and it
-    # cuts the step's compile from ~45 s to ~10 s on this machine.
-    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
+    # conftest's 8 simulated devices are not wanted: the benchmark runs on one device
+    return cli_env(1)
 
 
 def test_helpers_follow_the_peer_definitions():
