@@ -28,10 +28,13 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from mmpo_jax.commands.evaluate import add_capability_flags, add_win_rate_flags
 from mmpo_jax.errors import UserError
+
+if TYPE_CHECKING:  # the CLI imports the sweep machinery only when it runs
+    from mmpo_jax.sweep import RunSpec, SweepSettings
 
 INTERRUPTED_EXIT = 130
 
@@ -79,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     return 0 if all(o.status == "ok" for o in outcomes) else 1
 
 
-def _dry_run(settings: Any, runs: Sequence[Any]) -> int:
+def _dry_run(settings: SweepSettings, runs: Sequence[RunSpec]) -> int:
     """Lists the runs; a run whose config does not resolve gets its error beneath it (the
     real sweep would record it as failed and go on)."""
     from mmpo_jax.sweep import run_config
