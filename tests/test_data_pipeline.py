@@ -361,14 +361,21 @@ def test_chat_template_errors_are_bad_rows(tmp_path, tiny, cache_dir):
 
 
 def test_start_errors_name_the_file_and_line(tmp_path, tiny, cache_dir, monkeypatch):
+    # a malformed line is a bad row (tests/test_data_quickstart.py): half the file is too
+    # many, and the error names the line, the column and what is wrong
     bad_json = tmp_path / "broken.jsonl"
     bad_json.write_text(json.dumps(std_rows(1)[0]) + "\n\n" + '{"prompt": "q", "chosen": "a",\n')
     with pytest.raises(
-        UserError, match=r"data.train_files: '.*broken.jsonl' line 3, column \d+: not valid JSON"
+        UserError,
+        match=r"data.train_files: '.*broken.jsonl': 1 of 2 rows are invalid(.|\n)*"
+        r"invalid_json: 1 \(line 3\)(.|\n)*first error: line 3, column \d+: not valid JSON",
     ):
         load(str(bad_json), tiny, cache_dir)
     not_object = write_jsonl(tmp_path / "list.jsonl", std_rows(1) + ["[1, 2]"])
-    with pytest.raises(UserError, match=r"list.jsonl' line 2: expected a JSON object"):
+    with pytest.raises(
+        UserError,
+        match=r"not_an_object: 1 \(line 2\)(.|\n)*first error: line 2: expected a JSON object",
+    ):
         load(not_object, tiny, cache_dir)
     array = tmp_path / "a.json"
     array.write_text('[\n{"prompt": "q", "chosen": "a", "rejected": "b"},\n{"prompt": }\n]')

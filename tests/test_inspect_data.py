@@ -120,9 +120,52 @@ def test_broken_file_past_the_fraction_fails_short(capsys, cache_dir):
             assert reason in err and ", ".join(map(str, lines)) in err
 
 
-def test_malformed_line_fails_at_start(tmp_path, capsys, cache_dir):
+def test_malformed_line_is_a_bad_row(tmp_path, capsys, cache_dir):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(BROKEN.read_text().splitlines()[0] + "\n{'single': 'quotes'}\n")
     code, out, err = run(capsys, f"data.train_files={bad}", f"data.cache_dir={cache_dir}")
     assert code == 2 and "Traceback" not in err
-    assert f"'{bad}' line 2, column 2: not valid JSON" in err
+    assert "1 of 2 rows are invalid" in err and "invalid_json: 1 (line 2)" in err
+    assert "first error: line 2, column 2: not valid JSON" in err
+    # allowed: the report counts it, with the line and what is wrong with it
+    code, out, err = run(
+        capsys, str(bad), "data.max_invalid_fraction=0.5", f"data.cache_dir={cache_dir}"
+    )
+    assert code == 0, err
+    assert "invalid_json" in out and "first invalid_json line: line 2, column 2" in out
+    assert "1 source, 2 rows read, 1 kept, 1 dropped" in out
+
+
+def test_a_data_source_instead_of_a_config(tmp_path, capsys, cache_dir):
+    from mmpo_jax.data.builtin import demo_data_path
+
+    demo = sum(1 for line in demo_data_path("train").read_text().splitlines() if line.strip())
+    assert demo == 3150
+    code, out, err = run(capsys, "builtin:demo", f"data.cache_dir={cache_dir}", "--json")
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["train"]["rows_read"] == rep["train"]["kept"] == 3150 and "test" not in rep
+    assert rep["train"]["sources"][0]["key"] == "data.train_files"
+    assert rep["tokenizer"]["spec"] == "builtin:tiny"  # the rest of the config: defaults
+    # a .jsonl path (with YAML's ': ' in its name), overrides after it
+    path = tmp_path / "my: prefs.jsonl"
+    path.write_text("".join(line + "\n" for line in BROKEN.read_text().splitlines()[:20]))
+    code, out, err = run(
+        capsys, str(path), "data.batch_size=4", f"data.cache_dir={cache_dir}", "--json"
+    )
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["train"]["sources"][0]["name"] == str(path)
+    assert rep["train"]["kept"] == 20 and rep["train"]["batches"]["batch_size"] == 4
+    # a .yaml item is still a config file
+    code, out, err = run(capsys, str(tmp_path / "missing.yaml"))
+    assert code == 2 and "config file not found" in err
+
+
+def test_help_describes_the_command(capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["inspect-data", "--help"])
+    assert exit.value.code == 0
+    out = capsys.readouterr().out
+    assert "builtin:demo" in out and "data.train_files=SOURCE" in out
+    assert "Loads and tokenizes the train (and test) data" in out

@@ -1,18 +1,29 @@
-"""`mmpo-jax inspect-data CONFIG [key=value ...] [--json]`: what the data config gives, before a run.
+"""`mmpo-jax inspect-data CONFIG|SOURCE [key=value ...] [--json]`: the data, checked, before a run.
 
-Loads and tokenizes the train (and test) data the `data` section names, and
-prints rows read, kept and dropped by reason (with row numbers), truncation,
-token-length distributions, the bucket histogram and one decoded example with
-its loss mask. Bad data stops with the same error a run would give (exit 2).
+Loads and tokenizes the train (and test) data, and prints rows read, kept and
+dropped by reason (with row numbers), truncation, token-length distributions,
+the bucket histogram and one decoded example with its loss mask. Bad data
+stops with the same error a run would give (exit 2).
+
+The first item is a YAML config file (`.yaml`/`.yml`: its `data` section is
+used), or a data source: `builtin:demo`, `builtin:demo-standard` or a
+`.json`/`.jsonl`/`.parquet` file, read as `data.train_files=SOURCE` with no
+test data and every other key at its default. `key=value` overrides follow:
+
+    mmpo-jax inspect-data configs/demo.yaml
+    mmpo-jax inspect-data builtin:demo
+    mmpo-jax inspect-data prefs.jsonl data.tokenizer=Qwen/Qwen2.5-0.5B-Instruct --json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from typing import Any
 
-from mmpo_jax.commands.common import add_config_items, load_from_items
+from mmpo_jax.commands.common import load_from_items
+from mmpo_jax.config import RunConfig
 
 # The loss-masked (trained) tokens of the example are shown between these marks.
 MARK_OPEN, MARK_CLOSE = "[[", "]]"
@@ -20,9 +31,18 @@ MARK_OPEN, MARK_CLOSE = "[[", "]]"
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "inspect-data", help="load and tokenize the configured data and report on it"
+        "inspect-data",
+        help="load and tokenize the configured data (or a data file) and report on it",
+        description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_config_items(p)
+    p.add_argument(
+        "items",
+        nargs="*",
+        metavar="CONFIG|SOURCE|key=value",
+        help="a YAML config file or a data source (builtin:demo, a .jsonl/.json/.parquet "
+        "file), then overrides",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -33,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from mmpo_jax.data import pipeline
     from mmpo_jax.data.tokenizers import load_tokenizer
 
-    cfg = load_from_items(args.items).data
+    cfg = config_from_items(args.items).data
     datasets.disable_progress_bars()
     tokenizer = load_tokenizer(cfg.tokenizer)
     result: dict[str, Any] = {"tokenizer": _tokenizer_info(cfg.tokenizer, tokenizer)}
@@ -53,6 +73,24 @@ def run(args: argparse.Namespace) -> int:
     else:
         print("\n".join(_text(result, cfg)))
     return 0
+
+
+def is_data_source(item: str) -> bool:
+    """A data source rather than a config file: a demo name or a data file's path."""
+    from mmpo_jax.data.pipeline import DEMO_SOURCES, JSON_SUFFIXES, PARQUET_SUFFIXES
+
+    return item in DEMO_SOURCES or item.lower().endswith(JSON_SUFFIXES + PARQUET_SUFFIXES)
+
+
+def config_from_items(items: Sequence[str]) -> RunConfig:
+    """The config of `CONFIG [key=value ...]`, or of `SOURCE [key=value ...]`: the
+    defaults with `data.train_files=SOURCE`."""
+    from mmpo_jax.config import apply_overrides, config_from_dict
+
+    if items and "=" not in items[0] and is_data_source(items[0]):
+        # Set as a value, not parsed as an override: a path may hold YAML's ': ' or '#'.
+        return config_from_dict(apply_overrides({"data": {"train_files": items[0]}}, items[1:]))
+    return load_from_items(items)
 
 
 def _tokenizer_info(spec: str, tok: Any) -> dict[str, Any]:
@@ -153,6 +191,8 @@ def _split_text(which: str, rep: dict[str, Any], cfg: Any) -> list[str]:
             lines.append(f"    {'':<31} {'':>6}  ({DROP_REASONS[reason]})")
         if s["template_error"]:
             lines.append(f"    first chat template error: {s['template_error']}")
+        for reason, detail in s["line_errors"].items():
+            lines.append(f"    first {reason} line: {detail}")
     mpl = rep["max_prompt_length"]
     lines.append(
         f"truncation (max_length={rep['max_length']}, max_prompt_length={mpl}): "

@@ -35,6 +35,8 @@ untruncated ids, so changing the limits never re-tokenizes.
 
 from __future__ import annotations
 
+import re
+import shlex
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -58,6 +60,8 @@ INVALID_REASONS: dict[str, str] = {
     "empty_completion": "chosen or rejected is empty or only whitespace",
     "chosen_equals_rejected": "chosen and rejected are identical",
     "chat_template_error": "the tokenizer's chat template failed on the row",
+    "invalid_json": "the line is not valid JSON (or is nested too deeply to read)",
+    "not_an_object": "the line is valid JSON but not an object with chosen/rejected",
 }
 # Dropped because of the length limits, not the data: reported, never an error.
 TOO_LONG = "no_completion_after_truncation"
@@ -300,6 +304,52 @@ def split_pair(
     )
 
 
+# Failures of the machine, not of a row: a missing package (transformers raises
+# ImportError when jinja2 is absent), memory, files. Recorded as row errors they would
+# drop every row, and the cache would keep that after the machine is fixed.
+ENVIRONMENT_ERRORS = (ImportError, MemoryError, OSError)
+# Import names that pip knows by another name.
+_PIP_NAMES = {"yaml": "pyyaml", "google": "protobuf", "sklearn": "scikit-learn", "PIL": "pillow"}
+_REQUIREMENT = r"([A-Za-z][\w.\-]*?(?:[<>=!~]=[\w.]*\w)?)"
+
+
+def missing_package(err: ImportError) -> str | None:
+    """The pip requirement an ImportError asks for (`jinja2`, `jinja2>=3.1.6`), if it says."""
+    if isinstance(err, ModuleNotFoundError) and err.name:
+        top = err.name.split(".")[0]
+        return _PIP_NAMES.get(top, top)
+    text = str(err)
+    for before in (r"requires (?:the )?", r"pip install (?:-U )?`?"):
+        found = re.search(rf"{before}{_REQUIREMENT}[\s.,;`']", text + " ")
+        if found:
+            return found.group(1)
+    return None
+
+
+def environment_error(err: BaseException, what: str) -> UserError:
+    """The UserError that stops tokenization on `err`, one of ENVIRONMENT_ERRORS; `what`
+    is the part that failed ("the tokenizer", "the tokenizer's chat template")."""
+    first = (str(err).strip().splitlines() or [""])[0]
+    if isinstance(err, ImportError):
+        package = missing_package(err)
+        if package is None:
+            return UserError(
+                f"data.tokenizer: {what} needs a package that is not installed here "
+                f"({first or repr(err)}): install it, then run the same command again"
+            )
+        old = any(c in package for c in "<>=") or "-U " in str(err) or "upgrade" in str(err)
+        return UserError(
+            f"data.tokenizer: {what} needs the package '{package}', which is not installed here"
+            f"{' (or is too old)' if old else ''}: pip install {'-U ' if old else ''}"
+            f"{shlex.quote(package)} (then run the same command again)"
+        )
+    return UserError(
+        f"data.tokenizer: {what} failed on this machine, not on a row "
+        f"({type(err).__name__}{': ' + first if first else ''}): "
+        "fix that, then run the same command again"
+    )
+
+
 def _chat_ids(tokenizer: Any, conversations: list[Messages], **kwargs: Any) -> list[Ids | str]:
     """Chat-template ids per conversation, or the error message where the template fails."""
     try:
@@ -307,6 +357,8 @@ def _chat_ids(tokenizer: Any, conversations: list[Messages], **kwargs: Any) -> l
             conversations, tokenize=True, return_dict=True, **kwargs
         )
         return [list(ids) for ids in out["input_ids"]]
+    except ENVIRONMENT_ERRORS as err:
+        raise environment_error(err, "the tokenizer's chat template") from err
     except Exception:  # a template error in one row: find which, one by one
         pass
     result: list[Ids | str] = []
@@ -314,6 +366,8 @@ def _chat_ids(tokenizer: Any, conversations: list[Messages], **kwargs: Any) -> l
         try:
             out = tokenizer.apply_chat_template(conv, tokenize=True, return_dict=True, **kwargs)
             result.append(list(out["input_ids"]))
+        except ENVIRONMENT_ERRORS as err:
+            raise environment_error(err, "the tokenizer's chat template") from err
         except Exception as err:  # jinja raise_exception, a bad role, ...
             result.append(f"{type(err).__name__}: {err}")
     return result
@@ -326,7 +380,17 @@ def tokenize_records(
 
     Returns columns `prompt_ids`, `chosen_ids`, `rejected_ids` (lists of ints;
     empty when the row failed) and `error` ('' or the chat template's message).
+    A failure of the machine (ENVIRONMENT_ERRORS) raises a UserError instead.
     """
+    try:
+        return _tokenize_records(batch, tokenizer, kind, special)
+    except ENVIRONMENT_ERRORS as err:
+        raise environment_error(err, "the tokenizer") from err
+
+
+def _tokenize_records(
+    batch: Mapping[str, list[Content]], tokenizer: Any, kind: Kind, special: SpecialIds
+) -> dict[str, list]:
     prompts, chosens, rejecteds = batch["prompt"], batch["chosen"], batch["rejected"]
     if kind == "standard":
         p = tokenizer(list(prompts))["input_ids"]

@@ -5,8 +5,9 @@ a hub id (loaded with `datasets.load_dataset(id, split=data.split)`, or
 `data.test_split` for test); `data.mixture` maps sources to the fraction of
 each to keep (the first `floor(fraction * rows)` rows, as alignment-handbook's
 `dataset_mixer`) and replaces `train_files`. Local files are `.json` / `.jsonl`
-(read here line by line, so a malformed line is reported with its number and
-rows of mixed types survive to be counted) and `.parquet` (read by `datasets`).
+(read line by line by `json_rows`, so a malformed line is a bad row with its
+number and rows of mixed types survive to be counted) and `.parquet` (read by
+`datasets`).
 `builtin:demo` and `builtin:demo-standard` name the shipped demo data
 (conversational / standard), split by `data.split` / `data.test_split`.
 
@@ -17,8 +18,10 @@ otherwise). More than `data.max_invalid_fraction` bad rows in a source stops
 the run. Token ids are computed once per source with `datasets.Dataset.map`,
 cached under `<data.cache_dir or datasets' cache>/mmpo_jax_tokenized/` with a
 fingerprint of the records, the tokenizer's content and `formats.py`'s code; a
-restart loads the cache file without tokenizing. Truncation is applied after
-the cache (lengths only), so changing the limits never re-tokenizes.
+restart loads the cache file without tokenizing. A source that fails (a missing
+package stops tokenization; too many bad rows) leaves no cache file, so the
+next run tokenizes again. Truncation is applied after the cache (lengths only),
+so changing the limits never re-tokenizes.
 
 Batches. A global batch is a pure function of `(data.seed, step)`:
 `epoch, i = divmod(step, steps_per_epoch)`, the epoch's order is grain's
@@ -51,11 +54,15 @@ since they all hold every row's length.
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import hashlib
 import json
 import math
 import sys
-from collections.abc import Sequence
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -65,6 +72,7 @@ import numpy as np
 
 from mmpo_jax.data import formats
 from mmpo_jax.data.formats import INVALID_REASONS, TOO_LONG, Layout, SpecialIds
+from mmpo_jax.data.json_rows import BadLine, BadLines, RawRows, read_json_rows
 from mmpo_jax.errors import UserError
 
 if TYPE_CHECKING:
@@ -96,17 +104,6 @@ class SourceSpec:
     split: str = "train"  # for hub ids and the builtin demo
 
 
-@dataclass
-class RawRows:
-    """A source's rows as read: plain dicts, with the number a user would look up."""
-
-    name: str
-    rows: list[dict[str, Any]]
-    numbers: list[int]  # 1-based line numbers (JSON lines) or row indices
-    label: Literal["line", "row"]
-    columns: list[str]
-
-
 def source_specs(cfg: DataConfig, which: Split) -> list[SourceSpec]:
     """The sources of the train or test split (empty: no test data configured)."""
     if which == "train" and cfg.mixture:
@@ -124,10 +121,13 @@ def source_specs(cfg: DataConfig, which: Split) -> list[SourceSpec]:
     return [SourceSpec(f, key, 1.0, split) for f in ([files] if isinstance(files, str) else files)]
 
 
-def read_source(src: SourceSpec, cache_dir: str | None = None) -> RawRows:
-    """Reads every row of one source; a UserError naming `src.key` if it cannot."""
+def read_source(
+    src: SourceSpec, cache_dir: str | None = None, bad_lines: BadLines = "raise"
+) -> RawRows:
+    """Reads every row of one source; a UserError naming `src.key` if it cannot.
+    `bad_lines="collect"`: bad JSON lines become `RawRows.bad` instead of an error."""
     if src.spec in DEMO_SOURCES:
-        return _read_demo(src)
+        return _read_demo(src, bad_lines)
     path = Path(src.spec).expanduser()
     suffix = path.suffix.lower()
     if suffix in JSON_SUFFIXES + PARQUET_SUFFIXES:
@@ -136,7 +136,7 @@ def read_source(src: SourceSpec, cache_dir: str | None = None) -> RawRows:
         if not path.is_file():
             raise UserError(f"{src.key}: '{src.spec}' is not a file")
         if suffix in JSON_SUFFIXES:
-            return read_json_rows(path, src.key)
+            return read_json_rows(path, src.key, bad_lines)
         return _read_parquet(path, src.key, cache_dir)
     if path.exists():
         raise UserError(
@@ -146,89 +146,16 @@ def read_source(src: SourceSpec, cache_dir: str | None = None) -> RawRows:
     return _read_hub(src, cache_dir)
 
 
-def _read_demo(src: SourceSpec) -> RawRows:
+def _read_demo(src: SourceSpec, bad_lines: BadLines) -> RawRows:
     from mmpo_jax.data.builtin import demo_data_path
 
     if src.split not in ("train", "test"):
         raise UserError(
             f"{src.key}={src.spec}: the demo data has splits train and test, not '{src.split}'"
         )
-    raw = read_json_rows(demo_data_path(src.split, DEMO_SOURCES[src.spec]), src.key)
+    raw = read_json_rows(demo_data_path(src.split, DEMO_SOURCES[src.spec]), src.key, bad_lines)
     raw.name = f"{src.spec} ({src.split})"
     return raw
-
-
-def read_json_rows(path: Path, key: str) -> RawRows:
-    """Rows of a JSON lines file; a `.json` file may also hold one JSON document: a
-    list of objects, one object, or an object with one list of objects (`{"data": [...]}`)."""
-    data = path.read_bytes()
-    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark, as some editors write
-        data = data[3:]
-    if path.suffix.lower() == ".json":
-        rows = _json_document_rows(data, path, key)
-        if rows is not None:
-            return RawRows(str(path), rows, list(range(1, len(rows) + 1)), "row", _columns(rows))
-    rows, numbers = [], []
-    for n, line in enumerate(data.split(b"\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            col = f", column {err.colno}" if isinstance(err, json.JSONDecodeError) else ""
-            raise UserError(
-                f"{key}: '{path}' line {n}{col}: not valid JSON ({_reason(err)}); "
-                "each line must be one JSON object: fix or remove the line"
-            ) from None
-        rows.append(_as_object(item, f"{key}: '{path}' line {n}"))
-        numbers.append(n)
-    return RawRows(str(path), rows, numbers, "line", _columns(rows))
-
-
-def _json_document_rows(data: bytes, path: Path, key: str) -> list[dict[str, Any]] | None:
-    """The rows of a `.json` file holding one document, or None if it is JSON lines."""
-    try:
-        doc = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        if isinstance(err, json.JSONDecodeError) and err.msg == "Extra data":
-            return None  # more than one document: JSON lines, read line by line
-        if data.lstrip()[:1] != b"[":
-            return None  # JSON lines with a broken line: reported with its line number
-        where = (
-            f" at line {err.lineno}, column {err.colno}"
-            if isinstance(err, json.JSONDecodeError)
-            else ""
-        )
-        raise UserError(f"{key}: '{path}' is not valid JSON{where}: {_reason(err)}") from None
-    if isinstance(doc, dict) and "chosen" not in doc:
-        lists = [v for v in doc.values() if isinstance(v, list)]
-        if len(lists) != 1:
-            raise UserError(
-                f"{key}: '{path}' holds an object with keys {', '.join(doc)}: expected rows with "
-                "chosen/rejected, a list of them, or an object with one list of them"
-            )
-        doc = lists[0]
-    items = doc if isinstance(doc, list) else [doc]
-    return [_as_object(item, f"{key}: '{path}' row {i}") for i, item in enumerate(items, 1)]
-
-
-def _reason(err: Exception) -> str:
-    return err.msg if isinstance(err, json.JSONDecodeError) else str(err)
-
-
-def _as_object(item: Any, where: str) -> dict[str, Any]:
-    if not isinstance(item, dict):
-        raise UserError(
-            f"{where}: expected a JSON object with chosen/rejected, got {type(item).__name__}"
-        )
-    return item
-
-
-def _columns(rows: list[dict[str, Any]]) -> list[str]:
-    seen: dict[str, None] = {}
-    for row in rows:
-        seen.update(dict.fromkeys(row))
-    return list(seen)
 
 
 def _read_parquet(path: Path, key: str, cache_dir: str | None) -> RawRows:
@@ -299,9 +226,24 @@ class SourceReport:
     kept: int = 0
     dropped: dict[str, Drops] = field(default_factory=dict)
     template_error: str = ""  # the chat template's first error message
+    line_errors: dict[str, str] = field(default_factory=dict)  # JSON reason -> first bad line
 
     def drop(self, reason: str, number: int) -> None:
         self.dropped.setdefault(reason, Drops()).add(number)
+
+    def drop_line(self, line: BadLine) -> None:
+        self.drop(line.reason, line.number)
+        self.line_errors.setdefault(line.reason, line.detail)
+
+    def summary(self) -> str:
+        """`3150 rows kept, 0 dropped` or `14 of 21 rows kept, 7 dropped (wrong_type 2, ...)`."""
+        dropped = sum(d.count for d in self.dropped.values())
+        if not dropped:
+            return f"{self.kept} rows kept, 0 dropped"
+        reasons = ", ".join(
+            f"{r} {d.count}" for r, d in sorted(self.dropped.items(), key=lambda x: -x[1].count)
+        )
+        return f"{self.kept} of {self.rows_read} rows kept, {dropped} dropped ({reasons})"
 
     @property
     def invalid(self) -> int:
@@ -378,6 +320,8 @@ def check_invalid(report: SourceReport, max_fraction: float) -> None:
         )
         if reason == "chat_template_error" and report.template_error:
             lines.append(f"    first error: {report.template_error}")
+        if reason in report.line_errors:
+            lines.append(f"    first error: {report.line_errors[reason]}")
     lines.append("Fix or remove these rows, or raise data.max_invalid_fraction.")
     raise UserError("\n".join(lines))
 
@@ -441,12 +385,12 @@ def prepare_source(
     tokenizer: Any,
     tokenizer_fp: str,
     special: SpecialIds,
+    log: Callable[[str], None] | None = None,
 ) -> SourceData:
-    import datasets
-    import pyarrow.compute as pc
-
-    raw = read_source(src, cfg.cache_dir)
-    n_total = len(raw.rows)
+    """Reads, checks and tokenizes one source; `log` hears a line before and after."""
+    start = time.perf_counter()
+    raw = read_source(src, cfg.cache_dir, bad_lines="collect")
+    n_total = len(raw.rows) + len(raw.bad)
     if n_total == 0:
         raise UserError(f"{src.key}: '{raw.name}' has no rows")
     n_read = math.floor(src.fraction * n_total) if src.fraction < 1 else n_total
@@ -454,12 +398,19 @@ def prepare_source(
         raise UserError(
             f"{src.key}: fraction {src.fraction} of the {n_total} rows of '{raw.name}' keeps none"
         )
-    rows, numbers = raw.rows[:n_read], raw.numbers[:n_read]
+    rows, numbers, bad = _first_rows(raw, n_read)
     where = f"{src.key}: '{raw.name}'"
+    report = SourceReport(raw.name, src.key, "", raw.label, n_total, src.fraction, n_read)
+    for line in bad:
+        report.drop_line(line)
+    if bad:
+        # Before the layout: a file of mostly garbage has no columns to detect one from.
+        check_invalid(report, cfg.max_invalid_fraction)
+        if not rows:
+            first = next(iter(report.line_errors.values()))
+            raise UserError(f"{where}: no line of it is a JSON object ({first}): fix the file")
     layout: Layout = formats.detect_layout(rows, raw.columns, cfg.format, where)
-    report = SourceReport(
-        raw.name, src.key, layout.describe(), raw.label, n_total, src.fraction, n_read
-    )
+    report.layout = layout.describe()
 
     records: dict[str, list] = {"row": [], "prompt": [], "chosen": [], "rejected": []}
     for row, number in zip(rows, numbers):
@@ -475,6 +426,101 @@ def prepare_source(
             f"{where} is conversational, but data.tokenizer={cfg.tokenizer!r} has no chat template: "
             "use a tokenizer with one, or standard (string) data"
         )
+    cache_file = None
+    if records["row"]:
+        cache = tokenized_cache_dir(cfg.cache_dir)
+        cache.mkdir(parents=True, exist_ok=True)
+        cache_file = cache / f"{records_fingerprint(records, layout.kind, tokenizer_fp)}.arrow"
+        if cache_file.exists():
+            _drop_unreadable_cache(cache_file, raw.name, log or _warn)
+        if log is not None:
+            n = len(records["row"])
+            log(
+                f"reusing the tokenized cache of {raw.name} ({n} rows)"
+                if cache_file.exists()
+                else f"tokenizing {n} rows of {raw.name}"
+            )
+    try:
+        data = _tokenized_source(
+            records, layout.kind, cache_file, tokenizer, special, cfg, report, log is not None
+        )
+    except Exception:
+        # A failed source must not be reused: the failure may be this machine's (a package
+        # installed since, a chat template error that another jinja2 fixes).
+        if cache_file is not None:
+            _remove_cache_file(cache_file)
+        raise
+    if log is not None:
+        log(f"{raw.name}: {report.summary()} ({time.perf_counter() - start:.1f} s)")
+    return data
+
+
+def _first_rows(raw: RawRows, n: int) -> tuple[list[dict[str, Any]], list[int], list[BadLine]]:
+    """The rows and bad lines among the first `n` of the source, in file order."""
+    if n >= len(raw.rows) + len(raw.bad):
+        return raw.rows, raw.numbers, raw.bad
+    if not raw.bad:
+        return raw.rows[:n], raw.numbers[:n], []
+    last = sorted(raw.numbers + [b.number for b in raw.bad])[n - 1]
+    k = bisect.bisect_right(raw.numbers, last)
+    return raw.rows[:k], raw.numbers[:k], [b for b in raw.bad if b.number <= last]
+
+
+def _drop_unreadable_cache(cache_file: Path, name: str, say: Callable[[str], None]) -> None:
+    """Deletes a tokenized-cache file that does not read back whole (cut by a full disk,
+    overwritten), with a notice: left there, it would fail every run until deleted by hand."""
+    import datasets
+
+    try:
+        datasets.Dataset.from_file(str(cache_file))
+        return
+    except Exception as err:  # pyarrow's OSError / ArrowInvalid, and whatever a bad file gives
+        reason = f"{type(err).__name__}: {_first_line(err)}"
+    _remove_cache_file(cache_file)
+    say(f"the tokenized cache of {name} ({cache_file}) cannot be read ({reason}); deleted it, tokenizing again")
+
+
+def _warn(text: str) -> None:
+    warnings.warn(text, stacklevel=3)
+
+
+def _remove_cache_file(path: Path) -> None:
+    # datasets.map writes a temporary file beside it and renames it when done (removing it
+    # on an exception), with no sidecar files: the .arrow file is the whole cache entry.
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _progress_bars_off(off: bool) -> Iterator[None]:
+    """datasets' progress bars off inside (when `off`), as they were outside."""
+    import datasets
+
+    forced = datasets.config.HF_DATASETS_DISABLE_PROGRESS_BARS is not None  # the env var wins
+    if not off or forced or datasets.are_progress_bars_disabled():
+        yield
+        return
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.enable_progress_bars()
+
+
+def _tokenized_source(
+    records: dict[str, list],
+    kind: formats.Kind,
+    cache_file: Path | None,
+    tokenizer: Any,
+    special: SpecialIds,
+    cfg: DataConfig,
+    report: SourceReport,
+    quiet: bool,
+) -> SourceData:
+    """Tokenizes the records (or reads `cache_file`), truncates and checks the bad rows;
+    `quiet`: without datasets' progress bar."""
+    import datasets
+    import pyarrow.compute as pc
 
     ids = datasets.List(datasets.Value("int32"))
     features = datasets.Features(
@@ -486,22 +532,20 @@ def prepare_source(
             "error": datasets.Value("string"),
         }
     )
-    if records["row"]:
-        fingerprint = records_fingerprint(records, layout.kind, tokenizer_fp)
-        cache = tokenized_cache_dir(cfg.cache_dir)
-        cache.mkdir(parents=True, exist_ok=True)
-        table = datasets.Dataset.from_dict(records).map(
-            formats.tokenize_records,
-            fn_kwargs={"tokenizer": tokenizer, "kind": layout.kind, "special": special},
-            batched=True,
-            batch_size=256,
-            remove_columns=["prompt", "chosen", "rejected"],
-            features=features,
-            cache_file_name=str(cache / f"{fingerprint}.arrow"),
-            new_fingerprint=fingerprint,
-            load_from_cache_file=True,
-            desc=f"Tokenizing {raw.name}",
-        )
+    if cache_file is not None:
+        with _progress_bars_off(quiet):
+            table = datasets.Dataset.from_dict(records).map(
+                formats.tokenize_records,
+                fn_kwargs={"tokenizer": tokenizer, "kind": kind, "special": special},
+                batched=True,
+                batch_size=256,
+                remove_columns=["prompt", "chosen", "rejected"],
+                features=features,
+                cache_file_name=str(cache_file),
+                new_fingerprint=cache_file.stem,
+                load_from_cache_file=True,
+                desc=f"Tokenizing {report.name}",
+            )
     else:
         table = datasets.Dataset.from_dict({k: [] for k in features}, features=features)
 
@@ -592,9 +636,16 @@ class PreferenceData:
 
 
 def load_preference_data(
-    cfg: DataConfig, which: Split, tokenizer: Any | None = None
+    cfg: DataConfig,
+    which: Split,
+    tokenizer: Any | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> PreferenceData | None:
-    """Loads, checks and tokenizes the train or test split (None: no test data set)."""
+    """Loads, checks and tokenizes the train or test split (None: no test data set).
+
+    `log` (a run's log) hears, per source, `tokenizing N rows of NAME` or `reusing the
+    tokenized cache of NAME (N rows)`, then what was kept and the seconds taken;
+    datasets' own progress bar is off while it does. None: nothing is said."""
     from mmpo_jax.data.tokenizers import load_tokenizer, special_ids, tokenizer_fingerprint
 
     specs = source_specs(cfg, which)
@@ -604,7 +655,7 @@ def load_preference_data(
         tokenizer = load_tokenizer(cfg.tokenizer)
     special = special_ids(tokenizer)
     tok_fp = tokenizer_fingerprint(tokenizer)
-    sources = [prepare_source(s, cfg, tokenizer, tok_fp, special) for s in specs]
+    sources = [prepare_source(s, cfg, tokenizer, tok_fp, special, log) for s in specs]
     if sum(s.report.kept for s in sources) == 0:
         raise UserError(
             f"{specs[0].key}: no row of the {which} data is left to train on "
