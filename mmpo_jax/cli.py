@@ -7,12 +7,27 @@ exit 2, with no traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import sys
 from typing import Sequence
 
 from mmpo_jax.config import ConfigError
-from mmpo_jax.errors import UserError
+from mmpo_jax.errors import INTERRUPTED_EXIT, UserError
+
+# Errors of the file system a user fixes (disk full, permissions), with what to do:
+# one line, not a traceback.
+USER_FIXABLE_ERRNOS = {
+    errno.ENOSPC: "Free space on that disk (the checkpoints already saved are complete), then run the same command again.",
+    errno.EDQUOT: "Free space under your disk quota, then run the same command again.",
+    errno.EFBIG: "The file outgrew a size limit (ulimit -f): raise it, then run the same command again.",
+    errno.EROFS: "That file system is read-only: choose a writable train.output_dir (or destination).",
+    errno.EACCES: "Permission denied: choose a directory you can write, or fix its permissions.",
+    errno.EPERM: "Operation not permitted: choose a directory you can write, or fix its permissions.",
+    errno.ENOTDIR: "A path component is a file, not a directory: choose another path.",
+    errno.EISDIR: "That path is a directory where a file was expected: choose another path.",
+}
 
 # Add a subcommand by adding its module here (see mmpo_jax/commands/__init__.py).
 SUBCOMMANDS = (
@@ -42,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # transformers' import-time "PyTorch was not found. Models won't be available" is
+    # advice for its own models; this package needs only its tokenizers and configs, and a
+    # newcomer reads that line as the run failing
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # `key=value` overrides may follow an option (`eval RUN --json loss.beta=0.2`), which
@@ -58,6 +77,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except UserError as err:
         print(f"mmpo-jax: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        # a second Ctrl-C during a run, or one outside it: stop without a traceback
+        print("mmpo-jax: interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT
+    except OSError as err:
+        if err.errno not in USER_FIXABLE_ERRNOS:
+            raise
+        where = f" '{err.filename}'" if err.filename else ""
+        print(f"mmpo-jax: error:{where}: {err.strerror or err}. {USER_FIXABLE_ERRNOS[err.errno]}", file=sys.stderr)
         return 2
 
 

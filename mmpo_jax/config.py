@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -405,23 +406,55 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return config_from_dict(raw)
 
 
+def config_from_text(text: str, overrides: Sequence[str] = (), where: str = "the config") -> RunConfig:
+    """`load_config` of YAML text (a checkpoint's saved config); errors name `where`."""
+    return config_from_dict(apply_overrides(_parse_yaml(text, where), overrides))
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: '{path}'")
+    return _parse_yaml(path.read_text(), str(path))
+
+
+def _parse_yaml(text: str, where: str) -> dict[str, Any]:
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{where}: not valid YAML{at}: {getattr(err, 'problem', err)}") from None
     if raw is None:
         return {}
+    _check_expanded_size(raw, where)
     if not isinstance(raw, dict):
         raise ConfigError(
-            f"{path}: the top level must be a mapping of sections "
+            f"{where}: the top level must be a mapping of sections "
             f"({', '.join(_field_names(RunConfig))}), got {type(raw).__name__}"
         )
     return raw
+
+
+# A run config has a few hundred values; YAML aliases can make a 900-byte file expand
+# to billions (an "alias bomb"), which copying the mapping would try to build.
+MAX_CONFIG_NODES = 100_000
+
+
+def _check_expanded_size(raw: Any, where: str) -> None:
+    """Counts the values `raw` expands to (each alias use again), stopping at the bound."""
+    seen, stack = 0, [raw]
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_CONFIG_NODES:
+            raise ConfigError(
+                f"{where}: expands to more than {MAX_CONFIG_NODES} values (YAML aliases used over and over?); "
+                "a run config needs a few hundred: write the values out"
+            )
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -603,15 +636,22 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 pass
         raise ConfigError(f"{key}={_shown(value)}: expected an integer")
     if tp is float:
+        number: float | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
                 # YAML 1.1 reads `5e-7` (no dot) as a string: take it as the number it is.
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}={_shown(value)}: expected a number")
+        if number is None:
+            raise ConfigError(f"{key}={_shown(value)}: expected a number")
+        if not math.isfinite(number):
+            # no setting means anything at inf or nan: optim.learning_rate=inf trained NaN
+            # weights that were saved as a good checkpoint
+            raise ConfigError(f"{key}={_shown(value)}: must be a finite number")
+        return number
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}={_shown(value)}: expected a list like [a,b]")

@@ -8,21 +8,36 @@ Which processes form the run, in order of precedence:
    JAX's auto-detection;
 4. otherwise one process.
 
+Joining waits at most `--init-timeout` seconds (`MMPO_INIT_TIMEOUT`, default
+`DEFAULT_INIT_TIMEOUT`) for the other processes, saying who waits for whom; then the
+process stops with a one-line error (JAX's own timeout aborts the process with a C++
+stack trace, so a watchdog of ours comes first).
+
 After start-up every process hashes the resolved config and the package version;
 `check_same_run` stops all of them with a clear message if any differs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import sys
+import threading
 from dataclasses import dataclass
+from typing import Iterator
 
 from mmpo_jax.errors import UserError
 
 ENV_COORDINATOR = "MMPO_COORDINATOR"
 ENV_NUM_PROCESSES = "MMPO_NUM_PROCESSES"
 ENV_PROCESS_ID = "MMPO_PROCESS_ID"
+ENV_INIT_TIMEOUT = "MMPO_INIT_TIMEOUT"
+# Seconds to wait for every process to join: TPU VMs of one slice start within a
+# minute or two of each other.
+DEFAULT_INIT_TIMEOUT = 300.0
+# JAX's own deadline comes this much later than ours, so ours is the one that fires.
+_JAX_TIMEOUT_MARGIN = 60
 
 
 @dataclass(frozen=True)
@@ -32,12 +47,22 @@ class ProcessSpec:
     coordinator: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
+    init_timeout: float = DEFAULT_INIT_TIMEOUT
 
 
 def spec_from(coordinator: str | None = None, num_processes: int | None = None,
-              process_id: int | None = None, environ: dict | None = None) -> ProcessSpec:
+              process_id: int | None = None, environ: dict | None = None,
+              init_timeout: float | None = None) -> ProcessSpec:
     """Flags first, then the MMPO_* environment variables; all three or none."""
     env = os.environ if environ is None else environ
+    if init_timeout is None:
+        text = env.get(ENV_INIT_TIMEOUT) or str(DEFAULT_INIT_TIMEOUT)
+        try:
+            init_timeout = float(text)
+        except ValueError:
+            raise UserError(f"{ENV_INIT_TIMEOUT}={text!r} must be a number of seconds") from None
+    if not init_timeout > 0:
+        raise UserError(f"--init-timeout {init_timeout}: must be > 0 seconds")
     coordinator = coordinator or env.get(ENV_COORDINATOR) or None
     if num_processes is None and env.get(ENV_NUM_PROCESSES):
         num_processes = _int(env[ENV_NUM_PROCESSES], ENV_NUM_PROCESSES)
@@ -56,7 +81,7 @@ def spec_from(coordinator: str | None = None, num_processes: int | None = None,
             raise UserError(f"coordinator '{coordinator}' must look like HOST:PORT, e.g. 10.0.0.2:8476")
         if num_processes < 1 or not 0 <= process_id < num_processes:
             raise UserError(f"process id {process_id} must be in [0, {num_processes}) (num_processes={num_processes})")
-    return ProcessSpec(coordinator, num_processes, process_id)
+    return ProcessSpec(coordinator, num_processes, process_id, init_timeout)
 
 
 def _int(text: str, name: str) -> int:
@@ -82,10 +107,45 @@ def initialize(spec: ProcessSpec) -> None:
     if spec.coordinator is not None:
         if spec.num_processes == 1:
             return
-        jax.distributed.initialize(coordinator_address=spec.coordinator, num_processes=spec.num_processes,
-                                   process_id=spec.process_id)
+        assert spec.num_processes is not None and spec.process_id is not None
+        who = f"process {spec.process_id} of {spec.num_processes}"
+        if spec.process_id == 0:
+            waits = (f"{who}: serving the run at {spec.coordinator}, waiting up to {spec.init_timeout:.0f} s "
+                     f"for the other {spec.num_processes - 1}")
+            failed = (f"{who}: the other processes did not all join at {spec.coordinator} within "
+                      f"{spec.init_timeout:.0f} s; start all {spec.num_processes} with --coordinator {spec.coordinator} "
+                      "(and a reachable address), or raise --init-timeout")
+        else:
+            waits = f"{who}: joining the run at {spec.coordinator} (process 0), waiting up to {spec.init_timeout:.0f} s"
+            failed = (f"{who}: the run at {spec.coordinator} did not form within {spec.init_timeout:.0f} s "
+                      "(process 0 or another process is not there, or the address is unreachable); "
+                      "check that every process was started with the same --coordinator, or raise --init-timeout")
+        print(waits, file=sys.stderr, flush=True)
+        with _watchdog(spec.init_timeout, failed):
+            jax.distributed.initialize(coordinator_address=spec.coordinator, num_processes=spec.num_processes,
+                                       process_id=spec.process_id,
+                                       initialization_timeout=int(spec.init_timeout) + _JAX_TIMEOUT_MARGIN)
     elif cluster_detected():
-        jax.distributed.initialize()
+        with _watchdog(spec.init_timeout, f"the processes of this TPU slice / SLURM job did not all join within "
+                                          f"{spec.init_timeout:.0f} s; raise --init-timeout"):
+            jax.distributed.initialize(initialization_timeout=int(spec.init_timeout) + _JAX_TIMEOUT_MARGIN)
+
+
+@contextlib.contextmanager
+def _watchdog(seconds: float, message: str) -> Iterator[None]:
+    """Ends the process with `message` (exit 2) if the block runs past `seconds`. A start-up
+    blocked in C++ cannot be interrupted from Python: only exiting ends it."""
+    def expire() -> None:
+        print(f"mmpo-jax: error: {message}", file=sys.stderr, flush=True)
+        os._exit(2)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def run_fingerprint(config_yaml: str) -> str:

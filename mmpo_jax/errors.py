@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """Bad input (a file, a value, a model) with a message that says what to fix and where."""
+
+
+# Exit status of a run stopped by Ctrl-C (128 + SIGINT, as a shell reports it).
+INTERRUPTED_EXIT = 130

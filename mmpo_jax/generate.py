@@ -3,8 +3,9 @@
 `generate(model, prompts, config, seed=)` continues a batch of token-id prompts of any
 lengths and returns a `Generation` (the new tokens, how many belong to each response,
 whether each row stopped at an EOS). `mmpo-jax generate` (`mmpo_jax.commands.generate`)
-is the command line around it: prompts from a JSONL file, chat-formatted by
-`tokenize_prompts` with the data pipeline's own functions.
+is the command line around it: prompts from a JSONL file, tokenized by
+`tokenize_prompts` with the data pipeline's own functions (a plain string through the
+chat template, as one user message, or as raw text: `PROMPT_FORMATS`).
 
 Layout. The prompts of a batch are left-padded to a common length `P` (rounded up to a
 bucket, so a run compiles once per bucket, not once per prompt length); every row then
@@ -432,17 +433,42 @@ def generate(model: Any, prompts: Sequence[Sequence[int]], config: GenerationCon
 # --------------------------------------------------------------------------- #
 # Prompts: text and chat messages -> token ids, with the data pipeline's functions
 # --------------------------------------------------------------------------- #
-def tokenize_prompts(tokenizer: Any, prompts: Sequence[Any], where: Sequence[str] | None = None) -> list[list[int]]:
-    """Token ids of each prompt: a string as the data pipeline tokenizes a standard
-    prompt (the tokenizer's own special tokens), a list of `{role, content}` messages
-    with the chat template and the generation prompt (the pipeline's conversational
-    prompt); a doubled leading BOS collapsed (`formats.collapse_bos`). So a model
-    trained on the data sees its prompts here exactly as in training.
+# How a plain-string prompt becomes ids (message lists always go through the template).
+PROMPT_FORMATS = ("auto", "chat", "raw")
+
+
+def uses_chat_template(tokenizer: Any, prompt_format: str) -> bool:
+    """Whether `prompt_format` sends a plain-string prompt through the chat template:
+    `chat` always, `raw` never, `auto` when the tokenizer has a template. A UserError
+    for `chat` with a tokenizer that has none."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt_format={prompt_format!r}: choose from {', '.join(PROMPT_FORMATS)}")
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if prompt_format == "chat" and not has_template:
+        raise UserError("prompt format 'chat': the tokenizer has no chat template; "
+                        "use the 'raw' prompt format, or a tokenizer with a chat template")
+    return prompt_format == "chat" or (prompt_format == "auto" and has_template)
+
+
+def tokenize_prompts(tokenizer: Any, prompts: Sequence[Any], where: Sequence[str] | None = None,
+                     prompt_format: str = "raw") -> list[list[int]]:
+    """Token ids of each prompt, with the data pipeline's functions; a doubled leading
+    BOS collapsed (`formats.collapse_bos`).
+
+    A list of `{role, content}` messages: the chat template with the generation prompt
+    (the pipeline's conversational prompt). A string, by `prompt_format`: `raw` (the
+    default: what preference-data callers such as `mmpo_jax.win_rate` need, so a model
+    trained on the data sees its prompts exactly as in training) tokenizes it as the
+    pipeline tokenizes a standard prompt (the tokenizer's own special tokens); `chat`
+    makes it the one-message conversation `[{"role": "user", "content": prompt}]`
+    first (a chat model given raw text sees no turn to answer, and often ends at once);
+    `auto` is `chat` when the tokenizer has a chat template, else `raw`.
 
     `where[i]` names prompt i in errors (default 'prompt i').
     """
     from mmpo_jax.data import formats
 
+    as_chat = uses_chat_template(tokenizer, prompt_format)
     where = [f"prompt {i}" for i in range(len(prompts))] if where is None else list(where)
     kinds: list[str] = []
     cleaned: list[Any] = []
@@ -454,6 +480,8 @@ def tokenize_prompts(tokenizer: Any, prompts: Sequence[Any], where: Sequence[str
                 f"{w}: 'prompt' must be a string or a non-empty list of {{\"role\", \"content\"}} messages "
                 f"with string content, got {_short(p)}"
             )
+        if kind == "standard" and as_chat:
+            kind, value = "conversational", [{"role": "user", "content": value}]
         kinds.append(kind)
         cleaned.append(value)
     out: list[Any] = [None] * len(prompts)

@@ -235,6 +235,39 @@ def test_read_only_skips_incomplete_without_moving(saved_run, tmp_path):
     assert (ckdir / "3").is_dir() and not (out / INCOMPLETE_DIR).exists()
 
 
+def _read_only_notices(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("Given directory is read only")]
+
+
+def test_read_only_open_logs_no_read_only_notice(saved_run, caplog):
+    """eval, export and generate open the run read-only: orbax's 'Given directory is read
+    only=...' absl warning is dropped, while other absl warnings still get through."""
+    import logging
+
+    import orbax.checkpoint as ocp
+    from absl import logging as absl_logging
+
+    from mmpo_jax.train.checkpoint import _quiet_read_only_notice
+
+    out, _ = saved_run
+    caplog.set_level(logging.WARNING)  # every logger, absl's included
+    with Checkpointer(out, keep=3, read_only=True) as ckpt:
+        assert ckpt.all_steps() == [1, 2]
+    assert _read_only_notices(caplog) == []
+    # negative control: orbax's own manager, read-only, without the filter, does log it
+    options = ocp.CheckpointManagerOptions(save_interval_steps=0, preservation_policy=None,
+                                           read_only=True, create=False)
+    ocp.CheckpointManager(out / CHECKPOINTS_DIR, options=options).close()
+    assert _read_only_notices(caplog) == [f"Given directory is read only={out / CHECKPOINTS_DIR}"]
+    caplog.clear()
+    with _quiet_read_only_notice():
+        absl_logging.warning("Given directory is read only=%s", "x")
+        absl_logging.warning("another orbax warning=%s", "y")
+    assert [r.getMessage() for r in caplog.records if r.name == "absl"] == ["another orbax warning=y"]
+    absl_logging.warning("Given directory is read only=%s", "z")  # the filter is gone afterwards
+    assert _read_only_notices(caplog) == ["Given directory is read only=z"]
+
+
 def test_mismatched_target_names_the_leaf(saved_run):
     out, states = saved_run
     state = states[2]

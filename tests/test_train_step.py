@@ -32,8 +32,9 @@ def _batch():
     return {"input_ids": ids, "loss_mask": mask, "pair_mask": pair_mask}
 
 
-def _run(mesh_shape, devices, steps=STEPS, poison=False):
+def _run(mesh_shape, devices, steps=STEPS, poison=False, learning_rate=1e-2):
     cfg = load_config(None, ["optim.learning_rate=1e-2", "loss.aux_weight=0", "optim.grad_accum=2"])
+    cfg.optim.learning_rate = learning_rate  # (the config refuses inf; the library must too)
     mesh = make_mesh(MeshConfig(*mesh_shape), devices=jax.devices()[:devices])
     model = build_model(ARCH, ModelOptions(scan_layers=True, remat="full"), mesh=mesh, seed=0,
                         init_scale=0.5)
@@ -79,3 +80,15 @@ def test_nonfinite_step_leaves_state_bit_identical(single_device):
     assert float(metrics["nonfinite"]) == 1.0
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
         np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_nonfinite_update_of_finite_gradients_is_not_applied():
+    """Finite loss and gradients, but an update that is not (a learning rate of inf):
+    the weights stay as they were, and the step says so. It used to apply NaN weights
+    that were then saved as a good checkpoint."""
+    state, step, batch, history = _run((1, 1, 1), 1, steps=1, poison=True, learning_rate=float("inf"))
+    assert np.isfinite(history[0]["loss"]) and np.isfinite(history[0]["grad_norm"])
+    assert history[0]["nonfinite"] == 1.0
+    assert int(state.step) == 0
+    for leaf in jax.tree.leaves(state.trainable):
+        assert np.all(np.isfinite(np.asarray(leaf)))

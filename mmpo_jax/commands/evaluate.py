@@ -18,7 +18,6 @@ FILE` writes both answers and the verdicts of every prompt as JSON lines.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__.split("\n\n", 1)[1])
     p.add_argument("target", metavar="CONFIG|RUN_DIR")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--json", action="store_true",
+                   help="print one strict JSON object (a metric that is not finite is null, as in metrics.jsonl)")
     add_capability_flags(p)
     p.add_argument("--capability-reference", action="store_true",
                    help="with --capability, also score the reference (base) model (capability_ref/*)")
@@ -225,7 +225,9 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_trainer(trainer, options, what=what, log=say)
     metrics = result.metrics
     if args.json:
-        print(json.dumps({"step": step, **metrics}))
+        from mmpo_jax.train.metrics import json_line, make_record
+
+        print(json_line(make_record(step, metrics)), end="")
         return 0
     preference = {k[len("eval/"):]: v for k, v in metrics.items() if k.startswith("eval/")}
     capability = {k: v for k, v in metrics.items() if k.startswith("capability")}

@@ -10,10 +10,15 @@ own config, overrides applied); with a config, its `model.path` (or the random i
 `model.init` when it is ""). The tokenizer is `data.tokenizer`; the model is sharded on
 the `mesh.*` mesh as in training.
 
-FILE is JSON lines (or a .json list of objects) with a `prompt` field per row: a string
-(tokenized as the data pipeline tokenizes a standard prompt) or a list of
-`{"role", "content"}` messages (the tokenizer's chat template with the generation
-prompt). Preference data (`prompt`, `chosen`, `rejected`, e.g. the demo data
+FILE is JSON lines (or a .json list of objects) with a `prompt` field per row: a list
+of `{"role", "content"}` messages (the tokenizer's chat template with the generation
+prompt) or a string. A string goes by `--prompt-format`: `auto` (the default) makes it
+one user message, `[{"role": "user", "content": PROMPT}]`, through the chat template
+when the tokenizer has one (a chat model such as SmolLM2-Instruct given bare text
+often answers nothing), else `raw`; `chat` always does (an error for a tokenizer
+without a template); `raw` tokenizes the text as it is, as the data pipeline tokenizes
+a standard prompt (for a base model, or a model trained on standard-format data).
+Preference data (`prompt`, `chosen`, `rejected`, e.g. the demo data
 `mmpo_jax/data/demo/conversational/test.jsonl`) works as it is: only `prompt` is read.
 
 Decoding stops at an EOS (the tokenizer's, the model config's `eos_token_id` and a
@@ -34,6 +39,10 @@ from typing import Any
 
 from mmpo_jax.errors import UserError
 
+# mmpo_jax.generate.PROMPT_FORMATS, spelled out: importing that module (jax, flax) here
+# would slow every `mmpo-jax --help`
+PROMPT_FORMATS = ("auto", "chat", "raw")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate responses to a JSONL file of prompts with a config's or run's model",
@@ -49,6 +58,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="nucleus sampling: keep the most likely tokens up to this probability mass (default 1)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default 0)")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts per batch (default 8)")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="auto",
+                   help="string prompts: chat = one user message through the chat template, raw = the text "
+                        "as it is, auto (default) = chat when the tokenizer has a chat template, else raw; "
+                        "message-list prompts always use the template")
     p.set_defaults(func=run)
 
 
@@ -123,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
         generate,
         generation_config_eos,
         tokenize_prompts,
+        uses_chat_template,
     )
     from mmpo_jax.train.setup import check_vocab
 
@@ -131,7 +145,11 @@ def run(args: argparse.Namespace) -> int:
     model, arch, cfg, what = load_policy(args)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     check_vocab(tokenizer, arch, cfg)
-    prompts = tokenize_prompts(tokenizer, [r["prompt"] for r in rows], where)
+    if args.prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"--prompt-format chat: data.tokenizer={cfg.data.tokenizer!r} has no chat template; "
+                        "use --prompt-format raw (or auto), or a data.tokenizer with a chat template")
+    as_chat = uses_chat_template(tokenizer, args.prompt_format)
+    prompts = tokenize_prompts(tokenizer, [r["prompt"] for r in rows], where, prompt_format=args.prompt_format)
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         eos_ids=eos_ids(tokenizer, arch, generation_config_eos(cfg.model.path)),
@@ -149,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
     if longest + args.max_new_tokens > arch.max_position_embeddings:
         say(f"warning: the longest prompt ({longest} tokens) + --max-new-tokens {args.max_new_tokens} exceeds "
             f"the model's max_position_embeddings={arch.max_position_embeddings}")
-    say(f"{len(rows)} prompts from {args.prompts}, model {what}, EOS ids {list(config.eos_ids)}, "
+    strings = "string prompts as one user message of the chat template" if as_chat else "string prompts as raw text"
+    say(f"{len(rows)} prompts from {args.prompts} ({strings}), model {what}, EOS ids {list(config.eos_ids)}, "
         f"{'greedy' if config.greedy else f'temperature {config.temperature}, top-p {config.top_p}'}")
     out = None
     if lead:

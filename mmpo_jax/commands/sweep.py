@@ -31,12 +31,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mmpo_jax.commands.evaluate import add_capability_flags, add_win_rate_flags
-from mmpo_jax.errors import UserError
+from mmpo_jax.errors import INTERRUPTED_EXIT, UserError
 
 if TYPE_CHECKING:  # the CLI imports the sweep machinery only when it runs
     from mmpo_jax.sweep import RunSpec, SweepSettings
-
-INTERRUPTED_EXIT = 130
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -3,6 +3,10 @@
 Writes to `train.output_dir`: `config.yaml` (the resolved config), `metrics.jsonl`,
 `tensorboard/`, `checkpoints/<step>/`. Running the same command again resumes from
 the latest complete checkpoint. Ctrl-C saves a checkpoint and exits (status 130).
+A resume that changes the objective, the optimizer or the data (anything but how long,
+how often and where the run logs, evaluates and saves, the mesh, and how the same
+numbers are computed) is refused unless `--allow-config-change`, which records the
+change in `config_changes.jsonl`. One run at a time writes to an output directory.
 
 Several processes (one per host): `--coordinator HOST:PORT --num-processes N
 --process-id I` on each, or the MMPO_COORDINATOR / MMPO_NUM_PROCESSES /
@@ -22,12 +26,15 @@ def add_process_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0 (multi-process runs)")
     p.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
     p.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0..N-1")
+    p.add_argument("--init-timeout", type=float, metavar="SECONDS",
+                   help="how long to wait for every process to join (default 300; MMPO_INIT_TIMEOUT)")
 
 
 def start_processes(args: argparse.Namespace) -> None:
     from mmpo_jax import distributed
 
-    distributed.initialize(distributed.spec_from(args.coordinator, args.num_processes, args.process_id))
+    distributed.initialize(distributed.spec_from(args.coordinator, args.num_processes, args.process_id,
+                                                 init_timeout=args.init_timeout))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,15 +42,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_items(p)
     add_process_flags(p)
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume a run with a changed loss, optimizer or data config (recorded in the run)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmpo_jax.train.loop import INTERRUPTED_EXIT, train
+    from mmpo_jax.errors import INTERRUPTED_EXIT
+    from mmpo_jax.train.loop import train
 
     if not args.items:
         raise SystemExit("mmpo-jax train: give a config file, e.g. `mmpo-jax train configs/demo.yaml`")
     cfg = load_from_items(args.items)  # config errors before any process waits on another
     start_processes(args)
-    result = train(cfg)
+    result = train(cfg, allow_config_change=args.allow_config_change)
     return INTERRUPTED_EXIT if result.status == "interrupted" else 0

@@ -114,13 +114,26 @@ def resolve_checkpoint_path(path_or_hub_id: str | os.PathLike) -> Path:
         return local
     m = _HUB_GGUF.match(text)
     if m and not text.startswith((".", "/", "~")):
-        return _hub_download(m.group(1), filename=m.group(2))
+        return _hub_download_or_explain(text, local, m.group(1), filename=m.group(2))
     if _HUB_ID.match(text) and not text.lower().endswith((".gguf", ".json", ".safetensors")):
-        return _hub_download(text)
+        return _hub_download_or_explain(text, local, text)
     raise UserError(
         f"no such file or directory: '{text}' (pass an HF directory with config.json and "
         "*.safetensors, a .gguf file, or a hub id like 'HuggingFaceTB/SmolLM2-135M-Instruct')"
     )
+
+
+def _hub_download_or_explain(text: str, local: Path, repo_id: str, filename: str | None = None) -> Path:
+    """`_hub_download`, its error led by the local path that does not exist: `models/x`
+    is as likely a mistyped relative path as a hub id, and a message about the hub alone
+    hides that the directory was looked for (and where)."""
+    try:
+        return _hub_download(repo_id, filename=filename)
+    except UserError as err:
+        raise UserError(
+            f"no such local file or directory '{text}' (looked for {local.absolute()}), "
+            f"and it could not be fetched from the hub as a hub id: {err}"
+        ) from None
 
 
 def _hub_download(repo_id: str, filename: str | None = None) -> Path:
@@ -160,7 +173,7 @@ def _hub_download(repo_id: str, filename: str | None = None) -> Path:
         ) from None
     except (hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError) as err:
         raise UserError(
-            f"'{repo_id}' is neither a local path nor a model on the hub ({_first_line(err)}); "
+            f"'{repo_id}' is not a model on the hub ({_first_line(err)}); "
             "check the spelling, or pass a local HF directory or .gguf file"
         ) from None
     except hf_errors.EntryNotFoundError as err:

@@ -28,12 +28,14 @@ Only orbax APIs present in orbax-checkpoint 0.12.4 are used.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import logging
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -54,6 +56,33 @@ _JSON_FILES = ("_CHECKPOINT_METADATA", f"{STATE_ITEM}/_METADATA", f"{CONFIG_ITEM
 _TMP_MARKER = ".orbax-checkpoint-tmp"
 # At most this many leaf differences are listed in a mismatch error.
 _MAX_LISTED = 8
+
+
+# Orbax's CheckpointManager logs this (absl, WARNING) whenever it is built with
+# read_only=True, whatever the directory's permissions: it describes the mode eval,
+# export and generate ask for, not a problem, so those commands must not print it.
+_READ_ONLY_NOTICE = "Given directory is read only=%s"
+
+
+class _DropReadOnlyNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != _READ_ONLY_NOTICE
+
+
+@contextlib.contextmanager
+def _quiet_read_only_notice(active: bool = True) -> Iterator[None]:
+    """Drops orbax's read-only notice on the `absl` logger for the duration (only that
+    message: every other record passes)."""
+    if not active:
+        yield
+        return
+    logger = logging.getLogger("absl")
+    quiet = _DropReadOnlyNotice()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 class Checkpointer:
@@ -106,17 +135,18 @@ class Checkpointer:
             read_only=read_only,
             create=not read_only,
         )
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            item_names=(STATE_ITEM, CONFIG_ITEM),
-            # Registered up front so that metadata can be read before any
-            # save or restore of this manager.
-            item_handlers={
-                STATE_ITEM: ocp.StandardCheckpointHandler(),
-                CONFIG_ITEM: ocp.JsonCheckpointHandler(),
-            },
-            options=options,
-        )
+        with _quiet_read_only_notice(read_only):
+            self._manager = ocp.CheckpointManager(
+                self.directory,
+                item_names=(STATE_ITEM, CONFIG_ITEM),
+                # Registered up front so that metadata can be read before any
+                # save or restore of this manager.
+                item_handlers={
+                    STATE_ITEM: ocp.StandardCheckpointHandler(),
+                    CONFIG_ITEM: ocp.JsonCheckpointHandler(),
+                },
+                options=options,
+            )
 
     # -- queries -------------------------------------------------------------
 
@@ -354,3 +384,14 @@ def _move_aside(entries: list[tuple[Path, str]], destination: Path) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("mmpo_jax_checkpoint_move_incomplete")
+
+
+def saved_config_text(step_dir: Path) -> str:
+    """The config YAML stored in a complete step directory, read from its file (no orbax
+    manager, no state): what a run needs to know about its checkpoint before loading."""
+    path = step_dir / _JSON_FILES[2]
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"checkpoint '{step_dir}': cannot read its config ({path}: {err})") from None
+    return _config_text(payload, step_dir)

@@ -6,7 +6,7 @@ step `k` continues with batch `k` and reproduces, step for step, the run that ne
 stopped. Step numbers in `metrics.jsonl` count applied updates (the first train
 record is step 1; the eval before training is step 0).
 
-A step whose loss or gradient is not finite leaves the state unchanged (the step
+A step whose loss, gradient or updated weights are not finite leaves the state unchanged (the step
 decides that on device); the loop then stops with `NonFiniteStep`, naming the step
 and the last good checkpoint, and writes neither its metrics nor a checkpoint.
 SIGINT (Ctrl-C) finishes the step in flight, saves a checkpoint and returns.
@@ -14,6 +14,8 @@ SIGINT (Ctrl-C) finishes the step in flight, saves a checkpoint and returns.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import signal
 import time
 from dataclasses import dataclass, field
@@ -25,15 +27,18 @@ import numpy as np
 
 from mmpo_jax.config import RunConfig, config_to_yaml
 from mmpo_jax.errors import UserError
-from mmpo_jax.train.checkpoint import Checkpointer
+from mmpo_jax.files import write_text_atomic
+from mmpo_jax.train.checkpoint import CHECKPOINTS_DIR, Checkpointer, saved_config_text
 from mmpo_jax.train.metrics import MetricsWriter, Progress, Throughput
+from mmpo_jax.train.preflight import check_batch_fits, check_paths
+from mmpo_jax.train.report import Stages, count_text, end_summary
+from mmpo_jax.train.run_lock import RunLock
 from mmpo_jax.train.setup import Trainer, build_trainer, check_vocab, device_batch
 
-INTERRUPTED_EXIT = 130
 
 
 class NonFiniteStep(UserError):
-    """A step's loss or gradient was not finite; the run stopped without applying it."""
+    """A step's loss, gradient or update was not finite; the run stopped without applying it."""
 
 
 @dataclass
@@ -58,13 +63,14 @@ class RunResult:
     seconds: float = 0.0
 
 
-def load_data(cfg: RunConfig) -> RunData:
+def load_data(cfg: RunConfig, log: Callable[[str], None] | None = None) -> RunData:
+    """The tokenizer and both splits; `log` hears each stage (tokenizing or the cache)."""
     from mmpo_jax.data.pipeline import load_preference_data
     from mmpo_jax.data.tokenizers import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    train = load_preference_data(cfg.data, "train", tokenizer)
-    test = load_preference_data(cfg.data, "test", tokenizer)
+    train = load_preference_data(cfg.data, "train", tokenizer, log=log)
+    test = load_preference_data(cfg.data, "test", tokenizer, log=log)
     return RunData(tokenizer=tokenizer, train=train, test=test)
 
 
@@ -151,69 +157,185 @@ class _Interrupt:
 
 
 def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None,
-          trainer: Trainer | None = None, data: RunData | None = None) -> RunResult:
-    """Runs (or resumes) `cfg` to `train.max_steps`; see the module docstring."""
+          trainer: Trainer | None = None, data: RunData | None = None,
+          allow_config_change: bool = False) -> RunResult:
+    """Runs (or resumes) `cfg` to `train.max_steps`; see the module docstring.
+
+    Nothing in `train.output_dir` changes before every check has passed and the run
+    really starts (its state loaded or restored): a start that fails leaves a previous
+    run's `config.yaml` and files as they were. A resume that would change the
+    objective or the data (`RESUME_SAFE_KEYS` are the others) is refused unless
+    `allow_config_change`, and then recorded in `config_changes.jsonl`.
+    """
     start_time = time.time()
     lead = jax.process_index() == 0
     out = Path(cfg.train.output_dir)
-    if lead:
-        out.mkdir(parents=True, exist_ok=True)
     say = log or (lambda text: print(text, flush=True) if lead else None)
     config_yaml = config_to_yaml(cfg)
     from mmpo_jax.distributed import check_same_run
 
     check_same_run(config_yaml)
-    if lead:
-        (out / "config.yaml").write_text(config_yaml)
-
-    data = load_data(cfg) if data is None else data
-    trainer = build_trainer(cfg) if trainer is None else trainer
-    check_vocab(data.tokenizer, trainer.arch, cfg)
-    attach_reference_tables(cfg, trainer, data, say)
-
     tc = cfg.train
+    done = latest_complete_step(out) if out.is_dir() else None
+    if trainer is None and done is not None and done >= tc.max_steps:
+        # a finished run is known from its checkpoint directory: no model to load for that
+        _say_finished(out, done, tc.max_steps, say)
+        return RunResult("finished", done, done, {}, time.time() - start_time)
+    with contextlib.ExitStack() as held:
+        lock: RunLock | None = None
+        if lead and out.is_dir():  # a run directory in use: refused before anything is loaded
+            lock = held.enter_context(RunLock(out, say))
+        if done is not None:
+            check_resume_config(saved_config_text(out / CHECKPOINTS_DIR / str(done)), config_yaml,
+                                allow_config_change)
+        stages = Stages(say)
+        if data is None or trainer is None:
+            check_paths(cfg)
+        if data is None:
+            stages.start(f"loading the tokenizer {cfg.data.tokenizer} and the data")
+            data = load_data(cfg, log=say)
+            stages.end(f"data: {len(data.train)} train pairs" + (f", {len(data.test)} test pairs" if data.test else ""))
+        check_batch_fits(data.train, cfg.data.batch_size)
+        if trainer is None:
+            stages.start(f"loading the model {cfg.model.path or '(random init of model.init)'}")
+            trainer = build_trainer(cfg)
+            stages.end(_model_text(trainer))
+        check_vocab(data.tokenizer, trainer.arch, cfg)
+        attach_reference_tables(cfg, trainer, data, say)
+        if lead and lock is None:
+            out.mkdir(parents=True, exist_ok=True)
+            lock = held.enter_context(RunLock(out, say))
+        result = _run(trainer, data, config_yaml, stages, say, lock)
+    result.seconds = time.time() - start_time
+    if result.status == "interrupted":
+        say(f"interrupted: checkpoint of step {result.step} saved in {out / 'checkpoints' / str(result.step)}; "
+            "run the same command again to resume")
+    elif result.status == "finished" and result.step > (done or 0):
+        say(f"done: {result.step} steps in {result.seconds:.0f} s; checkpoint "
+            f"{out / 'checkpoints' / str(result.step)}, metrics {out / 'metrics.jsonl'}")
+        if lead:
+            for line in end_summary(out, lora=trainer.options.lora is not None, has_test=data.test is not None):
+                say(line)
+    return result
+
+
+def _run(trainer: Trainer, data: RunData, config_yaml: str, stages: Stages,
+         say: Callable[[str], None], lock: RunLock | None) -> RunResult:
+    """The run once everything is loaded: restore, the evals, the steps, the final save
+    (`lock`: the output directory's, held by process 0)."""
+    cfg, tc = trainer.cfg, trainer.cfg.train
+    out = Path(tc.output_dir)
+    lead = jax.process_index() == 0
     with Checkpointer(out, keep=tc.keep_checkpoints) as ckpt, _Interrupt() as interrupt:
         state = trainer.state
         start = ckpt.latest_step() or 0
         if start:
             state, saved_yaml = ckpt.restore(start, abstract_state(state))
-            _warn_config_changes(saved_yaml, config_yaml, say)
+            changes = config_differences(saved_yaml, config_yaml)
+            if changes:
+                say("warning: the config differs from the checkpoint's in " + ", ".join(changes))
+                if lead:
+                    record_config_change(out, start, changes)
             say(f"resuming from {out / 'checkpoints' / str(start)} (step {start} of {tc.max_steps})")
-        last_ckpt = start or None
         if start >= tc.max_steps:
-            say(f"{out} already holds a finished run ({start} of train.max_steps={tc.max_steps} steps); "
-                "raise train.max_steps to continue it, or choose another train.output_dir")
+            _say_finished(out, start, tc.max_steps, say)
             trainer.state = state  # the caller's trainer holds the finished run, not its initial weights
-            return RunResult("finished", start, start, {}, time.time() - start_time)
+            return RunResult("finished", start, start)
+        if lock is not None:
+            lock.claim()
+            write_text_atomic(out / "config.yaml", config_yaml)
         with MetricsWriter(out, resume_step=start, enabled=lead) as writer:
             eval_metrics: dict[str, float] = {}
             if data.test is not None and start == 0:
-                eval_metrics = evaluate(trainer, state, data.test, data.test_ref, tc.eval_batches)
-                writer.write(0, eval_metrics, prefix="eval/")
-                say(_eval_line(0, eval_metrics))
+                eval_metrics = _timed_eval(trainer, state, data, 0, writer, stages)
+            say(f"training steps {start + 1}-{tc.max_steps}, {cfg.data.batch_size} pairs each "
+                "(the first step compiles the train step)")
             state, result = _steps(trainer, state, data, ckpt, writer, interrupt, start, config_yaml, say)
-            last_ckpt = result.last_checkpoint or last_ckpt
+            last_ckpt = result.last_checkpoint or start or None
             step = result.step
             if result.status == "finished":
                 if data.test is not None and (tc.eval_every <= 0 or step % tc.eval_every != 0):
-                    eval_metrics = evaluate(trainer, state, data.test, data.test_ref, tc.eval_batches)
-                    writer.write(step, eval_metrics, prefix="eval/")
-                    say(_eval_line(step, eval_metrics))
+                    eval_metrics = _timed_eval(trainer, state, data, step, writer, stages)
                 else:
                     eval_metrics = result.eval
+            stages.start(f"saving the checkpoint of step {step}")
             if ckpt.save(step, state, config_yaml, wait=True) or ckpt.latest_step() == step:
                 last_ckpt = step
+            stages.end(f"saved {out / 'checkpoints' / str(step)}")
     trainer.state = state
     result.last_checkpoint = last_ckpt
     result.eval = eval_metrics
-    result.seconds = time.time() - start_time
-    if result.status == "interrupted":
-        say(f"interrupted: checkpoint of step {step} saved in {out / 'checkpoints' / str(step)}; "
-            "run the same command again to resume")
-    else:
-        say(f"done: {step} steps in {result.seconds:.0f} s; checkpoint {out / 'checkpoints' / str(step)}, "
-            f"metrics {out / 'metrics.jsonl'}")
     return result
+
+
+# Keys a resume may change without --allow-config-change: how long, how often and where
+# the run logs, evaluates and saves, the mesh (a checkpoint resumes on any mesh) and how
+# the same numbers are computed. Any other change alters the objective, the optimizer
+# or the data of a run that is half done.
+RESUME_SAFE_KEYS = frozenset({
+    "train.max_steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.save_every",
+    "train.keep_checkpoints", "train.output_dir", "mesh.data", "mesh.fsdp", "mesh.tensor",
+    "model.remat", "model.attention", "model.logprob_chunk", "data.cache_dir", "data.max_invalid_fraction",
+})
+CONFIG_CHANGES_FILE = "config_changes.jsonl"
+
+
+def check_resume_config(saved_yaml: str, current_yaml: str, allow: bool) -> None:
+    """Refuses a resume that changes more than `RESUME_SAFE_KEYS` (unless `allow`)."""
+    changed = config_differences(saved_yaml, current_yaml, ignore=RESUME_SAFE_KEYS)
+    if changed and not allow:
+        raise UserError(
+            "this run's checkpoint was trained with another config: " + ", ".join(changed) + ". "
+            "Resuming would mix two objectives or data sets in one run: choose another train.output_dir, "
+            "or pass --allow-config-change to resume with the change (it is recorded in the run directory)"
+        )
+
+
+def record_config_change(out: Path, step: int, changes: list[str]) -> None:
+    """Appends the resume's config changes to `<out>/config_changes.jsonl`."""
+    line = json.dumps({"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changes": changes})
+    with open(out / CONFIG_CHANGES_FILE, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+
+
+def latest_complete_step(output_dir: Path) -> int | None:
+    """The newest complete checkpoint step of a run directory, read from its files only."""
+    from mmpo_jax.train.checkpoint import incomplete_reason
+
+    root = output_dir / CHECKPOINTS_DIR
+    steps = [int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir()] if root.is_dir() else []
+    return max((s for s in steps if incomplete_reason(root / str(s)) is None), default=None)
+
+
+def _say_finished(out: Path, step: int, max_steps: int, say: Callable[[str], None]) -> None:
+    say(f"{out} already holds a finished run ({step} of train.max_steps={max_steps} steps); "
+        "raise train.max_steps to continue it, or choose another train.output_dir")
+
+
+def _model_text(trainer: Trainer) -> str:
+    trainable = sum(x.size for x in jax.tree.leaves(trainer.state.trainable))
+    total = trainable + sum(x.size for x in jax.tree.leaves(trainer.state.frozen))
+    lora = trainer.options.lora
+    how = f"LoRA rank {lora.rank}" if lora is not None else "full fine-tuning"
+    devices = trainer.mesh.devices.size
+    return (f"model: {count_text(total)} parameters, {count_text(trainable)} trained ({how}), "
+            f"reference {trainer.cfg.model.reference}, on {devices} {jax.default_backend()} "
+            f"device{'s' if devices > 1 else ''}")
+
+
+def _timed_eval(trainer: Trainer, state: Any, data: RunData, step: int, writer: MetricsWriter,
+                stages: Stages) -> dict[str, float]:
+    """The eval at `step`, written and printed with its time (the first compiles the eval step)."""
+    n = _eval_pairs(len(data.test), trainer.cfg.data.batch_size, trainer.cfg.train.eval_batches)
+    stages.start(f"evaluating {n} test pairs at step {step}" + (" (the first batch compiles the eval step)" if step == 0 else ""))
+    metrics = evaluate(trainer, state, data.test, data.test_ref, trainer.cfg.train.eval_batches)
+    writer.write(step, metrics, prefix="eval/")
+    stages.end(_eval_line(step, metrics))
+    return metrics
+
+
+def _eval_pairs(rows: int, batch_size: int, max_batches: int) -> int:
+    return rows if max_batches <= 0 else min(rows, max_batches * batch_size)
 
 
 def _steps(trainer: Trainer, state: Any, data: RunData, ckpt: Checkpointer, writer: MetricsWriter,
@@ -236,7 +358,8 @@ def _steps(trainer: Trainer, state: Any, data: RunData, ckpt: Checkpointer, writ
                 where = (f"the last good checkpoint is {Path(tc.output_dir) / 'checkpoints' / str(last_ckpt or ckpt.latest_step())}"
                          if (last_ckpt or ckpt.latest_step()) else "no checkpoint was saved yet")
                 raise NonFiniteStep(
-                    f"step {step + 1}: the loss or a gradient is not finite (loss={metrics['loss']}); "
+                    f"step {step + 1}: the loss, a gradient or an updated weight is not finite "
+                    f"(loss={metrics['loss']}, grad_norm={metrics.get('grad_norm')}); "
                     f"the update was not applied and nothing of this step was written; {where}. "
                     "Lower optim.learning_rate or check the data of this step "
                     f"(`mmpo-jax inspect-data`, global batch {step})"
@@ -285,28 +408,26 @@ def config_differences(saved_yaml: str, current_yaml: str, ignore: Sequence[str]
     return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in keys]
 
 
-def _warn_config_changes(saved: str, current: str, say: Callable[[str], None]) -> None:
-    changed = config_differences(saved, current)
-    if changed:
-        say("warning: the config differs from the checkpoint's in " + ", ".join(changed))
-
-
 def restore_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Trainer, int]:
     """A finished or running run's trainer with the state of its latest checkpoint.
 
-    The config is the run's own (`RUN_DIR/config.yaml`) with `overrides` applied.
+    The config is the one saved in that checkpoint (what trained those weights, even
+    if a refused or failed start has since been given another one), with `overrides`
+    applied; `config.yaml` beside it is for people to read.
     """
-    from mmpo_jax.config import load_config
+    from mmpo_jax.config import config_from_text
 
     run_dir = Path(run_dir)
-    config_file = run_dir / "config.yaml"
-    if not config_file.is_file():
-        raise UserError(f"{run_dir} is not a run directory (no config.yaml); give the train.output_dir of a run")
-    cfg = load_config(config_file, list(overrides) + [f"train.output_dir={run_dir}"])
+    step = latest_complete_step(run_dir)
+    if step is None:
+        if not (run_dir / CHECKPOINTS_DIR).is_dir():
+            raise UserError(f"{run_dir} is not a run directory (no {CHECKPOINTS_DIR}/); "
+                            "give the train.output_dir of a run")
+        raise UserError(f"{run_dir} has no complete checkpoint yet (in {run_dir / CHECKPOINTS_DIR})")
+    step_dir = run_dir / CHECKPOINTS_DIR / str(step)
+    cfg = config_from_text(saved_config_text(step_dir), list(overrides) + [f"train.output_dir={run_dir}"],
+                           where=f"the config saved in {step_dir}")
     trainer = build_trainer(cfg)
     with Checkpointer(run_dir, keep=cfg.train.keep_checkpoints, read_only=True) as ckpt:
-        step = ckpt.latest_step()
-        if step is None:
-            raise UserError(f"{run_dir} has no complete checkpoint yet (in {run_dir / 'checkpoints'})")
         trainer.state, _ = ckpt.restore(step, abstract_state(trainer.state))
     return trainer, step

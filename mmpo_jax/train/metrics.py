@@ -27,7 +27,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -37,6 +36,7 @@ import jax
 import numpy as np
 
 from mmpo_jax.errors import UserError
+from mmpo_jax.files import write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -126,9 +126,8 @@ def _record_step(line: str) -> int | None:
 def truncate_metrics_file(path: Path, resume_step: int) -> int:
     """Rewrites `path` keeping the records with `step <= resume_step`; returns how many went.
 
-    Atomic: the kept lines go to a temp file in the same directory, fsync'd,
-    then `os.replace`d over the original, so a crash leaves the old or the new
-    file, never a mix.
+    Atomic (`files.write_text_atomic`): a crash leaves the old or the new file, never
+    a mix, and the file keeps its permission bits.
     """
     if not path.exists():
         return 0
@@ -138,32 +137,8 @@ def truncate_metrics_file(path: Path, resume_step: int) -> int:
         warnings.warn(
             f"'{path}': dropped {len(bad)} line(s) that are not metric records: {shown}", stacklevel=2
         )
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    write_text_atomic(path, "".join(kept))
     return dropped + len(bad)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Makes a rename in `directory` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # -- the writer ---------------------------------------------------------------

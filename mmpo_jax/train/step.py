@@ -15,7 +15,8 @@ one forward, the reference's without gradient, the loss named by `loss.name`
 (for `sft` with `average_logps: false`, also the chosen answers' token counts)
 under `shard_map` with global statistics (`lax.pmin`/`pmax`/`psum` over the
 batch axes), and its gradient; the gradients are averaged, clipped and applied
-by the optimizer. If the loss or any gradient is not finite, the state is
+by the optimizer. If the loss, any gradient or any updated parameter is not
+finite (an update can overflow where the gradient did not), the state is
 returned unchanged (decided inside the jitted step, since the state's buffers
 are donated) and `metrics["nonfinite"]` is 1.
 """
@@ -212,9 +213,9 @@ def train_step_fn(
     """One optimizer step (unjitted; see `make_train_step`)."""
     grads, metrics = loss_and_grads(sdef, scfg, mesh, state, batch)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.trainable)
-    finite = jnp.isfinite(metrics["loss"]) & _all_finite(grads)
     updates, new_opt = optimizer.update(grads, state.opt_state, state.trainable)
     new_trainable = optax.apply_updates(state.trainable, updates)
+    finite = jnp.isfinite(metrics["loss"]) & _all_finite(grads) & _all_finite(new_trainable)
 
     def keep(new, old):
         return jnp.where(finite, new, old)
