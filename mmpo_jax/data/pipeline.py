@@ -121,6 +121,20 @@ def source_specs(cfg: DataConfig, which: Split) -> list[SourceSpec]:
     return [SourceSpec(f, key, 1.0, split) for f in ([files] if isinstance(files, str) else files)]
 
 
+def local_data_file(src: SourceSpec) -> Path | None:
+    """The file a `.json`/`.jsonl`/`.parquet` source names (None: another kind of source);
+    a UserError naming `src.key` when it is missing or not a file. Cheap: a run checks
+    every source with it before loading anything."""
+    path = Path(src.spec).expanduser()
+    if path.suffix.lower() not in JSON_SUFFIXES + PARQUET_SUFFIXES:
+        return None
+    if not path.exists():
+        raise UserError(f"{src.key}: no such file '{src.spec}' (looked in {path.absolute().parent})")
+    if not path.is_file():
+        raise UserError(f"{src.key}: '{src.spec}' is not a file")
+    return path
+
+
 def read_source(
     src: SourceSpec, cache_dir: str | None = None, bad_lines: BadLines = "raise"
 ) -> RawRows:
@@ -128,16 +142,12 @@ def read_source(
     `bad_lines="collect"`: bad JSON lines become `RawRows.bad` instead of an error."""
     if src.spec in DEMO_SOURCES:
         return _read_demo(src, bad_lines)
-    path = Path(src.spec).expanduser()
-    suffix = path.suffix.lower()
-    if suffix in JSON_SUFFIXES + PARQUET_SUFFIXES:
-        if not path.exists():
-            raise UserError(f"{src.key}: no such file '{src.spec}'")
-        if not path.is_file():
-            raise UserError(f"{src.key}: '{src.spec}' is not a file")
-        if suffix in JSON_SUFFIXES:
+    path = local_data_file(src)
+    if path is not None:
+        if path.suffix.lower() in JSON_SUFFIXES:
             return read_json_rows(path, src.key, bad_lines)
         return _read_parquet(path, src.key, cache_dir)
+    path = Path(src.spec).expanduser()
     if path.exists():
         raise UserError(
             f"{src.key}: '{src.spec}' is not a .json, .jsonl or .parquet file "

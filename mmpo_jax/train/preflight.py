@@ -17,10 +17,6 @@ from mmpo_jax.errors import UserError
 if TYPE_CHECKING:
     from mmpo_jax.config import RunConfig
 
-# Local data files by suffix; any other source is a builtin name or a hub dataset id.
-LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
-
-
 def check_paths(cfg: RunConfig) -> None:
     """Every path of `cfg` exists where it must; a UserError naming the key otherwise.
 
@@ -32,13 +28,11 @@ def check_paths(cfg: RunConfig) -> None:
         raise UserError("train.output_dir is empty: name the run's directory, e.g. train.output_dir=runs/my-run")
     if Path(out).expanduser().is_file():
         raise UserError(f"train.output_dir={out!r} is a file, not a directory: choose another train.output_dir")
-    from mmpo_jax.data.pipeline import source_specs
+    from mmpo_jax.data.pipeline import local_data_file, source_specs
 
     for which in ("train", "test"):
         for src in source_specs(cfg.data, which):  # type: ignore[arg-type]
-            path = Path(src.spec).expanduser()
-            if path.suffix.lower() in LOCAL_DATA_SUFFIXES and not path.exists():
-                raise UserError(f"{src.key}: no such file '{src.spec}' (looked in {path.absolute().parent})")
+            local_data_file(src)
     from mmpo_jax.models.checkpoints import resolve_checkpoint_path
 
     for key, spec in (("model.path", cfg.model.path), ("model.reference_path", cfg.model.reference_path)):
