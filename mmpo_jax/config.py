@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -58,38 +59,67 @@ class ModelInit:
     init_scale: float = 0.02
 
     def validate(self, prefix: str) -> None:
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "max_position_embeddings",
-        ):
-            _check(getattr(self, name) >= 1, prefix, name, getattr(self, name), "must be >= 1")
-        _check(
-            self.num_attention_heads % self.num_key_value_heads == 0,
-            prefix,
-            "num_key_value_heads",
-            self.num_key_value_heads,
-            f"must divide num_attention_heads={self.num_attention_heads}",
-        )
-        if self.head_dim is None:
-            _check(
-                self.hidden_size % self.num_attention_heads == 0,
-                prefix,
-                "hidden_size",
-                self.hidden_size,
-                f"must be a multiple of num_attention_heads={self.num_attention_heads} "
-                "(or set head_dim)",
-            )
-        else:
-            _check(self.head_dim >= 2 and self.head_dim % 2 == 0, prefix, "head_dim",
-                   self.head_dim, "must be even and >= 2 (RoPE rotates pairs)")
-        _check(self.rope_theta > 0, prefix, "rope_theta", self.rope_theta, "must be > 0")
-        _check(self.rms_norm_eps > 0, prefix, "rms_norm_eps", self.rms_norm_eps, "must be > 0")
+        # The rules a checkpoint's config.json is held to as well (one copy of them).
+        problem = model_dims_problem(dataclasses.asdict(self))
+        if problem is not None:
+            key, rule = problem
+            _check(False, prefix, key, getattr(self, key), rule)
         _check(self.init_scale > 0, prefix, "init_scale", self.init_scale, "must be > 0")
+
+
+# The largest model dimensions accepted, from `model.init` or a checkpoint's config.json.
+# Far above any released model (Llama 3.1 405B: 126 layers, hidden 16384, MLP 53248,
+# 128 heads; vocabularies reach ~262k, contexts ~10M), so no real model is refused, while a
+# typo or a broken file (num_hidden_layers=1e9) stops at load instead of hanging in model
+# building (one loop turn per layer) or exhausting memory.
+MODEL_DIM_LIMITS: dict[str, int] = {
+    "vocab_size": 2**24,
+    "hidden_size": 2**17,
+    "intermediate_size": 2**20,
+    "num_hidden_layers": 1024,
+    "num_attention_heads": 2**14,
+    "num_key_value_heads": 2**14,
+    "head_dim": 2**14,
+    "max_position_embeddings": 2**24,
+}
+
+
+def model_dims_problem(dims: dict[str, Any]) -> tuple[str, str] | None:
+    """The first rule the model dimensions `dims` break, as `(key, rule)`; None if none.
+
+    `dims` has transformers' names (a `model.init` section, a checkpoint's config.json);
+    a key absent or None is not checked (the reader's default applies), except that
+    `head_dim` None stands for hidden_size // num_attention_heads. `ModelInit.validate`
+    and the checkpoint readers (`mmpo_jax.models.checkpoints`) both use it, so a config
+    and a checkpoint are refused for the same values.
+    """
+    for key, limit in MODEL_DIM_LIMITS.items():
+        value = dims.get(key)
+        if value is None:
+            continue
+        # bool is an int subclass, and JSON's 1e9 is a float: neither is a size
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            return key, "must be a positive integer"
+        if value > limit:
+            return key, f"must be <= {limit} (far above any real model: a typo?)"
+    for key in ("rope_theta", "rms_norm_eps"):
+        value = dims.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or value <= 0:
+            return key, "must be a positive number"
+    heads, kv = dims.get("num_attention_heads"), dims.get("num_key_value_heads")
+    if heads is not None and kv is not None and heads % kv:
+        return "num_key_value_heads", f"must divide num_attention_heads={heads}"
+    head_dim, hidden = dims.get("head_dim"), dims.get("hidden_size")
+    if head_dim is not None:
+        if head_dim % 2:
+            return "head_dim", "must be even (RoPE rotates pairs)"
+    elif hidden is not None and heads is not None and hidden % (2 * heads):
+        return "hidden_size", (f"must be a multiple of 2 x num_attention_heads={heads} (an even head size: "
+                               "RoPE rotates pairs), or set head_dim")
+    return None
 
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -493,7 +523,30 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
         if hasattr(section, "validate"):
             section.validate(f.name)
     _resolve_reference(cfg)
+    _expand_home(cfg)
     return cfg
+
+
+# The keys that name local files or directories (a hub id or `builtin:`/`pkg:` spec
+# never starts with "~", so expanding those leaves them as they are).
+PATH_KEYS = ("model.path", "model.reference_path", "data.train_files", "data.test_files", "data.mixture",
+             "data.tokenizer", "data.cache_dir", "train.output_dir")
+
+
+def _expand_home(cfg: RunConfig) -> None:
+    """`~` and `~user` in path keys become the home directory, as a shell would expand them
+    (unexpanded, `train.output_dir=~/runs/x` made a directory literally named `~`)."""
+    for key in PATH_KEYS:
+        section_name, name = key.split(".")
+        section = getattr(cfg, section_name)
+        value = getattr(section, name)
+        if isinstance(value, str):
+            value = os.path.expanduser(value)
+        elif isinstance(value, list):
+            value = [os.path.expanduser(v) for v in value]
+        elif isinstance(value, dict):
+            value = {os.path.expanduser(k): v for k, v in value.items()}
+        setattr(section, name, value)
 
 
 # Losses that need no reference model: `model.reference: auto` resolves to none for them.

@@ -24,6 +24,7 @@ from checkpoint_helpers import (
 )
 from mmpo_jax.errors import UserError
 from mmpo_jax.models import checkpoints as C
+from mmpo_jax.models.hf_export import export_hf
 from mmpo_jax.models.llama import ModelOptions, iter_hf_weights
 
 F32 = ModelOptions(param_dtype="float32", compute_dtype="float32", attention="xla")
@@ -148,7 +149,7 @@ def test_export_round_trip_through_transformers(tmp_path, kind, llama_dirs):
                     p.normal_(0, 0.5)
     src = save_hf_dir(torch_model, tmp_path / "src", tokenizer)
     model, cfg, tok = C.load_checkpoint(src, F32)
-    out = C.export_hf(model, cfg, tok, tmp_path / "export")
+    out = export_hf(model, cfg, tok, tmp_path / "export")
     names = sorted(p.name for p in out.iterdir())
     assert "config.json" in names and "model.safetensors" in names and "tokenizer.json" in names
     back = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
@@ -178,7 +179,7 @@ def test_export_sharded_and_bf16(tmp_path, llama_dirs):
 
     torch_model, _, single, _, _ = llama_dirs
     model, cfg, _ = C.load_checkpoint(single, F32)
-    out = C.export_hf(model, cfg, None, tmp_path / "sharded", max_shard_bytes=64 * 1024)
+    out = export_hf(model, cfg, None, tmp_path / "sharded", max_shard_bytes=64 * 1024)
     index = json.loads((out / C.SAFETENSORS_INDEX).read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
@@ -188,7 +189,7 @@ def test_export_sharded_and_bf16(tmp_path, llama_dirs):
     for name, value in back.state_dict().items():
         np.testing.assert_array_equal(value.numpy(), state[name].numpy(), err_msg=name)
     # bf16 export: transformers reads the same rounded values.
-    out16 = C.export_hf(model, cfg, None, tmp_path / "bf16", dtype="bfloat16")
+    out16 = export_hf(model, cfg, None, tmp_path / "bf16", dtype="bfloat16")
     assert json.loads((out16 / "config.json").read_text())["torch_dtype"] == "bfloat16"
     back16 = AutoModelForCausalLM.from_pretrained(str(out16), dtype=torch.bfloat16)
     for name, value in back16.state_dict().items():

@@ -164,3 +164,19 @@ def test_aliases_of_a_normal_size_still_load(tmp_path):
     path.write_text("data:\n  train_files: &f [a.jsonl, b.jsonl]\n  test_files: *f\n")
     cfg = load_config(path)
     assert cfg.data.test_files == ["a.jsonl", "b.jsonl"]
+
+
+def test_home_is_expanded_in_path_keys(monkeypatch, tmp_path):
+    """`train.output_dir=~/runs/x` once made a directory literally named '~'."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(None, ["train.output_dir=~/runs/x", "model.path=~/models/m.gguf",
+                             "data.train_files=[~/a.jsonl, b.jsonl]", "data.test_files=~/t.jsonl",
+                             "data.tokenizer=HuggingFaceTB/SmolLM2-135M-Instruct", "data.cache_dir=~/cache"])
+    assert cfg.train.output_dir == f"{tmp_path}/runs/x"
+    assert cfg.model.path == f"{tmp_path}/models/m.gguf"
+    assert cfg.data.train_files == [f"{tmp_path}/a.jsonl", "b.jsonl"]
+    assert cfg.data.test_files == f"{tmp_path}/t.jsonl" and cfg.data.cache_dir == f"{tmp_path}/cache"
+    assert cfg.data.tokenizer == "HuggingFaceTB/SmolLM2-135M-Instruct"  # a hub id is left alone
+    mixed = load_config(None, ["data.mixture={~/a.jsonl: 0.5, builtin:demo: 1.0}"])
+    assert mixed.data.mixture == {f"{tmp_path}/a.jsonl": 0.5, "builtin:demo": 1.0}
+    assert load_config(None).train.output_dir == "runs/default"  # no '~', unchanged

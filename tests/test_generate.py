@@ -393,7 +393,7 @@ def test_cli_end_to_end(tiny, tmp_path, capsys):
     responses being the decoded greedy tokens of `generate`."""
     from mmpo_jax.data.builtin import load_demo_rows
     from mmpo_jax.data.tokenizers import load_tokenizer
-    from mmpo_jax.models.checkpoints import export_hf
+    from mmpo_jax.models.hf_export import export_hf
 
     model, arch = tiny[0], tiny[1]
     tok = load_tokenizer("builtin:tiny")

@@ -279,7 +279,7 @@ def test_smollm2_gguf_exports_to_an_hf_directory(smollm2, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mmpo_jax.models.checkpoints import export_hf
+    from mmpo_jax.models.hf_export import export_hf
 
     _, ours, cfg, tok, ref = smollm2
     out = export_hf(ours, cfg, tok, tmp_path / "smollm2-hf")

@@ -235,7 +235,7 @@ def test_export_loads_in_transformers_with_our_logps(straight_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_adapter_export_loads_with_peft(tmp_path):
+def test_lora_adapter_export_loads_with_peft(tmp_path, capsys):
     """A LoRA run from an HF base: PEFT's load of `export --adapter` on the base model equals
     our policy and the merged export."""
     import torch
@@ -244,7 +244,7 @@ def test_lora_adapter_export_loads_with_peft(tmp_path):
 
     from mmpo_jax.cli import main
     from mmpo_jax.data.tokenizers import load_tokenizer
-    from mmpo_jax.models.checkpoints import export_hf
+    from mmpo_jax.models.hf_export import export_hf
     from mmpo_jax.models.llama import ModelOptions, build_model, model_config_from_init
 
     cfg0 = load_config(TINY)
@@ -257,6 +257,11 @@ def test_lora_adapter_export_loads_with_peft(tmp_path):
                              "train.max_steps=2", "train.eval_every=0", "train.save_every=0",
                              "data.test_files=null", f"train.output_dir={run}"])
     loop.train(cfg)
+    base_files = {p.name: p.read_bytes() for p in base_dir.iterdir()}
+    for into_base in ([], ["--overwrite"], ["--adapter", "--overwrite"]):  # the base is an earlier export
+        assert main(["export", str(run), str(base_dir), *into_base]) == 2
+        assert "is the run's model.path" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in base_dir.iterdir()} == base_files
     assert main(["export", str(run), str(tmp_path / "adapter"), "--adapter"]) == 0
     assert main(["export", str(run), str(tmp_path / "merged")]) == 0
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())

@@ -412,7 +412,8 @@ def _run_dir_and_export(run_dir: str, stack: contextlib.ExitStack) -> tuple[Any,
     import tempfile
 
     from mmpo_jax.data.tokenizers import load_tokenizer
-    from mmpo_jax.models.checkpoints import export_hf, open_checkpoint
+    from mmpo_jax.models.checkpoints import open_checkpoint
+    from mmpo_jax.models.hf_export import export_hf
     from mmpo_jax.train.loop import restore_run
 
     trainer, _ = restore_run(run_dir, ["model.compute_dtype=float32", "model.attention=xla"])

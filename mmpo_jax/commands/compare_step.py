@@ -55,7 +55,7 @@ def _torch_model(module: Any, arch: Any) -> Any:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from mmpo_jax.models.checkpoints import export_hf
+    from mmpo_jax.models.hf_export import export_hf
 
     hf_logging.set_verbosity_error()
     with tempfile.TemporaryDirectory(prefix="mmpo-compare-") as tmp:

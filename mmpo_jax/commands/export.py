@@ -1,49 +1,108 @@
-"""`mmpo-jax export RUN_DIR OUT_DIR [--adapter] [--dtype float32|bfloat16]`.
+"""`mmpo-jax export RUN_DIR OUT_DIR [--adapter] [--dtype float32|bfloat16] [--overwrite]`.
 
 Writes the policy of the run's latest checkpoint as a transformers directory
 (`config.json`, safetensors, the tokenizer of `data.tokenizer`), LoRA adapters
 merged into the weights. With `--adapter`, the LoRA adapter alone in PEFT's format
 (`adapter_config.json`, `adapter_model.safetensors`) for the run's base model
 (`model.path`).
+
+OUT_DIR must not exist yet, or be empty, or hold an earlier export (with
+`--overwrite`). Every export writes `mmpo_export.json` listing the files it wrote;
+`--overwrite` replaces such an export only when OUT_DIR holds nothing but those
+files, and never touches any other file: a directory with anything else in it is
+refused, flag or not. OUT_DIR may not be the run directory (RUN_DIR/export is
+fine) or the run's model.path or model.reference_path, nor a directory holding
+them. The export is written to a hidden directory beside OUT_DIR and renamed into
+place when complete, so a failure (an error, a full disk, Ctrl-C) leaves OUT_DIR as
+it was: absent, or the earlier export.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
+from typing import Any
 
 from mmpo_jax.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a run's latest policy as an HF directory (or its LoRA adapter)",
-                       description=__doc__.split("\n\n", 1)[1])
+                       description=__doc__.split("\n\n", 1)[1],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)  # keep the paragraphs
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="a new or empty directory, or an earlier export (--overwrite)")
     p.add_argument("--adapter", action="store_true", help="only the LoRA adapter, in PEFT's format")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="dtype of the exported weights (default float32)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export in OUT_DIR (only the files listed in its mmpo_export.json; "
+                        "a directory holding any other file is still refused)")
     p.set_defaults(func=run)
+
+
+def _real(path: str | os.PathLike) -> Path:
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def check_not_a_source(out_dir: str | os.PathLike, run_dir: str | os.PathLike, cfg: Any) -> None:
+    """A UserError when OUT_DIR is, or holds, the run directory or a checkpoint the run reads
+    (`model.path`, `model.reference_path`; a file such as a .gguf is held by its directory).
+
+    An earlier export can be such a checkpoint (a LoRA run's base model), and `--overwrite`
+    would then replace the weights the run and its adapter need. Paths are compared after
+    resolving symlinks and `pkg:` specs; a hub id has no local path to protect.
+    """
+    from mmpo_jax.paths import resolve
+
+    out = _real(out_dir)
+    protected = [("the run directory", _real(run_dir), str(Path(run_dir) / "export"))]
+    for key in ("path", "reference_path"):
+        spec = getattr(cfg.model, key, "") or ""
+        if not spec:
+            continue
+        try:
+            local = Path(resolve(spec)).expanduser()
+        except UserError:  # an uninstalled pkg: spec, so nothing local to protect
+            continue
+        if local.exists():
+            protected.append((f"the run's model.{key} ('{spec}')", _real(local), None))
+    for what, path, instead in protected:
+        if out == path or out in path.parents:
+            relation = "is" if out == path else "holds"
+            hint = f", e.g. '{instead}'" if instead else ""
+            raise UserError(f"'{out_dir}' {relation} {what}, which the export must not write into; "
+                            f"export to another directory{hint}")
 
 
 def run(args: argparse.Namespace) -> int:
     import jax
 
     from mmpo_jax.data.tokenizers import load_tokenizer
-    from mmpo_jax.models.checkpoints import export_hf
+    from mmpo_jax.models.export_dir import check_export_target
+    from mmpo_jax.models.hf_export import export_hf
     from mmpo_jax.models.lora_export import export_peft_adapter
-    from mmpo_jax.train.loop import restore_run
+    from mmpo_jax.train.loop import restore_run, saved_run_config
 
+    # Before the (slow) restore: a refused destination is told at once. What the run
+    # reads first, since --overwrite could not help there.
+    check_not_a_source(args.out_dir, args.run_dir, saved_run_config(args.run_dir)[0])
+    check_export_target(args.out_dir, overwrite=args.overwrite)
     trainer, step = restore_run(args.run_dir)
     cfg = trainer.cfg
     policy = trainer.sdef.policy(trainer.state)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
+    about = {"run_dir": str(_real(args.run_dir)), "step": int(step)}
     if args.adapter:
         if not cfg.model.path:
             raise UserError("--adapter needs a base model others can load (model.path); this run starts "
                             "from a random init: export the full model instead")
-        out = export_peft_adapter(policy, args.out_dir, cfg.model.path, tokenizer) if jax.process_index() == 0 else None
+        out = export_peft_adapter(policy, args.out_dir, cfg.model.path, tokenizer, overwrite=args.overwrite,
+                                  about=about) if jax.process_index() == 0 else None
     else:
-        out = export_hf(policy, trainer.arch, tokenizer, args.out_dir, dtype=args.dtype) if jax.process_index() == 0 else None
+        out = export_hf(policy, trainer.arch, tokenizer, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
+                        about=about) if jax.process_index() == 0 else None
     if out is not None:
         print(f"exported step {step} of {args.run_dir} to {out}" + (" (LoRA adapter)" if args.adapter else ""))
     return 0

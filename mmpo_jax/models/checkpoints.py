@@ -1,9 +1,9 @@
-"""Checkpoints: HF safetensors directories, hub ids and GGUF files -> our model; our model -> HF.
+"""Checkpoints: HF safetensors directories, hub ids and GGUF files -> our model
+(the way back, our model -> HF, is `mmpo_jax.models.hf_export`).
 
     model, cfg, tokenizer = load_checkpoint("HuggingFaceTB/SmolLM2-135M-Instruct", options, mesh=mesh)
     model, cfg, tokenizer = load_checkpoint("/models/llama-3.2-1b", options)          # HF directory
     model, cfg, tokenizer = load_checkpoint("/models/smollm2.Q4_1.gguf", options)     # GGUF file
-    export_hf(model, cfg, tokenizer, "runs/x/export")   # transformers / vLLM load it
 
 Sources (`open_checkpoint` resolves one into a `CheckpointSource`):
 - a local HF directory: `config.json` plus `model.safetensors`, or the shards of
@@ -23,6 +23,7 @@ memory-mapped reader), converted once and placed straight onto its sharding by
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -31,7 +32,7 @@ import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -199,6 +200,16 @@ def _open_gguf(path: Path) -> CheckpointSource:
     from mmpo_jax.models.gguf import GGUFCheckpoint
 
     ckpt = GGUFCheckpoint(path)
+    try:
+        hf_config = ckpt.hf_config()
+    except (ZeroDivisionError, TypeError, ValueError) as err:  # a head count of 0, a string size
+        raise UserError(f"'{path}': GGUF metadata gives an unusable model dimension ({err}); "
+                        "is this a complete llama.cpp model file?") from None
+    arch = ckpt.architecture
+    # the metadata keys the sizes came from, so the error names what is in the file
+    names = {hf: f"{arch}.{key}" for hf, key in _GGUF_KEYS.items()
+             if ckpt.metadata.get(f"{arch}.{key}") is not None}
+    check_hf_dims(hf_config, str(path), names)
 
     def get(name: str) -> np.ndarray:
         if name not in ckpt._hf_to_gguf:
@@ -208,11 +219,57 @@ def _open_gguf(path: Path) -> CheckpointSource:
     return CheckpointSource(
         kind="gguf",
         path=path,
-        hf_config=ckpt.hf_config(),
+        hf_config=hf_config,
         get_tensor=_ParamCache(get),
         names=set(ckpt.hf_names()),
         load_tokenizer=ckpt.tokenizer,
     )
+
+
+# ------------------------------------------------------- model dimensions ---
+# transformers' config.json name -> the GGUF metadata key (after `<arch>.`) it is read from
+_GGUF_KEYS = {
+    "hidden_size": "embedding_length",
+    "num_hidden_layers": "block_count",
+    "intermediate_size": "feed_forward_length",
+    "num_attention_heads": "attention.head_count",
+    "num_key_value_heads": "attention.head_count_kv",
+    "head_dim": "attention.key_length",
+    "vocab_size": "vocab_size",
+    "max_position_embeddings": "context_length",
+    "rope_theta": "rope.freq_base",
+    "rms_norm_eps": "attention.layer_norm_rms_epsilon",
+}
+
+
+def check_hf_dims(hf_config: dict[str, Any], where: str, names: dict[str, str] | None = None) -> None:
+    """A UserError naming `where` and the key when the model dimensions of a config.json
+    dict are not usable: the rules of `model.init` (`mmpo_jax.config.model_dims_problem`:
+    positive integers below sane bounds, heads that divide). Checked before any array is
+    built, so a bad file fails at once instead of in a JAX traceback or a hang.
+    `names` maps a key to how the file calls it (GGUF metadata keys).
+    """
+    from mmpo_jax.config import MODEL_DIM_LIMITS, model_dims_problem
+
+    dims: dict[str, Any] = {key: hf_config.get(key) for key in MODEL_DIM_LIMITS}
+    # `LlamaConfig.from_hf_dict` reads 0 / null for these as "not given" (`or` a derived value).
+    for key in ("num_key_value_heads", "head_dim"):
+        if not dims[key]:
+            dims[key] = None
+    for key in ("rope_theta", "rms_norm_eps"):
+        dims[key] = hf_config.get(key)
+    rope_parameters = hf_config.get("rope_parameters")
+    nested_theta = rope_parameters.get("rope_theta") if isinstance(rope_parameters, dict) else None
+    problem = model_dims_problem(dims)
+    if problem is None and nested_theta is not None:  # transformers 5 keeps rope_theta there
+        nested = model_dims_problem({"rope_theta": nested_theta})
+        if nested is not None:
+            problem = ("rope_parameters.rope_theta", nested[1])
+            dims["rope_parameters.rope_theta"] = nested_theta
+    if problem is not None:
+        key, rule = problem
+        shown = (names or {}).get(key, key)
+        raise UserError(f"'{where}': {shown}={dims[key]!r} {rule}")
 
 
 # --------------------------------------------------------------- HF dirs ---
@@ -381,6 +438,7 @@ def _open_hf_dir(directory: Path) -> CheckpointSource:
         raise UserError(f"{config_path}: not valid JSON ({err})") from None
     if not isinstance(hf_config, dict):
         raise UserError(f"{config_path}: expected a JSON object")
+    check_hf_dims(hf_config, str(config_path))
     reader = SafetensorsReader.from_dir(directory)
     names = reader.names()
 
@@ -504,139 +562,3 @@ def check_tensors(source: CheckpointSource, cfg: Any) -> None:
             f"{source.description} lacks tensors its config.json implies: {shown}{hint}; "
             "is config.json the one that belongs to these weights?"
         )
-
-
-# --------------------------------------------------------------------------- #
-# Export
-# --------------------------------------------------------------------------- #
-_NP_TO_ST = {
-    np.dtype(np.float32): "F32",
-    np.dtype(np.float16): "F16",
-    np.dtype(np.float64): "F64",
-}
-
-
-def _st_code(dtype: np.dtype) -> str:
-    if dtype in _NP_TO_ST:
-        return _NP_TO_ST[dtype]
-    import ml_dtypes
-
-    if dtype == np.dtype(ml_dtypes.bfloat16):
-        return "BF16"
-    raise UserError(f"cannot write dtype {dtype} to safetensors")
-
-
-class _ShardWriter:
-    """Streams tensors into safetensors shards: each tensor's bytes go to a spill
-    file as they come; a full shard gets its header written and the bytes copied
-    behind it. Never more than one tensor in memory."""
-
-    def __init__(self, out_dir: Path, max_shard_bytes: int):
-        self.out_dir = out_dir
-        self.max_shard_bytes = max_shard_bytes
-        self.shards: list[tuple[Path, list[str]]] = []  # temp file, tensor names
-        self._entries: dict[str, Any] = {}
-        self._spill = None
-        self._spill_path: Path | None = None
-        self._offset = 0
-        self.total_bytes = 0
-
-    def add(self, name: str, array: np.ndarray) -> None:
-        array = np.ascontiguousarray(array)
-        nbytes = array.nbytes
-        if self._spill is not None and self._offset > 0 and self._offset + nbytes > self.max_shard_bytes:
-            self._finish_shard()
-        if self._spill is None:
-            self._spill_path = self.out_dir / f".export-shard-{len(self.shards):05d}.tmp"
-            self._spill = open(self._spill_path, "wb")
-            self._entries = {}
-            self._offset = 0
-        self._spill.write(array.tobytes(order="C"))
-        self._entries[name] = {
-            "dtype": _st_code(array.dtype),
-            "shape": list(array.shape),
-            "data_offsets": [self._offset, self._offset + nbytes],
-        }
-        self._offset += nbytes
-        self.total_bytes += nbytes
-
-    def _finish_shard(self) -> None:
-        assert self._spill is not None and self._spill_path is not None
-        self._spill.close()
-        header = {"__metadata__": {"format": "pt"}, **self._entries}
-        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        raw += b" " * (-len(raw) % 8)
-        final = self._spill_path.with_suffix(".st")
-        with open(final, "wb") as out, open(self._spill_path, "rb") as data:
-            out.write(struct.pack("<Q", len(raw)))
-            out.write(raw)
-            shutil.copyfileobj(data, out, length=64 * 1024 * 1024)
-        self._spill_path.unlink()
-        self.shards.append((final, list(self._entries)))
-        self._spill = None
-
-    def close(self) -> dict[str, str]:
-        """Names the shards; returns the weight map (tensor -> file name)."""
-        if self._spill is not None:
-            self._finish_shard()
-        n = len(self.shards)
-        weight_map: dict[str, str] = {}
-        for i, (tmp, names) in enumerate(self.shards):
-            fname = SAFETENSORS_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            tmp.replace(self.out_dir / fname)
-            weight_map.update({name: fname for name in names})
-        return weight_map
-
-
-def export_hf(
-    model: Any,
-    cfg: Any,
-    tokenizer: Any,
-    out_dir: str | os.PathLike,
-    *,
-    dtype: str = "float32",
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    weights: Iterable[tuple[str, np.ndarray]] | None = None,
-) -> Path:
-    """Writes an HF directory transformers (and vLLM) load: `config.json`, safetensors, tokenizer.
-
-    Tensors stream from `iter_hf_weights(model)` (or `weights`) one at a time into
-    `model.safetensors`, or into `model-0000i-of-0000n.safetensors` shards of at
-    most `max_shard_bytes` with a `model.safetensors.index.json`. `dtype` is
-    `float32` or `bfloat16`. The tokenizer (if any) is saved with its chat template.
-    """
-    from mmpo_jax.models.llama import iter_hf_weights
-
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise UserError(f"export dtype '{dtype}' is not supported; choose float32, bfloat16 or float16")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in list(out.glob("*.safetensors")) + [out / SAFETENSORS_INDEX]:
-        if stale.exists():
-            stale.unlink()
-    if dtype == "bfloat16":
-        import ml_dtypes
-
-        np_dtype = np.dtype(ml_dtypes.bfloat16)
-    else:
-        np_dtype = np.dtype(dtype)
-
-    writer = _ShardWriter(out, max_shard_bytes)
-    try:
-        for name, array in weights if weights is not None else iter_hf_weights(model):
-            writer.add(name, np.asarray(array).astype(np_dtype, copy=False))
-        weight_map = writer.close()
-    finally:
-        for tmp in out.glob(".export-shard-*"):
-            tmp.unlink()
-    if len(set(weight_map.values())) > 1:
-        index = {"metadata": {"total_size": writer.total_bytes}, "weight_map": weight_map}
-        (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-
-    hf = cfg.to_hf_dict()
-    hf["torch_dtype"] = dtype
-    hf["dtype"] = dtype
-    (out / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
-    return out

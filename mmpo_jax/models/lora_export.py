@@ -55,14 +55,34 @@ def _value(var: Any) -> Any:
     return jax.device_get(value)
 
 
-def export_peft_adapter(model: Any, out_dir: str | Path, base_model: str, tokenizer: Any = None) -> Path:
-    """Writes the adapter of `model` (a LoRA policy) for `base_model` (hub id or path)."""
-    from safetensors.numpy import save_file
+def export_peft_adapter(
+    model: Any,
+    out_dir: str | Path,
+    base_model: str,
+    tokenizer: Any = None,
+    *,
+    overwrite: bool = False,
+    about: dict[str, Any] | None = None,
+) -> Path:
+    """Writes the adapter of `model` (a LoRA policy) for `base_model` (hub id or path).
+
+    `out_dir` is new, empty, or (with `overwrite`) an earlier export and nothing else; it
+    is written beside it and renamed into place (`checkpoints.export_directory`), so a
+    failure leaves `out_dir` as it was and no file of anyone else's is ever touched.
+    """
+    from mmpo_jax.models.export_dir import export_directory
 
     lora = model.options.lora
     tensors = dict(iter_peft_weights(model))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with export_directory(out_dir, kind="peft_adapter", overwrite=overwrite, about=about) as out:
+        _write_adapter(out, tensors, lora, base_model, tokenizer)
+    return Path(out_dir)
+
+
+def _write_adapter(out: Path, tensors: dict[str, np.ndarray], lora: Any, base_model: str, tokenizer: Any) -> None:
+    """The adapter's files, into the (temporary) directory `out`."""
+    from safetensors.numpy import save_file
+
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {
         "peft_type": "LORA",
@@ -81,4 +101,3 @@ def export_peft_adapter(model: Any, out_dir: str | Path, base_model: str, tokeni
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
-    return out

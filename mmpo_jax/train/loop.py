@@ -408,13 +408,11 @@ def config_differences(saved_yaml: str, current_yaml: str, ignore: Sequence[str]
     return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in keys]
 
 
-def restore_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Trainer, int]:
-    """A finished or running run's trainer with the state of its latest checkpoint.
-
-    The config is the one saved in that checkpoint (what trained those weights, even
-    if a refused or failed start has since been given another one), with `overrides`
-    applied; `config.yaml` beside it is for people to read.
-    """
+def saved_run_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[RunConfig, int]:
+    """The config saved in a run's latest complete checkpoint (what trained those weights,
+    even if a refused or failed start has since been given another one), with `overrides`
+    applied, and that checkpoint's step; nothing is loaded. `config.yaml` beside it is for
+    people to read."""
     from mmpo_jax.config import config_from_text
 
     run_dir = Path(run_dir)
@@ -427,6 +425,13 @@ def restore_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()
     step_dir = run_dir / CHECKPOINTS_DIR / str(step)
     cfg = config_from_text(saved_config_text(step_dir), list(overrides) + [f"train.output_dir={run_dir}"],
                            where=f"the config saved in {step_dir}")
+    return cfg, step
+
+
+def restore_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Trainer, int]:
+    """A finished or running run's trainer with the state of its latest checkpoint, built
+    from the config saved in it (`saved_run_config`)."""
+    cfg, step = saved_run_config(run_dir, overrides)
     trainer = build_trainer(cfg)
     with Checkpointer(run_dir, keep=cfg.train.keep_checkpoints, read_only=True) as ckpt:
         trainer.state, _ = ckpt.restore(step, abstract_state(trainer.state))
