@@ -23,6 +23,7 @@ from typing import Any, Literal, Sequence, Union
 import yaml
 
 from mmpo_jax.errors import UserError
+from mmpo_jax.loss_registry import LOSS_NAMES, LOSSES, REFERENCE_FREE_LOSSES
 
 
 class ConfigError(UserError, ValueError):
@@ -309,14 +310,15 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
-    """The preference loss; names and defaults follow `shared/docs/losses.md`.
+    """The preference loss; `docs/losses.md` defines each, `mmpo_jax.loss_registry`
+    declares which keys each reads and its defaults.
 
     `sft` is supervised fine-tuning on the chosen answers (the rejected are ignored):
     the token-mean NLL of the batch's chosen tokens (TRL SFTTrainer's), or with
     `average_logps: true` the mean over pairs of each answer's per-token NLL.
     """
 
-    name: Literal["mmpo", "dpo", "simpo", "sft"] = "mmpo"
+    name: str = field(default="mmpo", metadata={"choices": LOSS_NAMES})
     # None: the loss's own default (0.1 for mmpo, dpo and sft, 2.0 for simpo); sft
     # uses it only for the rewards/* metrics when it has a reference.
     beta: float | None = None
@@ -333,10 +335,11 @@ class LossConfig:
     average_logps: bool | None = None
 
     def validate(self, prefix: str) -> None:
+        spec = LOSSES[self.name]
         if self.beta is None:
-            self.beta = 2.0 if self.name == "simpo" else 0.1
+            self.beta = spec.beta
         if self.average_logps is None:
-            self.average_logps = self.name == "simpo"
+            self.average_logps = spec.average_logps
         _check(self.beta > 0, prefix, "beta", self.beta, "must be > 0")
         _check(self.norm_eps > 0, prefix, "norm_eps", self.norm_eps, "must be > 0")
         _check(self.aux_weight >= 0, prefix, "aux_weight", self.aux_weight, "must be >= 0")
@@ -351,11 +354,11 @@ class LossConfig:
             "must be in [0, 0.5)",
         )
         _check(
-            not (self.name == "simpo" and self.average_logps is False),
+            not (spec.averaged_only and self.average_logps is False),
             prefix,
             "average_logps",
             self.average_logps,
-            "SimPO always uses length-averaged log-probs; leave it unset or true",
+            f"{spec.title} always uses length-averaged log-probs; leave it unset or true",
         )
 
 
@@ -549,10 +552,6 @@ def _expand_home(cfg: RunConfig) -> None:
         setattr(section, name, value)
 
 
-# Losses that need no reference model: `model.reference: auto` resolves to none for them.
-REFERENCE_FREE_LOSSES = ("simpo", "sft")
-
-
 def _resolve_reference(cfg: RunConfig) -> None:
     """`model.reference: auto` becomes a concrete mode; a mode the loss cannot use is an error."""
     model, loss = cfg.model, cfg.loss
@@ -589,6 +588,11 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a mapping, got {type(raw).__name__}: {raw!r}")
     hints = typing.get_type_hints(cls)
+    # a str field whose choices live elsewhere (`loss.name`: the loss registry) is
+    # checked as the Literal of them
+    for f in dataclasses.fields(cls):
+        if "choices" in f.metadata:
+            hints[f.name] = Literal[tuple(f.metadata["choices"])]
     names = _field_names(cls)
     kwargs = {}
     for key, value in raw.items():

@@ -7,6 +7,8 @@ import numpy as np
 from mmpo_jax.config import RunConfig
 
 EXAMPLE_PAIRS = 8
+# The example's summed log-probs stand for completions of about this many tokens each.
+EXAMPLE_TOKENS = 40.0
 
 
 def example_logps(seed: int, pairs: int = EXAMPLE_PAIRS) -> dict[str, np.ndarray]:
@@ -27,17 +29,28 @@ def example_logps(seed: int, pairs: int = EXAMPLE_PAIRS) -> dict[str, np.ndarray
 
 
 def example_metrics(cfg: RunConfig, name: str) -> dict[str, float]:
-    """Runs loss `name` with the settings of `cfg.loss` on the example batch."""
+    """Loss `name` on the example batch, as a run of `cfg` would compute it: the settings
+    of `cfg.loss` for the configured loss, the loss's own defaults for another
+    (`loss_registry.settings`); per-token means (every answer EXAMPLE_TOKENS tokens long)
+    where it averages; a reference where the loss needs one, and for a loss that reads it
+    only for its metrics (sft) when the run of `cfg` has one."""
     import jax.numpy as jnp
 
-    from mmpo_jax import losses
+    from mmpo_jax import loss_registry, losses
+    from mmpo_jax.loss_inputs import LossInputs
 
-    batch = {k: jnp.asarray(v, jnp.float32) for k, v in example_logps(cfg.train.seed).items()}
-    pc, pr = batch["policy_chosen_logps"], batch["policy_rejected_logps"]
-    beta = cfg.loss.beta if name == cfg.loss.name else (2.0 if name == "simpo" else 0.1)
-    if name == "simpo":  # SimPO reads length-averaged log-probs: ~40 tokens per completion here
-        pc, pr = pc / 40.0, pr / 40.0
-    _, metrics = losses.configured_loss(
-        cfg.loss, pc, pr, batch["ref_chosen_logps"], batch["ref_rejected_logps"], name=name, beta=beta
+    spec = loss_registry.spec_of(name)
+    _, average = loss_registry.settings(cfg.loss, name)
+    scale = 1.0 / EXAMPLE_TOKENS if average else 1.0
+    batch = {k: jnp.asarray(v, jnp.float32) * scale for k, v in example_logps(cfg.train.seed).items()}
+    with_reference = spec.reference == "required" or (
+        spec.reference == "metrics_only" and name == cfg.loss.name and cfg.model.reference != "none")
+    tokens = jnp.full((EXAMPLE_PAIRS,), EXAMPLE_TOKENS, jnp.float32)
+    inputs = LossInputs(
+        policy_chosen=batch["policy_chosen_logps"], policy_rejected=batch["policy_rejected_logps"],
+        ref_chosen=batch["ref_chosen_logps"] if with_reference else None,
+        ref_rejected=batch["ref_rejected_logps"] if with_reference else None,
+        chosen_tokens=tokens, rejected_tokens=tokens,
     )
+    _, metrics = losses.configured_loss(cfg.loss, inputs, name=name)
     return {k: float(v) for k, v in metrics.items()}

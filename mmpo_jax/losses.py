@@ -1,6 +1,7 @@
 """Preference losses on per-pair sequence log-probs: MMPO, DPO, SimPO, and SFT.
 
-The contract is `shared/docs/losses.md`. Every function here is pure: it takes
+The contract is `docs/losses.md`; `mmpo_jax.loss_registry` declares each loss (what it
+reads, its defaults, its metrics). Every function here is pure: it takes
 `[N]` arrays of sequence log-probs (one entry per preference pair) and returns
 `(loss, metrics)`, `metrics` a dict of scalar arrays with TRL's names.
 
@@ -24,11 +25,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mmpo_jax import loss_registry
+from mmpo_jax.loss_inputs import LossInputs
+
 Array = jax.Array
 AxisName = str | tuple[str, ...] | None
 Metrics = dict[str, Array]
 
-LOSS_NAMES = ("mmpo", "dpo", "simpo", "sft")
 
 
 # --------------------------------------------------------------------------- #
@@ -382,52 +385,17 @@ def _stop_metrics(metrics: Metrics, loss: Array) -> Metrics:
 
 def configured_loss(
     loss_cfg: Any,
-    policy_chosen_logps: jax.Array,
-    policy_rejected_logps: jax.Array,
-    ref_chosen_logps: jax.Array | None = None,
-    ref_rejected_logps: jax.Array | None = None,
+    inputs: LossInputs,
     *,
-    entropy: jax.Array | None = None,
-    chosen_tokens: jax.Array | None = None,
-    pair_mask: jax.Array | None = None,
-    axis_name: Any = None,
+    axis_name: AxisName = None,
     name: str | None = None,
     beta: float | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The loss the `loss` config section names (`name` / `beta` override it), `[pairs]` inputs.
+) -> tuple[Array, Metrics]:
+    """The loss the `loss` config section names (or `name`, `beta`) on `inputs` `[pairs]`.
 
-    SimPO reads no reference log-probs; SFT reads them only for its `rewards/*`
-    metrics, when given. The entropy term is MMPO's only; `chosen_tokens` `[pairs]`
-    (SFT's only) makes SFT the token-mean NLL and needs sequence sums
-    (`average_logps: false`).
+    What each loss reads from `inputs` and the config is its declaration in
+    `mmpo_jax.loss_registry` (`call_arguments`, shared with the PyTorch reference).
     """
-    lc = loss_cfg
-    name = lc.name if name is None else name
-    beta = lc.beta if beta is None else beta
-    if chosen_tokens is not None and name != "sft":
-        raise ValueError(f"chosen_tokens is SFT's token-mean normaliser; loss {name!r} takes none")
-    if name == "mmpo":
-        return mmpo_loss(
-            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-            beta=beta, reward_epsilon=lc.reward_epsilon, rejected_epsilon=lc.rejected_epsilon,
-            norm_eps=lc.norm_eps, aux_weight=lc.aux_weight, normalize=lc.normalize,
-            entropy=entropy, entropy_weight=lc.entropy_weight if entropy is not None else 0.0,
-            pair_mask=pair_mask, axis_name=axis_name,
-        )
-    if name == "dpo":
-        return dpo_loss(
-            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-            beta=beta, label_smoothing=lc.label_smoothing, pair_mask=pair_mask, axis_name=axis_name,
-        )
-    if name == "simpo":
-        return simpo_loss(policy_chosen_logps, policy_rejected_logps, beta=beta, gamma=lc.gamma,
-                          pair_mask=pair_mask, axis_name=axis_name)
-    if name == "sft":
-        if chosen_tokens is not None and lc.average_logps:
-            raise ValueError(
-                "sft: chosen_tokens (token-mean NLL) needs sequence sums, but loss.average_logps "
-                "is true (the inputs are already per-sequence averages)"
-            )
-        return sft_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                        chosen_tokens=chosen_tokens, beta=beta, pair_mask=pair_mask, axis_name=axis_name)
-    raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")
+    spec, args, kwargs = loss_registry.call_arguments(loss_cfg, inputs, name=name, beta=beta)
+    fn = globals()[spec.function]
+    return fn(*args, axis_name=axis_name, **kwargs)

@@ -44,6 +44,7 @@ import yaml
 
 from mmpo_jax.config import RunConfig, apply_overrides, config_from_dict
 from mmpo_jax.errors import UserError
+from mmpo_jax.loss_registry import LOSSES
 
 SECTIONS = ("model", "data", "loss", "optim", "mesh", "train")
 
@@ -853,7 +854,7 @@ class _Converter:
         elif self.loss == "simpo":
             self.simpo_keys(beta)
         precompute = self.get("precompute_ref_log_probs", _as_bool)
-        if precompute and self.loss != "simpo":
+        if precompute and getattr(LOSSES.get(self.loss), "reference", None) != "unused":
             self.set("model.reference", "precomputed", "precompute_ref_log_probs")
 
     def loss_name(self) -> tuple[str, str]:
@@ -872,17 +873,19 @@ class _Converter:
                 self.unsupported("loss_type", loss_type, "a weighted sum of TRL losses")
             loss_type = loss_type[0]
         if objective is not None:
-            if objective not in ("mmpo", "dpo", "simpo"):
+            by_objective = {s.objective_type: s.name for s in LOSSES.values() if s.objective_type}
+            if objective not in by_objective:
                 self.unsupported("objective_type", objective, "")
             if loss_type not in (None, "sigmoid"):
                 self.unsupported("loss_type", loss_type, f"with objective_type {objective}")
-            return objective, "objective_type (the MMPO authors' fork)"
+            return by_objective[objective], "objective_type (the MMPO authors' fork)"
         if loss_type in (None, "sigmoid"):
             if self.has("gamma_beta_ratio"):
                 return "simpo", "gamma_beta_ratio (the SimPO authors' recipe key)"
             return "dpo", "loss_type sigmoid" if loss_type else "TRL's default loss_type sigmoid"
-        if loss_type == "simpo":
-            return "simpo", "loss_type simpo (TRL's CPOTrainer)"
+        by_trl = {s.trl_loss_type: s.name for s in LOSSES.values() if s.trl_loss_type}
+        if loss_type in by_trl:
+            return by_trl[loss_type], f"loss_type {loss_type} (TRL's CPOTrainer)"
         self.unsupported("loss_type", loss_type, "")
         raise AssertionError("unreachable")
 
@@ -898,7 +901,7 @@ class _Converter:
         average = self.get("average_logps", _as_bool)
         if average is None:
             return
-        if self.loss == "simpo" and not average:
+        if getattr(LOSSES.get(self.loss), "averaged_only", False) and not average:
             self.skip(
                 "average_logps",
                 average,
@@ -960,7 +963,7 @@ class _Converter:
             if ratio is not None:
                 self.skip("gamma_beta_ratio", ratio, "simpo_gamma is given and is used")
         elif ratio is not None:
-            scale = beta if beta is not None else 2.0
+            scale = beta if beta is not None else LOSSES["simpo"].beta
             where = "beta" if beta is not None else "ours' default beta 2.0"
             self.set("loss.gamma", ratio * scale, f"gamma_beta_ratio {ratio:g} x {where}")
         for key in ("cpo_alpha", "sft_weight"):

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from mmpo_jax.errors import UserError
+from mmpo_jax.loss_registry import LOSSES
 
 EVAL_FILE = "eval.json"
 TRAIN_RESULT_FILE = "train_result.json"
@@ -73,7 +74,6 @@ LOSS_COLUMNS = {
     "entropy_weight": "loss.entropy_weight",
     "entropy_estimator": "loss.entropy_estimator",
 }
-MMPO_ONLY = ("aux_weight", "normalize", "entropy_weight", "entropy_estimator")
 # summary column -> the eval metric it shows
 METRIC_COLUMNS = {
     "win_rate": "win_rate/win_rate",
@@ -501,7 +501,9 @@ def summary_row(outcome: Outcome, extras: Sequence[str]) -> dict[str, str]:
     for column, key in LOSS_COLUMNS.items():
         if loss is not None:
             name = loss.get("name")
-            used = column not in MMPO_ONLY or name == "mmpo"
+            # a key the run's loss does not read is left blank (the registry says which)
+            declared = LOSSES.get(name)
+            used = declared is None or key.split(".", 1)[1] in declared.config_keys
             row[column] = _hyper(loss.get(key.split(".", 1)[1])) if used else ""
         else:  # a failed run: what its overrides said
             row[column] = spec.value(key) or ""

@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from mmpo_jax import losses as jl
 from mmpo_jax.config import ConfigError, MeshConfig, load_config
+from mmpo_jax.loss_inputs import LossInputs
 from mmpo_jax.sharding import BATCH_AXES, make_mesh
 
 torch = pytest.importorskip("torch")
@@ -207,18 +208,24 @@ def test_config_sft_needs_no_reference_and_sums():
         load_config(None, ["loss.name=dpo", "model.reference=none"])
 
 
-def test_configured_loss_checks_the_token_counts():
+def test_configured_loss_reads_the_token_counts_by_the_config():
+    """The token mean needs sequence sums: with `average_logps` the counts are not read,
+    and a loss that is not token-mean ignores them."""
     cfg = load_config(None, ["loss.name=sft"]).loss
     pc, pr, tok = jnp.array([-10.0, -20.0]), jnp.array([-5.0, -6.0]), jnp.array([5.0, 5.0])
-    loss, metrics = jl.configured_loss(cfg, pc, pr, chosen_tokens=tok)
+    loss, metrics = jl.configured_loss(cfg, LossInputs(pc, pr, chosen_tokens=tok))
     assert float(loss) == pytest.approx(3.0) and set(metrics) == {"loss", "logps/chosen", "logps/rejected"}
-    loss, _ = jl.configured_loss(cfg, pc, pr)
+    loss, _ = jl.configured_loss(cfg, LossInputs(pc, pr))
     assert float(loss) == pytest.approx(15.0)
-    with pytest.raises(ValueError, match="average_logps"):
-        jl.configured_loss(load_config(None, ["loss.name=sft", "loss.average_logps=true"]).loss, pc, pr,
-                           chosen_tokens=tok)
-    with pytest.raises(ValueError, match="chosen_tokens.*'dpo'"):
-        jl.configured_loss(cfg, pc, pr, pc, pr, chosen_tokens=tok, name="dpo")
+    averaged = load_config(None, ["loss.name=sft", "loss.average_logps=true"]).loss
+    loss, _ = jl.configured_loss(averaged, LossInputs(pc, pr, chosen_tokens=tok))
+    assert float(loss) == pytest.approx(15.0)  # the mean of the per-sequence means, counts unread
+    dpo = load_config(None, ["loss.name=dpo"]).loss
+    with_counts, _ = jl.configured_loss(dpo, LossInputs(pc, pr, pc, pr, chosen_tokens=tok))
+    without, _ = jl.configured_loss(dpo, LossInputs(pc, pr, pc, pr))
+    assert float(with_counts) == float(without)
+    with pytest.raises(ValueError, match="'dpo' needs reference log-probs"):
+        jl.configured_loss(dpo, LossInputs(pc, pr))
 
 
 def test_losses_command_shows_sft(capsys):

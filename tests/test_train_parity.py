@@ -13,6 +13,7 @@ import pytest
 
 from mmpo_jax import losses
 from mmpo_jax.config import load_config
+from mmpo_jax.loss_inputs import LossInputs
 from mmpo_jax.data.pipeline import bucket_for, bucket_lengths, load_preference_data, train_batches
 from mmpo_jax.train.pair_logps import pair_logps
 from mmpo_jax.train.reference_cache import reference_table
@@ -155,7 +156,7 @@ def test_accumulation_mmpo_is_the_mean_of_micro_batch_losses(train_data, tmp_pat
     lc = cfg.loss
 
     def loss_of(pol, ref):
-        loss, _ = losses.configured_loss(lc, pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1])
+        loss, _ = losses.configured_loss(lc, LossInputs(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1]))
         return float(loss)
 
     expected = np.mean([loss_of(p, r) for p, r in micro])

@@ -1,4 +1,4 @@
-"""The preference losses (and SFT) in PyTorch, written from the contract (`shared/docs/losses.md`).
+"""The preference losses (and SFT) in PyTorch, written from the contract (`docs/losses.md`).
 
 This is the reference the JAX code is checked against. It is written from the
 specification, not translated from `mmpo_jax.losses`: the arithmetic is spelled

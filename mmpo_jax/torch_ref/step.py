@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from mmpo_jax import loss_registry
+from mmpo_jax.loss_inputs import LossInputs
 from mmpo_jax.torch_ref import losses as ref_losses
 
 
@@ -86,22 +88,11 @@ def pair_logps(model: nn.Module, input_ids: np.ndarray, loss_mask: np.ndarray, *
     return seq_logps, entropy
 
 
-def configured_loss(loss_cfg: Any, pc, pr, rc, rr, entropy, pair_mask,
-                    chosen_tokens=None) -> tuple[torch.Tensor, dict]:
-    """`chosen_tokens` `[N]`: completion tokens of each chosen answer (sft's token mean)."""
-    lc = loss_cfg
-    if lc.name == "mmpo":
-        return ref_losses.mmpo_loss(
-            pc, pr, rc, rr, beta=lc.beta, reward_epsilon=lc.reward_epsilon, rejected_epsilon=lc.rejected_epsilon,
-            norm_eps=lc.norm_eps, aux_weight=lc.aux_weight, normalize=lc.normalize, entropy=entropy,
-            entropy_weight=lc.entropy_weight if entropy is not None else 0.0, pair_mask=pair_mask,
-        )
-    if lc.name == "dpo":
-        return ref_losses.dpo_loss(pc, pr, rc, rr, beta=lc.beta, label_smoothing=lc.label_smoothing,
-                                   pair_mask=pair_mask)
-    if lc.name == "sft":
-        return ref_losses.sft_loss(pc, pr, rc, rr, chosen_tokens=chosen_tokens, beta=lc.beta, pair_mask=pair_mask)
-    return ref_losses.simpo_loss(pc, pr, beta=lc.beta, gamma=lc.gamma, pair_mask=pair_mask)
+def configured_loss(loss_cfg: Any, inputs: LossInputs) -> tuple[torch.Tensor, dict]:
+    """The PyTorch twin of the loss `loss_cfg` names, on a `LossInputs` of `[pairs]` tensors,
+    called as `mmpo_jax.losses.configured_loss` calls the JAX one (`call_arguments`)."""
+    spec, args, kwargs = loss_registry.call_arguments(loss_cfg, inputs)
+    return getattr(ref_losses, spec.function)(*args, **kwargs)
 
 
 def step_loss_and_grads(
@@ -115,30 +106,28 @@ def step_loss_and_grads(
     the trainable parameters, for one step's `batch` (`input_ids`, `loss_mask`,
     `pair_mask`, and `ref_logps` when `reference` is None and the loss needs one)."""
     n = grad_accum
-    estimator = loss_cfg.entropy_estimator if (loss_cfg.name == "mmpo" and loss_cfg.entropy_weight > 0) else None
+    spec = loss_registry.spec_of(loss_cfg.name)
+    estimator = loss_registry.entropy_estimator(loss_cfg)
     policy.zero_grad(set_to_none=True)
     sums: dict[str, float] = {}
     for a in range(n):
         mb = {k: v[a::n] for k, v in batch.items()}
         logps, entropy = pair_logps(policy, mb["input_ids"], mb["loss_mask"], average=loss_cfg.average_logps,
                                     entropy_estimator=estimator)
-        rc = rr = None
-        # sft takes a reference only for its rewards/* metrics, when the run has one
-        needs_reference = loss_cfg.name not in ("simpo", "sft") or reference is not None or "ref_logps" in mb
-        if loss_cfg.name != "simpo" and needs_reference:
+        ref = None
+        # a loss that reads a reference only for its metrics (sft) gets one when the run has it
+        has_reference = reference is not None or "ref_logps" in mb
+        if spec.reference == "required" or (spec.reference == "metrics_only" and has_reference):
             if reference is not None:
                 with torch.no_grad():
                     ref, _ = pair_logps(reference, mb["input_ids"], mb["loss_mask"],
                                         average=loss_cfg.average_logps, entropy_estimator=None)
             else:
                 ref = torch.as_tensor(mb["ref_logps"], dtype=torch.float32)
-            rc, rr = ref[:, 0], ref[:, 1]
+        tokens = torch.as_tensor(mb["loss_mask"].sum(-1), dtype=torch.float32)  # [pairs, 2]
         pair_mask = torch.as_tensor(mb["pair_mask"], dtype=torch.float32)
-        chosen_tokens = None
-        if loss_cfg.name == "sft" and not loss_cfg.average_logps:
-            chosen_tokens = torch.as_tensor(mb["loss_mask"][:, 0].sum(-1), dtype=torch.float32)
-        loss, metrics = configured_loss(loss_cfg, logps[:, 0], logps[:, 1], rc, rr, entropy, pair_mask,
-                                        chosen_tokens)
+        inputs = LossInputs.from_pairs(logps, tokens, pair_mask, ref=ref, entropy=entropy)
+        loss, metrics = configured_loss(loss_cfg, inputs)
         (loss / n).backward()
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach()) / n

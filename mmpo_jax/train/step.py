@@ -11,9 +11,9 @@ A batch is a dict of arrays, pair-major and split over the batch mesh axes
 
 One step: for each of `optim.grad_accum` micro-batches (each normalised on its
 own, as the loss contract says), the policy's chosen and rejected log-probs in
-one forward, the reference's without gradient, the loss named by `loss.name`
-(for `sft` with `average_logps: false`, also the chosen answers' token counts)
-under `shard_map` with global statistics (`lax.pmin`/`pmax`/`psum` over the
+one forward, the reference's without gradient, and the loss named by `loss.name`
+on their `LossInputs` (with the answers' token counts and the pair mask) under
+`shard_map` with global statistics (`lax.pmin`/`pmax`/`psum` over the
 batch axes), and its gradient; the gradients are averaged, clipped and applied
 by the optimizer. If the loss, any gradient or any updated parameter is not
 finite (an update can overflow where the gradient did not), the state is
@@ -33,9 +33,10 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mmpo_jax import losses
+from mmpo_jax import loss_registry, losses
 from mmpo_jax.config import LossConfig
 from mmpo_jax.errors import UserError
+from mmpo_jax.loss_inputs import LossInputs
 from mmpo_jax.sharding import BATCH_AXES
 from mmpo_jax.train.pair_logps import pair_logps
 from mmpo_jax.train.state import StateDef, TrainState
@@ -47,43 +48,15 @@ Metrics = dict[str, jax.Array]
 # --------------------------------------------------------------------------- #
 # The loss on per-pair log-probs, global over the mesh
 # --------------------------------------------------------------------------- #
-def loss_on_mesh(
-    loss_cfg: LossConfig,
-    mesh: jax.sharding.Mesh,
-    pc: jax.Array,
-    pr: jax.Array,
-    rc: jax.Array | None,
-    rr: jax.Array | None,
-    entropy: jax.Array | None,
-    pair_mask: jax.Array,
-    chosen_tokens: jax.Array | None = None,
-) -> tuple[jax.Array, Metrics]:
-    """The configured loss on `[pairs]` inputs split over the batch mesh axes.
+def loss_on_mesh(loss_cfg: LossConfig, mesh: jax.sharding.Mesh, inputs: LossInputs) -> tuple[jax.Array, Metrics]:
+    """The configured loss on `inputs` (`[pairs]` arrays split over the batch mesh axes),
+    with global statistics; only the fields the loss reads enter the `shard_map`."""
 
-    `chosen_tokens` `[pairs]`: completion tokens of each chosen answer, SFT's
-    token-mean normaliser (None for the other losses)."""
-    name = loss_cfg.name
-    args = [pc, pr]
-    # SimPO never reads a reference; SFT reads one (for its rewards/* metrics) if the run has it
-    if name in ("mmpo", "dpo") or (name == "sft" and rc is not None):
-        args += [rc, rr]
-    with_tokens = chosen_tokens is not None
-    if with_tokens:
-        args.append(chosen_tokens)
-    with_entropy = name == "mmpo" and entropy is not None
-    if with_entropy:
-        args.append(entropy)
+    def local(used: LossInputs) -> tuple[jax.Array, Metrics]:
+        return losses.configured_loss(loss_cfg, used, axis_name=BATCH_AXES)
 
-    def local(*xs):
-        *inputs, mask = xs
-        ent = inputs.pop() if with_entropy else None
-        tokens = inputs.pop() if with_tokens else None
-        return losses.configured_loss(loss_cfg, *inputs, entropy=ent, chosen_tokens=tokens, pair_mask=mask,
-                                      axis_name=BATCH_AXES)
-
-    spec = P(BATCH_AXES)
-    fn = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * (len(args) + 1), out_specs=(P(), P()))
-    return fn(*args, pair_mask)
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(P(BATCH_AXES),), out_specs=(P(), P()))
+    return fn(loss_registry.used_inputs(loss_cfg, inputs))
 
 
 # --------------------------------------------------------------------------- #
@@ -126,24 +99,18 @@ def _forward_loss(
 ) -> tuple[jax.Array, Metrics]:
     """Loss and metrics of one micro-batch, differentiable in `trainable`."""
     lc = scfg.loss
-    estimator = lc.entropy_estimator if (lc.name == "mmpo" and lc.entropy_weight > 0) else None
     policy = sdef.policy(state, trainable)
     logps, entropy = pair_logps(
         policy, batch["input_ids"], batch["loss_mask"], average=lc.average_logps,
-        chunk=scfg.logprob_chunk, entropy_estimator=estimator, dropout_key=dropout_key,
+        chunk=scfg.logprob_chunk, entropy_estimator=loss_registry.entropy_estimator(lc), dropout_key=dropout_key,
     )
     ref = _reference_logps(sdef, scfg, state, batch)
     pair_mask = batch.get("pair_mask")
     pair_mask = jnp.ones(logps.shape[:1], jnp.float32) if pair_mask is None else pair_mask.astype(jnp.float32)
-    rc = rr = None
-    if ref is not None:
-        rc, rr = ref[:, 0], ref[:, 1]
-    chosen_tokens = None
-    if lc.name == "sft" and not lc.average_logps:
-        # SFT's token mean (TRL SFTTrainer's): the loss divides the chosen log-prob sums
-        # by the micro-batch's chosen completion tokens
-        chosen_tokens = jnp.sum(batch["loss_mask"][:, 0].astype(jnp.float32), axis=-1)
-    return loss_on_mesh(lc, mesh, logps[:, 0], logps[:, 1], rc, rr, entropy, pair_mask, chosen_tokens)
+    # completion tokens per answer (data): SFT's token mean divides by the chosen ones
+    tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32), axis=-1)
+    inputs = LossInputs.from_pairs(logps, tokens, pair_mask, ref=ref, entropy=entropy)
+    return loss_on_mesh(lc, mesh, inputs)
 
 
 def _reference_logps(sdef: StateDef, scfg: StepConfig, state: TrainState, batch: Batch):

@@ -1,0 +1,53 @@
+"""The per-pair inputs of every loss, as one pytree.
+
+    inputs = LossInputs.from_pairs(logps, tokens, pair_mask, ref=ref_logps, entropy=entropy)
+
+The train and eval steps build it from the policy's `[pairs, 2]` log-probs and pass it
+whole through `shard_map`; the PyTorch reference builds the same struct of tensors.
+`mmpo_jax.loss_registry.call_arguments` picks from it what a loss reads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flax import struct
+
+
+@struct.dataclass
+class LossInputs:
+    """Sequence log-probs and counts of `pairs` preference pairs (arrays of JAX or torch).
+
+    policy_chosen, policy_rejected  [pairs]  the policy's sequence log-probs (sums, or
+                                             per-token means with `loss.average_logps`)
+    ref_chosen, ref_rejected        [pairs]  the reference's, with the same reduction (or None)
+    chosen_tokens, rejected_tokens  [pairs]  completion tokens of each answer (data, or None)
+    entropy                         [pairs]  the entropy bonus of each pair (or None)
+    pair_mask                       [pairs]  1 = real pair, 0 = padding (None: all real)
+    """
+
+    # field order = the order of the leaves a `shard_map` receives
+    policy_chosen: Any
+    policy_rejected: Any
+    ref_chosen: Any = None
+    ref_rejected: Any = None
+    chosen_tokens: Any = None
+    rejected_tokens: Any = None
+    entropy: Any = None
+    pair_mask: Any = None
+
+    @classmethod
+    def from_pairs(cls, logps: Any, tokens: Any, pair_mask: Any, *, ref: Any = None,
+                   entropy: Any = None) -> "LossInputs":
+        """From pair-major `[pairs, 2]` log-probs and token counts (chosen at `[:, 0]`),
+        the reference's `[pairs, 2]` log-probs (or None) and the `[pairs]` entropy bonus."""
+        return cls(
+            policy_chosen=logps[:, 0],
+            policy_rejected=logps[:, 1],
+            pair_mask=pair_mask,
+            ref_chosen=None if ref is None else ref[:, 0],
+            ref_rejected=None if ref is None else ref[:, 1],
+            chosen_tokens=None if tokens is None else tokens[:, 0],
+            rejected_tokens=None if tokens is None else tokens[:, 1],
+            entropy=entropy,
+        )
