@@ -271,9 +271,8 @@ def abstract_train_state(arch: Any, options: Any, optimizer: Any, mesh: Any, *, 
     """`(StateDef, TrainState)` with a `jax.ShapeDtypeStruct` (shape, dtype, sharding) for
     every array: what `mmpo_jax.train.state.create_state` would place, never allocated.
 
-    The reference of mode `separate` is a copy of every parameter (adapters included)
-    in the compute dtype when that is narrower, as `create_state` stores it;
-    `lora_base`, `precomputed` and `none` hold no reference parameters.
+    The reference is what its mode stores (`mmpo_jax.train.reference`), as
+    `create_state` stores it.
     """
     import jax
     import jax.numpy as jnp
@@ -282,10 +281,10 @@ def abstract_train_state(arch: Any, options: Any, optimizer: Any, mesh: Any, *, 
 
     from mmpo_jax.models.llama import Llama
     from mmpo_jax.sharding import model_shardings
-    from mmpo_jax.train.state import REFERENCE_MODES, StateDef, TrainState, optimizer_state_shardings, split_model
+    from mmpo_jax.train.reference import reference_mode as reference_mode_of
+    from mmpo_jax.train.state import StateDef, TrainState, optimizer_state_shardings, split_model
 
-    if reference_mode not in REFERENCE_MODES:
-        raise ValueError(f"reference mode {reference_mode!r} not in {REFERENCE_MODES}")
+    mode = reference_mode_of(reference_mode)
     lora = options.lora is not None
 
     def make() -> Llama:
@@ -298,14 +297,8 @@ def abstract_train_state(arch: Any, options: Any, optimizer: Any, mesh: Any, *, 
     placed = lambda s: _with_shardings(s, model_shardings(s, mesh))  # noqa: E731
     trainable, frozen, rest = placed(trainable), placed(frozen), placed(rest)
     reference = None
-    if reference_mode == "separate":
-        compute = jnp.dtype(options.compute_dtype)
-
-        def as_stored(x):
-            narrower = jnp.issubdtype(x.dtype, jnp.floating) and compute.itemsize < x.dtype.itemsize
-            return jax.ShapeDtypeStruct(x.shape, compute if narrower else x.dtype)
-
-        reference = placed(jax.tree.map(as_stored, nnx.state(model, nnx.Param)))
+    if mode.stores_weights:
+        reference = placed(mode.stored(nnx.state(model, nnx.Param), options.compute_dtype))
     opt_state = jax.eval_shape(optimizer.init, trainable)
     opt_state = _with_shardings(
         opt_state, optimizer_state_shardings(optimizer, opt_state, jax.tree.map(lambda x: x.sharding, trainable), mesh))
@@ -326,6 +319,7 @@ def abstract_batch(pairs: int, seq: int, mesh: Any, reference_mode: str) -> dict
     import jax
     import jax.numpy as jnp
 
+    from mmpo_jax.train.reference import reference_mode as reference_mode_of
     from mmpo_jax.train.step import batch_shardings
 
     shapes = {
@@ -333,8 +327,8 @@ def abstract_batch(pairs: int, seq: int, mesh: Any, reference_mode: str) -> dict
         "loss_mask": ((pairs, 2, seq), jnp.int32),
         "pair_mask": ((pairs,), jnp.int32),
     }
-    if reference_mode == "precomputed":
-        shapes["ref_logps"] = ((pairs, 2), jnp.float32)
+    for key in reference_mode_of(reference_mode).batch_keys:  # ref_logps of `precomputed`
+        shapes[key] = ((pairs, 2), jnp.float32)
     shardings = batch_shardings(mesh, shapes)
     return {k: jax.ShapeDtypeStruct(s, d, sharding=shardings[k]) for k, (s, d) in shapes.items()}
 

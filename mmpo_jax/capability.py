@@ -231,12 +231,12 @@ def probe_model(trainer: Any, which: Literal["policy", "reference"] = "policy") 
         return trainer.sdef.policy(trainer.state)
     if which != "reference":
         raise ValueError(f"which={which!r}: 'policy' or 'reference'")
-    mode = trainer.sdef.reference_mode
-    if mode in ("separate", "lora_base"):
-        return trainer.sdef.reference(trainer.state)
-    if mode == "precomputed" and trainer.precompute_model is not None:
-        return trainer.precompute_model
-    raise UserError(f"model.reference={mode}: this run keeps no reference model to probe "
+    from mmpo_jax.train.reference import held_model
+
+    model = held_model(trainer)
+    if model is not None:
+        return model
+    raise UserError(f"model.reference={trainer.sdef.reference_mode}: this run keeps no reference model to probe "
                     "(use model.reference=separate, or lora_base with LoRA)")
 
 

@@ -38,13 +38,15 @@ def example_metrics(cfg: RunConfig, name: str) -> dict[str, float]:
 
     from mmpo_jax import loss_registry, losses
     from mmpo_jax.loss_inputs import LossInputs
+    from mmpo_jax.train.reference import reference_mode
 
     spec = loss_registry.spec_of(name)
     _, average = loss_registry.settings(cfg.loss, name)
     scale = 1.0 / EXAMPLE_TOKENS if average else 1.0
     batch = {k: jnp.asarray(v, jnp.float32) * scale for k, v in example_logps(cfg.train.seed).items()}
-    with_reference = spec.reference == "required" or (
-        spec.reference == "metrics_only" and name == cfg.loss.name and cfg.model.reference != "none")
+    with_reference = spec.reference_use == "required" or (
+        spec.reference_use == "metrics_only" and name == cfg.loss.name
+        and reference_mode(cfg.model.reference).exists)
     tokens = jnp.full((EXAMPLE_PAIRS,), EXAMPLE_TOKENS, jnp.float32)
     inputs = LossInputs(
         policy_chosen=batch["policy_chosen_logps"], policy_rejected=batch["policy_rejected_logps"],

@@ -34,7 +34,7 @@ class LossSpec:
     name: str
     title: str  # as the papers write it, for messages
     summary: str
-    reference: ReferenceUse
+    reference_use: ReferenceUse
     # loss.* keys passed to the function as keyword arguments of the same name
     options: tuple[str, ...] = ()
     # the default of loss.beta (for sft: the scale of its rewards/* metrics only)
@@ -68,7 +68,7 @@ class LossSpec:
 
     def metric_names(self, *, reference: bool, entropy: bool) -> tuple[str, ...]:
         """The metrics it returns, in order, given a reference and the entropy bonus or not."""
-        rewards = self.reference != "metrics_only" or reference
+        rewards = self.reference_use != "metrics_only" or reference
         names = BASE_METRICS + (REWARD_METRICS if rewards else ()) + self.metrics
         return names + ((ENTROPY_METRIC,) if entropy and self.entropy else ())
 
@@ -80,7 +80,7 @@ LOSSES: dict[str, LossSpec] = {
             name="mmpo",
             title="MMPO",
             summary="maximum marginal likelihood of the preferred output (the paper's method)",
-            reference="required",
+            reference_use="required",
             options=("reward_epsilon", "rejected_epsilon", "norm_eps", "aux_weight", "normalize",
                      "entropy_weight"),
             entropy=True,
@@ -91,7 +91,7 @@ LOSSES: dict[str, LossSpec] = {
             name="dpo",
             title="DPO",
             summary="direct preference optimisation (sigmoid loss, optional label smoothing)",
-            reference="required",
+            reference_use="required",
             options=("label_smoothing",),
             objective_type="dpo",
             trl_loss_type="sigmoid",
@@ -100,7 +100,7 @@ LOSSES: dict[str, LossSpec] = {
             name="simpo",
             title="SimPO",
             summary="SimPO: reference-free, length-averaged log-probs with a target margin",
-            reference="unused",
+            reference_use="unused",
             options=("gamma",),
             beta=2.0,
             average_logps=True,
@@ -112,14 +112,14 @@ LOSSES: dict[str, LossSpec] = {
             name="sft",
             title="SFT",
             summary="supervised fine-tuning on the chosen answers (the rejected only reported)",
-            reference="metrics_only",
+            reference_use="metrics_only",
             token_mean=True,
         ),
     )
 }
 LOSS_NAMES = tuple(LOSSES)
 # Losses that run without a reference model (`model.reference: auto` gives none for them).
-REFERENCE_FREE_LOSSES = tuple(name for name, spec in LOSSES.items() if spec.reference != "required")
+REFERENCE_FREE_LOSSES = tuple(name for name, spec in LOSSES.items() if spec.reference_use != "required")
 
 
 def spec_of(name: str) -> LossSpec:
@@ -161,9 +161,9 @@ def call_arguments(loss_cfg: Any, inputs: Any, *, name: str | None = None,
     own_beta, average = settings(loss_cfg, spec.name)
     args: tuple[Any, ...] = (inputs.policy_chosen, inputs.policy_rejected)
     has_reference = inputs.ref_chosen is not None
-    if spec.reference == "required" and not has_reference:
+    if spec.reference_use == "required" and not has_reference:
         raise ValueError(f"loss {spec.name!r} needs reference log-probs (ref_chosen, ref_rejected)")
-    if spec.reference != "unused" and has_reference:
+    if spec.reference_use != "unused" and has_reference:
         args += (inputs.ref_chosen, inputs.ref_rejected)
     kwargs: dict[str, Any] = {"beta": own_beta if beta is None else beta}
     kwargs.update({key: getattr(loss_cfg, key) for key in spec.options})

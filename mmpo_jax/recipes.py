@@ -854,7 +854,7 @@ class _Converter:
         elif self.loss == "simpo":
             self.simpo_keys(beta)
         precompute = self.get("precompute_ref_log_probs", _as_bool)
-        if precompute and getattr(LOSSES.get(self.loss), "reference", None) != "unused":
+        if precompute and getattr(LOSSES.get(self.loss), "reference_use", None) != "unused":
             self.set("model.reference", "precomputed", "precompute_ref_log_probs")
 
     def loss_name(self) -> tuple[str, str]:

@@ -151,38 +151,24 @@ def judged_rows(cfg: Any, limit: int = 0) -> tuple[list[dict[str, Any]], list[st
 # --------------------------------------------------------------------------- #
 # The models
 # --------------------------------------------------------------------------- #
-def initial_model_description(cfg: Any) -> str:
-    """Where the run's initial weights come from, in words."""
-    if cfg.model.path:
-        return f"model.path={cfg.model.path!r}"
-    return f"the random init of model.init with train.seed={cfg.train.seed}"
-
-
 def reference_model(trainer: Any) -> tuple[Any, str]:
     """`(model, description)`: the model `trainer`'s run started from (see the module
     docstring), as a `Llama` on the trainer's mesh."""
+    from mmpo_jax.train.reference import held_model, reference_mode
     from mmpo_jax.train.setup import load_model
 
     cfg = trainer.cfg
-    mode = trainer.sdef.reference_mode
-    initial = initial_model_description(cfg)
-    if mode == "separate":
-        source = (f"model.reference_path={cfg.model.reference_path!r}" if cfg.model.reference_path
-                  else f"the initial policy, {initial}")
-        return trainer.sdef.reference(trainer.state), f"the run's frozen reference ({source})"
-    if mode == "lora_base":
-        return (trainer.sdef.reference(trainer.state),
-                f"the base model without the LoRA adapters (model.reference=lora_base; {initial})")
-    path = cfg.model.reference_path if mode == "precomputed" else ""
-    source = f"model.reference_path={path!r}" if path else f"the initial model, {initial}"
-    if mode == "precomputed" and trainer.precompute_model is not None:
-        return trainer.precompute_model, f"the run's reference (model.reference=precomputed: {source})"
+    mode = reference_mode(trainer.sdef.reference_mode)
+    held = held_model(trainer)
+    if held is not None:
+        return held, mode.describe(cfg)
     # the run keeps no reference weights: load the initial ones again (with the run's
     # options, so LoRA adapters exist with B = 0 and add nothing)
+    path = cfg.model.reference_path if mode.precomputed else ""
     model, _ = load_model(cfg, path or cfg.model.path, trainer.options, trainer.mesh)
-    why = ("model.reference=none keeps no reference model" if mode == "none"
-           else "the reference pass released its weights")
-    return model, f"{source}, loaded again ({why})"
+    why = ("the reference pass released its weights" if mode.precomputed
+           else f"model.reference={mode.name} keeps no reference model")
+    return model, f"{mode.source(cfg)}, loaded again ({why})"
 
 
 def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], config: Any,

@@ -37,7 +37,7 @@ def test_both_functions_take_what_the_declaration_says(name):
         assert ("chosen_tokens" in keywords) == spec.token_mean
         assert {"beta", "pair_mask"} <= keywords
         # reference log-probs are the 3rd and 4th arguments exactly when the loss may read them
-        assert len(positional) == (2 if spec.reference == "unused" else 4), positional
+        assert len(positional) == (2 if spec.reference_use == "unused" else 4), positional
 
 
 def _inputs(rng, pairs, *, reference, entropy, tokens, module):
@@ -58,7 +58,7 @@ def _inputs(rng, pairs, *, reference, entropy, tokens, module):
 
 def _cases():
     for name, spec in R.LOSSES.items():
-        refs = {"required": [True], "metrics_only": [False, True], "unused": [False, True]}[spec.reference]
+        refs = {"required": [True], "metrics_only": [False, True], "unused": [False, True]}[spec.reference_use]
         ents = [False, True] if spec.entropy else [False]
         for reference, entropy in itertools.product(refs, ents):
             yield name, reference, entropy
@@ -78,7 +78,7 @@ def test_metrics_are_the_declared_ones_and_jax_equals_torch(name, reference, ent
         loss = float(loss)
     t_loss, t_metrics = torch_configured_loss(cfg, torch_in)
     spec = R.LOSSES[name]
-    expected = spec.metric_names(reference=reference and spec.reference != "unused", entropy=entropy)
+    expected = spec.metric_names(reference=reference and spec.reference_use != "unused", entropy=entropy)
     assert list(metrics) == list(expected)
     assert list(t_metrics) == list(expected)
     assert np.isfinite(float(loss))

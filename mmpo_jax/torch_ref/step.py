@@ -117,7 +117,7 @@ def step_loss_and_grads(
         ref = None
         # a loss that reads a reference only for its metrics (sft) gets one when the run has it
         has_reference = reference is not None or "ref_logps" in mb
-        if spec.reference == "required" or (spec.reference == "metrics_only" and has_reference):
+        if spec.reference_use == "required" or (spec.reference_use == "metrics_only" and has_reference):
             if reference is not None:
                 with torch.no_grad():
                     ref, _ = pair_logps(reference, mb["input_ids"], mb["loss_mask"],

@@ -78,9 +78,11 @@ def attach_reference_tables(cfg: RunConfig, trainer: Trainer, data: RunData, log
                             splits: tuple[str, ...] = ("train", "test")) -> None:
     """Mode `precomputed`: the reference pass over `splits` (cached), then the reference
     weights are released (an evaluation asks for the test split only)."""
-    if cfg.model.reference != "precomputed":
-        return
+    from mmpo_jax.train.reference import reference_mode
     from mmpo_jax.train.reference_cache import reference_table
+
+    if not reference_mode(cfg.model.reference).precomputed:
+        return
 
     model = trainer.precompute_model
     if "train" in splits:

@@ -20,6 +20,7 @@ from mmpo_jax.errors import UserError
 from mmpo_jax.models.llama import LlamaConfig, ModelOptions, build_model, model_config_from_init
 from mmpo_jax.sharding import make_mesh
 from mmpo_jax.train.optim import learning_rate_schedule, make_optimizer
+from mmpo_jax.train.reference import reference_mode
 from mmpo_jax.train.state import StateDef, TrainState, create_state, state_shardings
 from mmpo_jax.train.step import StepConfig, check_batch_divisible, make_eval_step, make_train_step
 
@@ -110,20 +111,20 @@ def build_trainer(cfg: RunConfig, mesh: jax.sharding.Mesh | None = None,
     options = model_options(cfg)
     policy, arch = load_model(cfg, cfg.model.path, options, mesh)
     reference = load_reference(cfg, options, mesh, arch)
-    mode = cfg.model.reference
+    mode = reference_mode(cfg.model.reference)
     total = cfg.train.max_steps
     optimizer = make_optimizer(cfg.optim, total)
     schedule = learning_rate_schedule(cfg.optim, total)
     precompute_model = None
-    if mode == "precomputed":
+    if mode.precomputed:
         # the initial weights, copied: the policy's own buffers are donated by the step
         precompute_model = reference if reference is not None else _copy_model(policy)
     sdef, state = create_state(
-        policy, optimizer, lora=options.lora is not None, reference_mode=mode,
-        reference_model=reference if mode == "separate" else None, seed=cfg.train.seed, mesh=mesh,
+        policy, optimizer, lora=options.lora is not None, reference_mode=mode.name,
+        reference_model=reference if mode.stores_weights else None, seed=cfg.train.seed, mesh=mesh,
     )
     scfg = step_config(cfg, schedule, options)
-    example = example_batch(cfg, mode)
+    example = example_batch(cfg, mode.name)
     shardings = state_shardings(state)
     n = sum(x.size for x in jax.tree.leaves((state.trainable, state.frozen)))
     return Trainer(
@@ -151,8 +152,8 @@ def example_batch(cfg: RunConfig, mode: str) -> dict[str, np.ndarray]:
         "loss_mask": np.zeros((pairs, 2, seq), np.int32),
         "pair_mask": np.ones((pairs,), np.int32),
     }
-    if mode == "precomputed":
-        batch["ref_logps"] = np.zeros((pairs, 2), np.float32)
+    for key in reference_mode(mode).batch_keys:  # ref_logps of `precomputed`
+        batch[key] = np.zeros((pairs, 2), np.float32)
     return batch
 
 

@@ -9,14 +9,8 @@ three states:
 - `frozen`: the other params (the base weights under LoRA; empty otherwise);
 - `rest`: non-parameter variables (RoPE tables), never trained.
 
-The reference, by `model.reference`:
-
-- `separate`: `reference` holds a full `nnx.Param` state (a copy of the initial
-  policy, or another checkpoint) merged with `rest` for its forward;
-- `lora_base`: no copy; the policy's own base weights with the LoRA params zeroed
-  (B = 0 makes every adapter contribute exactly nothing);
-- `precomputed`: the reference log-probs arrive with the batch (`ref_logps`);
-- `none`: no reference (SimPO).
+`reference`: what the reference mode stores (`mmpo_jax.train.reference`: a full
+`nnx.Param` state for `separate`, nothing for the others).
 """
 
 from __future__ import annotations
@@ -30,8 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-REFERENCE_MODES = ("separate", "lora_base", "precomputed", "none")
-
+from mmpo_jax.train.reference import reference_mode as reference_mode_of
 
 @flax.struct.dataclass
 class TrainState:
@@ -41,7 +34,7 @@ class TrainState:
     trainable: nnx.State
     frozen: nnx.State
     rest: nnx.State
-    reference: nnx.State | None  # all Params of the reference (mode `separate`)
+    reference: nnx.State | None  # what the reference mode stores (all Params for `separate`)
     opt_state: Any
     rng: jax.Array  # key for dropout
 
@@ -57,19 +50,19 @@ class StateDef:
     def policy(self, state: TrainState, trainable: nnx.State | None = None) -> Any:
         """The policy module from the state (`trainable` overrides the state's)."""
         t = state.trainable if trainable is None else trainable
-        return _merge(self.graphdef, t, state.frozen, state.rest)
+        return merge_states(self.graphdef, t, state.frozen, state.rest)
 
     def reference(self, state: TrainState) -> Any:
-        """The reference module, for the `separate` and `lora_base` modes."""
-        if self.reference_mode == "separate":
-            return _merge(self.graphdef, state.reference, state.rest)
-        if self.reference_mode == "lora_base":
-            zeros = jax.tree.map(jnp.zeros_like, state.trainable)
-            return _merge(self.graphdef, zeros, state.frozen, state.rest)
-        raise ValueError(f"reference mode {self.reference_mode!r} has no reference model")
+        """The reference module of the modes that keep one in the state (`separate`, `lora_base`)."""
+        from mmpo_jax.train.reference import reference_mode
+
+        model = reference_mode(self.reference_mode).model(self, state)
+        if model is None:
+            raise ValueError(f"reference mode {self.reference_mode!r} has no reference model")
+        return model
 
 
-def _merge(graphdef: Any, *states: nnx.State) -> Any:
+def merge_states(graphdef: Any, *states: nnx.State) -> Any:
     """`nnx.merge` on fresh Variable objects.
 
     The step builds modules inside nested traces (value_and_grad inside a scan
@@ -110,26 +103,12 @@ def create_state(
     parameters (FSDP shards the AdamW state with the weights: for full fine-tuning in
     float32 it is twice the model).
     """
-    if reference_mode not in REFERENCE_MODES:
-        raise ValueError(f"reference mode {reference_mode!r} not in {REFERENCE_MODES}")
-    if reference_mode == "lora_base" and not lora:
-        raise ValueError("model.reference=lora_base needs LoRA (model.lora.rank > 0)")
+    mode = reference_mode_of(reference_mode)
+    mode.check(lora=lora)
     graphdef, trainable, frozen, rest = split_model(model, lora)
-    reference = None
-    if reference_mode == "separate":
-        source = model if reference_model is None else reference_model
-        # all Params, LoRA adapters included: the initial policy as it is
-        reference = nnx.state(source, nnx.Param)
-        # a real copy (the policy's buffers are donated and updated in place), stored in
-        # the compute dtype when that is narrower: the forward casts every parameter to
-        # it anyway, so the reference computes the same numbers in half the memory
-        compute = jnp.dtype(source.options.compute_dtype)
-
-        def copy(x):
-            narrower = jnp.issubdtype(x.dtype, jnp.floating) and compute.itemsize < x.dtype.itemsize
-            return x.astype(compute) if narrower else jnp.copy(x)
-
-        reference = jax.tree.map(copy, reference)
+    # all Params, LoRA adapters included: the initial policy (or the given reference) as it is
+    source = model if reference_model is None else reference_model
+    reference = mode.stored(nnx.state(source, nnx.Param), source.options.compute_dtype) if mode.stores_weights else None
     opt_state = init_optimizer_state(optimizer, trainable, mesh)
     state = TrainState(
         step=jnp.zeros((), jnp.int32),

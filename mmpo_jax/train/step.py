@@ -39,6 +39,7 @@ from mmpo_jax.errors import UserError
 from mmpo_jax.loss_inputs import LossInputs
 from mmpo_jax.sharding import BATCH_AXES
 from mmpo_jax.train.pair_logps import pair_logps
+from mmpo_jax.train.reference import reference_mode
 from mmpo_jax.train.state import StateDef, TrainState
 
 Batch = dict[str, jax.Array]
@@ -113,18 +114,10 @@ def _forward_loss(
     return loss_on_mesh(lc, mesh, inputs)
 
 
-def _reference_logps(sdef: StateDef, scfg: StepConfig, state: TrainState, batch: Batch):
-    mode = sdef.reference_mode
-    if mode == "none":
-        return None
-    if mode == "precomputed":
-        return jax.lax.stop_gradient(batch["ref_logps"].astype(jnp.float32))
-    ref_model = sdef.reference(state)
-    logps, _ = pair_logps(
-        ref_model, batch["input_ids"], batch["loss_mask"], average=scfg.loss.average_logps,
-        chunk=scfg.logprob_chunk,
-    )
-    return jax.lax.stop_gradient(logps)
+def _reference_logps(sdef: StateDef, scfg: StepConfig, state: TrainState, batch: Batch) -> jax.Array | None:
+    """`[pairs, 2]` reference log-probs of `batch`, as the run's reference mode gives them."""
+    return reference_mode(sdef.reference_mode).logps(sdef, state, batch, average=scfg.loss.average_logps,
+                                                     chunk=scfg.logprob_chunk)
 
 
 def _all_finite(tree: Any) -> jax.Array:
