@@ -1,9 +1,9 @@
 """Does a train step fit one device? XLA's compiled memory plan of the real step.
 
 Builds our real MMPO train step (`mmpo_jax.train.step.make_train_step`: the jit with
-its shardings and donation) for a model shape entirely abstractly (`nnx.eval_shape`
-on the model, `jax.eval_shape` on the optimizer state: nothing of model size is
-allocated), compiles it with `.lower(abstract_state, abstract_batch).compile()` and
+its shardings and donation) for a model shape entirely abstractly (the state of
+`mmpo_jax.aot.abstract_train_state`: a run's own init under `jax.eval_shape`, nothing
+of model size allocated), compiles it with `.lower(abstract_state, abstract_batch).compile()` and
 prints XLA's `memory_analysis()`:
 
     total = arguments + outputs - aliased (donated) + temporaries
@@ -98,16 +98,13 @@ def memory_plan(compiled: Any) -> dict:
 def build(args: argparse.Namespace) -> dict:
     """The abstract state and batch, the jitted step and everything needed to run it."""
     import jax
-    import jax.numpy as jnp
-    from flax import nnx
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
+    from mmpo_jax.aot import abstract_batch, abstract_train_state
     from mmpo_jax.config import LossConfig, MeshConfig, OptimConfig
-    from mmpo_jax.models.llama import Llama, LlamaConfig, LoraOptions, ModelOptions
-    from mmpo_jax.sharding import BATCH_AXES, make_mesh
+    from mmpo_jax.models.llama import LlamaConfig, LoraOptions, ModelOptions
+    from mmpo_jax.sharding import make_mesh
     from mmpo_jax.train.optim import learning_rate_schedule, make_optimizer
-    from mmpo_jax.train.state import StateDef, TrainState, split_model, state_shardings
+    from mmpo_jax.train.state import state_shardings
     from mmpo_jax.train.step import StepConfig, make_train_step
 
     backend = jax.default_backend()
@@ -131,35 +128,10 @@ def build(args: argparse.Namespace) -> dict:
     scfg = StepConfig(loss=loss_cfg, grad_accum=1, logprob_chunk=args.logprob_chunk,
                       schedule=learning_rate_schedule(optim_cfg, total_steps), dropout=False)
 
-    def make_model() -> Llama:
-        # as build_model's random init (its own stream for the adapters)
-        rngs = nnx.Rngs(params=0, lora=jax.random.fold_in(jax.random.key(0), 1))
-        return Llama(cfg, options, rngs=rngs, mesh=mesh)
-
     t0 = time.perf_counter()
-    abstract_model = nnx.eval_shape(make_model)
-    graphdef, trainable, frozen, rest = split_model(abstract_model, lora)
-    reference = None
-    if args.reference == "separate":
-        reference = nnx.state(abstract_model, nnx.Param)
-    opt_state = jax.eval_shape(optimizer.init, trainable)
-    abstract = TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32), trainable=trainable, frozen=frozen, rest=rest,
-        reference=reference, opt_state=opt_state,
-        rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
-    )
-    # One device: every leaf on the (1, 1, 1) mesh, replicated (any spec is the same there).
-    replicated = NamedSharding(mesh, P())
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
-    sdef = StateDef(graphdef=graphdef, lora=lora, reference_mode=args.reference)
-    batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
-    shape = (args.pairs, 2, args.seq)
-    batch = {
-        "input_ids": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding),
-        "loss_mask": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding),
-        "pair_mask": jax.ShapeDtypeStruct((args.pairs,), jnp.int32, sharding=batch_sharding),
-    }
+    # the state `mmpo-jax aot-check` compiles: the run's own init under jax.eval_shape
+    sdef, abstract = abstract_train_state(cfg, options, optimizer, mesh, reference_mode=args.reference)
+    batch = abstract_batch(args.pairs, args.seq, mesh, args.reference)
     step = make_train_step(sdef, scfg, optimizer, mesh, state_shardings(abstract), batch)
     abstract_s = time.perf_counter() - t0
     return dict(cfg=cfg, options=options, mesh=mesh, optimizer=optimizer, abstract=abstract,

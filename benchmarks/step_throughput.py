@@ -205,13 +205,6 @@ def synthetic_batch(pairs: int, seq: int, vocab: int, seed: int = 1) -> dict:
     return {"input_ids": ids, "loss_mask": mask, "pair_mask": np.ones(pairs, np.int32)}
 
 
-def resolve_compute_dtype(name: str, backend: str) -> str:
-    """'auto' -> bfloat16 on an accelerator, float32 on a CPU (as `model.compute_dtype`)."""
-    if name != "auto":
-        return name
-    return "float32" if backend == "cpu" else "bfloat16"
-
-
 def compiled_memory(compiled: Any) -> dict:
     """XLA's memory plan of the compiled step, in bytes (what exists on this jax)."""
     stats = compiled.memory_analysis()
@@ -246,49 +239,36 @@ def worker_ours(job: dict) -> dict:
     import jax
     import numpy as np
 
-    from mmpo_jax.config import LossConfig, MeshConfig, OptimConfig
-    from mmpo_jax.models.llama import LlamaConfig, ModelOptions, build_model
-    from mmpo_jax.sharding import make_mesh
-    from mmpo_jax.train.optim import learning_rate_schedule, make_optimizer
-    from mmpo_jax.train.state import create_state, state_shardings
-    from mmpo_jax.train.step import StepConfig, batch_shardings, make_train_step
+    from mmpo_jax.config import load_config
+    from mmpo_jax.train.setup import build_trainer
+    from mmpo_jax.train.step import batch_shardings
 
     mark_stage("imported jax and mmpo_jax; building model and state")
     v = job["variant"]
     backend = jax.default_backend()
     s = shape_namespace(job["model"])
-    cfg = LlamaConfig(
-        vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
-        num_hidden_layers=s.num_hidden_layers, num_attention_heads=s.num_attention_heads,
-        num_key_value_heads=s.num_key_value_heads, tie_word_embeddings=s.tie_word_embeddings,
-        max_position_embeddings=max(8192, job["seq"]), rms_norm_eps=1e-6,
-    )
-    options = ModelOptions(
-        param_dtype=v["param_dtype"], compute_dtype=resolve_compute_dtype(v["compute_dtype"], backend),
-        attention=v["attention"], scan_layers=v["scan_layers"], remat=v["remat"],
-    )
-    # One device: the single-GPU case the peer is measured in.
-    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
     total_steps = job["warmup"] + job["steps"]
-    # lr as the peer's; constant so every timed step does the same work
-    optim_cfg = OptimConfig(learning_rate=1e-6, schedule="constant", grad_accum=v["grad_accum"],
-                            mu_dtype=v["mu_dtype"])
-    optim_cfg.validate("optim")
-    loss_cfg = LossConfig(name="mmpo")
-    loss_cfg.validate("loss")
+    init = {k: getattr(s, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                       "num_attention_heads", "num_key_value_heads", "tie_word_embeddings")}
+    init.update(max_position_embeddings=max(8192, job["seq"]), rms_norm_eps=1e-6)
+    # A run config as a user would write it, built the way `mmpo-jax train` builds it:
+    # lr as the peer's, constant so every timed step does the same work; one device,
+    # the single-GPU case the peer is measured in.
+    cfg = load_config(None, [f"model.init.{k}={val}" for k, val in init.items()] + [
+        f"model.param_dtype={v['param_dtype']}", f"model.compute_dtype={v['compute_dtype']}",
+        f"model.attention={v['attention']}", f"model.scan_layers={v['scan_layers']}", f"model.remat={v['remat']}",
+        f"model.logprob_chunk={v['logprob_chunk']}", "model.reference=separate", "loss.name=mmpo",
+        "optim.learning_rate=1e-6", "optim.schedule=constant", "optim.warmup_steps=0",
+        f"optim.grad_accum={v['grad_accum']}", f"optim.mu_dtype={v['mu_dtype']}",
+        f"data.batch_size={job['pairs']}", f"train.max_steps={total_steps}", "train.seed=0",
+    ])
 
     t0 = time.perf_counter()
-    model = build_model(cfg, options, mesh=mesh, seed=0)
-    optimizer = make_optimizer(optim_cfg, total_steps)
-    sdef, state = create_state(model, optimizer, lora=False, reference_mode="separate", seed=0,
-                               mesh=mesh)
-    del model  # the state holds the arrays; the module would only alias them
-    scfg = StepConfig(loss=loss_cfg, grad_accum=v["grad_accum"], logprob_chunk=v["logprob_chunk"],
-                      schedule=learning_rate_schedule(optim_cfg, total_steps), dropout=False)
+    trainer = build_trainer(cfg, devices=jax.devices()[:1])
+    state, options, arch, step = trainer.state, trainer.options, trainer.arch, trainer.train_step
     host_batch = synthetic_batch(job["pairs"], job["seq"], s.vocab_size)
-    step = make_train_step(sdef, scfg, optimizer, mesh, state_shardings(state), host_batch)
     # on device before timing, as the peer's ids are
-    batch = jax.device_put(host_batch, batch_shardings(mesh, host_batch))
+    batch = jax.device_put(host_batch, batch_shardings(trainer.mesh, host_batch))
     jax.block_until_ready((state, batch))
     build_s = time.perf_counter() - t0
 
@@ -319,7 +299,7 @@ def worker_ours(job: dict) -> dict:
             "param_dtype": np.dtype(options.param_dtype).name,
             "compute_dtype": np.dtype(options.compute_dtype).name,
             "attention": options.attention,
-            "attention_impl": options.attention_implementation(cfg.head_dim),
+            "attention_impl": options.attention_implementation(arch.head_dim),
             "remat": options.remat, "scan_layers": options.scan_layers,
             "logprob_chunk": v["logprob_chunk"], "grad_accum": v["grad_accum"],
             "mu_dtype": v["mu_dtype"],

@@ -243,73 +243,36 @@ def _hub_config(repo_id: str) -> Path:
 
 def target_options(cfg: RunConfig) -> Any:
     """`ModelOptions` of `cfg` as a TPU run resolves them (compute_dtype auto = bfloat16)."""
-    import dataclasses
-
     from mmpo_jax.train.setup import model_options
 
     if cfg.model.attention == "cudnn":
         raise UserError("model.attention=cudnn is GPU-only; a TPU run needs model.attention=auto or xla")
-    options = model_options(cfg)
-    # model_options resolves 'auto' on this machine's backend (float32 on CPU); the
-    # step is compiled for TPU, where auto means bfloat16.
-    if cfg.model.compute_dtype == "auto":
-        options = dataclasses.replace(options, compute_dtype="bfloat16")
-    return options
+    return model_options(cfg, backend="tpu")
 
 
 # --------------------------------------------------------------------------- #
 # The abstract state and batch
 # --------------------------------------------------------------------------- #
-def _with_shardings(tree: Any, shardings: Any) -> Any:
-    import jax
-
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
 def abstract_train_state(arch: Any, options: Any, optimizer: Any, mesh: Any, *, reference_mode: str,
                          seed: int = 0, init_scale: float = 0.02) -> tuple[Any, Any]:
     """`(StateDef, TrainState)` with a `jax.ShapeDtypeStruct` (shape, dtype, sharding) for
-    every array: what `mmpo_jax.train.state.create_state` would place, never allocated.
-
-    The reference is what its mode stores (`mmpo_jax.train.reference`), as
-    `create_state` stores it.
-    """
+    every array, never allocated: a run's own `build_model` and `create_state` under
+    `jax.eval_shape`, placed as a run on `mesh` places them (`place_abstract_state`)."""
     import jax
-    import jax.numpy as jnp
-    from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec
 
-    from mmpo_jax.models.llama import Llama
-    from mmpo_jax.sharding import model_shardings
-    from mmpo_jax.train.reference import reference_mode as reference_mode_of
-    from mmpo_jax.train.state import StateDef, TrainState, optimizer_state_shardings, split_model
+    from mmpo_jax.models.llama import build_model
+    from mmpo_jax.train.state import create_state, place_abstract_state
 
-    mode = reference_mode_of(reference_mode)
-    lora = options.lora is not None
+    made: dict[str, Any] = {}
 
-    def make() -> Llama:
-        # as build_model's random init; only shapes come out of eval_shape
-        rngs = nnx.Rngs(params=seed, lora=jax.random.fold_in(jax.random.key(seed), 1))
-        return Llama(arch, options, rngs=rngs, init_scale=init_scale, mesh=mesh)
+    def init() -> Any:
+        model = build_model(arch, options, mesh=mesh, seed=seed, init_scale=init_scale)
+        made["sdef"], state = create_state(model, optimizer, lora=options.lora is not None,
+                                           reference_mode=reference_mode, seed=seed)
+        return state
 
-    model = nnx.eval_shape(make)
-    graphdef, trainable, frozen, rest = split_model(model, lora)
-    placed = lambda s: _with_shardings(s, model_shardings(s, mesh))  # noqa: E731
-    trainable, frozen, rest = placed(trainable), placed(frozen), placed(rest)
-    reference = None
-    if mode.stores_weights:
-        reference = placed(mode.stored(nnx.state(model, nnx.Param), options.compute_dtype))
-    opt_state = jax.eval_shape(optimizer.init, trainable)
-    opt_state = _with_shardings(
-        opt_state, optimizer_state_shardings(optimizer, opt_state, jax.tree.map(lambda x: x.sharding, trainable), mesh))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(seed)))
-    state = TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-        trainable=trainable, frozen=frozen, rest=rest, reference=reference, opt_state=opt_state,
-        rng=jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated),
-    )
-    return StateDef(graphdef=graphdef, lora=lora, reference_mode=reference_mode), state
+    shapes = jax.eval_shape(init)
+    return made["sdef"], place_abstract_state(shapes, optimizer, mesh)
 
 
 def abstract_batch(pairs: int, seq: int, mesh: Any, reference_mode: str) -> dict[str, Any]:

@@ -374,11 +374,14 @@ class ModelOptions:
             raise UserError(f"dropout={self.dropout} must be in [0, 1)")
 
     @classmethod
-    def from_config(cls, model_cfg: Any) -> "ModelOptions":
-        """From the `model` config section (`mmpo_jax.config.ModelConfig`)."""
+    def from_config(cls, model_cfg: Any, backend: str | None = None) -> "ModelOptions":
+        """From the `model` config section (`mmpo_jax.config.ModelConfig`), its `auto`
+        settled for `backend` ("cpu", "gpu", "tpu"; None: this process's JAX backend),
+        so an ahead-of-time compile for a TPU resolves as a TPU run does."""
+        backend = jax.default_backend() if backend is None else backend
         compute = model_cfg.compute_dtype
         if compute == "auto":
-            compute = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+            compute = "float32" if backend == "cpu" else "bfloat16"
         return cls(
             param_dtype=model_cfg.param_dtype,
             compute_dtype=compute,

@@ -25,8 +25,9 @@ from mmpo_jax.train.state import StateDef, TrainState, create_state, state_shard
 from mmpo_jax.train.step import StepConfig, check_batch_divisible, make_eval_step, make_train_step
 
 
-def model_options(cfg: RunConfig) -> ModelOptions:
-    return ModelOptions.from_config(cfg.model)
+def model_options(cfg: RunConfig, backend: str | None = None) -> ModelOptions:
+    """The model options of `cfg` for `backend` (None: this process's JAX backend)."""
+    return ModelOptions.from_config(cfg.model, backend)
 
 
 def load_model(cfg: RunConfig, path: str, options: ModelOptions, mesh: jax.sharding.Mesh) -> tuple[Any, LlamaConfig]:

@@ -170,6 +170,39 @@ def _onto_mesh(tree: Any, mesh: jax.sharding.Mesh) -> Any:
     return jax.tree.map(place, tree)
 
 
+def place_abstract_state(state: TrainState, optimizer: optax.GradientTransformation,
+                         mesh: jax.sharding.Mesh) -> TrainState:
+    """`state` of ShapeDtypeStructs (`create_state` under `jax.eval_shape`) with the
+    sharding a run on `mesh` gives each array: the parameters and the reference by the
+    logical-axis rules (as `build_model` places them), the optimizer's moments as their
+    parameters (`init_optimizer_state`), the rest replicated (`_onto_mesh`)."""
+    from mmpo_jax.sharding import model_shardings
+
+    def placed(tree: Any) -> Any:
+        return _with_shardings(tree, model_shardings(tree, mesh))
+
+    trainable = placed(state.trainable)
+    param_shardings = jax.tree.map(lambda x: x.sharding, trainable)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return state.replace(
+        step=_with_shardings(state.step, replicated),
+        trainable=trainable,
+        frozen=placed(state.frozen),
+        rest=placed(state.rest),
+        reference=None if state.reference is None else placed(state.reference),
+        opt_state=_with_shardings(
+            state.opt_state, optimizer_state_shardings(optimizer, state.opt_state, param_shardings, mesh)),
+        rng=_with_shardings(state.rng, replicated),
+    )
+
+
+def _with_shardings(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `tree` with `shardings` (a tree like it, or one sharding for all)."""
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
 def state_shardings(state: TrainState) -> Any:
     """The sharding of every array of `state` (as placed), for the step's in/out shardings."""
     return jax.tree.map(lambda x: x.sharding, state)
