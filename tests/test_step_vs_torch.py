@@ -57,6 +57,15 @@ def test_accumulation_and_precomputed_reference_match_torch():
     _check(result, lora=False)
 
 
+def test_dropout_and_bfloat16_are_overridden_and_said():
+    """compare forces float32 and no dropout through overrides of the config it loads (a
+    validated config is never edited); the torch match shows both really are off."""
+    result = compare_step("configs/tiny.yaml", ["model.dropout=0.1", "model.compute_dtype=bfloat16"], 0.0, 0)
+    _check(result, lora=False)
+    assert result["notes"] == ["compare runs both sides in float32 without dropout: param_dtype=float32, "
+                               "compute_dtype=bfloat16 -> float32; dropout=0.1, lora.dropout=0.0 -> 0"]
+
+
 def test_cli_json_keys(capsys):
     assert main(["compare", "--config", "configs/tiny.yaml", "--step", "--json", "loss.name=dpo",
                  "data.batch_size=16", "mesh.fsdp=2"]) == 0

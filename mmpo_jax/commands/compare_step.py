@@ -22,17 +22,21 @@ import numpy as np
 from mmpo_jax.errors import UserError
 
 
-def _float32_no_dropout(cfg: Any, notes: list[str]) -> None:
+# compare runs both sides in float32 without dropout: applied as overrides, so the
+# config is validated with them once and never changed after
+FLOAT32_NO_DROPOUT = ("model.param_dtype=float32", "model.compute_dtype=float32", "model.dropout=0",
+                      "model.lora.dropout=0")
+
+
+def _float32_no_dropout_note(cfg: Any) -> str | None:
+    """What `FLOAT32_NO_DROPOUT` changes in the user's `cfg`, for the notes (None: nothing)."""
     m = cfg.model
     changed = []
     if m.param_dtype != "float32" or m.compute_dtype not in ("auto", "float32"):
         changed.append(f"param_dtype={m.param_dtype}, compute_dtype={m.compute_dtype} -> float32")
-    m.param_dtype, m.compute_dtype = "float32", "float32"
     if m.dropout or m.lora.dropout:
         changed.append(f"dropout={m.dropout}, lora.dropout={m.lora.dropout} -> 0")
-    m.dropout, m.lora.dropout = 0.0, 0.0
-    if changed:
-        notes.append("compare runs both sides in float32 without dropout: " + "; ".join(changed))
+    return "compare runs both sides in float32 without dropout: " + "; ".join(changed) if changed else None
 
 
 def _perturb_lora_b(trainer: Any, std: float, seed: int) -> None:
@@ -92,8 +96,10 @@ def compare_step(config: str | None, overrides: list[str], lora_b_std: float, se
 
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="mmpo-compare-run-") as run_dir:
-        cfg = load_config(config, list(overrides) + [f"train.output_dir={run_dir}"])
-        _float32_no_dropout(cfg, notes)
+        asked = list(overrides) + [f"train.output_dir={run_dir}"]
+        note = _float32_no_dropout_note(load_config(config, asked))
+        notes.extend([note] if note else [])
+        cfg = load_config(config, asked + list(FLOAT32_NO_DROPOUT))
         data = load_data(cfg)
         trainer = build_trainer(cfg)
         check_vocab(data.tokenizer, trainer.arch, cfg)
