@@ -23,18 +23,13 @@ BATCH_AXES: tuple[str, str] = ("data", "fsdp")
 def resolve_mesh_shape(mesh: MeshConfig, num_devices: int) -> tuple[int, int, int]:
     """Returns `(data, fsdp, tensor)` sizes whose product is `num_devices`.
 
-    Raises a ConfigError naming the sizes when they cannot cover the devices.
+    `mesh` is a validated `MeshConfig` (sizes >= 1, at most one -1: `MeshConfig.validate`
+    says so to the user); raises a ConfigError naming the sizes when they cannot cover
+    the devices.
     """
     sizes = [mesh.data, mesh.fsdp, mesh.tensor]
-    for name, size in zip(MESH_AXES, sizes):
-        if size == 0 or size < -1:
-            raise ConfigError(f"mesh.{name}={size}: must be >= 1, or -1 for the rest")
     rest = [i for i, s in enumerate(sizes) if s == -1]
-    if len(rest) > 1:
-        raise ConfigError(
-            "mesh: at most one of data, fsdp, tensor may be -1, got "
-            + ", ".join(f"{n}={s}" for n, s in zip(MESH_AXES, sizes))
-        )
+    assert all(s >= 1 or s == -1 for s in sizes) and len(rest) <= 1, f"an unvalidated mesh config: {mesh}"
     fixed = int(np.prod([s for s in sizes if s != -1]))
     described = " x ".join(f"{n}={s}" for n, s in zip(MESH_AXES, sizes))
     if rest:

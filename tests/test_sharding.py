@@ -32,7 +32,9 @@ def test_resolve(sizes, n, expected):
 )
 def test_resolve_errors(sizes, n, needle):
     with pytest.raises(ConfigError, match=needle):
-        resolve_mesh_shape(MeshConfig(*sizes), n)
+        mesh = MeshConfig(*sizes)
+        mesh.validate("mesh")  # the config's own rules, checked once where it is loaded
+        resolve_mesh_shape(mesh, n)
 
 
 def test_make_mesh_on_simulated_devices():
