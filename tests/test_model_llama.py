@@ -415,6 +415,20 @@ def test_options_from_config():
     assert o.remat == "dots" and o.scan_layers is False and o.attention == "auto"
 
 
+def test_auto_is_settled_for_a_named_backend():
+    """`auto` resolves as it would on the named backend, whatever this machine is (what an
+    ahead-of-time compile for another backend needs): bfloat16 compute off CPU, cuDNN
+    attention only on a GPU."""
+    from mmpo_jax.config import load_config
+
+    model = load_config(None).model  # compute_dtype auto, attention auto
+    expected = {"cpu": (jnp.float32, "xla"), "gpu": (jnp.bfloat16, "cudnn"), "tpu": (jnp.bfloat16, "xla")}
+    for backend, (compute, attention) in expected.items():
+        o = ModelOptions.from_config(model, backend)
+        assert (o.compute_dtype, o.attention_implementation(64)) == (compute, attention), backend
+    assert ModelOptions.from_config(model, "gpu").attention_implementation(256) == "xla"  # cuDNN: head_dim <= 128
+
+
 # --------------------------------------------------------------------------- #
 # loading errors
 # --------------------------------------------------------------------------- #

@@ -356,6 +356,8 @@ class ModelOptions:
     remat: Literal["none", "full", "dots"] = "none"
     dropout: float = 0.0
     lora: LoraOptions | None = None
+    # the backend `auto` choices are settled for ("cpu", "gpu", "tpu"); None: this process's
+    backend: str | None = None
 
     def __post_init__(self) -> None:
         # frozen (hashable: it is static in the model's graphdef); normalise dtypes
@@ -390,6 +392,7 @@ class ModelOptions:
             remat=model_cfg.remat,
             dropout=model_cfg.dropout,
             lora=lora_options(model_cfg.lora),
+            backend=backend,
         )
 
     @property
@@ -402,7 +405,7 @@ class ModelOptions:
         if self.attention != "auto":
             return self.attention
         low_precision = jnp.dtype(self.compute_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-        on_gpu = jax.default_backend() == "gpu"
+        on_gpu = (self.backend or jax.default_backend()) == "gpu"
         if on_gpu and low_precision and head_dim % 8 == 0 and head_dim <= 128:
             return "cudnn"
         return "xla"
