@@ -2,7 +2,7 @@
 
 Builds our real MMPO train step (`mmpo_jax.train.step.make_train_step`: the jit with
 its shardings and donation) for a model shape entirely abstractly (the state of
-`mmpo_jax.aot.abstract_train_state`: a run's own init under `jax.eval_shape`, nothing
+`mmpo_jax.train.setup.abstract_train_state`: a run's own init under `jax.eval_shape`, nothing
 of model size allocated), compiles it with `.lower(abstract_state, abstract_batch).compile()` and
 prints XLA's `memory_analysis()`:
 
@@ -99,7 +99,7 @@ def build(args: argparse.Namespace) -> dict:
     """The abstract state and batch, the jitted step and everything needed to run it."""
     import jax
 
-    from mmpo_jax.aot import abstract_batch, abstract_train_state
+    from mmpo_jax.train.setup import abstract_batch, abstract_train_state
     from mmpo_jax.config import LossConfig, MeshConfig, OptimConfig
     from mmpo_jax.models.llama import LlamaConfig, LoraOptions, ModelOptions
     from mmpo_jax.sharding import make_mesh
@@ -122,7 +122,7 @@ def build(args: argparse.Namespace) -> dict:
     total_steps = 1000
     optim_cfg = OptimConfig(learning_rate=args.lr, schedule="constant", mu_dtype=args.mu_dtype)
     optim_cfg.validate("optim")
-    loss_cfg = LossConfig(name="mmpo")
+    loss_cfg = LossConfig(name="mmpo").settled()
     loss_cfg.validate("loss")
     optimizer = make_optimizer(optim_cfg, total_steps)
     scfg = StepConfig(loss=loss_cfg, grad_accum=1, logprob_chunk=args.logprob_chunk,

@@ -5,9 +5,9 @@
 
 How: libtpu describes a TPU slice without owning one
 (`jax.experimental.topologies.get_topology_desc`); its devices form the run's
-`(data, fsdp, tensor)` mesh from `mesh.*`. The train state is built abstractly
-(`nnx.eval_shape` on the model, `jax.eval_shape` on the optimizer: shapes,
-dtypes and shardings, nothing of model size is allocated), the batch is
+`(data, fsdp, tensor)` mesh from `mesh.*`. The train state is the run's own
+init under `jax.eval_shape` (`train.setup.abstract_train_state`: shapes, dtypes
+and shardings, nothing of model size is allocated), the batch is
 `data.batch_size` pairs of `data.max_length` tokens (the largest bucket), and
 the step that `mmpo-jax train` runs (`mmpo_jax.train.step.make_train_step`: the
 same jit, shardings and donation) is lowered and compiled by XLA for TPU. XLA's
@@ -251,52 +251,6 @@ def target_options(cfg: RunConfig) -> Any:
 
 
 # --------------------------------------------------------------------------- #
-# The abstract state and batch
-# --------------------------------------------------------------------------- #
-def abstract_train_state(arch: Any, options: Any, optimizer: Any, mesh: Any, *, reference_mode: str,
-                         seed: int = 0, init_scale: float = 0.02) -> tuple[Any, Any]:
-    """`(StateDef, TrainState)` with a `jax.ShapeDtypeStruct` (shape, dtype, sharding) for
-    every array, never allocated: a run's own `build_model` and `create_state` under
-    `jax.eval_shape`, placed as a run on `mesh` places them (`place_abstract_state`)."""
-    import jax
-
-    from mmpo_jax.models.llama import build_model
-    from mmpo_jax.train.state import create_state, place_abstract_state
-
-    made: dict[str, Any] = {}
-
-    def init() -> Any:
-        model = build_model(arch, options, mesh=mesh, seed=seed, init_scale=init_scale)
-        made["sdef"], state = create_state(model, optimizer, lora=options.lora is not None,
-                                           reference_mode=reference_mode, seed=seed)
-        return state
-
-    shapes = jax.eval_shape(init)
-    return made["sdef"], place_abstract_state(shapes, optimizer, mesh)
-
-
-def abstract_batch(pairs: int, seq: int, mesh: Any, reference_mode: str) -> dict[str, Any]:
-    """The step's batch as ShapeDtypeStructs split over the batch axes: `input_ids`,
-    `loss_mask` `[pairs, 2, seq]` int32, `pair_mask` `[pairs]` int32, and with
-    `precomputed` `ref_logps` `[pairs, 2]` float32 (what `device_batch` builds)."""
-    import jax
-    import jax.numpy as jnp
-
-    from mmpo_jax.train.reference import reference_mode as reference_mode_of
-    from mmpo_jax.train.step import batch_shardings
-
-    shapes = {
-        "input_ids": ((pairs, 2, seq), jnp.int32),
-        "loss_mask": ((pairs, 2, seq), jnp.int32),
-        "pair_mask": ((pairs,), jnp.int32),
-    }
-    for key in reference_mode_of(reference_mode).batch_keys:  # ref_logps of `precomputed`
-        shapes[key] = ((pairs, 2), jnp.float32)
-    shardings = batch_shardings(mesh, shapes)
-    return {k: jax.ShapeDtypeStruct(s, d, sharding=shardings[k]) for k, (s, d) in shapes.items()}
-
-
-# --------------------------------------------------------------------------- #
 # Compile and read the plan
 # --------------------------------------------------------------------------- #
 def per_device_bytes(compiled: Any) -> dict[str, int]:
@@ -417,7 +371,7 @@ def aot_check(cfg: RunConfig, topology: str) -> AotResult:
     import numpy as np
 
     from mmpo_jax.train.optim import learning_rate_schedule, make_optimizer
-    from mmpo_jax.train.setup import step_config
+    from mmpo_jax.train.setup import abstract_batch, abstract_train_state, step_config
     from mmpo_jax.train.state import state_shardings
     from mmpo_jax.train.step import check_batch_divisible, make_train_step
 

@@ -226,18 +226,22 @@ def loglik_function(model: Any, mesh: jax.sharding.Mesh, *, chunk: int | None) -
 
 
 def probe_model(trainer: Any, which: Literal["policy", "reference"] = "policy") -> Any:
-    """The policy of `trainer`'s state, or its reference (the base model)."""
+    """The policy of `trainer`'s state, or its reference (the base model; for
+    `precomputed`, the initial reference loaded again)."""
     if which == "policy":
         return trainer.sdef.policy(trainer.state)
     if which != "reference":
         raise ValueError(f"which={which!r}: 'policy' or 'reference'")
-    from mmpo_jax.train.reference import held_model
+    from mmpo_jax.train.reference import held_model, reference_mode
+    from mmpo_jax.train.setup import initial_reference
 
     model = held_model(trainer)
     if model is not None:
         return model
+    if reference_mode(trainer.sdef.reference_mode).precomputed:
+        return initial_reference(trainer)
     raise UserError(f"model.reference={trainer.sdef.reference_mode}: this run keeps no reference model to probe "
-                    "(use model.reference=separate, or lora_base with LoRA)")
+                    "(use model.reference=separate, precomputed, or lora_base with LoRA)")
 
 
 def probe_accuracy(trainer: Any, tokenizer: Any, items: Sequence[ProbeItem] | None = None, *,

@@ -33,7 +33,7 @@ class ConfigError(UserError, ValueError):
 # --------------------------------------------------------------------------- #
 # Sections
 # --------------------------------------------------------------------------- #
-@dataclass
+@dataclass(frozen=True)
 class ModelInit:
     """The architecture of a randomly initialised model (`model.path: ""`).
 
@@ -126,7 +126,7 @@ def model_dims_problem(dims: dict[str, Any]) -> tuple[str, str] | None:
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoraConfig:
     """LoRA adapters (`rank` 0 = full fine-tuning).
 
@@ -157,7 +157,7 @@ class LoraConfig:
                    "names a projection twice")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """The model: a checkpoint (or a random init) and how it runs.
 
@@ -209,7 +209,7 @@ class ModelConfig:
         _check(self.logprob_chunk >= 1, prefix, "logprob_chunk", self.logprob_chunk, "must be >= 1")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     """The preference data; `mmpo_jax/data/pipeline.py` says how each key is used.
 
@@ -282,7 +282,7 @@ class DataConfig:
                 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
     """AdamW with a warmup-then-decay schedule and global-norm clipping."""
 
@@ -308,7 +308,7 @@ class OptimConfig:
         _check(self.eps > 0, prefix, "eps", self.eps, "must be > 0")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LossConfig:
     """The preference loss; `docs/losses.md` defines each, `mmpo_jax.loss_registry`
     declares which keys each reads and its defaults.
@@ -334,12 +334,18 @@ class LossConfig:
     # None: False for mmpo, dpo and sft (token-mean NLL), True for simpo (which always averages).
     average_logps: bool | None = None
 
+    def settled(self) -> LossConfig:
+        """This config with the keys left unset (None) at the loss's own defaults."""
+        spec = LOSSES[self.name]
+        return dataclasses.replace(
+            self,
+            beta=spec.beta if self.beta is None else self.beta,
+            average_logps=spec.average_logps if self.average_logps is None else self.average_logps,
+        )
+
     def validate(self, prefix: str) -> None:
         spec = LOSSES[self.name]
-        if self.beta is None:
-            self.beta = spec.beta
-        if self.average_logps is None:
-            self.average_logps = spec.average_logps
+        assert self.beta is not None and self.average_logps is not None, "validate a settled() LossConfig"
         _check(self.beta > 0, prefix, "beta", self.beta, "must be > 0")
         _check(self.norm_eps > 0, prefix, "norm_eps", self.norm_eps, "must be > 0")
         _check(self.aux_weight >= 0, prefix, "aux_weight", self.aux_weight, "must be >= 0")
@@ -362,7 +368,7 @@ class LossConfig:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class MeshConfig:
     """Device mesh axis sizes; -1 means "all the devices the others leave"."""
 
@@ -382,7 +388,7 @@ class MeshConfig:
             )
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """The run: where it writes, how long it runs, its seed."""
 
@@ -408,7 +414,7 @@ class TrainConfig:
                "must be >= 1")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -519,15 +525,17 @@ def _deep_copy(raw: Any) -> Any:
 
 
 def config_from_dict(raw: dict[str, Any]) -> RunConfig:
-    """Builds and validates a `RunConfig` from nested plain values."""
+    """Builds, settles and validates a `RunConfig` from nested plain values: the one
+    place a config is checked. The result is frozen (every section), so nothing after
+    this can change what was validated; a variant is `dataclasses.replace` of a section
+    and goes through `config_from_dict(config_to_dict(...))` to be checked again."""
     cfg = _build(RunConfig, raw, "")
+    cfg = dataclasses.replace(cfg, loss=cfg.loss.settled())
     for f in dataclasses.fields(cfg):
         section = getattr(cfg, f.name)
         if hasattr(section, "validate"):
             section.validate(f.name)
-    _resolve_reference(cfg)
-    _expand_home(cfg)
-    return cfg
+    return _expand_home(_resolve_reference(cfg))
 
 
 # The keys that name local files or directories (a hub id or `builtin:`/`pkg:` spec
@@ -536,7 +544,7 @@ PATH_KEYS = ("model.path", "model.reference_path", "data.train_files", "data.tes
              "data.tokenizer", "data.cache_dir", "train.output_dir")
 
 
-def _expand_home(cfg: RunConfig) -> None:
+def _expand_home(cfg: RunConfig) -> RunConfig:
     """`~` and `~user` in path keys become the home directory, as a shell would expand them
     (unexpanded, `train.output_dir=~/runs/x` made a directory literally named `~`)."""
     for key in PATH_KEYS:
@@ -549,23 +557,27 @@ def _expand_home(cfg: RunConfig) -> None:
             value = [os.path.expanduser(v) for v in value]
         elif isinstance(value, dict):
             value = {os.path.expanduser(k): v for k, v in value.items()}
-        setattr(section, name, value)
+        cfg = dataclasses.replace(cfg, **{section_name: dataclasses.replace(section, **{name: value})})
+    return cfg
 
 
-def _resolve_reference(cfg: RunConfig) -> None:
+def _resolve_reference(cfg: RunConfig) -> RunConfig:
     """`model.reference: auto` becomes a concrete mode; a mode the loss cannot use is an error."""
     model, loss = cfg.model, cfg.loss
     if model.reference == "auto":
         if loss.name in REFERENCE_FREE_LOSSES:
-            model.reference = "none"
+            mode = "none"
         else:
-            model.reference = "lora_base" if model.lora.rank > 0 and not model.reference_path else "separate"
+            mode = "lora_base" if model.lora.rank > 0 and not model.reference_path else "separate"
+        model = dataclasses.replace(model, reference=mode)
+        cfg = dataclasses.replace(cfg, model=model)
     if loss.name not in REFERENCE_FREE_LOSSES and model.reference == "none":
         raise ConfigError(
             f"model.reference=none: loss.name={loss.name} needs reference log-probs; "
             "use separate, lora_base (with LoRA) or precomputed "
             f"(only {' and '.join(REFERENCE_FREE_LOSSES)} run without a reference)"
         )
+    return cfg
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

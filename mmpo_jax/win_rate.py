@@ -21,7 +21,7 @@ The reference model is the one the run started from (`reference_model`):
 `model.reference=separate`: its frozen copy (the initial policy, or
 `model.reference_path`); `lora_base`: the base without the LoRA adapters;
 `precomputed`: the initial weights (or `model.reference_path`), loaded again
-when the reference pass already released them; `none`: the initial model,
+(the state keeps only their log-probs); `none`: the initial model,
 loaded again from `model.path` (or the random init of `model.init` with
 `train.seed`). Its description says which.
 """
@@ -155,20 +155,15 @@ def reference_model(trainer: Any) -> tuple[Any, str]:
     """`(model, description)`: the model `trainer`'s run started from (see the module
     docstring), as a `Llama` on the trainer's mesh."""
     from mmpo_jax.train.reference import held_model, reference_mode
-    from mmpo_jax.train.setup import load_model
+    from mmpo_jax.train.setup import initial_reference
 
     cfg = trainer.cfg
     mode = reference_mode(trainer.sdef.reference_mode)
     held = held_model(trainer)
     if held is not None:
         return held, mode.describe(cfg)
-    # the run keeps no reference weights: load the initial ones again (with the run's
-    # options, so LoRA adapters exist with B = 0 and add nothing)
-    path = cfg.model.reference_path if mode.precomputed else ""
-    model, _ = load_model(cfg, path or cfg.model.path, trainer.options, trainer.mesh)
-    why = ("the reference pass released its weights" if mode.precomputed
-           else f"model.reference={mode.name} keeps no reference model")
-    return model, f"{mode.source(cfg)}, loaded again ({why})"
+    return initial_reference(trainer), (f"{mode.source(cfg)}, loaded again "
+                                        f"(model.reference={mode.name} keeps no reference model in the state)")
 
 
 def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], config: Any,
@@ -212,9 +207,6 @@ def evaluate_win_rate(trainer: Any, tokenizer: Any, *, limit: int = 0,
                       policy: str = "the policy", log: Callable[[str], None] | None = None) -> WinRateResult:
     """Greedy answers of `trainer`'s policy and reference model to the test prompts of its
     config (the first `limit`, 0 = all), judged and counted; see the module docstring.
-
-    Run it before `attach_reference_tables` releases a precomputed run's reference
-    weights, or the reference is loaded again.
     """
     from mmpo_jax.data.tokenizers import special_ids
     from mmpo_jax.generate import GenerationConfig, eos_ids, generation_config_eos, tokenize_prompts

@@ -170,13 +170,35 @@ def test_probe_accuracy_scores_the_policy_and_reference(trainer, tok):
     assert cap.probe_accuracy(trainer, tok, items, which="reference", max_length=64) == result
 
 
+def test_probe_of_a_precomputed_run_loads_its_initial_weights():
+    """`precomputed` keeps only log-probs in the state: the probe's reference is the
+    initial model loaded again from the config, whatever the policy became (a trainer
+    built anew from the same config is the independent copy of those weights)."""
+    import dataclasses
+
+    from flax import nnx
+
+    from mmpo_jax.config import load_config
+    from mmpo_jax.train.setup import build_trainer
+
+    cfg = load_config(ROOT_CONFIG, ["train.output_dir=/nonexistent-not-written", "model.reference=precomputed"])
+    fresh = build_trainer(cfg)
+    initial = jax.device_get(nnx.state(fresh.sdef.policy(fresh.state), nnx.Param))
+    state = fresh.state
+    moved = dataclasses.replace(fresh, state=state.replace(trainable=jax.tree.map(lambda x: x * 0.5, state.trainable)))
+    reference = jax.device_get(nnx.state(cap.probe_model(moved, "reference"), nnx.Param))
+    policy = jax.device_get(nnx.state(cap.probe_model(moved, "policy"), nnx.Param))
+    assert jax.tree.all(jax.tree.map(np.array_equal, reference, initial))
+    assert not jax.tree.all(jax.tree.map(np.array_equal, policy, initial))  # the policy did move
+
+
 def test_probe_of_a_run_without_reference_says_so():
     class _Sdef:
         reference_mode = "none"
 
     class _Trainer:
         sdef = _Sdef()
-        precompute_model = None
+        state = None
 
     with pytest.raises(UserError, match="model.reference=none.*no reference model"):
         cap.probe_model(_Trainer(), "reference")

@@ -180,3 +180,22 @@ def test_home_is_expanded_in_path_keys(monkeypatch, tmp_path):
     mixed = load_config(None, ["data.mixture={~/a.jsonl: 0.5, builtin:demo: 1.0}"])
     assert mixed.data.mixture == {f"{tmp_path}/a.jsonl": 0.5, "builtin:demo": 1.0}
     assert load_config(None).train.output_dir == "runs/default"  # no '~', unchanged
+
+
+def test_a_loaded_config_cannot_be_changed_after_its_checks():
+    """Frozen in every section: a value that passed validation stays the one the run
+    uses (a variant is a replaced copy, and config_from_dict checks it again)."""
+    import dataclasses
+
+    cfg = load_config(None, ["loss.name=simpo"])
+    for section, key, value in (("optim", "learning_rate", float("inf")), ("loss", "beta", -1.0),
+                                ("model", "reference", "separate"), ("train", "output_dir", "elsewhere")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(getattr(cfg, section), key, value)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.model.lora.rank = 4
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.loss = cfg.loss
+    bad = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, learning_rate=float("inf")))
+    with pytest.raises(ConfigError, match="optim.learning_rate=inf"):
+        config_from_dict(config_to_dict(bad))

@@ -303,7 +303,7 @@ def test_ctrl_c_on_any_process_stops_every_process(monkeypatch):
     assert sent == [0, 0, 1]
 
 
-def test_eval_with_precomputed_reference_computes_the_test_split_only(tmp_path, capsys):
+def test_eval_with_precomputed_reference_computes_the_test_split_only(tmp_path, capsys, monkeypatch):
     """`eval` of a precomputed-reference config runs the reference pass over the test
     split it evaluates, not over the 3150 training rows too."""
     from mmpo_jax.cli import main
@@ -314,3 +314,14 @@ def test_eval_with_precomputed_reference_computes_the_test_split_only(tmp_path, 
     assert np.isfinite(result["eval/loss"])
     cached = sorted(p.name.split("-")[0] for p in (tmp_path / "reference_logps").glob("*.npy"))
     assert cached == ["test"], cached
+    # again: the cached table is read and the reference model is never loaded for it
+    import mmpo_jax.train.loop as loop
+
+    def no_load(trainer):
+        raise AssertionError("the reference model was loaded although its table is cached")
+
+    monkeypatch.setattr(loop, "initial_reference", no_load)
+    assert main(["eval", TINY, "--json", "model.reference=precomputed", "train.eval_batches=1",
+                 f"train.output_dir={tmp_path}"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["eval/loss"] == result["eval/loss"]

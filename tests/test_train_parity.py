@@ -17,7 +17,7 @@ from mmpo_jax.loss_inputs import LossInputs
 from mmpo_jax.data.pipeline import bucket_for, bucket_lengths, load_preference_data, train_batches
 from mmpo_jax.train.pair_logps import pair_logps
 from mmpo_jax.train.reference_cache import reference_table
-from mmpo_jax.train.setup import build_trainer, device_batch
+from mmpo_jax.train.setup import build_trainer, device_batch, initial_reference
 from mmpo_jax.train.step import loss_and_grads
 
 STEPS = 5
@@ -36,7 +36,7 @@ def _run(overrides, data, tmp_path, devices=None, steps=STEPS):
     trainer = build_trainer(cfg, devices=devices)
     table = None
     if cfg.model.reference == "precomputed":
-        table = reference_table(cfg, trainer.precompute_model, data, "train", trainer.mesh, lambda s: None)
+        table = reference_table(cfg, lambda: initial_reference(trainer), data, "train", trainer.mesh, lambda s: None)
     batches = train_batches(data, cfg.data.batch_size, cfg.data.seed)
     state, history = trainer.state, []
     for step in range(steps):

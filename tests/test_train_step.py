@@ -2,6 +2,8 @@
 non-finite step leaves the state bit-identical. (Meshes, reference modes, accumulation:
 tests/test_train_parity.py; PyTorch parity: tests/test_step_vs_torch.py.)"""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,7 +36,8 @@ def _batch():
 
 def _run(mesh_shape, devices, steps=STEPS, poison=False, learning_rate=1e-2):
     cfg = load_config(None, ["optim.learning_rate=1e-2", "loss.aux_weight=0", "optim.grad_accum=2"])
-    cfg.optim.learning_rate = learning_rate  # (the config refuses inf; the library must too)
+    # past the config's check (it refuses inf; the library must too)
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, learning_rate=learning_rate))
     mesh = make_mesh(MeshConfig(*mesh_shape), devices=jax.devices()[:devices])
     model = build_model(ARCH, ModelOptions(scan_layers=True, remat="full"), mesh=mesh, seed=0,
                         init_scale=0.5)

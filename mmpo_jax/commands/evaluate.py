@@ -150,9 +150,7 @@ def evaluate_trainer(trainer: Any, options: EvalOptions, *, what: str = "the pol
 
     data: the run's `RunData` (default: loaded from the config; without test data only
     --capability works). preference: the test split's metrics already computed (e.g.
-    the run's final eval), instead of evaluating again. The capability probe and the
-    win rate run before the reference tables are attached, which releases a
-    precomputed run's reference weights.
+    the run's final eval), instead of evaluating again.
     """
     from mmpo_jax.train.loop import attach_reference_tables, evaluate, load_data
     from mmpo_jax.train.setup import check_vocab

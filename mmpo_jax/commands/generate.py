@@ -116,12 +116,11 @@ def load_policy(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
         return trainer.sdef.policy(trainer.state), trainer.arch, trainer.cfg, f"{target} (step {step})"
     if not target.exists():
         raise UserError(f"no such config file or run directory '{args.target}'")
-    from mmpo_jax.sharding import make_mesh
-    from mmpo_jax.train.setup import load_model, model_options
+    from mmpo_jax.train.setup import build_policy
 
     path, overrides = split_config_and_overrides([args.target, *args.overrides])
     cfg = load_config(path, overrides)
-    model, arch = load_model(cfg, cfg.model.path, model_options(cfg), make_mesh(cfg.mesh))
+    model, arch, _ = build_policy(cfg)
     what = cfg.model.path or "the random init of model.init"
     return model, arch, cfg, f"{args.target} ({what})"
 

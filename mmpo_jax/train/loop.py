@@ -15,6 +15,7 @@ SIGINT (Ctrl-C) finishes the step in flight, saves a checkpoint and returns.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import signal
 import time
@@ -33,7 +34,7 @@ from mmpo_jax.train.metrics import MetricsWriter, Progress, Throughput
 from mmpo_jax.train.preflight import check_batch_fits, check_paths
 from mmpo_jax.train.report import Stages, count_text, end_summary
 from mmpo_jax.train.run_lock import RunLock
-from mmpo_jax.train.setup import Trainer, build_trainer, check_vocab, device_batch
+from mmpo_jax.train.setup import Trainer, build_trainer, check_vocab, device_batch, initial_reference
 
 
 
@@ -76,20 +77,19 @@ def load_data(cfg: RunConfig, log: Callable[[str], None] | None = None) -> RunDa
 
 def attach_reference_tables(cfg: RunConfig, trainer: Trainer, data: RunData, log: Callable[[str], None],
                             splits: tuple[str, ...] = ("train", "test")) -> None:
-    """Mode `precomputed`: the reference pass over `splits` (cached), then the reference
-    weights are released (an evaluation asks for the test split only)."""
+    """Mode `precomputed`: the reference tables of `splits` (an evaluation asks for the
+    test split only), from the cache or one pass of the initial reference, loaded for it."""
     from mmpo_jax.train.reference import reference_mode
     from mmpo_jax.train.reference_cache import reference_table
 
     if not reference_mode(cfg.model.reference).precomputed:
         return
 
-    model = trainer.precompute_model
+    load = functools.partial(initial_reference, trainer)
     if "train" in splits:
-        data.train_ref = reference_table(cfg, model, data.train, "train", trainer.mesh, log)
+        data.train_ref = reference_table(cfg, load, data.train, "train", trainer.mesh, log)
     if "test" in splits and data.test is not None:
-        data.test_ref = reference_table(cfg, model, data.test, "test", trainer.mesh, log)
-    trainer.precompute_model = None
+        data.test_ref = reference_table(cfg, load, data.test, "test", trainer.mesh, log)
 
 
 def abstract_state(state: Any) -> Any:

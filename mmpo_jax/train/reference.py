@@ -6,8 +6,8 @@
 - `lora_base`: no copy; the policy's own base weights with the LoRA params zeroed
   (B = 0 makes every adapter contribute exactly nothing).
 - `precomputed`: the reference log-probs arrive with the batch (`ref_logps`
-  `[pairs, 2]`), computed in one pass before training (`reference_cache`) from the
-  initial model, which the run then releases.
+  `[pairs, 2]`), computed in one pass before training (`reference_cache`) by the
+  initial model, loaded for that pass only (`setup.initial_reference`).
 - `none`: no reference (losses that need none, `loss_registry.REFERENCE_FREE_LOSSES`).
 
 Each mode says what it adds to the state (`stored`), its model (`model`), its per-pair
@@ -154,11 +154,6 @@ def reference_mode(name: str) -> ReferenceMode:
 
 
 def held_model(trainer: Any) -> Any:
-    """The reference model `trainer` holds now: its state's (`separate`, `lora_base`), the
-    initial model of `precomputed` until the reference pass releases it, else None."""
-    mode = reference_mode(trainer.sdef.reference_mode)
-    if mode.has_model:
-        return mode.model(trainer.sdef, trainer.state)
-    if mode.precomputed:
-        return trainer.precompute_model
-    return None
+    """The reference model `trainer`'s state holds (`separate`, `lora_base`), else None
+    (`precomputed` and `none` keep none: `setup.initial_reference` loads the initial one)."""
+    return reference_mode(trainer.sdef.reference_mode).model(trainer.sdef, trainer.state)

@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -69,10 +69,11 @@ def cache_key(cfg: RunConfig, data: Any) -> str:
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def reference_table(cfg: RunConfig, model: Any, data: Any, split: str, mesh: jax.sharding.Mesh,
-                    log: Any = print) -> np.ndarray:
+def reference_table(cfg: RunConfig, load_model: Callable[[], Any], data: Any, split: str,
+                    mesh: jax.sharding.Mesh, log: Any = print) -> np.ndarray:
     """`[rows, 2]` float32 reference sequence log-probs of every row of `data`, from the
-    cache when present, else computed (batches of `data.batch_size` pairs) and stored."""
+    cache when present, else computed (batches of `data.batch_size` pairs) by the model
+    `load_model()` returns (called only then) and stored."""
     path = Path(cfg.train.output_dir) / "reference_logps" / f"{split}-{cache_key(cfg, data)}.npy"
     if path.is_file():
         table = np.load(path)
@@ -80,7 +81,7 @@ def reference_table(cfg: RunConfig, model: Any, data: Any, split: str, mesh: jax
             log(f"reference log-probs ({split}): reusing {path}")
             return table
     log(f"reference log-probs ({split}): one pass over {len(data)} rows")
-    table = compute_table(cfg, model, data, mesh)
+    table = compute_table(cfg, load_model(), data, mesh)
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}.npy")

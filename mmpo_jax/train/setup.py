@@ -2,7 +2,11 @@
 
 `build_trainer(cfg, ...)` is the one place that turns `model.*`, `optim.*`,
 `loss.*` and `mesh.*` into a `Trainer`; `mmpo-jax train`, `eval`, `compare --step`
-and the benchmarks all go through it, so they run the same step.
+and the benchmarks all go through it, so they run the same step, and `aot-check`
+compiles the state of the same `build_model` + `create_state` under `jax.eval_shape`.
+`build_policy` is its first part (the initial policy alone, for `generate`), and
+`initial_reference` loads a run's starting reference again for the modes whose state
+keeps none.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from mmpo_jax.models.llama import LlamaConfig, ModelOptions, build_model, model_
 from mmpo_jax.sharding import make_mesh
 from mmpo_jax.train.optim import learning_rate_schedule, make_optimizer
 from mmpo_jax.train.reference import reference_mode
-from mmpo_jax.train.state import StateDef, TrainState, create_state, state_shardings
-from mmpo_jax.train.step import StepConfig, check_batch_divisible, make_eval_step, make_train_step
+from mmpo_jax.train.state import StateDef, TrainState, create_state, place_abstract_state, state_shardings
+from mmpo_jax.train.step import (StepConfig, batch_shardings, check_batch_divisible, make_eval_step,
+                                 make_train_step)
 
 
 def model_options(cfg: RunConfig, backend: str | None = None) -> ModelOptions:
@@ -40,6 +45,15 @@ def load_model(cfg: RunConfig, path: str, options: ModelOptions, mesh: jax.shard
     arch = model_config_from_init(cfg.model.init)
     model = build_model(arch, options, mesh=mesh, seed=cfg.train.seed, init_scale=cfg.model.init.init_scale)
     return model, arch
+
+
+def build_policy(cfg: RunConfig, mesh: jax.sharding.Mesh | None = None) -> tuple[Any, LlamaConfig, ModelOptions]:
+    """`(model, architecture, options)`: the run's initial policy alone, as `build_trainer`
+    makes it (no optimizer or reference: what `generate` of a config needs)."""
+    mesh = make_mesh(cfg.mesh) if mesh is None else mesh
+    options = model_options(cfg)
+    model, arch = load_model(cfg, cfg.model.path, options, mesh)
+    return model, arch, options
 
 
 def load_reference(cfg: RunConfig, options: ModelOptions, mesh: jax.sharding.Mesh,
@@ -99,9 +113,6 @@ class Trainer:
     scfg: StepConfig
     train_step: Callable
     eval_step: Callable
-    # the initial reference model for model.reference=precomputed (None otherwise);
-    # `mmpo_jax.train.reference_cache` reads it before the first step, then drops it
-    precompute_model: Any = None
 
 
 def build_trainer(cfg: RunConfig, mesh: jax.sharding.Mesh | None = None,
@@ -109,20 +120,17 @@ def build_trainer(cfg: RunConfig, mesh: jax.sharding.Mesh | None = None,
     """The initial state and jitted steps of `cfg` on `mesh` (default: from `mesh.*`)."""
     mesh = make_mesh(cfg.mesh, devices=devices) if mesh is None else mesh
     check_batch_divisible(cfg.data.batch_size, cfg.optim.grad_accum, mesh)
-    options = model_options(cfg)
-    policy, arch = load_model(cfg, cfg.model.path, options, mesh)
-    reference = load_reference(cfg, options, mesh, arch)
+    policy, arch, options = build_policy(cfg, mesh)
     mode = reference_mode(cfg.model.reference)
+    # precomputed: the reference pass loads its model when it runs (initial_reference),
+    # so a cached table needs none and the trainer holds no second copy
+    reference = load_reference(cfg, options, mesh, arch) if mode.stores_weights else None
     total = cfg.train.max_steps
     optimizer = make_optimizer(cfg.optim, total)
     schedule = learning_rate_schedule(cfg.optim, total)
-    precompute_model = None
-    if mode.precomputed:
-        # the initial weights, copied: the policy's own buffers are donated by the step
-        precompute_model = reference if reference is not None else _copy_model(policy)
     sdef, state = create_state(
         policy, optimizer, lora=options.lora is not None, reference_mode=mode.name,
-        reference_model=reference if mode.stores_weights else None, seed=cfg.train.seed, mesh=mesh,
+        reference_model=reference, seed=cfg.train.seed, mesh=mesh,
     )
     scfg = step_config(cfg, schedule, options)
     example = example_batch(cfg, mode.name)
@@ -131,31 +139,72 @@ def build_trainer(cfg: RunConfig, mesh: jax.sharding.Mesh | None = None,
     return Trainer(
         cfg=cfg, mesh=mesh, arch=arch, options=options, sdef=sdef, state=state, optimizer=optimizer,
         scfg=scfg, train_step=make_train_step(sdef, scfg, optimizer, mesh, shardings, example, n),
-        eval_step=make_eval_step(sdef, scfg, mesh, shardings, example, n), precompute_model=precompute_model,
+        eval_step=make_eval_step(sdef, scfg, mesh, shardings, example, n),
     )
 
 
-def _copy_model(model: Any) -> Any:
-    from flax import nnx
-
-    graphdef, state = nnx.split(model)
-    return nnx.merge(graphdef, jax.tree.map(lambda x: x.copy(), state))
+def initial_reference(trainer: Trainer) -> Any:
+    """The run's reference as it was before training, loaded anew from the config:
+    `model.reference_path` where the mode reads one (separate, precomputed), else the
+    policy's starting point (`model.path`, or the seeded random init, which loads to the
+    same weights every time). Loaded with the run's options, so LoRA adapters exist with
+    B = 0 and add nothing. For the modes that keep no reference model: the precomputed
+    reference pass, and the win rate's comparison model."""
+    cfg = trainer.cfg
+    mode = reference_mode(cfg.model.reference)
+    if cfg.model.reference_path and (mode.stores_weights or mode.precomputed):
+        return load_reference(cfg, trainer.options, trainer.mesh, trainer.arch)
+    model, _ = load_model(cfg, cfg.model.path, trainer.options, trainer.mesh)
+    return model
 
 
 BATCH_KEYS = ("input_ids", "loss_mask", "pair_mask")
 
 
+def batch_shapes(pairs: int, seq: int, mode: str) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """The step's batch, key -> (shape, dtype): `input_ids`, `loss_mask` `[pairs, 2, seq]`
+    int32, `pair_mask` `[pairs]` int32, and the keys of reference mode `mode`
+    (`precomputed`: `ref_logps` `[pairs, 2]` float32), as `device_batch` builds them."""
+    shapes: dict[str, tuple[tuple[int, ...], Any]] = {
+        "input_ids": ((pairs, 2, seq), np.int32),
+        "loss_mask": ((pairs, 2, seq), np.int32),
+        "pair_mask": ((pairs,), np.int32),
+    }
+    for key in reference_mode(mode).batch_keys:
+        shapes[key] = ((pairs, 2), np.float32)
+    return shapes
+
+
 def example_batch(cfg: RunConfig, mode: str) -> dict[str, np.ndarray]:
     """The keys and dtypes of the step's batch (shapes do not matter: only the shardings are read)."""
-    pairs, seq = cfg.data.batch_size, 16
-    batch = {
-        "input_ids": np.zeros((pairs, 2, seq), np.int32),
-        "loss_mask": np.zeros((pairs, 2, seq), np.int32),
-        "pair_mask": np.ones((pairs,), np.int32),
-    }
-    for key in reference_mode(mode).batch_keys:  # ref_logps of `precomputed`
-        batch[key] = np.zeros((pairs, 2), np.float32)
-    return batch
+    return {k: np.zeros(shape, dtype) for k, (shape, dtype) in batch_shapes(cfg.data.batch_size, 16, mode).items()}
+
+
+def abstract_batch(pairs: int, seq: int, mesh: jax.sharding.Mesh, mode: str) -> dict[str, jax.ShapeDtypeStruct]:
+    """`batch_shapes` as ShapeDtypeStructs split over the mesh's batch axes (what an
+    ahead-of-time compile lowers the step with)."""
+    shapes = batch_shapes(pairs, seq, mode)
+    shardings = batch_shardings(mesh, shapes)
+    return {k: jax.ShapeDtypeStruct(s, d, sharding=shardings[k]) for k, (s, d) in shapes.items()}
+
+
+def abstract_train_state(arch: LlamaConfig, options: ModelOptions, optimizer: optax.GradientTransformation,
+                         mesh: jax.sharding.Mesh, *, reference_mode: str, seed: int = 0,
+                         init_scale: float = 0.02) -> tuple[StateDef, TrainState]:
+    """`(StateDef, TrainState)` with a `jax.ShapeDtypeStruct` (shape, dtype, sharding) for
+    every array, never allocated: a run's own `build_model` and `create_state` under
+    `jax.eval_shape`, placed as a run on `mesh` places them (`place_abstract_state`).
+    What `aot-check` and `benchmarks/memory_fit.py` compile."""
+    made: dict[str, Any] = {}
+
+    def init() -> TrainState:
+        model = build_model(arch, options, mesh=mesh, seed=seed, init_scale=init_scale)
+        made["sdef"], state = create_state(model, optimizer, lora=options.lora is not None,
+                                           reference_mode=reference_mode, seed=seed)
+        return state
+
+    shapes = jax.eval_shape(init)
+    return made["sdef"], place_abstract_state(shapes, optimizer, mesh)
 
 
 def device_batch(batch: Any, mesh: jax.sharding.Mesh, ref_table: np.ndarray | None = None) -> dict[str, jax.Array]:
@@ -164,8 +213,6 @@ def device_batch(batch: Any, mesh: jax.sharding.Mesh, ref_table: np.ndarray | No
     `ref_table` `[rows, 2]` (model.reference=precomputed): the reference log-probs of
     every example, looked up by `example_index` (padding pairs get 0; they are masked).
     """
-    from mmpo_jax.train.step import batch_shardings
-
     host = {k: np.asarray(getattr(batch, k)) for k in BATCH_KEYS}
     if ref_table is not None:
         index = np.asarray(batch.example_index)
