@@ -9,7 +9,12 @@ from pathlib import Path
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Replaces `path` with `text` in one rename: readers see the old file or the new one.
+    """`write_bytes_atomic` of `text` in UTF-8."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Replaces `path` with `data` in one rename: readers see the old file or the new one.
 
     The text goes to a temporary file beside `path`, is fsync'd, and is renamed over
     it; on any error (a full disk) the temporary file is removed and `path` is as it
@@ -25,8 +30,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         mode = 0o666 & ~umask
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)

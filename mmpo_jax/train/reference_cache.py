@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mmpo_jax.config import RunConfig
+from mmpo_jax.files import write_bytes_atomic
 from mmpo_jax.train.pair_logps import pair_logps
 
 
@@ -84,9 +85,10 @@ def reference_table(cfg: RunConfig, load_model: Callable[[], Any], data: Any, sp
     table = compute_table(cfg, load_model(), data, mesh)
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, table)
-        os.replace(tmp, path)  # a crash mid-write never leaves a torn table under the real name
+        buffer = io.BytesIO()
+        np.save(buffer, table)
+        # a crash or a full disk never leaves a torn table under the real name, nor a temp file
+        write_bytes_atomic(path, buffer.getvalue())
     return table
 
 
