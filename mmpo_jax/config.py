@@ -437,12 +437,53 @@ class _OverrideText(str):
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Reads a YAML config (or none: all defaults) and applies `key=value` overrides."""
+    """Reads a YAML config (or none: all defaults), with its `base:` chain, and applies
+    `key=value` overrides."""
     raw: dict[str, Any] = {}
     if path is not None:
-        raw = _read_yaml(Path(path))
+        raw = read_config_file(Path(path))
     raw = apply_overrides(raw, overrides)
     return config_from_dict(raw)
+
+
+# A config may start from another: `base: other.yaml` (relative to the file naming it)
+# at the top level, then only the keys that differ. Deeper than this is a mistake.
+MAX_BASE_DEPTH = 8
+
+
+def read_config_file(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The file's mapping on top of its `base:` (recursively): each section of the file
+    replaces the base's keys one by one (sub-sections such as `model.lora` too), a value
+    (a list, `data.mixture`) replaces the base's whole."""
+    raw = _read_yaml(path)
+    if "base" not in raw:
+        return raw
+    base = raw.pop("base")
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{path}: base={base!r}: must be the path of another config file (relative to this one)")
+    base_path = (path.parent / os.path.expanduser(base)).resolve()
+    chain = (*chain, path.resolve())
+    if base_path in chain:
+        loop = " -> ".join(str(p) for p in (*chain, base_path))
+        raise ConfigError(f"{path}: base={base!r} makes a loop ({loop}); a config cannot start from itself")
+    if len(chain) >= MAX_BASE_DEPTH:
+        raise ConfigError(f"{path}: base={base!r}: more than {MAX_BASE_DEPTH} files deep; start from a nearer base")
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: base={base!r}: no such file '{base_path}'")
+    return _merge_sections(read_config_file(base_path, chain), raw, RunConfig)
+
+
+def _merge_sections(base: dict[str, Any], top: dict[str, Any], cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    merged = dict(base)
+    for key, value in top.items():
+        kind = hints.get(key)
+        if (isinstance(kind, type) and dataclasses.is_dataclass(kind) and isinstance(value, dict)
+                and isinstance(merged.get(key), dict)):
+            merged[key] = _merge_sections(merged[key], value, kind)
+        else:
+            merged[key] = value
+    return merged
 
 
 def config_from_text(text: str, overrides: Sequence[str] = (), where: str = "the config") -> RunConfig:

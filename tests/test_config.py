@@ -199,3 +199,74 @@ def test_a_loaded_config_cannot_be_changed_after_its_checks():
     bad = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, learning_rate=float("inf")))
     with pytest.raises(ConfigError, match="optim.learning_rate=inf"):
         config_from_dict(config_to_dict(bad))
+
+
+def test_a_config_starts_from_its_base(tmp_path, monkeypatch):
+    """`base:` (relative to the file naming it, not the working directory): sections merge
+    key by key, sub-sections too; values (lists, data.mixture) are replaced whole; the
+    file's own keys and then overrides win."""
+    (tmp_path / "shared").mkdir()
+    _write(tmp_path / "shared", """
+        model:
+          lora: {rank: 8, alpha: 16.0}
+          compute_dtype: bfloat16
+        data:
+          mixture: {a.jsonl: 1.0, b.jsonl: 2.0}
+          test_files: [t1.jsonl, t2.jsonl]
+        loss: {name: mmpo, beta: 0.5}
+        train: {max_steps: 30, seed: 7}
+        """).rename(tmp_path / "shared" / "base.yaml")
+    child = tmp_path / "child.yaml"
+    child.write_text(textwrap.dedent("""
+        base: shared/base.yaml
+        model:
+          lora: {rank: 4}
+        data:
+          mixture: {c.jsonl: 1.0}
+          test_files: [t3.jsonl]
+        loss: {name: dpo}
+        """))
+    monkeypatch.chdir("/")  # the base is found from the child's directory
+    cfg = load_config(child, ["train.max_steps=12"])
+    assert cfg.model.lora.rank == 4 and cfg.model.lora.alpha == 16.0 and cfg.model.compute_dtype == "bfloat16"
+    assert cfg.data.mixture == {"c.jsonl": 1.0} and cfg.data.test_files == ["t3.jsonl"]
+    assert cfg.loss.name == "dpo" and cfg.loss.beta == 0.5
+    assert cfg.train.max_steps == 12 and cfg.train.seed == 7
+    # a base of a base
+    (tmp_path / "grandchild.yaml").write_text("base: child.yaml\ntrain: {seed: 1}\n")
+    grand = load_config(tmp_path / "grandchild.yaml")
+    assert grand.train.seed == 1 and grand.train.max_steps == 30 and grand.loss.name == "dpo"
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("base: loop.yaml\n", "makes a loop"),
+    ("base: nowhere.yaml\n", "no such file"),
+    ("base: [a.yaml]\n", "must be the path of another config file"),
+    ("base: ''\n", "must be the path of another config file"),
+])
+def test_a_bad_base_is_refused_naming_it(tmp_path, text, needle):
+    path = tmp_path / "loop.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=needle):
+        load_config(path)
+
+
+def test_paper_twins_are_their_mmpo_config_with_another_loss():
+    """The DPO and SimPO paper configs name the MMPO one as their base: everything but
+    the loss section and train.output_dir is the MMPO run's."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for size in ("smollm2-135m", "llama3.2-1b", "llama3-8b"):
+        suffix = "" if size.startswith("smollm2") else "-lora"
+        mmpo = config_to_dict(load_config(root / f"{size}-mmpo{suffix}.yaml"))
+        for loss in ("dpo", "simpo"):
+            twin = config_to_dict(load_config(root / f"{size}-{loss}{suffix}.yaml"))
+            assert twin["loss"]["name"] == loss and twin["train"]["output_dir"] == f"runs/{size}-{loss}{suffix}"
+            for section in ("model", "data", "optim", "mesh", "train"):
+                a, b = dict(mmpo[section]), dict(twin[section])
+                if section == "train":
+                    a.pop("output_dir"), b.pop("output_dir")
+                if section == "model":  # auto resolves per loss: none for simpo
+                    a.pop("reference"), b.pop("reference")
+                assert a == b, (size, loss, section)
