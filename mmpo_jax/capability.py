@@ -30,6 +30,7 @@ from typing import Any, Literal
 import jax
 import numpy as np
 
+from mmpo_jax.buckets import bucket_for, bucket_lengths
 from mmpo_jax.data.probe import ProbeItem, chat_request, encode_request, plain_request, score_probe
 from mmpo_jax.errors import UserError
 
@@ -96,25 +97,6 @@ def probe_rows(items: Sequence[ProbeItem], tokenizer: Any, *, max_length: int,
     return rows
 
 
-def bucket_lengths(max_length: int, smallest: int = SMALLEST_BUCKET) -> tuple[int, ...]:
-    """Powers of two from `smallest` (or less when `max_length` is smaller), then `max_length`."""
-    if max_length < 2:
-        raise ValueError(f"max_length={max_length}: a row needs a context and a continuation token")
-    out, length = [], min(smallest, max_length)
-    while length < max_length:
-        out.append(length)
-        length *= 2
-    return tuple(out) + (max_length,)
-
-
-def bucket_of(length: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket that holds `length` tokens."""
-    for b in sorted(buckets):
-        if length <= b:
-            return b
-    raise ValueError(f"a row of {length} tokens is longer than the largest bucket {max(buckets)}")
-
-
 @dataclass(frozen=True)
 class PaddedBatch:
     """`ids`, `mask` `[rows_per_batch, bucket]` (right padding, mask 1 on the continuation
@@ -133,7 +115,7 @@ def pack_batches(rows: Sequence[ProbeRow], rows_per_batch: int, buckets: Sequenc
         raise ValueError(f"rows_per_batch={rows_per_batch}: must be >= 1")
     by_bucket: dict[int, list[int]] = {}
     for r, row in enumerate(rows):
-        by_bucket.setdefault(bucket_of(len(row.ids), buckets), []).append(r)
+        by_bucket.setdefault(bucket_for(len(row.ids), buckets), []).append(r)
     batches = []
     for length in sorted(by_bucket):
         members = by_bucket[length]
@@ -259,7 +241,9 @@ def probe_accuracy(trainer: Any, tokenizer: Any, items: Sequence[ProbeItem] | No
 
     items = load_probe() if items is None else list(items)
     max_length = trainer.arch.max_position_embeddings if max_length is None else max_length
-    buckets = bucket_lengths(max_length) if buckets is None else tuple(buckets)
+    if max_length < 2:
+        raise ValueError(f"max_length={max_length}: a row needs a context and a continuation token")
+    buckets = bucket_lengths(max_length, SMALLEST_BUCKET) if buckets is None else tuple(buckets)
     if max(buckets) < max_length:
         max_length = max(buckets)
     rows = probe_rows(items, tokenizer, max_length=max_length, template=template,

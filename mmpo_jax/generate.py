@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mmpo_jax.buckets import power_of_two_bucket
 from mmpo_jax.errors import UserError
 
 SMALLEST_BUCKET = 16
@@ -125,7 +126,7 @@ def prompt_bucket(length: int) -> int:
     """The padded prompt length for a longest prompt of `length` tokens: the smallest
     power of two >= `length` (at least `SMALLEST_BUCKET`), so a job compiles once per
     bucket (log many), at most doubling the prefill's work."""
-    return max(SMALLEST_BUCKET, 1 << max(0, int(length) - 1).bit_length())
+    return power_of_two_bucket(length, SMALLEST_BUCKET)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from mmpo_jax import capability as cap
+from mmpo_jax.buckets import bucket_for, bucket_lengths
 from mmpo_jax.data.probe import (ProbeItem, chat_request, encode_request, load_probe, plain_request,
                                  score_probe)
 from mmpo_jax.errors import UserError
@@ -49,12 +50,12 @@ def test_truncate_left_keeps_the_continuation():
 
 
 def test_buckets():
-    assert cap.bucket_lengths(2048) == (32, 64, 128, 256, 512, 1024, 2048)
-    assert cap.bucket_lengths(100) == (32, 64, 100)
-    assert cap.bucket_lengths(20) == (20,)
-    assert [cap.bucket_of(n, (32, 64, 100)) for n in (1, 32, 33, 100)] == [32, 32, 64, 100]
+    assert bucket_lengths(2048, cap.SMALLEST_BUCKET) == (32, 64, 128, 256, 512, 1024, 2048)
+    assert bucket_lengths(100, cap.SMALLEST_BUCKET) == (32, 64, 100)
+    assert bucket_lengths(20, cap.SMALLEST_BUCKET) == (20,)
+    assert [bucket_for(n, (32, 64, 100)) for n in (1, 32, 33, 100)] == [32, 32, 64, 100]
     with pytest.raises(ValueError, match="101 tokens"):
-        cap.bucket_of(101, (32, 64, 100))
+        bucket_for(101, (32, 64, 100))
 
 
 def test_rows_to_items_bookkeeping_with_hand_made_loglikelihoods(tok):
@@ -147,7 +148,7 @@ def test_batched_loglikelihood_equals_unbatched_full_logits(trainer, tok):
     np.testing.assert_allclose(logp_fn(row), _full_logits_fn(model, 0)(row), rtol=0, atol=1e-5)
     for template in ("plain", "chat"):
         rows = cap.probe_rows(items, tok, max_length=max_length, template=template)
-        assert len({cap.bucket_of(len(r.ids), buckets) for r in rows}) >= 2
+        assert len({bucket_for(len(r.ids), buckets) for r in rows}) >= 2
         assert any(len(r.ids) == max_length for r in rows)  # the long item is cut
         got = cap.regroup(items, rows, cap.continuation_loglikelihoods(
             loglik, rows, rows_per_batch=8, buckets=buckets))
@@ -215,3 +216,15 @@ def test_eval_cli_prints_capability_keys(capsys):
     assert any(k.endswith("/acc_norm") and k.count("/") == 2 for k in out)  # per category
     assert main(["eval", ROOT_CONFIG, "--capability-reference"]) == 2
     assert "needs --capability" in capsys.readouterr().err
+
+
+def test_the_three_bucket_users_keep_their_lengths():
+    """One helper, each user's own smallest bucket: the train batches from 16, the probe
+    from 32, generation's prompts from 16 with no cap (the lengths they had before)."""
+    from mmpo_jax.data import pipeline
+    from mmpo_jax.generate import prompt_bucket
+
+    assert bucket_lengths(1024, pipeline.SMALLEST_BUCKET) == (16, 32, 64, 128, 256, 512, 1024)
+    assert bucket_lengths(48, pipeline.SMALLEST_BUCKET) == (16, 32, 48)
+    assert bucket_lengths(16, pipeline.SMALLEST_BUCKET) == (16,)
+    assert [prompt_bucket(n) for n in (1, 16, 17, 100, 5000)] == [16, 16, 32, 128, 8192]

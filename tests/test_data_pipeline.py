@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from mmpo_jax.buckets import bucket_lengths
 from mmpo_jax.config import DataConfig
 from mmpo_jax.data import formats, pipeline
 from mmpo_jax.data.pipeline import collate, eval_batches, load_preference_data, train_batches
@@ -176,7 +177,7 @@ def test_batch_shapes_are_buckets(tiny, cache_dir, max_length):
     )
     B = 32
     batches = train_batches(data, B, seed=0, process_index=0, process_count=1)
-    buckets = pipeline.bucket_lengths(max_length)
+    buckets = bucket_lengths(max_length, pipeline.SMALLEST_BUCKET)
     shapes = set()
     for step in range(len(data) // B):
         batch = batches[step]

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from mmpo_jax import losses
+from mmpo_jax.buckets import bucket_for, bucket_lengths
 from mmpo_jax.config import load_config
 from mmpo_jax.loss_inputs import LossInputs
-from mmpo_jax.data.pipeline import bucket_for, bucket_lengths, load_preference_data, train_batches
+from mmpo_jax.data.pipeline import SMALLEST_BUCKET, load_preference_data, train_batches
 from mmpo_jax.train.pair_logps import pair_logps
 from mmpo_jax.train.reference_cache import reference_table
 from mmpo_jax.train.setup import build_trainer, device_batch, initial_reference
@@ -179,7 +180,7 @@ def test_one_compile_per_bucket(train_data, tmp_path):
     trainer = build_trainer(cfg, devices=jax.devices()[:1])
     batches = train_batches(data, cfg.data.batch_size, cfg.data.seed)
     steps = min(len(data) // cfg.data.batch_size, 12)
-    buckets = bucket_lengths(cfg.data.max_length)
+    buckets = bucket_lengths(cfg.data.max_length, SMALLEST_BUCKET)
     shapes = set()
     state = trainer.state
     for step in range(steps):

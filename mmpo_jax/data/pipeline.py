@@ -35,7 +35,7 @@ epoch; reported by `batch_plan`). Process `p` of `P` takes the contiguous slice
 processes that divides `batch_size`.
 
 Every sequence of a global batch is right-padded to the same bucket length:
-the smallest of `bucket_lengths(max_length)` (powers of two from 16, then
+the smallest of `bucket_lengths(max_length, 16)` (powers of two from 16, then
 `max_length`: `ceil(log2(max_length / 16)) + 1` buckets, 7 for 1024) that holds
 the batch's longest prompt + completion. All processes pick the same length,
 since they all hold every row's length.
@@ -72,6 +72,7 @@ import numpy as np
 
 from mmpo_jax.data import formats
 from mmpo_jax.data.formats import INVALID_REASONS, TOO_LONG, Layout, SpecialIds
+from mmpo_jax.buckets import bucket_for, bucket_lengths
 from mmpo_jax.data.json_rows import BadLine, BadLines, RawRows, read_json_rows
 from mmpo_jax.errors import UserError
 
@@ -706,24 +707,6 @@ class PreferenceBatch:
     example_index: np.ndarray  # int32 [pairs]
 
 
-def bucket_lengths(max_length: int) -> tuple[int, ...]:
-    """Powers of two from SMALLEST_BUCKET below `max_length`, then `max_length`."""
-    out = []
-    b = SMALLEST_BUCKET
-    while b < max_length:
-        out.append(b)
-        b *= 2
-    return (*out, max_length)
-
-
-def bucket_for(length: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket that holds `length` tokens."""
-    for b in buckets:
-        if length <= b:
-            return b
-    raise ValueError(f"length {length} exceeds the largest bucket {buckets[-1]}")
-
-
 def collate(
     pairs: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]],
     example_index: Sequence[int],
@@ -816,7 +799,7 @@ def train_batches(
         raise UserError(f"data.batch_size={batch_size} is larger than the {n} training rows kept")
     order = epoch_order(n, seed)
     seq = data.seq_lengths
-    buckets = bucket_lengths(data.max_length)
+    buckets = bucket_lengths(data.max_length, SMALLEST_BUCKET)
 
     def make(step: int) -> PreferenceBatch:
         rows = global_batch_rows(order, n, batch_size, step)
@@ -840,7 +823,7 @@ def eval_batches(
     local = _local_slice(batch_size, process_index, process_count)
     n = len(data)
     seq = data.seq_lengths
-    buckets = bucket_lengths(data.max_length)
+    buckets = bucket_lengths(data.max_length, SMALLEST_BUCKET)
 
     def make(b: int) -> PreferenceBatch:
         rows = np.arange(b * batch_size, min((b + 1) * batch_size, n))
@@ -876,7 +859,7 @@ class BatchPlan:
 def batch_plan(data: PreferenceData, batch_size: int, seed: int) -> BatchPlan:
     n = len(data)
     per_epoch = steps_per_epoch(n, batch_size)
-    buckets = bucket_lengths(data.max_length)
+    buckets = bucket_lengths(data.max_length, SMALLEST_BUCKET)
     seq = data.seq_lengths
     rows = {b: 0 for b in buckets}
     for length in seq:
