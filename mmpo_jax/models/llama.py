@@ -363,14 +363,18 @@ class ModelOptions:
         # frozen (hashable: it is static in the model's graphdef); normalise dtypes
         object.__setattr__(self, "param_dtype", _as_dtype(self.param_dtype))
         object.__setattr__(self, "compute_dtype", _as_dtype(self.compute_dtype))
-        # the run config has checked these choices already (`mmpo_jax.config`): here a
-        # wrong value is a caller's bug, not a user's input
+        # a library caller's options (the run config checks its own choices first)
         if self.attention not in ATTENTION_CHOICES:
-            raise ValueError(f"attention={self.attention!r} not in {ATTENTION_CHOICES}")
+            raise UserError(
+                f"attention '{self.attention}' is not supported; choose one of "
+                f"{', '.join(ATTENTION_CHOICES)}"
+            )
         if self.remat not in REMAT_CHOICES:
-            raise ValueError(f"remat={self.remat!r} not in {REMAT_CHOICES}")
+            raise UserError(
+                f"remat '{self.remat}' is not supported; choose one of {', '.join(REMAT_CHOICES)}"
+            )
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+            raise UserError(f"dropout={self.dropout} must be in [0, 1)")
 
     @classmethod
     def from_config(cls, model_cfg: Any, backend: str | None = None) -> "ModelOptions":
