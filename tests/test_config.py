@@ -249,24 +249,3 @@ def test_a_bad_base_is_refused_naming_it(tmp_path, text, needle):
     path.write_text(text)
     with pytest.raises(ConfigError, match=needle):
         load_config(path)
-
-
-def test_paper_twins_are_their_mmpo_config_with_another_loss():
-    """The DPO and SimPO paper configs name the MMPO one as their base: everything but
-    the loss section and train.output_dir is the MMPO run's."""
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1] / "configs"
-    for size in ("smollm2-135m", "llama3.2-1b", "llama3-8b"):
-        suffix = "" if size.startswith("smollm2") else "-lora"
-        mmpo = config_to_dict(load_config(root / f"{size}-mmpo{suffix}.yaml"))
-        for loss in ("dpo", "simpo"):
-            twin = config_to_dict(load_config(root / f"{size}-{loss}{suffix}.yaml"))
-            assert twin["loss"]["name"] == loss and twin["train"]["output_dir"] == f"runs/{size}-{loss}{suffix}"
-            for section in ("model", "data", "optim", "mesh", "train"):
-                a, b = dict(mmpo[section]), dict(twin[section])
-                if section == "train":
-                    a.pop("output_dir"), b.pop("output_dir")
-                if section == "model":  # auto resolves per loss: none for simpo
-                    a.pop("reference"), b.pop("reference")
-                assert a == b, (size, loss, section)
