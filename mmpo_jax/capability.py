@@ -214,14 +214,11 @@ def probe_model(trainer: Any, which: Literal["policy", "reference"] = "policy") 
         return trainer.sdef.policy(trainer.state)
     if which != "reference":
         raise ValueError(f"which={which!r}: 'policy' or 'reference'")
-    from mmpo_jax.train.reference import held_model, reference_mode
-    from mmpo_jax.train.setup import initial_reference
+    from mmpo_jax.train.setup import run_reference
 
-    model = held_model(trainer)
+    model = run_reference(trainer)
     if model is not None:
         return model
-    if reference_mode(trainer.sdef.reference_mode).precomputed:
-        return initial_reference(trainer)
     raise UserError(f"model.reference={trainer.sdef.reference_mode}: this run keeps no reference model to probe "
                     "(use model.reference=separate, precomputed, or lora_base with LoRA)")
 

@@ -83,8 +83,7 @@ def compare_step(config: str | None, overrides: list[str], lora_b_std: float, se
     from mmpo_jax.models.llama import iter_hf_weights
     from mmpo_jax.models.lora_export import iter_peft_weights
     from mmpo_jax.train.loop import attach_reference_tables, load_data
-    from mmpo_jax.train.reference import held_model, reference_mode
-    from mmpo_jax.train.setup import build_trainer, check_vocab, device_batch, initial_reference
+    from mmpo_jax.train.setup import build_trainer, check_vocab, device_batch, run_reference
     from mmpo_jax.train.step import loss_and_grads
 
     try:
@@ -105,9 +104,7 @@ def compare_step(config: str | None, overrides: list[str], lora_b_std: float, se
         check_vocab(data.tokenizer, trainer.arch, cfg)
         lora = trainer.options.lora is not None
         # the reference's weights, before anything changes the policy
-        ref_module = held_model(trainer)
-        if ref_module is None and reference_mode(cfg.model.reference).precomputed:
-            ref_module = initial_reference(trainer)
+        ref_module = run_reference(trainer)
         torch_reference = _torch_model(ref_module, trainer.arch) if ref_module is not None else None
         attach_reference_tables(cfg, trainer, data, lambda text: None)
         if lora and lora_b_std > 0:

@@ -117,7 +117,8 @@ def _example(data: Any, batch_size: int, seed: int, shuffled: bool) -> dict[str,
     else:
         row = data.pair(0)
         length = pipeline.bucket_for(
-            len(row[0]) + max(len(row[1]), len(row[2])), pipeline.bucket_lengths(data.max_length, pipeline.SMALLEST_BUCKET)
+            len(row[0]) + max(len(row[1]), len(row[2])),
+            pipeline.bucket_lengths(data.max_length, pipeline.SMALLEST_BUCKET),
         )
         batch = pipeline.collate([row], [0], length, data.special.pad)
         where = "row 0 (fewer rows than data.batch_size)"

@@ -70,9 +70,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import flax.struct
 import numpy as np
 
+from mmpo_jax.buckets import bucket_for, bucket_lengths
 from mmpo_jax.data import formats
 from mmpo_jax.data.formats import INVALID_REASONS, TOO_LONG, Layout, SpecialIds
-from mmpo_jax.buckets import bucket_for, bucket_lengths
 from mmpo_jax.data.json_rows import BadLine, BadLines, RawRows, read_json_rows
 from mmpo_jax.errors import UserError
 

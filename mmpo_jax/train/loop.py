@@ -85,7 +85,8 @@ def attach_reference_tables(cfg: RunConfig, trainer: Trainer, data: RunData, log
     if not reference_mode(cfg.model.reference).precomputed:
         return
 
-    load = functools.partial(initial_reference, trainer)
+    # cached: a pass over both splits loads the model once
+    load = functools.cache(functools.partial(initial_reference, trainer))
     if "train" in splits:
         data.train_ref = reference_table(cfg, load, data.train, "train", trainer.mesh, log)
     if "test" in splits and data.test is not None:

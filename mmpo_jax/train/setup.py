@@ -161,6 +161,18 @@ def initial_reference(trainer: Trainer) -> Any:
 BATCH_KEYS = ("input_ids", "loss_mask", "pair_mask")
 
 
+def run_reference(trainer: Trainer) -> Any | None:
+    """The run's reference model: the one its state holds (separate, lora_base), the
+    initial one loaded again for `precomputed` (its state keeps only log-probs), None
+    for `none`."""
+    from mmpo_jax.train.reference import held_model
+
+    held = held_model(trainer)
+    if held is None and reference_mode(trainer.sdef.reference_mode).precomputed:
+        return initial_reference(trainer)
+    return held
+
+
 def batch_shapes(pairs: int, seq: int, mode: str) -> dict[str, tuple[tuple[int, ...], Any]]:
     """The step's batch, key -> (shape, dtype): `input_ids`, `loss_mask` `[pairs, 2, seq]`
     int32, `pair_mask` `[pairs]` int32, and the keys of reference mode `mode`
