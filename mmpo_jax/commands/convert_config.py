@@ -10,7 +10,7 @@ could not be carried over with the reason. So
 
 gives a file that loads as it is. Overrides apply after the conversion and the
 result is validated like any config (a bad value stops with the key named).
-The conversion rules are in `mmpo_jax/recipes.py`.
+The conversion rules are in `mmpo_jax/recipes/`.
 """
 
 from __future__ import annotations
