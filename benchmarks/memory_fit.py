@@ -101,7 +101,8 @@ def build(args: argparse.Namespace) -> dict:
 
     from mmpo_jax.train.setup import abstract_batch, abstract_train_state
     from mmpo_jax.config import LossConfig, MeshConfig, OptimConfig
-    from mmpo_jax.models.llama import LlamaConfig, LoraOptions, ModelOptions
+    from mmpo_jax.models.llama_config import LlamaConfig
+    from mmpo_jax.models.options import LoraOptions, ModelOptions
     from mmpo_jax.sharding import make_mesh
     from mmpo_jax.train.optim import learning_rate_schedule, make_optimizer
     from mmpo_jax.train.state import state_shardings
@@ -200,7 +201,7 @@ def run_steps(args: argparse.Namespace, b: dict, steps: int, warmup: int) -> dic
     import jax
     import numpy as np
 
-    from mmpo_jax.models.llama import build_model
+    from mmpo_jax.models.build import build_model
     from mmpo_jax.train.state import create_state, state_shardings
     from mmpo_jax.train.step import batch_shardings
 

@@ -202,7 +202,7 @@ def topology_mesh(mesh_cfg: Any, devices: list) -> Any:
 def model_architecture(cfg: RunConfig) -> Any:
     """The `LlamaConfig` of `model.path` (its config.json or GGUF metadata, no weights),
     or of `model.init.*` when `model.path` is ""."""
-    from mmpo_jax.models.llama import LlamaConfig, model_config_from_init
+    from mmpo_jax.models.llama_config import LlamaConfig, model_config_from_init
     from mmpo_jax.paths import resolve
 
     spec = cfg.model.path

@@ -161,7 +161,7 @@ class LoraConfig:
 class ModelConfig:
     """The model: a checkpoint (or a random init) and how it runs.
 
-    See `mmpo_jax.models.llama.ModelOptions` for what each run option does.
+    See `mmpo_jax.models.options.ModelOptions` for what each run option does.
     """
 
     # A local HF directory, a hub id or a `.gguf` file; "" = random init from `init`.
@@ -434,6 +434,15 @@ def _check(ok: bool, prefix: str, key: str, value: Any, rule: str) -> None:
 # --------------------------------------------------------------------------- #
 class _OverrideText(str):
     """An override's raw text: str-typed keys take it verbatim, others parse it as YAML."""
+
+
+def split_config_and_overrides(items: Sequence[str]) -> tuple[str | None, list[str]]:
+    """`CONFIG [key=value ...]` as `(CONFIG, overrides)`: the first item is a config
+    file unless it is a key=value override (then CONFIG is None)."""
+    items = list(items)
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:

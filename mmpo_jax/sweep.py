@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from mmpo_jax.errors import UserError
+from mmpo_jax.eval.run import EvalOptions
 from mmpo_jax.loss_registry import LOSSES
 
 EVAL_FILE = "eval.json"
@@ -319,7 +320,7 @@ class SweepSettings:
     config: str | None
     overrides: list[str]
     out: Path
-    eval_options: Any
+    eval_options: EvalOptions
     log: Callable[[str], None] = field(default=lambda text: print(text, flush=True))
 
 
@@ -342,8 +343,8 @@ def _file_logger(path: Path) -> Callable[[str], None]:
 def run_one(settings: SweepSettings, spec: RunSpec, say: Callable[[str], None]) -> Outcome:
     """Trains (or resumes) and evaluates one run, or skips it when finished; see the
     module docstring. Errors propagate (the caller records them)."""
-    from mmpo_jax.commands.evaluate import evaluate_trainer
     from mmpo_jax.config import config_to_yaml
+    from mmpo_jax.eval.run import evaluate_trainer
     from mmpo_jax.train.loop import config_differences
 
     cfg = run_config(settings, spec)
@@ -402,7 +403,7 @@ def run_one(settings: SweepSettings, spec: RunSpec, say: Callable[[str], None]) 
     return Outcome(spec, "ok", record, action)
 
 
-def _with(options: Any, **changes: Any) -> Any:
+def _with(options: EvalOptions, **changes: Any) -> EvalOptions:
     import dataclasses
 
     return dataclasses.replace(options, **changes)

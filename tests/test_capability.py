@@ -1,4 +1,4 @@
-"""The capability probe run with a model (`mmpo_jax.capability`, `mmpo-jax eval --capability`).
+"""The capability probe run with a model (`mmpo_jax.eval.capability`, `mmpo-jax eval --capability`).
 
 The scoring rules themselves (`choice_correct`, `score_probe`) are tested in
 tests/test_demo_data.py; here: the batched, bucketed log-likelihoods against an
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmpo_jax import capability as cap
+from mmpo_jax.eval import capability as cap
 from mmpo_jax.buckets import bucket_for, bucket_lengths
 from mmpo_jax.data.probe import (ProbeItem, chat_request, encode_request, load_probe, plain_request,
                                  score_probe)
@@ -222,7 +222,7 @@ def test_the_three_bucket_users_keep_their_lengths():
     """One helper, each user's own smallest bucket: the train batches from 16, the probe
     from 32, generation's prompts from 16 with no cap (the lengths they had before)."""
     from mmpo_jax.data import pipeline
-    from mmpo_jax.generate import prompt_bucket
+    from mmpo_jax.eval.generate import prompt_bucket
 
     assert bucket_lengths(1024, pipeline.SMALLEST_BUCKET) == (16, 32, 64, 128, 256, 512, 1024)
     assert bucket_lengths(48, pipeline.SMALLEST_BUCKET) == (16, 32, 48)

@@ -25,7 +25,8 @@ from checkpoint_helpers import (
 from mmpo_jax.errors import UserError
 from mmpo_jax.models import checkpoints as C
 from mmpo_jax.models.hf_export import export_hf
-from mmpo_jax.models.llama import ModelOptions, iter_hf_weights
+from mmpo_jax.models.hf_weights import iter_hf_weights
+from mmpo_jax.models.options import ModelOptions
 
 F32 = ModelOptions(param_dtype="float32", compute_dtype="float32", attention="xla")
 IDS = np.random.default_rng(0).integers(0, 211, size=(3, 20))
@@ -104,7 +105,8 @@ def test_each_tensor_read_once_when_sharded_over_devices(llama_dirs):
     import jax
 
     from mmpo_jax.config import MeshConfig
-    from mmpo_jax.models.llama import LlamaConfig, build_model
+    from mmpo_jax.models.build import build_model
+    from mmpo_jax.models.llama_config import LlamaConfig
     from mmpo_jax.sharding import make_mesh
 
     _, _, single, _, _ = llama_dirs

@@ -1,4 +1,4 @@
-"""Batched generation with a KV cache (`mmpo_jax.generate`, `mmpo-jax generate`).
+"""Batched generation with a KV cache (`mmpo_jax.eval.generate`, `mmpo-jax generate`).
 
 The model: the configs/tiny.yaml architecture (4 heads, 2 kv heads: grouped-query
 attention), sharded on the tests' 8 simulated devices like the train step, with large
@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 
 from mmpo_jax.config import load_config
-from mmpo_jax.generate import (
+from mmpo_jax.eval.generate import (
     GenerationConfig,
     _Static,
     attention_mask,
@@ -31,15 +31,10 @@ from mmpo_jax.generate import (
     prompt_bucket,
     tokenize_prompts,
 )
-from mmpo_jax.models.llama import (
-    LORA_TARGETS,
-    LlamaConfig,
-    LoraOptions,
-    ModelOptions,
-    build_model,
-    hf_weight_shapes,
-    model_config_from_init,
-)
+from mmpo_jax.models.build import build_model
+from mmpo_jax.models.hf_weights import hf_weight_shapes
+from mmpo_jax.models.llama_config import LlamaConfig, model_config_from_init
+from mmpo_jax.models.options import LORA_TARGETS, LoraOptions, ModelOptions
 from mmpo_jax.sharding import make_mesh
 from mmpo_jax.train.setup import model_options
 
@@ -138,7 +133,7 @@ def test_greedy_matches_transformers_generate(tiny, prompts, greedy_reference):
     LlamaForCausalLM: `generate(do_sample=False)` on the same left-padded batch."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from mmpo_jax.models.llama import iter_hf_weights
+    from mmpo_jax.models.hf_weights import iter_hf_weights
 
     model, arch = tiny[0], tiny[1]
     hc = transformers.AutoConfig.for_model(**arch.to_hf_dict())
@@ -328,7 +323,7 @@ def test_string_prompts_follow_the_prompt_format():
     from mmpo_jax.commands.generate import PROMPT_FORMATS as CLI_FORMATS
     from mmpo_jax.data.tokenizers import load_tokenizer
     from mmpo_jax.errors import UserError
-    from mmpo_jax.generate import PROMPT_FORMATS
+    from mmpo_jax.eval.generate import PROMPT_FORMATS
 
     tok = load_tokenizer("builtin:tiny")
     text = "Once upon a time"

@@ -25,7 +25,9 @@ from checkpoint_helpers import (
 from mmpo_jax.errors import UserError
 from mmpo_jax.models import gguf as G
 from mmpo_jax.models.checkpoints import load_checkpoint, open_checkpoint
-from mmpo_jax.models.llama import ModelOptions, rope_inv_freq, LlamaConfig
+from mmpo_jax.models.layers import rope_inv_freq
+from mmpo_jax.models.llama_config import LlamaConfig
+from mmpo_jax.models.options import ModelOptions
 
 F32 = ModelOptions(param_dtype="float32", compute_dtype="float32", attention="xla")
 

@@ -138,7 +138,9 @@ def test_model_shift_against_transformers():
     `input_ids[:, 1:]`), with right padding."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from mmpo_jax.models.llama import LlamaConfig, ModelOptions, build_model
+    from mmpo_jax.models.build import build_model
+    from mmpo_jax.models.llama_config import LlamaConfig
+    from mmpo_jax.models.options import ModelOptions
     import transformers
 
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,

@@ -14,7 +14,9 @@ from mmpo_jax.config import ConfigError, load_config
 from mmpo_jax.errors import UserError
 from mmpo_jax.models import checkpoints as C
 from mmpo_jax.models.hf_export import export_hf
-from mmpo_jax.models.llama import LlamaConfig, ModelOptions, build_model
+from mmpo_jax.models.build import build_model
+from mmpo_jax.models.llama_config import LlamaConfig
+from mmpo_jax.models.options import ModelOptions
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 ARCH = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

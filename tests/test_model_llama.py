@@ -22,15 +22,11 @@ from flax import nnx
 
 from mmpo_jax.errors import UserError
 from mmpo_jax.logprobs import model_token_logps, sequence_logps
-from mmpo_jax.models.llama import (
-    Llama,
-    LlamaConfig,
-    ModelOptions,
-    build_model,
-    hf_weight_names,
-    hf_weight_shapes,
-    iter_hf_weights,
-)
+from mmpo_jax.models.build import build_model
+from mmpo_jax.models.hf_weights import hf_weight_names, hf_weight_shapes, iter_hf_weights
+from mmpo_jax.models.llama import Llama
+from mmpo_jax.models.llama_config import LlamaConfig
+from mmpo_jax.models.options import ModelOptions
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -12,7 +12,7 @@ import json
 import pytest
 
 from mmpo_jax.cli import main
-from mmpo_jax.commands.compare_step import compare_step
+from mmpo_jax.torch_ref.compare_step import compare_step
 
 LOSSES = {
     "mmpo": [],

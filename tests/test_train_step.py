@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from mmpo_jax.config import MeshConfig, load_config
-from mmpo_jax.models.llama import LlamaConfig, ModelOptions, build_model
+from mmpo_jax.models.build import build_model
+from mmpo_jax.models.llama_config import LlamaConfig
+from mmpo_jax.models.options import ModelOptions
 from mmpo_jax.sharding import make_mesh
 from mmpo_jax.train.optim import learning_rate_schedule, make_optimizer
 from mmpo_jax.train.state import create_state, state_shardings

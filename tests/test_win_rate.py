@@ -1,4 +1,4 @@
-"""The judge-based win rate (`mmpo_jax.win_rate`, `mmpo-jax eval --win-rate`).
+"""The judge-based win rate (`mmpo_jax.eval.win_rate`, `mmpo-jax eval --win-rate`).
 
 The counting is checked on hand-made verdicts; the judge half on real demo test rows
 with responses built from the rows' own answers (each checked with the judge first);
@@ -16,7 +16,7 @@ import pytest
 from mmpo_jax.data.builtin import load_demo_rows
 from mmpo_jax.data.demo_tasks import judge
 from mmpo_jax.errors import UserError
-from mmpo_jax.win_rate import KEYS, judge_win_rate, judged_rows, outcome, prefixed, win_rate
+from mmpo_jax.eval.win_rate import KEYS, judge_win_rate, judged_rows, outcome, prefixed, win_rate
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")

@@ -18,7 +18,7 @@ import argparse
 import json
 import os
 
-from mmpo_jax.commands.common import split_config_and_overrides
+from mmpo_jax.config import split_config_and_overrides
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -5,21 +5,13 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from mmpo_jax.config import RunConfig, load_config
+from mmpo_jax.config import RunConfig, load_config, split_config_and_overrides
 
 
 def add_config_items(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "items", nargs="*", metavar="CONFIG|key=value", help="a YAML config file, then overrides"
     )
-
-
-def split_config_and_overrides(items: Sequence[str]) -> tuple[str | None, list[str]]:
-    """The first item is a config file unless it is a key=value override."""
-    items = list(items)
-    if items and "=" not in items[0]:
-        return items[0], items[1:]
-    return None, items
 
 
 def load_from_items(items: Sequence[str]) -> RunConfig:

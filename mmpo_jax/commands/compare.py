@@ -267,7 +267,7 @@ def ours_logps(model: Any, batch: Batch, chunk: int, grads: bool) -> tuple[np.nd
     from flax import nnx
 
     from mmpo_jax.logprobs import model_token_logps
-    from mmpo_jax.models.llama import iter_hf_weights
+    from mmpo_jax.models.hf_weights import iter_hf_weights
 
     ids = jnp.asarray(batch.ids)
     completion = jnp.asarray(batch.completion)
@@ -377,7 +377,7 @@ def _stdout_to_stderr(active: bool) -> Iterator[None]:
 def compare(args: argparse.Namespace) -> dict[str, Any]:
     """Runs the comparison; returns the JSON-able result."""
     from mmpo_jax.models.checkpoints import load_checkpoint, open_checkpoint
-    from mmpo_jax.models.llama import ModelOptions
+    from mmpo_jax.models.options import ModelOptions
 
     if args.max_examples < 1 or args.max_length < 2 or args.chunk < 1:
         raise UserError("--max-examples must be >= 1, --max-length >= 2 and --chunk >= 1")
@@ -528,7 +528,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_step(args: argparse.Namespace) -> int:
-    from mmpo_jax.commands.compare_step import compare_step, print_result
+    from mmpo_jax.torch_ref.compare_step import compare_step
 
     if not (args.step and args.config):
         raise UserError("a train-step comparison needs both --config CONFIG and --step")
@@ -541,3 +541,18 @@ def run_step(args: argparse.Namespace) -> int:
     else:
         print_result(result)
     return 0
+
+
+def print_result(result: dict[str, Any]) -> None:
+    """`compare --step`'s result in lines for a reader."""
+    print(f"== compare --step: {result['loss']['name']} (reference {result['reference']}, "
+          f"{'LoRA' if result['lora'] else 'full fine-tuning'}), {result['pairs']} pairs x {result['seq']} "
+          f"tokens, grad_accum {result['grad_accum']}, mesh {result['mesh']} ==")
+    print(f"  loss ours {result['loss_ours']:.8g}  torch {result['loss_torch']:.8g}  "
+          f"|diff| {result['loss_abs_diff']:.3e}")
+    print(f"  max rel grad diff {result['max_rel_grad_diff']:.3e} ({result['worst_grad_tensor']}; "
+          f"{result['grad_tensors_compared']} tensors)")
+    for k, v in result["metric_abs_diffs"].items():
+        print(f"  |diff| {k:28s} {v:.3e}")
+    for note in result.get("notes", []):
+        print(f"  note: {note}")

@@ -39,7 +39,7 @@ from typing import Any
 
 from mmpo_jax.errors import UserError
 
-# mmpo_jax.generate.PROMPT_FORMATS, spelled out: importing that module (jax, flax) here
+# mmpo_jax.eval.generate.PROMPT_FORMATS, spelled out: importing that module (jax, flax) here
 # would slow every `mmpo-jax --help`
 PROMPT_FORMATS = ("auto", "chat", "raw")
 
@@ -105,8 +105,7 @@ def read_prompt_rows(path: str) -> tuple[list[dict[str, Any]], list[str]]:
 
 def load_policy(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
     """`(model, architecture, run config, description)` of CONFIG or RUN_DIR."""
-    from mmpo_jax.commands.common import split_config_and_overrides
-    from mmpo_jax.config import load_config
+    from mmpo_jax.config import load_config, split_config_and_overrides
 
     target = Path(args.target)
     if target.is_dir():
@@ -129,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     import jax
 
     from mmpo_jax.data.tokenizers import load_tokenizer, special_ids
-    from mmpo_jax.generate import (
+    from mmpo_jax.eval.generate import (
         GenerationConfig,
         eos_ids,
         generate,

@@ -55,8 +55,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmpo_jax.commands.evaluate import EvalOptions
-    from mmpo_jax.sweep import SweepInterrupted, SweepSettings, expand, parse_also, parse_grid, run_sweep
+    from mmpo_jax.eval.run import EvalOptions
+    from mmpo_jax.sweep import (
+        SweepInterrupted,
+        SweepSettings,
+        expand,
+        parse_also,
+        parse_grid,
+        run_sweep,
+    )
 
     config = Path(args.config)
     if "=" in args.config:

@@ -23,16 +23,14 @@ memory-mapped reader), converted once and placed straight onto its sharding by
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
 import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
@@ -525,7 +523,9 @@ def load_checkpoint(
     Raises `UserError` for a bad path, an unsupported architecture, or a missing or
     misshaped tensor, saying what to fix.
     """
-    from mmpo_jax.models.llama import LlamaConfig, ModelOptions, build_model
+    from mmpo_jax.models.build import build_model
+    from mmpo_jax.models.llama_config import LlamaConfig
+    from mmpo_jax.models.options import ModelOptions
 
     source = open_checkpoint(path_or_hub_id)
     try:
@@ -550,7 +550,7 @@ def load_checkpoint(
 
 def check_tensors(source: CheckpointSource, cfg: Any) -> None:
     """Every tensor the architecture needs is in the checkpoint, or a UserError listing those missing."""
-    from mmpo_jax.models.llama import hf_weight_names
+    from mmpo_jax.models.hf_weights import hf_weight_names
 
     missing = [n for n in hf_weight_names(cfg) if n not in source.names]
     if missing:

@@ -16,7 +16,12 @@ from typing import Any, Iterable
 import numpy as np
 
 from mmpo_jax.errors import UserError
-from mmpo_jax.models.checkpoints import CONFIG_FILE, DEFAULT_MAX_SHARD_BYTES, SAFETENSORS_FILE, SAFETENSORS_INDEX
+from mmpo_jax.models.checkpoints import (
+    CONFIG_FILE,
+    DEFAULT_MAX_SHARD_BYTES,
+    SAFETENSORS_FILE,
+    SAFETENSORS_INDEX,
+)
 from mmpo_jax.models.export_dir import export_directory
 
 _NP_TO_ST = {
@@ -122,7 +127,7 @@ def export_hf(
     (`export_directory`, which adds `mmpo_export.json`, with `about` in it), so a failure
     leaves `out_dir` as it was.
     """
-    from mmpo_jax.models.llama import iter_hf_weights
+    from mmpo_jax.models.hf_weights import iter_hf_weights
 
     if dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"export dtype '{dtype}' is not supported; choose float32, bfloat16 or float16")

@@ -28,14 +28,20 @@ import numpy as np
 
 from mmpo_jax.config import RunConfig, config_to_yaml
 from mmpo_jax.errors import UserError
+from mmpo_jax.eval.preference import evaluate
 from mmpo_jax.files import write_text_atomic
 from mmpo_jax.train.checkpoint import CHECKPOINTS_DIR, Checkpointer, saved_config_text
 from mmpo_jax.train.metrics import MetricsWriter, Progress, Throughput
 from mmpo_jax.train.preflight import check_batch_fits, check_paths
 from mmpo_jax.train.report import Stages, count_text, end_summary
 from mmpo_jax.train.run_lock import RunLock
-from mmpo_jax.train.setup import Trainer, build_trainer, check_vocab, device_batch, initial_reference
-
+from mmpo_jax.train.setup import (
+    Trainer,
+    build_trainer,
+    check_vocab,
+    device_batch,
+    initial_reference,
+)
 
 
 class NonFiniteStep(UserError):
@@ -96,27 +102,6 @@ def attach_reference_tables(cfg: RunConfig, trainer: Trainer, data: RunData, log
 def abstract_state(state: Any) -> Any:
     """The state's shapes, dtypes and shardings: the restore target."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-
-
-def evaluate(trainer: Trainer, state: Any, data: Any, ref_table: np.ndarray | None,
-             max_batches: int = 0) -> dict[str, float]:
-    """The eval step's metrics over the test data, averaged over real pairs (each
-    batch's metrics weighted by its number of real pairs)."""
-    from mmpo_jax.data.pipeline import eval_batches
-
-    batches = eval_batches(data, trainer.cfg.data.batch_size)
-    n = len(batches) if max_batches <= 0 else min(max_batches, len(batches))
-    totals: dict[str, float] = {}
-    weight = 0.0
-    for b in range(n):
-        host = batches[b]
-        # every process's slice of the global batch: the real pairs of the whole batch
-        rows = min((b + 1) * trainer.cfg.data.batch_size, len(data)) - b * trainer.cfg.data.batch_size
-        metrics = jax.device_get(trainer.eval_step(state, device_batch(host, trainer.mesh, ref_table)))
-        for k, v in metrics.items():
-            totals[k] = totals.get(k, 0.0) + float(v) * rows
-        weight += rows
-    return {k: v / weight for k, v in totals.items()}
 
 
 def _tokens(batch: Any) -> int:

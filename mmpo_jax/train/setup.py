@@ -21,7 +21,9 @@ import optax
 
 from mmpo_jax.config import RunConfig
 from mmpo_jax.errors import UserError
-from mmpo_jax.models.llama import LlamaConfig, ModelOptions, build_model, model_config_from_init
+from mmpo_jax.models.build import build_model
+from mmpo_jax.models.llama_config import LlamaConfig, model_config_from_init
+from mmpo_jax.models.options import ModelOptions
 from mmpo_jax.sharding import make_mesh
 from mmpo_jax.train.optim import learning_rate_schedule, make_optimizer
 from mmpo_jax.train.reference import reference_mode

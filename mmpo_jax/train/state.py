@@ -26,6 +26,7 @@ from flax import nnx
 
 from mmpo_jax.train.reference import reference_mode as reference_mode_of
 
+
 @flax.struct.dataclass
 class TrainState:
     """Everything that changes or is needed on device across steps (a pytree)."""

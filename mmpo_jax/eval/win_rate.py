@@ -1,6 +1,6 @@
 """Judge-based win rate of a run's policy against its reference model (issue #9).
 
-Both models answer every test prompt greedily (`mmpo_jax.generate`); the demo
+Both models answer every test prompt greedily (`mmpo_jax.eval.generate`); the demo
 data's rule-based judge (`mmpo_jax.data.demo_tasks.judge`) marks each answer
 correct or not. Per prompt:
 
@@ -171,7 +171,7 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Sequence[in
                        progress: Callable[[int], None] | None = None) -> list[str]:
     """The decoded responses (special tokens dropped) of `model` to token-id `prompts`,
     `batch_size` prompts per `generate` call (one compiled shape for every batch)."""
-    from mmpo_jax.generate import generate
+    from mmpo_jax.eval.generate import generate
 
     if batch_size < 1:
         raise UserError(f"win rate batch size {batch_size}: must be >= 1")
@@ -209,7 +209,12 @@ def evaluate_win_rate(trainer: Any, tokenizer: Any, *, limit: int = 0,
     config (the first `limit`, 0 = all), judged and counted; see the module docstring.
     """
     from mmpo_jax.data.tokenizers import special_ids
-    from mmpo_jax.generate import GenerationConfig, eos_ids, generation_config_eos, tokenize_prompts
+    from mmpo_jax.eval.generate import (
+        GenerationConfig,
+        eos_ids,
+        generation_config_eos,
+        tokenize_prompts,
+    )
 
     say = log or (lambda text: None)
     cfg = trainer.cfg

@@ -21,7 +21,6 @@ import numpy as np
 
 from mmpo_jax.errors import UserError
 
-
 # compare runs both sides in float32 without dropout: applied as overrides, so the
 # config is validated with them once and never changed after
 FLOAT32_NO_DROPOUT = ("model.param_dtype=float32", "model.compute_dtype=float32", "model.dropout=0",
@@ -80,10 +79,15 @@ def compare_step(config: str | None, overrides: list[str], lora_b_std: float, se
 
     from mmpo_jax.config import load_config
     from mmpo_jax.data.pipeline import train_batches
-    from mmpo_jax.models.llama import iter_hf_weights
+    from mmpo_jax.models.hf_weights import iter_hf_weights
     from mmpo_jax.models.lora_export import iter_peft_weights
     from mmpo_jax.train.loop import attach_reference_tables, load_data
-    from mmpo_jax.train.setup import build_trainer, check_vocab, device_batch, run_reference
+    from mmpo_jax.train.setup import (
+        build_trainer,
+        check_vocab,
+        device_batch,
+        run_reference,
+    )
     from mmpo_jax.train.step import loss_and_grads
 
     try:
@@ -175,17 +179,3 @@ def compare_step(config: str | None, overrides: list[str], lora_b_std: float, se
     if notes:
         result["notes"] = notes
     return result
-
-
-def print_result(result: dict[str, Any]) -> None:
-    print(f"== compare --step: {result['loss']['name']} (reference {result['reference']}, "
-          f"{'LoRA' if result['lora'] else 'full fine-tuning'}), {result['pairs']} pairs x {result['seq']} "
-          f"tokens, grad_accum {result['grad_accum']}, mesh {result['mesh']} ==")
-    print(f"  loss ours {result['loss_ours']:.8g}  torch {result['loss_torch']:.8g}  "
-          f"|diff| {result['loss_abs_diff']:.3e}")
-    print(f"  max rel grad diff {result['max_rel_grad_diff']:.3e} ({result['worst_grad_tensor']}; "
-          f"{result['grad_tensors_compared']} tensors)")
-    for k, v in result["metric_abs_diffs"].items():
-        print(f"  |diff| {k:28s} {v:.3e}")
-    for note in result.get("notes", []):
-        print(f"  note: {note}")

@@ -31,7 +31,13 @@ import jax
 import numpy as np
 
 from mmpo_jax.buckets import bucket_for, bucket_lengths
-from mmpo_jax.data.probe import ProbeItem, chat_request, encode_request, plain_request, score_probe
+from mmpo_jax.data.probe import (
+    ProbeItem,
+    chat_request,
+    encode_request,
+    plain_request,
+    score_probe,
+)
 from mmpo_jax.errors import UserError
 
 Template = Literal["plain", "chat"]

@@ -458,7 +458,7 @@ def tokenize_prompts(tokenizer: Any, prompts: Sequence[Any], where: Sequence[str
 
     A list of `{role, content}` messages: the chat template with the generation prompt
     (the pipeline's conversational prompt). A string, by `prompt_format`: `raw` (the
-    default: what preference-data callers such as `mmpo_jax.win_rate` need, so a model
+    default: what preference-data callers such as `mmpo_jax.eval.win_rate` need, so a model
     trained on the data sees its prompts exactly as in training) tokenizes it as the
     pipeline tokenizes a standard prompt (the tokenizer's own special tokens); `chat`
     makes it the one-message conversation `[{"role": "user", "content": prompt}]`

@@ -1,0 +1,162 @@
+"""What `mmpo-jax eval` and `mmpo-jax sweep` compute for a model: its options
+(`EvalOptions`), the run-level evaluation of a trainer's policy (`evaluate_trainer`:
+the test split's preference metrics, the capability probe, the judge-based win rate)
+and the model it is run on (`load_target`: a run directory or a config)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from mmpo_jax.errors import UserError
+from mmpo_jax.eval.win_rate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS
+
+
+@dataclass
+class EvalOptions:
+    """What `evaluate_trainer` computes besides the preference metrics (the eval flags)."""
+
+    capability: bool = False
+    capability_reference: bool = False
+    capability_template: str = "plain"
+    capability_file: str | None = None
+    capability_limit: int = 0
+    win_rate: bool = False
+    win_rate_limit: int = 0
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    win_rate_batch_size: int = DEFAULT_BATCH_SIZE
+    save_generations: str | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "EvalOptions":
+        names = [f for f in cls.__dataclass_fields__]
+        return cls(**{n: getattr(args, n) for n in names if hasattr(args, n)})
+
+    def check(self) -> None:
+        """A UserError naming the bad option, before anything is loaded."""
+        if self.capability_reference and not self.capability:
+            raise UserError("--capability-reference needs --capability")
+        if self.capability_limit < 0:
+            raise UserError(f"--capability-limit={self.capability_limit}: must be >= 0 (0 = all items)")
+        if self.save_generations and not self.win_rate:
+            raise UserError("--save-generations needs --win-rate")
+        if self.win_rate_limit < 0:
+            raise UserError(f"--win-rate-limit={self.win_rate_limit}: must be >= 0 (0 = every test prompt)")
+        if self.max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens={self.max_new_tokens}: must be >= 1")
+        if self.win_rate_batch_size < 1:
+            raise UserError(f"--win-rate-batch-size={self.win_rate_batch_size}: must be >= 1")
+
+    def settings(self) -> dict[str, Any]:
+        """The options that change the numbers (not where generations are saved)."""
+        out = asdict(self)
+        out.pop("save_generations")
+        out.pop("win_rate_batch_size")  # greedy answers do not depend on the batching
+        return out
+
+
+@dataclass
+class EvalResult:
+    """`metrics`: flat `eval/*`, `capability/*`, `capability_ref/*`, `win_rate/*` numbers;
+    `notes`: what was evaluated, in words (e.g. `win_rate/reference`)."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+    num_test_pairs: int = 0
+
+
+def capability_metrics(options: Any, trainer, tokenizer) -> dict[str, float]:
+    """The `capability/*` (and with `capability_reference` `capability_ref/*`) numbers;
+    `options`: an `EvalOptions` (or the parsed flags)."""
+    from mmpo_jax.data.probe import load_probe
+    from mmpo_jax.eval.capability import flat_metrics, probe_accuracy
+
+    if options.capability_limit < 0:
+        raise UserError(f"--capability-limit={options.capability_limit}: must be >= 0 (0 = all items)")
+    items = load_probe(options.capability_file)
+    if options.capability_limit:
+        items = items[: options.capability_limit]
+    which = [("policy", "capability")]
+    if options.capability_reference:
+        which.append(("reference", "capability_ref"))
+    out: dict[str, float] = {}
+    for model, prefix in which:
+        result = probe_accuracy(trainer, tokenizer, items, which=model, template=options.capability_template)
+        out.update(flat_metrics(result, prefix))
+    return out
+
+
+def evaluate_trainer(trainer: Any, options: EvalOptions, *, what: str = "the policy", data: Any = None,
+                     preference: dict[str, float] | None = None,
+                     log: Callable[[str], None] | None = None) -> EvalResult:
+    """Every metric `options` asks for, of `trainer`'s policy (as it is now).
+
+    data: the run's `RunData` (default: loaded from the config; without test data only
+    --capability works). preference: the test split's metrics already computed (e.g.
+    the run's final eval), instead of evaluating again.
+    """
+    from mmpo_jax.eval.preference import evaluate
+    from mmpo_jax.train.loop import attach_reference_tables, load_data
+    from mmpo_jax.train.setup import check_vocab
+
+    say = log or (lambda text: None)
+    cfg = trainer.cfg
+    with_test = cfg.data.test_files is not None
+    if options.win_rate and cfg.data.test_files is None:
+        raise UserError("--win-rate needs test prompts: set data.test_files (e.g. data.test_files=builtin:demo)")
+    if not with_test and not options.capability:
+        raise UserError("no test data: set data.test_files (e.g. data.test_files=builtin:demo)")
+    if with_test:
+        data = load_data(cfg) if data is None else data
+        if data.test is None:
+            raise UserError("no test data: set data.test_files (e.g. data.test_files=builtin:demo)")
+        tokenizer = data.tokenizer
+    else:  # --capability alone: the probe needs only the tokenizer
+        from mmpo_jax.data.tokenizers import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+    check_vocab(tokenizer, trainer.arch, cfg)
+    result = EvalResult(num_test_pairs=len(data.test) if with_test else 0)
+    if options.capability:
+        result.metrics.update(capability_metrics(options, trainer, tokenizer))
+    if options.win_rate:
+        from mmpo_jax.eval.win_rate import (
+            evaluate_win_rate,
+            prefixed,
+            write_generations,
+        )
+
+        wr = evaluate_win_rate(trainer, tokenizer, limit=options.win_rate_limit,
+                               max_new_tokens=options.max_new_tokens, batch_size=options.win_rate_batch_size,
+                               policy=what, log=say)
+        result.metrics.update(prefixed(wr.metrics))
+        result.notes["win_rate/policy"] = wr.policy
+        result.notes["win_rate/reference"] = wr.reference
+        if options.save_generations:
+            write_generations(options.save_generations, wr)
+            result.notes["win_rate/generations"] = str(options.save_generations)
+    if with_test:
+        if preference is None:
+            if data.test_ref is None:  # not attached yet (a run's own data may have them)
+                attach_reference_tables(cfg, trainer, data, say, splits=("test",))
+            preference = evaluate(trainer, trainer.state, data.test, data.test_ref, cfg.train.eval_batches)
+        result.metrics = {**{f"eval/{k}": v for k, v in preference.items()}, **result.metrics}
+    return result
+
+
+def load_target(target_text: str, overrides: list[str]) -> tuple[Any, int, str]:
+    """`(trainer, step, description)` of a run directory (its latest checkpoint) or a
+    config (its initial model)."""
+    from mmpo_jax.config import load_config, split_config_and_overrides
+    from mmpo_jax.train.loop import restore_run
+    from mmpo_jax.train.setup import build_trainer
+
+    target = Path(target_text)
+    if target.is_dir():
+        trainer, step = restore_run(target, overrides)
+        return trainer, step, f"{target} (step {step})"
+    path, rest = split_config_and_overrides([target_text, *overrides])
+    cfg = load_config(path, rest)
+    return build_trainer(cfg), 0, f"{target_text} (initial model)"

@@ -1,0 +1,119 @@
+"""The models' one attention entry point.
+
+`MaskSpec` says which keys a query sees and how its scores are shaped: causal,
+a sliding window, a logit soft-cap. `attention` attends over whole sequences
+(training, eval), optionally packed (`segment_ids`: a query sees only its own
+segment); `cached_attention` attends over a KV cache (generation), where the caller's
+`allowed` mask holds what the cache layout knows (causality, padding, the window).
+
+Backends. `xla` and `cudnn` are `jax.nn.dot_product_attention`'s (cuDNN's fused
+kernel on GPU); a soft-cap, which that function does not take, and the KV cache use
+the explicit-scores path here (float32 scores and softmax, as the xla backend).
+Masked scores are a large finite negative rather than -inf, so a query that sees no
+key (a padding position) gets uniform weights instead of NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmpo_jax.errors import UserError
+
+IMPLEMENTATIONS = ("xla", "cudnn")
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """Which keys a query sees; static, part of the compiled step.
+
+    causal: a query sees no later key. sliding_window: with `causal`, a query sees
+    itself and the `sliding_window - 1` keys before it (Mistral's window, as
+    transformers applies it); None: every earlier key. soft_cap: scores become
+    `soft_cap * tanh(scores / soft_cap)` before masking (Gemma 2's attention soft-cap);
+    None: off.
+    """
+
+    causal: bool = True
+    sliding_window: int | None = None
+    soft_cap: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.sliding_window is not None and (not self.causal or self.sliding_window < 1):
+            raise ValueError(f"sliding_window={self.sliding_window} needs causal=True and a window >= 1")
+        if self.soft_cap is not None and not self.soft_cap > 0:
+            raise ValueError(f"soft_cap={self.soft_cap} must be > 0")
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, *, scale: float,
+              implementation: str, segment_ids: jax.Array | None = None) -> jax.Array:
+    """Grouped-query attention of q `[B, T, N, H]` over k, v `[B, T, K, H]` (K kv heads
+    divide the N query heads: query head n reads kv head n // (N // K)).
+
+    segment_ids `[B, T]` int: packed sequences, a query sees only keys of its own
+    segment. `implementation`: 'xla' or 'cudnn' (`ModelOptions.attention_implementation`).
+    Returns `[B, T, N, H]` in v's dtype.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r}: one of {IMPLEMENTATIONS}")
+    if implementation == "cudnn" and (spec.soft_cap is not None or segment_ids is not None):
+        what = "a logit soft-cap" if spec.soft_cap is not None else "segment ids (packed sequences)"
+        raise UserError(f"the cuDNN attention here takes no {what}: set model.attention=xla")
+    if spec.soft_cap is not None:
+        allowed = sequence_mask(spec, q.shape[1], segment_ids)
+        return _scores_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), allowed, scale,
+                                 spec.soft_cap)
+    mask = None
+    if segment_ids is not None:
+        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, T, T]
+    window = None if spec.sliding_window is None else (spec.sliding_window - 1, 0)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=spec.causal,
+                                        local_window_size=window, implementation=implementation)
+
+
+def cached_attention(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, allowed: jax.Array,
+                     spec: MaskSpec, *, scale: float) -> jax.Array:
+    """Grouped-query attention of q `[B, T, N, H]` over a KV cache `[B, K, S, H]`.
+
+    allowed `[B, T, S]` bool: True where a query may see a cache slot (the caller knows
+    the slots' positions, so it applies causality, padding and `spec.sliding_window`);
+    `spec.soft_cap` applies here. Returns `[B, T, N, H]` in the cache's dtype.
+    """
+    return _scores_attention(q, cache_k, cache_v, allowed, scale, spec.soft_cap)
+
+
+def sequence_mask(spec: MaskSpec, length: int, segment_ids: jax.Array | None = None) -> jax.Array:
+    """`[B or 1, T, T]` bool, True where query i may see key j under `spec` (and, with
+    segment_ids `[B, T]`, only within its segment)."""
+    i = jnp.arange(length)[:, None]
+    j = jnp.arange(length)[None, :]
+    allowed = jnp.ones((length, length), bool)
+    if spec.causal:
+        allowed &= j <= i
+    if spec.sliding_window is not None:
+        allowed &= i - j < spec.sliding_window
+    allowed = allowed[None]
+    if segment_ids is not None:
+        allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    return allowed
+
+
+def _scores_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, scale: float,
+                      soft_cap: float | None) -> jax.Array:
+    """q `[B, T, N, H]`, k/v `[B, K, S, H]`, allowed `[B, T, S]`: scores and softmax in
+    float32, the weights cast back to v's dtype for the second matmul."""
+    b, t, n, h = q.shape
+    kv = k.shape[1]
+    qg = q.reshape(b, t, kv, n // kv, h)
+    logits = jnp.einsum("btkgh,bksh->bkgts", qg, k, preferred_element_type=jnp.float32)
+    logits = logits.astype(jnp.float32) * jnp.float32(scale)
+    if soft_cap is not None:
+        logits = jnp.float32(soft_cap) * jnp.tanh(logits / jnp.float32(soft_cap))
+    logits = jnp.where(allowed[:, None, None], logits, _MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bksh->btkgh", probs, v)
+    return out.reshape(b, t, n, h)

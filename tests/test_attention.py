@@ -1,0 +1,101 @@
+"""The attention entry point (`mmpo_jax.models.attention`) against attention written out
+in numpy: every mask the spec can say, grouped-query heads, both backends on CPU
+(xla), and the KV-cache path against the whole-sequence path."""
+
+import numpy as np
+import pytest
+
+import jax.numpy as jnp
+
+from mmpo_jax.errors import UserError
+from mmpo_jax.models.attention import MaskSpec, attention, cached_attention, sequence_mask
+
+
+def numpy_attention(q, k, v, scale, *, causal=True, window=None, soft_cap=None, segments=None):
+    """Float64 attention, one query at a time: the keys it may see, softmax over them."""
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    out = np.zeros((b, t, n, h))
+    for bi in range(b):
+        for i in range(t):
+            seen = [j for j in range(t)
+                    if (not causal or j <= i) and (window is None or i - j < window)
+                    and (segments is None or segments[bi, i] == segments[bi, j])]
+            for hn in range(n):
+                g = hn // (n // kv)
+                s = np.array([q[bi, i, hn] @ k[bi, j, g] for j in seen], np.float64) * scale
+                if soft_cap is not None:
+                    s = soft_cap * np.tanh(s / soft_cap)
+                p = np.exp(s - s.max())
+                p /= p.sum()
+                out[bi, i, hn] = sum(pj * v[bi, j, g] for pj, j in zip(p, seen))
+    return out
+
+
+def qkv(b=2, t=7, n=4, kv=2, h=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=s).astype(np.float32) for s in ((b, t, n, h), (b, t, kv, h), (b, t, kv, h))]
+
+
+CASES = {
+    "causal": dict(),
+    "window": dict(window=3),
+    "soft_cap": dict(soft_cap=2.0),
+    "segments": dict(segments=np.array([[0, 0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 1, 1, 1]])),
+    "all": dict(window=2, soft_cap=1.5, segments=np.array([[0, 0, 1, 1, 1, 1, 2], [0, 0, 0, 0, 1, 1, 1]])),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_attention_matches_numpy(case):
+    kw = CASES[case]
+    q, k, v = qkv()
+    scale = 8 ** -0.5
+    spec = MaskSpec(causal=True, sliding_window=kw.get("window"), soft_cap=kw.get("soft_cap"))
+    seg = kw.get("segments")
+    got = attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), spec, scale=scale, implementation="xla",
+                    segment_ids=None if seg is None else jnp.asarray(seg))
+    want = numpy_attention(q, k, v, scale, **kw)
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=2e-5)
+
+
+def test_a_mask_that_is_ignored_is_caught():
+    """Negative control: the reference does see the difference a window makes."""
+    q, k, v = qkv()
+    got = attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), MaskSpec(sliding_window=2), scale=0.3,
+                    implementation="xla")
+    assert np.abs(np.asarray(got) - numpy_attention(q, k, v, 0.3)).max() > 1e-2
+
+
+@pytest.mark.parametrize("soft_cap", [None, 2.0])
+def test_cache_path_equals_the_sequence_path(soft_cap):
+    """Generation's cached attention, given the sequence mask, gives the training path's output."""
+    q, k, v = qkv()
+    spec = MaskSpec(sliding_window=4, soft_cap=soft_cap)
+    whole = attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), spec, scale=0.25, implementation="xla")
+    allowed = jnp.broadcast_to(sequence_mask(spec, q.shape[1]), (q.shape[0], q.shape[1], q.shape[1]))
+    cached = cached_attention(jnp.asarray(q), jnp.asarray(k).transpose(0, 2, 1, 3),
+                              jnp.asarray(v).transpose(0, 2, 1, 3), allowed, spec, scale=0.25)
+    np.testing.assert_allclose(np.asarray(cached), np.asarray(whole), atol=2e-6)
+
+
+def test_a_query_that_sees_nothing_gets_no_nan():
+    q, k, v = qkv(b=1, t=3)
+    allowed = jnp.asarray([[[False, False, False], [True, False, False], [True, True, False]]])
+    out = cached_attention(jnp.asarray(q), jnp.asarray(k).transpose(0, 2, 1, 3), jnp.asarray(v).transpose(0, 2, 1, 3),
+                           allowed, MaskSpec(), scale=0.3)
+    assert np.isfinite(np.asarray(out)).all()
+
+
+def test_bad_specs_and_unsupported_backends_are_refused():
+    with pytest.raises(ValueError, match="sliding_window"):
+        MaskSpec(causal=False, sliding_window=4)
+    with pytest.raises(ValueError, match="soft_cap"):
+        MaskSpec(soft_cap=0.0)
+    q, k, v = (jnp.asarray(a) for a in qkv())
+    with pytest.raises(UserError, match="model.attention=xla"):
+        attention(q, k, v, MaskSpec(soft_cap=5.0), scale=0.3, implementation="cudnn")
+    with pytest.raises(UserError, match="segment ids"):
+        attention(q, k, v, MaskSpec(), scale=0.3, implementation="cudnn", segment_ids=jnp.zeros((2, 7), int))
+    with pytest.raises(ValueError, match="implementation"):
+        attention(q, k, v, MaskSpec(), scale=0.3, implementation="flash")
