@@ -100,7 +100,7 @@ def build(args: argparse.Namespace) -> dict:
     import jax
 
     from mmpo_jax.train.setup import abstract_batch, abstract_train_state
-    from mmpo_jax.config import LossConfig, MeshConfig, OptimConfig
+    from mmpo_jax.config_schema import LossConfig, MeshConfig, OptimConfig
     from mmpo_jax.models.llama_config import LlamaConfig
     from mmpo_jax.models.options import LoraOptions, ModelOptions
     from mmpo_jax.sharding import make_mesh

@@ -68,7 +68,7 @@ GIB = 2**30
 
 if str(REPO) not in sys.path:  # run as `python benchmarks/step_throughput.py` from a checkout
     sys.path.insert(0, str(REPO))
-from mmpo_jax.config import ModelConfig, OptimConfig  # noqa: E402  (imports neither jax nor the data)
+from mmpo_jax.config_schema import ModelConfig, OptimConfig# noqa: E402  (imports neither jax nor the data)
 
 # Keys a variant may set (`--variants remat=dots,logprob_chunk=512`), with parsers.
 VARIANT_KEYS: dict[str, Callable[[str], Any]] = {

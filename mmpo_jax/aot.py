@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from mmpo_jax.config import RunConfig
+from mmpo_jax.config_schema import RunConfig
 from mmpo_jax.errors import UserError
 
 GIB = 2**30

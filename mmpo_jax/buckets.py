@@ -2,7 +2,7 @@
 bucket (log many) instead of once per length, at most doubling the padded work.
 
 The buckets are powers of two from a smallest length, capped by the longest allowed;
-each user names its smallest (`data.pipeline.SMALLEST_BUCKET` for the train and eval
+each user names its smallest (`data.batches.SMALLEST_BUCKET` for the train and eval
 batches, `capability.SMALLEST_BUCKET` for the probe's rows, `generate.SMALLEST_BUCKET`
 for prompts).
 """

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Sequence
 
-from mmpo_jax.config import ConfigError
+from mmpo_jax.config_schema import ConfigError
 from mmpo_jax.errors import INTERRUPTED_EXIT, UserError
 
 # Errors of the file system a user fixes (disk full, permissions), with what to do:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmpo_jax.config import RunConfig
+from mmpo_jax.config_schema import RunConfig
 
 EXAMPLE_PAIRS = 8
 # The example's summed log-probs stand for completions of about this many tokens each.

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-from mmpo_jax.config import ConfigError, MeshConfig
+from mmpo_jax.config_schema import ConfigError, MeshConfig
 
 MESH_AXES: tuple[str, str, str] = ("data", "fsdp", "tensor")
 # The axes the pairs of a batch are split over; losses reduce over these.

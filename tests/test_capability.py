@@ -221,10 +221,10 @@ def test_eval_cli_prints_capability_keys(capsys):
 def test_the_three_bucket_users_keep_their_lengths():
     """One helper, each user's own smallest bucket: the train batches from 16, the probe
     from 32, generation's prompts from 16 with no cap (the lengths they had before)."""
-    from mmpo_jax.data import pipeline
+    from mmpo_jax.data import batches
     from mmpo_jax.eval.generate import prompt_bucket
 
-    assert bucket_lengths(1024, pipeline.SMALLEST_BUCKET) == (16, 32, 64, 128, 256, 512, 1024)
-    assert bucket_lengths(48, pipeline.SMALLEST_BUCKET) == (16, 32, 48)
-    assert bucket_lengths(16, pipeline.SMALLEST_BUCKET) == (16,)
+    assert bucket_lengths(1024, batches.SMALLEST_BUCKET) == (16, 32, 64, 128, 256, 512, 1024)
+    assert bucket_lengths(48, batches.SMALLEST_BUCKET) == (16, 32, 48)
+    assert bucket_lengths(16, batches.SMALLEST_BUCKET) == (16,)
     assert [prompt_bucket(n) for n in (1, 16, 17, 100, 5000)] == [16, 16, 32, 128, 8192]

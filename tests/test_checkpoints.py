@@ -104,7 +104,7 @@ def test_each_tensor_read_once_when_sharded_over_devices(llama_dirs):
     """build_model asks per device shard; the source reads each tensor from disk once."""
     import jax
 
-    from mmpo_jax.config import MeshConfig
+    from mmpo_jax.config_schema import MeshConfig
     from mmpo_jax.models.build import build_model
     from mmpo_jax.models.llama_config import LlamaConfig
     from mmpo_jax.sharding import make_mesh

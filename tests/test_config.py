@@ -4,13 +4,8 @@ import textwrap
 
 import pytest
 
-from mmpo_jax.config import (
-    ConfigError,
-    config_from_dict,
-    config_to_dict,
-    config_to_yaml,
-    load_config,
-)
+from mmpo_jax.config import config_from_dict, config_to_dict, config_to_yaml, load_config
+from mmpo_jax.config_schema import ConfigError
 
 
 def _write(tmp_path, text):

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from mmpo_jax import cli, recipes
-from mmpo_jax.config import config_to_dict, load_config
+from mmpo_jax.config import config_to_dict, load_config, read_config_file
 from mmpo_jax.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -311,7 +311,7 @@ def test_paper_configs_load_and_twins_differ_only_in_loss_and_output_dir(model):
         d["model"].pop("reference")  # resolved from auto per loss: none for simpo
         rest[loss] = d
     assert rest["mmpo"] == rest["dpo"] == rest["simpo"]
-    raw = {loss: yaml.safe_load(_paper_path(model, loss).read_text()) for loss in LOSSES}
+    raw = {loss: read_config_file(_paper_path(model, loss)) for loss in LOSSES}  # with its base:
     for loss in LOSSES:
         assert raw[loss]["model"]["reference"] == "auto"
         del raw[loss]["loss"], raw[loss]["train"]["output_dir"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmpo_jax.config import DataConfig
+from mmpo_jax.config_schema import DataConfig
 from mmpo_jax.data import formats
 from mmpo_jax.data.formats import Layout, SpecialIds
 from mmpo_jax.errors import UserError

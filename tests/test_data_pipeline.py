@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from mmpo_jax.buckets import bucket_lengths
-from mmpo_jax.config import DataConfig
-from mmpo_jax.data import formats, pipeline
-from mmpo_jax.data.pipeline import collate, eval_batches, load_preference_data, train_batches
+from mmpo_jax.config_schema import DataConfig
+from mmpo_jax.data import batches, formats
+from mmpo_jax.data.batches import SMALLEST_BUCKET, collate, eval_batches, train_batches
+from mmpo_jax.data.pipeline import load_preference_data
 from mmpo_jax.errors import UserError
 
 FIELDS = ("input_ids", "attention_mask", "loss_mask", "pair_mask", "example_index")
@@ -105,7 +106,7 @@ def test_two_processes_split_every_global_batch(demo):
     one = train_batches(demo, B, seed=3, process_index=0, process_count=1)
     halves = [train_batches(demo, B, seed=3, process_index=p, process_count=2) for p in (0, 1)]
     per_epoch, remainder = n // B, n % B
-    assert remainder == pipeline.batch_plan(demo, B, 3).remainder > 0
+    assert remainder == batches.batch_plan(demo, B, 3).remainder > 0
     seen: list[int] = []
     for step in range(per_epoch):
         whole = one[step]
@@ -126,9 +127,9 @@ def test_two_processes_split_every_global_batch(demo):
     assert len(seen) == len(set(seen)) == n - remainder
     assert set(seen) <= set(range(n))
     # the next epoch: the same rows, reshuffled
-    order = pipeline.epoch_order(n, 3)
+    order = batches.epoch_order(n, 3)
     epoch1 = np.concatenate(
-        [pipeline.global_batch_rows(order, n, B, s) for s in range(per_epoch, 2 * per_epoch)]
+        [batches.global_batch_rows(order, n, B, s) for s in range(per_epoch, 2 * per_epoch)]
     )
     assert len(set(epoch1.tolist())) == n - remainder and epoch1.tolist() != seen
     assert one[per_epoch].example_index.tolist() == epoch1[:B].tolist()
@@ -177,7 +178,7 @@ def test_batch_shapes_are_buckets(tiny, cache_dir, max_length):
     )
     B = 32
     batches = train_batches(data, B, seed=0, process_index=0, process_count=1)
-    buckets = bucket_lengths(max_length, pipeline.SMALLEST_BUCKET)
+    buckets = bucket_lengths(max_length, SMALLEST_BUCKET)
     shapes = set()
     for step in range(len(data) // B):
         batch = batches[step]

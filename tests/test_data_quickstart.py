@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from mmpo_jax.config import DataConfig
-from mmpo_jax.data import formats, pipeline
+from mmpo_jax.config_schema import DataConfig
+from mmpo_jax.data import formats, sources
 from mmpo_jax.data.json_rows import read_json_rows
-from mmpo_jax.data.pipeline import load_preference_data, tokenized_cache_dir
+from mmpo_jax.data.pipeline import load_preference_data
+from mmpo_jax.data.tokenized import tokenized_cache_dir
 from mmpo_jax.data.tokenizers import load_tokenizer
 from mmpo_jax.errors import UserError
 
@@ -325,10 +326,10 @@ def test_read_json_rows_still_raises_by_default(tmp_path):
     write_lines(path, [{"prompt": "a"}, "[" * 100_000])
     with pytest.raises(UserError, match=r"line 2: not valid JSON \(nested too deeply to read\)"):
         read_json_rows(path, "--prompts")
-    # and the win rate's reader (pipeline.read_source) too
-    spec = pipeline.SourceSpec(str(path), "data.test_files")
+    # and the win rate's reader (sources.read_source) too
+    spec = sources.SourceSpec(str(path), "data.test_files")
     with pytest.raises(UserError, match=r"data.test_files: .* line 2: not valid JSON"):
-        pipeline.read_source(spec)
+        sources.read_source(spec)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])

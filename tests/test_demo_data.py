@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from mmpo_jax.data import builtin
-from mmpo_jax.data.demo_tasks import (FORMATS, KINDS, SYSTEM_PROMPT, draw_tasks, judge,
-                                      user_prompt)
+from mmpo_jax.data.demo_judge import FORMATS, judge, user_prompt
+from mmpo_jax.data.demo_tasks import KINDS, SYSTEM_PROMPT, draw_tasks
 from mmpo_jax.data.probe import (ProbeItem, choice_correct, load_probe, plain_request,
                                  score_probe)
 from mmpo_jax.data.probe_bank import make_probe

@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from mmpo_jax import losses
-from mmpo_jax.config import MeshConfig
+from mmpo_jax.config_schema import MeshConfig
 from mmpo_jax.sharding import BATCH_AXES, make_mesh
 
 RTOL = 1e-6

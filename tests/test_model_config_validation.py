@@ -1,5 +1,5 @@
 """Model dimensions from a checkpoint (config.json, GGUF metadata) and from `model.init`
-are held to one set of rules (`mmpo_jax.config.model_dims_problem`): a bad value is a
+are held to one set of rules (`mmpo_jax.config_schema.model_dims_problem`): a bad value is a
 one-line UserError naming the file and the key, at once (no JAX traceback, no hang)."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from mmpo_jax.config import ConfigError, load_config
+from mmpo_jax.config import load_config
+from mmpo_jax.config_schema import ConfigError
 from mmpo_jax.errors import UserError
 from mmpo_jax.models import checkpoints as C
 from mmpo_jax.models.hf_export import export_hf

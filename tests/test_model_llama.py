@@ -458,7 +458,7 @@ def test_loaded_values_are_exact_and_on_the_requested_dtype():
 def test_params_sharded_by_the_rules_and_forward_matches():
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from mmpo_jax.config import MeshConfig
+    from mmpo_jax.config_schema import MeshConfig
     from mmpo_jax.sharding import BATCH_AXES, make_mesh, model_partition_specs
 
     if len(jax.devices()) < 8:
@@ -526,7 +526,7 @@ def test_params_sharded_by_the_rules_and_forward_matches():
 def test_logical_rules_drop_axes_that_do_not_divide():
     from jax.sharding import PartitionSpec as P
 
-    from mmpo_jax.config import MeshConfig
+    from mmpo_jax.config_schema import MeshConfig
     from mmpo_jax.sharding import logical_to_spec, make_mesh
 
     if len(jax.devices()) < 8:

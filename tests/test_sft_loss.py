@@ -10,7 +10,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from mmpo_jax import losses as jl
-from mmpo_jax.config import ConfigError, MeshConfig, load_config
+from mmpo_jax.config import load_config
+from mmpo_jax.config_schema import ConfigError, MeshConfig
 from mmpo_jax.loss_inputs import LossInputs
 from mmpo_jax.sharding import BATCH_AXES, make_mesh
 
@@ -244,7 +245,7 @@ def test_sft_training_lowers_the_chosen_nll(tmp_path):
     """configs/tiny.yaml with loss.name=sft: the step's loss is the token-mean NLL of the
     chosen answers (checked against the model's full logits), and a few steps lower it."""
     from mmpo_jax.data.builtin import load_demo_rows
-    from mmpo_jax.data.pipeline import train_batches
+    from mmpo_jax.data.batches import train_batches
     from mmpo_jax.train.loop import load_data
     from mmpo_jax.train.setup import build_trainer, device_batch
 

@@ -3,7 +3,7 @@
 import jax
 import pytest
 
-from mmpo_jax.config import ConfigError, MeshConfig
+from mmpo_jax.config_schema import ConfigError, MeshConfig
 from mmpo_jax.sharding import MESH_AXES, make_mesh, resolve_mesh_shape
 
 

@@ -25,10 +25,9 @@ from mmpo_jax.sweep import (
     expand,
     parse_also,
     parse_grid,
-    plot_win_rate_vs_capability,
     split_values,
-    summary_table,
 )
+from mmpo_jax.sweep_report import plot_win_rate_vs_capability, summary_table
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")

@@ -15,7 +15,8 @@ from mmpo_jax import losses
 from mmpo_jax.buckets import bucket_for, bucket_lengths
 from mmpo_jax.config import load_config
 from mmpo_jax.loss_inputs import LossInputs
-from mmpo_jax.data.pipeline import SMALLEST_BUCKET, load_preference_data, train_batches
+from mmpo_jax.data.batches import SMALLEST_BUCKET, train_batches
+from mmpo_jax.data.pipeline import load_preference_data
 from mmpo_jax.train.pair_logps import pair_logps
 from mmpo_jax.train.reference_cache import reference_table
 from mmpo_jax.train.setup import build_trainer, device_batch, initial_reference

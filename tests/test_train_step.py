@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmpo_jax.config import MeshConfig, load_config
+from mmpo_jax.config import load_config
+from mmpo_jax.config_schema import MeshConfig
 from mmpo_jax.models.build import build_model
 from mmpo_jax.models.llama_config import LlamaConfig
 from mmpo_jax.models.options import ModelOptions

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mmpo_jax.data.builtin import load_demo_rows
-from mmpo_jax.data.demo_tasks import judge
+from mmpo_jax.data.demo_judge import judge
 from mmpo_jax.errors import UserError
 from mmpo_jax.eval.win_rate import KEYS, judge_win_rate, judged_rows, outcome, prefixed, win_rate
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from mmpo_jax.config import RunConfig, load_config, split_config_and_overrides
+from mmpo_jax.config import load_config, split_config_and_overrides
+from mmpo_jax.config_schema import RunConfig
 
 
 def add_config_items(parser: argparse.ArgumentParser) -> None:

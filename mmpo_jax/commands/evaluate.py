@@ -10,7 +10,7 @@ without test data it prints only those.
 `--win-rate` adds the judge-based win rate against the reference model (the model
 the run started from; the output says which): greedy answers of both to the test
 prompts (the first `--win-rate-limit`), each judged by the demo data's rule
-(`mmpo_jax.data.demo_tasks.judge`), as `win_rate/*` (`win_rate`, `judge_accuracy`,
+(`mmpo_jax.data.demo_judge.judge`), as `win_rate/*` (`win_rate`, `judge_accuracy`,
 `reference_judge_accuracy`, `wins`, `ties`, `losses`, `n`); `--save-generations
 FILE` writes both answers and the verdicts of every prompt as JSON lines.
 """

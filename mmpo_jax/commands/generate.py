@@ -90,7 +90,7 @@ def read_prompt_rows(path: str) -> tuple[list[dict[str, Any]], list[str]]:
     """`(rows, where)`: the rows of the prompts file (the data pipeline's JSON reader, so a
     malformed line is reported with its number) and a name of each for errors. Every row
     must have a `prompt` (its value is checked when tokenized)."""
-    from mmpo_jax.data.pipeline import read_json_rows
+    from mmpo_jax.data.json_rows import read_json_rows
 
     raw = read_json_rows(Path(path), "--prompts")
     if not raw.rows:

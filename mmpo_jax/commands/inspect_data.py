@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mmpo_jax.commands.common import load_from_items
-from mmpo_jax.config import RunConfig
+from mmpo_jax.config_schema import RunConfig
 
 # The loss-masked (trained) tokens of the example are shown between these marks.
 MARK_OPEN, MARK_CLOSE = "[[", "]]"
@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import datasets
 
-    from mmpo_jax.data import pipeline
+    from mmpo_jax.data import batches, pipeline
     from mmpo_jax.data.tokenizers import load_tokenizer
 
     cfg = config_from_items(args.items).data
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         entry: dict[str, Any] = data.report.to_dict()
         if which == "train":
-            entry["batches"] = pipeline.batch_plan(data, cfg.batch_size, cfg.seed).to_dict()
+            entry["batches"] = batches.batch_plan(data, cfg.batch_size, cfg.seed).to_dict()
         else:
             entry["eval_batches"] = -(-len(data) // cfg.batch_size)
         entry["example"] = _example(data, cfg.batch_size, cfg.seed, shuffled=which == "train")
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
 def is_data_source(item: str) -> bool:
     """A data source rather than a config file: a demo name or a data file's path."""
-    from mmpo_jax.data.pipeline import DEMO_SOURCES, JSON_SUFFIXES, PARQUET_SUFFIXES
+    from mmpo_jax.data.sources import DEMO_SOURCES, JSON_SUFFIXES, PARQUET_SUFFIXES
 
     return item in DEMO_SOURCES or item.lower().endswith(JSON_SUFFIXES + PARQUET_SUFFIXES)
 
@@ -106,21 +106,22 @@ def _tokenizer_info(spec: str, tok: Any) -> dict[str, Any]:
 
 def _example(data: Any, batch_size: int, seed: int, shuffled: bool) -> dict[str, Any]:
     """The first pair of global batch 0 as the train (or eval) step will see it."""
-    from mmpo_jax.data import pipeline
+    from mmpo_jax.buckets import bucket_for, bucket_lengths
+    from mmpo_jax.data import batches
 
     if not shuffled:
-        batch = pipeline.eval_batches(data, batch_size, process_index=0, process_count=1)[0]
+        batch = batches.eval_batches(data, batch_size, process_index=0, process_count=1)[0]
         where = "pair 0 of eval batch 0"
     elif len(data) >= batch_size:
-        batch = pipeline.train_batches(data, batch_size, seed, process_index=0, process_count=1)[0]
+        batch = batches.train_batches(data, batch_size, seed, process_index=0, process_count=1)[0]
         where = "pair 0 of global batch 0"
     else:
         row = data.pair(0)
-        length = pipeline.bucket_for(
+        length = bucket_for(
             len(row[0]) + max(len(row[1]), len(row[2])),
-            pipeline.bucket_lengths(data.max_length, pipeline.SMALLEST_BUCKET),
+            bucket_lengths(data.max_length, batches.SMALLEST_BUCKET),
         )
-        batch = pipeline.collate([row], [0], length, data.special.pad)
+        batch = batches.collate([row], [0], length, data.special.pad)
         where = "row 0 (fewer rows than data.batch_size)"
     index = int(batch.example_index[0])
     out: dict[str, Any] = {
@@ -168,7 +169,7 @@ def _text(result: dict[str, Any], cfg: Any) -> list[str]:
 
 def _split_text(which: str, rep: dict[str, Any], cfg: Any) -> list[str]:
     from mmpo_jax.data.formats import DROP_REASONS, INVALID_REASONS, TOO_LONG
-    from mmpo_jax.data.pipeline import Drops, format_rows
+    from mmpo_jax.data.reports import Drops, format_rows
 
     n_src = len(rep["sources"])
     lines = [

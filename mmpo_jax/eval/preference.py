@@ -15,7 +15,7 @@ def evaluate(trainer: Trainer, state: Any, data: Any, ref_table: np.ndarray | No
              max_batches: int = 0) -> dict[str, float]:
     """The eval step's metrics over the test data, averaged over real pairs (each
     batch's metrics weighted by its number of real pairs)."""
-    from mmpo_jax.data.pipeline import eval_batches
+    from mmpo_jax.data.batches import eval_batches
 
     batches = eval_batches(data, trainer.cfg.data.batch_size)
     n = len(batches) if max_batches <= 0 else min(max_batches, len(batches))

@@ -1,7 +1,7 @@
 """Judge-based win rate of a run's policy against its reference model (issue #9).
 
 Both models answer every test prompt greedily (`mmpo_jax.eval.generate`); the demo
-data's rule-based judge (`mmpo_jax.data.demo_tasks.judge`) marks each answer
+data's rule-based judge (`mmpo_jax.data.demo_judge.judge`) marks each answer
 correct or not. Per prompt:
 
     policy correct, reference wrong   win
@@ -84,7 +84,7 @@ def win_rate(policy_ok: Sequence[bool], reference_ok: Sequence[bool]) -> dict[st
 
 def judge_verdicts(records: Sequence[Mapping[str, Any]], responses: Sequence[str]) -> list[bool]:
     """`judge(record, response)` of each record and its response."""
-    from mmpo_jax.data.demo_tasks import judge
+    from mmpo_jax.data.demo_judge import judge
 
     if len(records) != len(responses):
         raise ValueError(f"{len(records)} records but {len(responses)} responses")
@@ -108,7 +108,7 @@ def prefixed(metrics: Mapping[str, float], prefix: str = PREFIX) -> dict[str, fl
 # --------------------------------------------------------------------------- #
 def check_judge_fields(rows: Sequence[Mapping[str, Any]], where: Sequence[str]) -> None:
     """Every row must have a prompt and the fields the judge reads, with a known format."""
-    from mmpo_jax.data.demo_tasks import FORMATS
+    from mmpo_jax.data.demo_judge import FORMATS
 
     for w, row in zip(where, rows):
         missing = [k for k in ("prompt",) + JUDGE_FIELDS if k not in row]
@@ -125,7 +125,7 @@ def judged_rows(cfg: Any, limit: int = 0) -> tuple[list[dict[str, Any]], list[st
     """`(rows, where)`: the raw rows of `data.test_files` (every source, in order; the
     first `limit`, 0 = all) with the judge's fields checked, and a name of each row for
     errors."""
-    from mmpo_jax.data.pipeline import read_source, source_specs
+    from mmpo_jax.data.sources import read_source, source_specs
 
     if limit < 0:
         raise UserError(f"--win-rate-limit={limit}: must be >= 0 (0 = every test prompt)")

@@ -242,12 +242,12 @@ _GGUF_KEYS = {
 
 def check_hf_dims(hf_config: dict[str, Any], where: str, names: dict[str, str] | None = None) -> None:
     """A UserError naming `where` and the key when the model dimensions of a config.json
-    dict are not usable: the rules of `model.init` (`mmpo_jax.config.model_dims_problem`:
+    dict are not usable: the rules of `model.init` (`mmpo_jax.config_schema.model_dims_problem`:
     positive integers below sane bounds, heads that divide). Checked before any array is
     built, so a bad file fails at once instead of in a JAX traceback or a hang.
     `names` maps a key to how the file calls it (GGUF metadata keys).
     """
-    from mmpo_jax.config import MODEL_DIM_LIMITS, model_dims_problem
+    from mmpo_jax.config_schema import MODEL_DIM_LIMITS, model_dims_problem
 
     dims: dict[str, Any] = {key: hf_config.get(key) for key in MODEL_DIM_LIMITS}
     # `LlamaConfig.from_hf_dict` reads 0 / null for these as "not given" (`or` a derived value).

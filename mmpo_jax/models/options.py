@@ -4,17 +4,19 @@ checkpoint."""
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 
+from mmpo_jax.config_schema import LORA_TARGETS, ModelConfig
 from mmpo_jax.errors import UserError
 
-REMAT_CHOICES = ("none", "full", "dots")
-LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-ATTENTION_CHOICES = ("auto", "xla", "cudnn")
+# the `model` section's choices, read from its declaration
+REMAT_CHOICES: tuple[str, ...] = typing.get_args(typing.get_type_hints(ModelConfig)["remat"])
+ATTENTION_CHOICES: tuple[str, ...] = typing.get_args(typing.get_type_hints(ModelConfig)["attention"])
 
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -103,7 +105,7 @@ class ModelOptions:
 
     @classmethod
     def from_config(cls, model_cfg: Any, backend: str | None = None) -> "ModelOptions":
-        """From the `model` config section (`mmpo_jax.config.ModelConfig`), its `auto`
+        """From the `model` config section (`mmpo_jax.config_schema.ModelConfig`), its `auto`
         settled for `backend` ("cpu", "gpu", "tpu"; None: this process's JAX backend),
         so an ahead-of-time compile for a TPU resolves as a TPU run does."""
         backend = jax.default_backend() if backend is None else backend

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mmpo_jax.config import DataConfig
+from mmpo_jax.config_schema import DataConfig
 from mmpo_jax.recipes.part import Part, Recipe, config_rule
 from mmpo_jax.recipes.reading import as_float, as_int, as_str, as_str_list
 from mmpo_jax.recipes.table import carry

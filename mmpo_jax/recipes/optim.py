@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from mmpo_jax.config import OptimConfig
+from mmpo_jax.config_schema import OptimConfig
 from mmpo_jax.recipes.part import Part, Recipe
 from mmpo_jax.recipes.reading import as_float, as_int, as_str
 from mmpo_jax.recipes.table import carry

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from mmpo_jax.config import ConfigError, RunConfig
+from mmpo_jax.config_schema import ConfigError, RunConfig
 from mmpo_jax.recipes.reading import PLACEHOLDERS
 
 Recipe = Mapping[str, Any]

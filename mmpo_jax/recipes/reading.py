@@ -7,7 +7,8 @@ from typing import Any
 
 import yaml
 
-from mmpo_jax.config import ConfigError, _check_expanded_size
+from mmpo_jax.config import _check_expanded_size
+from mmpo_jax.config_schema import ConfigError
 from mmpo_jax.errors import UserError
 
 # Values the MMPO authors' recipes leave for their launch scripts to fill in.

@@ -9,7 +9,8 @@ from typing import Any
 
 import yaml
 
-from mmpo_jax.config import RunConfig, apply_overrides, config_from_dict
+from mmpo_jax.config import apply_overrides, config_from_dict
+from mmpo_jax.config_schema import RunConfig
 from mmpo_jax.recipes.part import Conversion
 
 

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from mmpo_jax.config import TrainConfig
+from mmpo_jax.config_schema import TrainConfig
 from mmpo_jax.errors import UserError
 from mmpo_jax.recipes.part import Part, Recipe, config_rule
 from mmpo_jax.recipes.reading import as_float, as_int

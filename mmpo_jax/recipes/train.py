@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmpo_jax.config import TrainConfig
+from mmpo_jax.config_schema import TrainConfig
 from mmpo_jax.recipes.part import Part, Recipe, config_rule
 from mmpo_jax.recipes.reading import as_int
 from mmpo_jax.recipes.steps import RunLength, step_count

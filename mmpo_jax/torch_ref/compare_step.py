@@ -78,7 +78,7 @@ def compare_step(config: str | None, overrides: list[str], lora_b_std: float, se
     import jax.numpy as jnp
 
     from mmpo_jax.config import load_config
-    from mmpo_jax.data.pipeline import train_batches
+    from mmpo_jax.data.batches import train_batches
     from mmpo_jax.models.hf_weights import iter_hf_weights
     from mmpo_jax.models.lora_export import iter_peft_weights
     from mmpo_jax.train.loop import attach_reference_tables, load_data

@@ -26,7 +26,8 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from mmpo_jax.config import RunConfig, config_to_yaml
+from mmpo_jax.config import config_to_yaml
+from mmpo_jax.config_schema import RunConfig
 from mmpo_jax.errors import UserError
 from mmpo_jax.eval.preference import evaluate
 from mmpo_jax.files import write_text_atomic
@@ -328,7 +329,7 @@ def _eval_pairs(rows: int, batch_size: int, max_batches: int) -> int:
 
 def _steps(trainer: Trainer, state: Any, data: RunData, ckpt: Checkpointer, writer: MetricsWriter,
            interrupt: _Interrupt, start: int, config_yaml: str, say: Callable[[str], None]) -> tuple[Any, RunResult]:
-    from mmpo_jax.data.pipeline import train_batches
+    from mmpo_jax.data.batches import train_batches
 
     cfg = trainer.cfg
     tc = cfg.train

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import optax
 
-from mmpo_jax.config import OptimConfig
+from mmpo_jax.config_schema import OptimConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from mmpo_jax.errors import UserError
 
 if TYPE_CHECKING:
-    from mmpo_jax.config import RunConfig
+    from mmpo_jax.config_schema import RunConfig
 
 def check_paths(cfg: RunConfig) -> None:
     """Every path of `cfg` exists where it must; a UserError naming the key otherwise.
@@ -28,7 +28,7 @@ def check_paths(cfg: RunConfig) -> None:
         raise UserError("train.output_dir is empty: name the run's directory, e.g. train.output_dir=runs/my-run")
     if Path(out).expanduser().is_file():
         raise UserError(f"train.output_dir={out!r} is a file, not a directory: choose another train.output_dir")
-    from mmpo_jax.data.pipeline import local_data_file, source_specs
+    from mmpo_jax.data.sources import local_data_file, source_specs
 
     for which in ("train", "test"):
         for src in source_specs(cfg.data, which):  # type: ignore[arg-type]

@@ -26,7 +26,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mmpo_jax.config import RunConfig
+from mmpo_jax.config_schema import RunConfig
 from mmpo_jax.files import write_bytes_atomic
 from mmpo_jax.train.pair_logps import pair_logps
 
@@ -93,7 +93,7 @@ def reference_table(cfg: RunConfig, load_model: Callable[[], Any], data: Any, sp
 
 
 def compute_table(cfg: RunConfig, model: Any, data: Any, mesh: jax.sharding.Mesh) -> np.ndarray:
-    from mmpo_jax.data.pipeline import eval_batches
+    from mmpo_jax.data.batches import eval_batches
     from mmpo_jax.train.setup import device_batch
 
     graphdef, state = nnx.split(model)

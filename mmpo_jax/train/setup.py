@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import optax
 
-from mmpo_jax.config import RunConfig
+from mmpo_jax.config_schema import RunConfig
 from mmpo_jax.errors import UserError
 from mmpo_jax.models.build import build_model
 from mmpo_jax.models.llama_config import LlamaConfig, model_config_from_init

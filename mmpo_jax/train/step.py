@@ -5,7 +5,7 @@ A batch is a dict of arrays, pair-major and split over the batch mesh axes
 
     input_ids   [pairs, 2, seq] int32   chosen at [:, 0], rejected at [:, 1]
     loss_mask   [pairs, 2, seq]         1 on the completion tokens, aligned with input_ids
-                                        (`mmpo_jax.data.pipeline.PreferenceBatch`)
+                                        (`mmpo_jax.data.batches.PreferenceBatch`)
     pair_mask   [pairs]                 1 = real pair, 0 = padding (optional)
     ref_logps   [pairs, 2] float32      reference sequence log-probs (mode `precomputed`)
 
@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mmpo_jax import loss_registry, losses
-from mmpo_jax.config import LossConfig
+from mmpo_jax.config_schema import LossConfig
 from mmpo_jax.errors import UserError
 from mmpo_jax.loss_inputs import LossInputs
 from mmpo_jax.sharding import BATCH_AXES

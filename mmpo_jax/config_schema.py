@@ -1,0 +1,414 @@
+"""The run config's sections: typed, frozen dataclasses, one per YAML section (`model`,
+`data`, `loss`, `optim`, `mesh`, `train`), with their defaults, choices and range
+checks (`validate`, raising a `ConfigError` that names the key). `mmpo_jax.config`
+loads them from YAML and overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from mmpo_jax.errors import UserError
+from mmpo_jax.loss_registry import LOSS_NAMES, LOSSES
+
+
+class ConfigError(UserError, ValueError):
+    """A config problem the user can fix; the message says which key and how."""
+
+
+@dataclass(frozen=True)
+class ModelInit:
+    """The architecture of a randomly initialised model (`model.path: ""`).
+
+    Names follow transformers' `LlamaConfig`; the defaults are a tiny Llama for
+    demos and tests. Ignored when `model.path` names a checkpoint.
+    """
+
+    # SmolLM2's tokenizer size, so the ids of the tokenizer shipped with the
+    # embedded SmolLM2 model all fit.
+    vocab_size: int = 49152
+    hidden_size: int = 64
+    intermediate_size: int = 256
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    # None: hidden_size // num_attention_heads.
+    head_dim: int | None = None
+    tie_word_embeddings: bool = True
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 2048
+    # Standard deviation of the normal init of every matrix (transformers'
+    # `initializer_range`); norms start at 1, biases at 0.
+    init_scale: float = 0.02
+
+    def validate(self, prefix: str) -> None:
+        # The rules a checkpoint's config.json is held to as well (one copy of them).
+        problem = model_dims_problem(dataclasses.asdict(self))
+        if problem is not None:
+            key, rule = problem
+            _check(False, prefix, key, getattr(self, key), rule)
+        _check(self.init_scale > 0, prefix, "init_scale", self.init_scale, "must be > 0")
+
+
+# The largest model dimensions accepted, from `model.init` or a checkpoint's config.json.
+# Far above any released model (Llama 3.1 405B: 126 layers, hidden 16384, MLP 53248,
+# 128 heads; vocabularies reach ~262k, contexts ~10M), so no real model is refused, while a
+# typo or a broken file (num_hidden_layers=1e9) stops at load instead of hanging in model
+# building (one loop turn per layer) or exhausting memory.
+MODEL_DIM_LIMITS: dict[str, int] = {
+    "vocab_size": 2**24,
+    "hidden_size": 2**17,
+    "intermediate_size": 2**20,
+    "num_hidden_layers": 1024,
+    "num_attention_heads": 2**14,
+    "num_key_value_heads": 2**14,
+    "head_dim": 2**14,
+    "max_position_embeddings": 2**24,
+}
+
+
+def model_dims_problem(dims: dict[str, Any]) -> tuple[str, str] | None:
+    """The first rule the model dimensions `dims` break, as `(key, rule)`; None if none.
+
+    `dims` has transformers' names (a `model.init` section, a checkpoint's config.json);
+    a key absent or None is not checked (the reader's default applies), except that
+    `head_dim` None stands for hidden_size // num_attention_heads. `ModelInit.validate`
+    and the checkpoint readers (`mmpo_jax.models.checkpoints`) both use it, so a config
+    and a checkpoint are refused for the same values.
+    """
+    for key, limit in MODEL_DIM_LIMITS.items():
+        value = dims.get(key)
+        if value is None:
+            continue
+        # bool is an int subclass, and JSON's 1e9 is a float: neither is a size
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            return key, "must be a positive integer"
+        if value > limit:
+            return key, f"must be <= {limit} (far above any real model: a typo?)"
+    for key in ("rope_theta", "rms_norm_eps"):
+        value = dims.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or value <= 0:
+            return key, "must be a positive number"
+    heads, kv = dims.get("num_attention_heads"), dims.get("num_key_value_heads")
+    if heads is not None and kv is not None and heads % kv:
+        return "num_key_value_heads", f"must divide num_attention_heads={heads}"
+    head_dim, hidden = dims.get("head_dim"), dims.get("hidden_size")
+    if head_dim is not None:
+        if head_dim % 2:
+            return "head_dim", "must be even (RoPE rotates pairs)"
+    elif hidden is not None and heads is not None and hidden % (2 * heads):
+        return "hidden_size", (f"must be a multiple of 2 x num_attention_heads={heads} (an even head size: "
+                               "RoPE rotates pairs), or set head_dim")
+    return None
+
+
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters (`rank` 0 = full fine-tuning).
+
+    Each targeted projection `W` becomes `W + (alpha / rank) * A @ B` with `A`
+    `[in, rank]` (PEFT's init: uniform in +-1/sqrt(in)) and `B` `[rank, out]` = 0, so
+    training starts from the base model; only `A` and `B` are trained and get
+    optimizer state.
+    """
+
+    rank: int = 0
+    alpha: float = 16.0
+    # Dropout on the adapters' input in training (PEFT's lora_dropout).
+    dropout: float = 0.0
+    # Any of q, k, v, o (attention) and gate, up, down (MLP).
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])
+
+    def validate(self, prefix: str) -> None:
+        _check(self.rank >= 0, prefix, "rank", self.rank, "must be >= 0 (0 = full fine-tuning)")
+        _check(self.alpha > 0, prefix, "alpha", self.alpha, "must be > 0")
+        _check(0.0 <= self.dropout < 1.0, prefix, "dropout", self.dropout, "must be in [0, 1)")
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        _check(not bad, prefix, "targets", self.targets,
+               f"unknown target(s) {bad}; choose from {', '.join(LORA_TARGETS)}")
+        if self.rank > 0:
+            _check(len(self.targets) > 0, prefix, "targets", self.targets,
+                   "must name at least one projection when rank > 0")
+            _check(len(set(self.targets)) == len(self.targets), prefix, "targets", self.targets,
+                   "names a projection twice")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model: a checkpoint (or a random init) and how it runs.
+
+    See `mmpo_jax.models.options.ModelOptions` for what each run option does.
+    """
+
+    # A local HF directory, a hub id or a `.gguf` file; "" = random init from `init`.
+    path: str = ""
+    init: ModelInit = field(default_factory=ModelInit)
+    # dtype of the stored parameters (and of the optimizer's view of them).
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    # dtype of matmuls and activations; auto = bfloat16 on GPU/TPU, float32 on CPU.
+    # Log-softmax, RMSNorm statistics and the losses are float32 whatever this says.
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # auto = cudnn on GPU with a bfloat16 compute dtype (and a head_dim it takes), else xla.
+    attention: Literal["auto", "xla", "cudnn"] = "auto"
+    # Scan the layers (nnx.scan): compile time independent of depth.
+    scan_layers: bool = True
+    # Per-layer rematerialisation: none (keep all activations), full (keep only each
+    # layer's input, recompute the rest), dots (keep the outputs of the weight
+    # matmuls, recompute attention and the elementwise ops).
+    remat: Literal["none", "full", "dots"] = "dots"
+    # Dropout on the attention and MLP outputs (residual branches) in training; 0 = off.
+    dropout: float = 0.0
+    # Sequence positions per chunk of the LM head + log-softmax (mmpo_jax.logprobs).
+    logprob_chunk: int = 256
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    # The reference model: auto = none for simpo and sft, lora_base with LoRA, else separate.
+    # separate: a frozen copy of the initial weights (or of `reference_path`);
+    # lora_base: the policy's base weights without adapters (LoRA only, no copy);
+    # precomputed: reference log-probs computed in one pass before training and
+    # cached on disk (keyed by data, model and config); none: no reference (simpo, sft;
+    # sft with a reference only reports the rewards/* metrics against it).
+    reference: Literal["auto", "separate", "lora_base", "precomputed", "none"] = "auto"
+    # Another checkpoint as the reference (HF dir, hub id, .gguf); "" = the initial policy.
+    reference_path: str = ""
+
+    def validate(self, prefix: str) -> None:
+        self.init.validate(f"{prefix}.init")
+        self.lora.validate(f"{prefix}.lora")
+        if self.reference == "lora_base":
+            _check(self.lora.rank > 0, prefix, "reference", self.reference,
+                   "needs LoRA: set model.lora.rank > 0, or use separate / precomputed")
+        if self.reference_path:
+            _check(self.reference in ("auto", "separate", "precomputed"), prefix, "reference_path",
+                   self.reference_path,
+                   f"is only used by model.reference=separate or precomputed (not {self.reference})")
+        _check(0.0 <= self.dropout < 1.0, prefix, "dropout", self.dropout, "must be in [0, 1)")
+        _check(self.logprob_chunk >= 1, prefix, "logprob_chunk", self.logprob_chunk, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The preference data; `mmpo_jax/data/pipeline.py` says how each key is used.
+
+    Sources: a `.jsonl`/`.json`/`.parquet` path, a list of them, a hub id, or
+    `builtin:demo` / `builtin:demo-standard` (the shipped demo data).
+    """
+
+    train_files: str | list[str] | None = None
+    test_files: str | list[str] | None = None
+    # hub split (and demo split) for train_files / mixture, and for test_files
+    split: str = "train"
+    test_split: str = "test"
+    # {source: fraction of its rows to keep}, instead of train_files
+    mixture: dict[str, float] | None = None
+    format: Literal["auto", "standard", "conversational"] = "auto"
+    # an HF tokenizer dir or hub id, a .gguf file, or builtin:tiny
+    tokenizer: str = "builtin:tiny"
+    max_length: int = 1024
+    # None: the prompt is only limited by max_length
+    max_prompt_length: int | None = 512
+    max_invalid_fraction: float = 0.01
+    # global preference pairs per optimizer step
+    batch_size: int = 8
+    seed: int = 0
+    # None: datasets' cache (HF_DATASETS_CACHE); tokenized data goes to mmpo_jax_tokenized/ in it
+    cache_dir: str | None = None
+
+    def validate(self, prefix: str) -> None:
+        _check(self.max_length >= 2, prefix, "max_length", self.max_length, "must be >= 2")
+        if self.max_prompt_length is not None:
+            _check(
+                1 <= self.max_prompt_length < self.max_length,
+                prefix,
+                "max_prompt_length",
+                self.max_prompt_length,
+                f"must be >= 1 and < max_length={self.max_length} (or null)",
+            )
+        _check(
+            0.0 <= self.max_invalid_fraction <= 1.0,
+            prefix,
+            "max_invalid_fraction",
+            self.max_invalid_fraction,
+            "must be in [0, 1]",
+        )
+        _check(self.batch_size >= 1, prefix, "batch_size", self.batch_size, "must be >= 1")
+        _check(0 <= self.seed < 2**32, prefix, "seed", self.seed, "must be in [0, 2**32)")
+        for name in ("train_files", "test_files"):
+            value = getattr(self, name)
+            _check(
+                value is None or (len(value) > 0 and all(v for v in ([value] if isinstance(value, str) else value))),
+                prefix,
+                name,
+                value,
+                "must name a file, a list of files or a hub id (or be null)",
+            )
+        if self.mixture is not None:
+            _check(len(self.mixture) > 0, prefix, "mixture", self.mixture, "must name at least one source")
+            for source, fraction in self.mixture.items():
+                _check(
+                    0.0 < fraction <= 1.0,
+                    prefix,
+                    f"mixture.{source}",
+                    fraction,
+                    "is the fraction of the source to keep: in (0, 1]",
+                )
+            if self.train_files is not None:
+                raise ConfigError(
+                    f"{prefix}: set either train_files or mixture, not both "
+                    f"(train_files={self.train_files!r}, mixture={self.mixture!r})"
+                )
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with a warmup-then-decay schedule and global-norm clipping."""
+
+    learning_rate: float = 5e-7
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # <= 0 turns clipping off
+    # micro-batches per optimizer step; data.batch_size pairs are split evenly
+    grad_accum: int = 1
+    mu_dtype: Literal["float32", "bfloat16"] = "float32"  # AdamW first-moment dtype
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+
+    def validate(self, prefix: str) -> None:
+        _check(self.learning_rate > 0, prefix, "learning_rate", self.learning_rate, "must be > 0")
+        _check(self.warmup_steps >= 0, prefix, "warmup_steps", self.warmup_steps, "must be >= 0")
+        _check(self.weight_decay >= 0, prefix, "weight_decay", self.weight_decay, "must be >= 0")
+        _check(self.grad_accum >= 1, prefix, "grad_accum", self.grad_accum, "must be >= 1")
+        _check(0 <= self.b1 < 1, prefix, "b1", self.b1, "must be in [0, 1)")
+        _check(0 <= self.b2 < 1, prefix, "b2", self.b2, "must be in [0, 1)")
+        _check(self.eps > 0, prefix, "eps", self.eps, "must be > 0")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The preference loss; `docs/losses.md` defines each, `mmpo_jax.loss_registry`
+    declares which keys each reads and its defaults.
+
+    `sft` is supervised fine-tuning on the chosen answers (the rejected are ignored):
+    the token-mean NLL of the batch's chosen tokens (TRL SFTTrainer's), or with
+    `average_logps: true` the mean over pairs of each answer's per-token NLL.
+    """
+
+    name: str = field(default="mmpo", metadata={"choices": LOSS_NAMES})
+    # None: the loss's own default (0.1 for mmpo, dpo and sft, 2.0 for simpo); sft
+    # uses it only for the rewards/* metrics when it has a reference.
+    beta: float | None = None
+    reward_epsilon: float = 1.0
+    rejected_epsilon: float = 0.1
+    norm_eps: float = 1e-6
+    aux_weight: float = 1.0
+    normalize: Literal["minmax", "none"] = "minmax"
+    entropy_weight: float = 0.0
+    entropy_estimator: Literal["token", "score_function"] = "token"
+    label_smoothing: float = 0.0
+    gamma: float = 1.0
+    # None: False for mmpo, dpo and sft (token-mean NLL), True for simpo (which always averages).
+    average_logps: bool | None = None
+
+    def settled(self) -> LossConfig:
+        """This config with the keys left unset (None) at the loss's own defaults."""
+        spec = LOSSES[self.name]
+        return dataclasses.replace(
+            self,
+            beta=spec.beta if self.beta is None else self.beta,
+            average_logps=spec.average_logps if self.average_logps is None else self.average_logps,
+        )
+
+    def validate(self, prefix: str) -> None:
+        spec = LOSSES[self.name]
+        assert self.beta is not None and self.average_logps is not None, "validate a settled() LossConfig"
+        _check(self.beta > 0, prefix, "beta", self.beta, "must be > 0")
+        _check(self.norm_eps > 0, prefix, "norm_eps", self.norm_eps, "must be > 0")
+        _check(self.aux_weight >= 0, prefix, "aux_weight", self.aux_weight, "must be >= 0")
+        _check(
+            self.entropy_weight >= 0, prefix, "entropy_weight", self.entropy_weight, "must be >= 0"
+        )
+        _check(
+            0.0 <= self.label_smoothing < 0.5,
+            prefix,
+            "label_smoothing",
+            self.label_smoothing,
+            "must be in [0, 0.5)",
+        )
+        _check(
+            not (spec.averaged_only and self.average_logps is False),
+            prefix,
+            "average_logps",
+            self.average_logps,
+            f"{spec.title} always uses length-averaged log-probs; leave it unset or true",
+        )
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axis sizes; -1 means "all the devices the others leave"."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def validate(self, prefix: str) -> None:
+        for name in ("data", "fsdp", "tensor"):
+            value = getattr(self, name)
+            _check(value == -1 or value >= 1, prefix, name, value, "must be >= 1, or -1 for the rest")
+        n_rest = [v for v in (self.data, self.fsdp, self.tensor) if v == -1]
+        if len(n_rest) > 1:
+            raise ConfigError(
+                f"{prefix}: at most one of data, fsdp, tensor may be -1 "
+                f"(got data={self.data}, fsdp={self.fsdp}, tensor={self.tensor})"
+            )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The run: where it writes, how long it runs, its seed."""
+
+    output_dir: str = "runs/default"
+    max_steps: int = 1000
+    seed: int = 0
+    # Metrics to metrics.jsonl / TensorBoard every this many steps.
+    log_every: int = 1
+    # Eval on the test data every this many steps (0 = only before and after training).
+    eval_every: int = 0
+    # At most this many test batches per eval (0 = the whole test split).
+    eval_batches: int = 0
+    # Checkpoint every this many steps (0 = only at the end), keeping the last few.
+    save_every: int = 0
+    keep_checkpoints: int = 2
+
+    def validate(self, prefix: str) -> None:
+        _check(self.max_steps >= 1, prefix, "max_steps", self.max_steps, "must be >= 1")
+        _check(self.log_every >= 1, prefix, "log_every", self.log_every, "must be >= 1")
+        for key in ("eval_every", "eval_batches", "save_every"):
+            _check(getattr(self, key) >= 0, prefix, key, getattr(self, key), "must be >= 0")
+        _check(self.keep_checkpoints >= 1, prefix, "keep_checkpoints", self.keep_checkpoints,
+               "must be >= 1")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _check(ok: bool, prefix: str, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{prefix}.{key}={value!r}: {rule}")

@@ -1,0 +1,206 @@
+"""Batches of a split: the global batch of a step as a pure function of `(data.seed,
+step)`, each process's slice of it, padded to a power-of-two bucket (`collate`), and
+the plan of an epoch (`batch_plan`)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import flax.struct
+import numpy as np
+
+from mmpo_jax.buckets import bucket_for, bucket_lengths
+from mmpo_jax.data import formats
+from mmpo_jax.data.pipeline import PreferenceData
+from mmpo_jax.errors import UserError
+
+if TYPE_CHECKING:
+    import grain
+
+
+
+SMALLEST_BUCKET = 16
+_UNBOUNDED = sys.maxsize  # the train batches are indexed by step, without end
+
+
+# Batches
+@flax.struct.dataclass
+class PreferenceBatch:
+    """Pair-major batch; shapes and dtypes in the module docstring."""
+
+    input_ids: np.ndarray  # int32 [pairs, 2, seq]
+    attention_mask: np.ndarray  # int32 [pairs, 2, seq]
+    loss_mask: np.ndarray  # int32 [pairs, 2, seq]
+    pair_mask: np.ndarray  # int32 [pairs]
+    example_index: np.ndarray  # int32 [pairs]
+
+
+def collate(
+    pairs: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]],
+    example_index: Sequence[int],
+    seq_len: int,
+    pad_id: int,
+    num_pairs: int | None = None,
+) -> PreferenceBatch:
+    """Right-pads `(prompt, chosen, rejected)` pairs into a batch of `num_pairs` (default
+    `len(pairs)`) pairs of `seq_len` tokens; the extra pairs are padding (pair_mask 0)."""
+    n = len(pairs) if num_pairs is None else num_pairs
+    input_ids = np.full((n, 2, seq_len), pad_id, dtype=np.int32)
+    attention = np.zeros((n, 2, seq_len), dtype=np.int32)
+    completion = np.zeros((n, 2, seq_len), dtype=np.int32)
+    for p, (prompt, chosen, rejected) in enumerate(pairs):
+        seqs, masks = formats.pair_sequences(prompt, chosen, rejected)
+        for k in (0, 1):
+            t = len(seqs[k])
+            input_ids[p, k, :t] = seqs[k]
+            attention[p, k, :t] = 1
+            completion[p, k, :t] = masks[k]
+    completion[:, :, 0] = 0  # nothing predicts the first token
+    pair_mask = np.zeros(n, dtype=np.int32)
+    pair_mask[: len(pairs)] = 1
+    index = np.full(n, -1, dtype=np.int32)
+    index[: len(pairs)] = np.asarray(example_index, dtype=np.int32)
+    return PreferenceBatch(input_ids, attention, completion, pair_mask, index)
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    return process_index, process_count
+
+
+def _local_slice(batch_size: int, process_index: int, process_count: int) -> slice:
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if batch_size % process_count:
+        raise UserError(
+            f"data.batch_size={batch_size} must be a multiple of the {process_count} processes"
+        )
+    per = batch_size // process_count
+    return slice(process_index * per, (process_index + 1) * per)
+
+
+def epoch_order(num_rows: int, seed: int) -> grain.MapDataset:
+    """Element `epoch * num_rows + j` is the row at position `j` of that epoch's order."""
+    import grain
+
+    return grain.MapDataset.range(num_rows).shuffle(seed=seed)
+
+
+def steps_per_epoch(num_rows: int, batch_size: int) -> int:
+    return num_rows // batch_size
+
+
+def global_batch_rows(
+    order: grain.MapDataset, num_rows: int, batch_size: int, step: int
+) -> np.ndarray:
+    """`[batch_size]` rows of global batch `step` (a pure function of the seed and the step)."""
+    per_epoch = steps_per_epoch(num_rows, batch_size)
+    epoch, i = divmod(step, per_epoch)
+    start = epoch * num_rows + i * batch_size
+    return np.fromiter(
+        (order[start + k] for k in range(batch_size)), dtype=np.int64, count=batch_size
+    )
+
+
+def train_batches(
+    data: PreferenceData,
+    batch_size: int,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.MapDataset:
+    """Element `step` is this process's `PreferenceBatch` of global batch `step`.
+
+    Index it (`ds[step]`) or iterate from a step (`ds.slice(slice(step, None))`,
+    `.to_iter_dataset()` for prefetching); it never ends.
+    """
+    import grain
+
+    process_index, process_count = _process(process_index, process_count)
+    local = _local_slice(batch_size, process_index, process_count)
+    n = len(data)
+    if steps_per_epoch(n, batch_size) == 0:
+        raise UserError(f"data.batch_size={batch_size} is larger than the {n} training rows kept")
+    order = epoch_order(n, seed)
+    seq = data.seq_lengths
+    buckets = bucket_lengths(data.max_length, SMALLEST_BUCKET)
+
+    def make(step: int) -> PreferenceBatch:
+        rows = global_batch_rows(order, n, batch_size, step)
+        seq_len = bucket_for(int(seq[rows].max()), buckets)
+        mine = rows[local]
+        return collate([data.pair(int(i)) for i in mine], mine, seq_len, data.special.pad)
+
+    return grain.MapDataset.range(_UNBOUNDED).map(make)
+
+
+def eval_batches(
+    data: PreferenceData,
+    batch_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.MapDataset:
+    """Every row once, in order; the last global batch is filled with padding pairs."""
+    import grain
+
+    process_index, process_count = _process(process_index, process_count)
+    local = _local_slice(batch_size, process_index, process_count)
+    n = len(data)
+    seq = data.seq_lengths
+    buckets = bucket_lengths(data.max_length, SMALLEST_BUCKET)
+
+    def make(b: int) -> PreferenceBatch:
+        rows = np.arange(b * batch_size, min((b + 1) * batch_size, n))
+        seq_len = bucket_for(int(seq[rows].max()), buckets)
+        mine = rows[local]  # may be short, or empty, on the last batch
+        return collate(
+            [data.pair(int(i)) for i in mine],
+            mine,
+            seq_len,
+            data.special.pad,
+            num_pairs=local.stop - local.start,
+        )
+
+    return grain.MapDataset.range(math.ceil(n / batch_size)).map(make)
+
+
+@dataclass
+class BatchPlan:
+    """What one epoch of training batches looks like (epoch 0, for the configured seed)."""
+
+    batch_size: int
+    seed: int
+    steps_per_epoch: int
+    remainder: int  # rows left out of each epoch (the last incomplete global batch)
+    buckets: list[int]
+    rows_per_bucket: dict[int, int]  # by each row's own length
+    batches_per_bucket: dict[int, int]  # by each global batch's padded length
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def batch_plan(data: PreferenceData, batch_size: int, seed: int) -> BatchPlan:
+    n = len(data)
+    per_epoch = steps_per_epoch(n, batch_size)
+    buckets = bucket_lengths(data.max_length, SMALLEST_BUCKET)
+    seq = data.seq_lengths
+    rows = {b: 0 for b in buckets}
+    for length in seq:
+        rows[bucket_for(int(length), buckets)] += 1
+    batches = {b: 0 for b in buckets}
+    order = epoch_order(n, seed) if per_epoch else None
+    for step in range(per_epoch):
+        idx = global_batch_rows(order, n, batch_size, step)
+        batches[bucket_for(int(seq[idx].max()), buckets)] += 1
+    return BatchPlan(
+        batch_size, seed, per_epoch, n - per_epoch * batch_size, list(buckets), rows, batches
+    )
