@@ -53,6 +53,7 @@ from typing import Any
 
 from mmpo_jax.errors import UserError
 from mmpo_jax.eval.run import EvalOptions
+from mmpo_jax.files import write_text_atomic
 
 EVAL_FILE = "eval.json"
 TRAIN_RESULT_FILE = "train_result.json"
@@ -242,10 +243,8 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    """Written to a temporary file then renamed: an interrupted write leaves no half file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, allow_nan=True) + "\n")
-    tmp.replace(path)
+    """Atomic (`files.write_text_atomic`): an interrupted write leaves no half file."""
+    write_text_atomic(path, json.dumps(data, indent=1, allow_nan=True) + "\n")
 
 
 def eval_record(spec: RunSpec, cfg: Any, settings: Mapping[str, Any], train_result: Mapping[str, Any],

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from mmpo_jax.errors import UserError
+from mmpo_jax.files import write_text_atomic
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out)
         if out.resolve() == Path(args.recipe).resolve():
             raise UserError(f"--out {out}: that is the recipe itself; write elsewhere")
-        out.write_text(text)
+        write_text_atomic(out, text)  # an interrupted write leaves the old file whole
         print(f"mmpo-jax: wrote {out}", file=sys.stderr)
     else:
         sys.stdout.write(text)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Literal
 
 
 from mmpo_jax.data.json_rows import BadLines, RawRows, read_json_rows
-from mmpo_jax.errors import UserError
+from mmpo_jax.errors import UserError, first_line
 
 if TYPE_CHECKING:
 
@@ -133,8 +133,3 @@ def _read_hub(src: SourceSpec, cache_dir: str | None) -> RawRows:
         "row",
         list(ds.column_names),
     )
-
-
-def first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -22,8 +22,8 @@ from mmpo_jax.data import formats
 from mmpo_jax.data.formats import TOO_LONG, Layout, SpecialIds
 from mmpo_jax.data.json_rows import BadLine, RawRows
 from mmpo_jax.data.reports import SourceReport, check_invalid
-from mmpo_jax.data.sources import SourceSpec, first_line, read_source
-from mmpo_jax.errors import UserError
+from mmpo_jax.data.sources import SourceSpec, read_source
+from mmpo_jax.errors import UserError, first_line
 
 if TYPE_CHECKING:
 

@@ -250,8 +250,8 @@ def evaluate_win_rate(trainer: Any, tokenizer: Any, *, limit: int = 0,
 
 def write_generations(path: str | Path, result: WinRateResult) -> None:
     """JSON lines: one record per prompt (see `WinRateResult.records`)."""
+    from mmpo_jax.files import write_text_atomic
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for record in result.records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    write_text_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in result.records))

@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mmpo_jax.errors import UserError
+from mmpo_jax.errors import UserError, first_line
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -164,33 +164,28 @@ def _hub_download(repo_id: str, filename: str | None = None) -> Path:
         return path
     except (hf_errors.OfflineModeIsEnabled, hf_errors.LocalEntryNotFoundError) as err:
         # (LocalEntryNotFoundError subclasses EntryNotFoundError: it must come first.)
-        raise UserError(f"{unreachable} [{_first_line(err)}]") from None
+        raise UserError(f"{unreachable} [{first_line(err)}]") from None
     except hf_errors.GatedRepoError as err:
         raise UserError(
             f"cannot download {what}: the repository is gated; accept its terms on the hub and "
-            f"log in (`hf auth login` or HF_TOKEN), or pass a local path ({_first_line(err)})"
+            f"log in (`hf auth login` or HF_TOKEN), or pass a local path ({first_line(err)})"
         ) from None
     except (hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError) as err:
         raise UserError(
-            f"'{repo_id}' is not a model on the hub ({_first_line(err)}); "
+            f"'{repo_id}' is not a model on the hub ({first_line(err)}); "
             "check the spelling, or pass a local HF directory or .gguf file"
         ) from None
     except hf_errors.EntryNotFoundError as err:
-        raise UserError(f"cannot download {what}: no such file in the repository ({_first_line(err)})") from None
+        raise UserError(f"cannot download {what}: no such file in the repository ({first_line(err)})") from None
     except hf_errors.HfHubHTTPError as err:
-        raise UserError(f"cannot download {what}: {_first_line(err)}; pass a local path instead") from None
+        raise UserError(f"cannot download {what}: {first_line(err)}; pass a local path instead") from None
     except (OSError, ConnectionError, TimeoutError) as err:
-        raise UserError(f"{unreachable} [{type(err).__name__}: {_first_line(err)}]") from None
+        raise UserError(f"{unreachable} [{type(err).__name__}: {first_line(err)}]") from None
     except Exception as err:  # httpx / requests transport errors and the like
         name = type(err).__name__
         if any(k in name for k in ("Connect", "Timeout", "Network", "Transport", "Proxy")):
-            raise UserError(f"{unreachable} [{name}: {_first_line(err)}]") from None
+            raise UserError(f"{unreachable} [{name}: {first_line(err)}]") from None
         raise
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 # ------------------------------------------------------------------- GGUF ---
@@ -405,7 +400,7 @@ class TorchBinReader:
         try:
             return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
         except Exception as err:
-            raise UserError(f"'{path}' is not a readable PyTorch checkpoint ({_first_line(err)})") from None
+            raise UserError(f"'{path}' is not a readable PyTorch checkpoint ({first_line(err)})") from None
 
     def names(self) -> set[str]:
         return set(self.files)
@@ -472,7 +467,7 @@ def load_hf_tokenizer(directory: str | os.PathLike) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(directory))
     except Exception as err:  # a broken or exotic tokenizer must not block the model
-        warnings.warn(f"'{directory}': cannot load its tokenizer ({_first_line(err)}); going without")
+        warnings.warn(f"'{directory}': cannot load its tokenizer ({first_line(err)}); going without")
         return None
 
 
