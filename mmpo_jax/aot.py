@@ -449,9 +449,10 @@ def format_table(r: AotResult) -> str:
             f"    total        {size(p['total'])}",
         ]
     else:
+        refused = r.xla_refused or {}
         lines += [
             "  per-device memory: XLA refused to compile the step for want of HBM:",
-            f"    {r.xla_refused['message']}",
+            f"    {refused.get('message', '')}",
             f"    state and batch shards (from their shapes) {size(r.state_bytes_per_device).strip()}",
         ]
     lines.append(f"  device memory  {r.device_memory_bytes / GIB:10.3f} GiB ({r.topology.split(':')[0]} HBM); "

@@ -215,7 +215,7 @@ def _resolve_reference(cfg: RunConfig) -> RunConfig:
             mode = "none"
         else:
             mode = "lora_base" if model.lora.rank > 0 and not model.reference_path else "separate"
-        model = dataclasses.replace(model, reference=mode)
+        model = dataclasses.replace(model, reference=mode)  # type: ignore[arg-type]  # one of the Literal's
         cfg = dataclasses.replace(cfg, model=model)
     if loss.name not in REFERENCE_FREE_LOSSES and model.reference == "none":
         raise ConfigError(
@@ -291,7 +291,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if isinstance(value, _OverrideText) and value[:1] in ("[", "{"):
         value = _parse_override(value, key)  # a list or mapping, whatever the type
 
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
 
     if origin in (Union, types.UnionType):

@@ -75,7 +75,7 @@ def spec_from(coordinator: str | None = None, num_processes: int | None = None,
             f"(or {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}); got coordinator={coordinator}, "
             f"num_processes={num_processes}, process_id={process_id}"
         )
-    if coordinator is not None:
+    if coordinator is not None and num_processes is not None and process_id is not None:
         host, _, port = coordinator.rpartition(":")
         if not host or not port.isdigit():
             raise UserError(f"coordinator '{coordinator}' must look like HOST:PORT, e.g. 10.0.0.2:8476")

@@ -21,10 +21,13 @@ The lower-level functions (`token_logps_chunked`, `token_logps_naive`) are unshi
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
+
+if TYPE_CHECKING:
+    from mmpo_jax.models.llama import Llama
 
 DEFAULT_CHUNK = 256
 
@@ -209,7 +212,7 @@ def shifted_token_logps(
 
 
 def model_token_logps(
-    model: Any,
+    model: Llama,
     input_ids: jax.Array,
     *,
     chunk: int | None = DEFAULT_CHUNK,

@@ -16,7 +16,10 @@ This module imports neither jax nor torch: the config and the CLI read it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from mmpo_jax.config_schema import LossConfig
 
 # What a loss does with reference log-probs: needs them; reads them when the run has
 # a reference, for its rewards/* metrics only; never reads them.
@@ -130,24 +133,25 @@ def spec_of(name: str) -> LossSpec:
         raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}") from None
 
 
-def entropy_estimator(loss_cfg: Any) -> str | None:
+def entropy_estimator(loss_cfg: LossConfig) -> Literal["token", "score_function"] | None:
     """The estimator of the entropy bonus the step computes for `loss_cfg`, or None when
     its loss takes none or `entropy_weight` is 0 (then no entropy is computed)."""
     if spec_of(loss_cfg.name).entropy and loss_cfg.entropy_weight > 0:
-        return str(loss_cfg.entropy_estimator)
+        return loss_cfg.entropy_estimator
     return None
 
 
-def settings(loss_cfg: Any, name: str | None = None) -> tuple[float, bool]:
+def settings(loss_cfg: LossConfig, name: str | None = None) -> tuple[float, bool]:
     """`(beta, average_logps)` loss `name` runs with: the config's for the configured loss,
     the loss's own defaults for another (the example batch runs every loss)."""
     if name is None or name == loss_cfg.name:
+        assert loss_cfg.beta is not None and loss_cfg.average_logps is not None, "a settled LossConfig"
         return float(loss_cfg.beta), bool(loss_cfg.average_logps)
     spec = spec_of(name)
     return spec.beta, spec.average_logps
 
 
-def call_arguments(loss_cfg: Any, inputs: Any, *, name: str | None = None,
+def call_arguments(loss_cfg: LossConfig, inputs: Any, *, name: str | None = None,
                    beta: float | None = None) -> tuple[LossSpec, tuple[Any, ...], dict[str, Any]]:
     """The function, positional and keyword arguments of the loss `loss_cfg` names (or
     `name`) on `inputs` (a `mmpo_jax.loss_inputs.LossInputs` of JAX or torch arrays).
@@ -177,7 +181,7 @@ def call_arguments(loss_cfg: Any, inputs: Any, *, name: str | None = None,
     return spec, args, kwargs
 
 
-def used_inputs(loss_cfg: Any, inputs: Any) -> Any:
+def used_inputs(loss_cfg: LossConfig, inputs: Any) -> Any:
     """`inputs` without the fields the configured loss does not read (None), so a step
     passes only what it uses into `shard_map`."""
     spec, args, kwargs = call_arguments(loss_cfg, inputs)

@@ -19,7 +19,7 @@ gradient.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,9 @@ from jax import lax
 
 from mmpo_jax import loss_registry
 from mmpo_jax.loss_inputs import LossInputs
+
+if TYPE_CHECKING:
+    from mmpo_jax.config_schema import LossConfig
 
 Array = jax.Array
 AxisName = str | tuple[str, ...] | None
@@ -175,7 +178,7 @@ def mmpo_loss(
         raise ValueError(
             "entropy_weight is non-zero but no per-pair `entropy` was given"
         )
-    inputs = (
+    inputs: tuple[Array, ...] = (
         policy_chosen_logps,
         policy_rejected_logps,
         ref_chosen_logps,
@@ -351,7 +354,7 @@ def sft_loss(
         raise ValueError("sft_loss: give both reference log-probs (chosen and rejected) or neither")
     with_ref = ref_chosen_logps is not None
     inputs: tuple[Array, ...] = (policy_chosen_logps, policy_rejected_logps)
-    if with_ref:
+    if ref_chosen_logps is not None and ref_rejected_logps is not None:
         inputs = inputs + (ref_chosen_logps, ref_rejected_logps)
     if chosen_tokens is not None:
         # token counts are data: never differentiated
@@ -384,7 +387,7 @@ def _stop_metrics(metrics: Metrics, loss: Array) -> Metrics:
 
 
 def configured_loss(
-    loss_cfg: Any,
+    loss_cfg: LossConfig,
     inputs: LossInputs,
     *,
     axis_name: AxisName = None,

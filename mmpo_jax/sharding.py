@@ -109,7 +109,7 @@ def logical_to_spec(
     if not axes:
         return PartitionSpec()
     used: set[str] = set()
-    out = []
+    out: list[str | tuple[str, ...] | None] = []
     for i, name in enumerate(axes):
         if name is None:
             out.append(None)
@@ -121,7 +121,7 @@ def logical_to_spec(
             )  # a bug in the model code
         target = _RULES[name]
         mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
-        kept = []
+        kept: list[str] = []
         size = 1
         for ax in mesh_axes:
             if ax in used:

@@ -49,11 +49,14 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmpo_jax.errors import UserError
 from mmpo_jax.eval.run import EvalOptions
 from mmpo_jax.files import write_text_atomic
+
+if TYPE_CHECKING:
+    from mmpo_jax.config_schema import RunConfig
 
 EVAL_FILE = "eval.json"
 TRAIN_RESULT_FILE = "train_result.json"
@@ -247,7 +250,7 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
     write_text_atomic(path, json.dumps(data, indent=1, allow_nan=True) + "\n")
 
 
-def eval_record(spec: RunSpec, cfg: Any, settings: Mapping[str, Any], train_result: Mapping[str, Any],
+def eval_record(spec: RunSpec, cfg: RunConfig, settings: Mapping[str, Any], train_result: Mapping[str, Any],
                 metrics: Mapping[str, float], notes: Mapping[str, str]) -> dict[str, Any]:
     """`eval.json` of a run: its name and overrides, the resolved loss config, the eval
     settings, the training's steps and seconds, and the flat metrics."""

@@ -176,7 +176,7 @@ def plot_win_rate_vs_capability(outcomes: Sequence[Outcome], rows: Sequence[Mapp
         xlabel, ylabel = "eval loss", "eval rewards/accuracies"
     fig = _figure()
     ax = fig.add_subplot(1, 1, 1)
-    series: dict[str, list[tuple[float, float, float, str, str]]] = {}
+    series: dict[str, list[tuple[float, float | None, float | None, str, str]]] = {}
     markers = "osD^v<>P*X"
     for o, r in have:
         beta = _float(r["beta"])
@@ -211,7 +211,8 @@ def plot_win_rate_vs_capability(outcomes: Sequence[Outcome], rows: Sequence[Mapp
 
 def train_losses(metrics_file: Path) -> tuple[list[int], list[float]]:
     """`(steps, losses)` of the train records of a `metrics.jsonl` (eval records skipped)."""
-    steps, losses = [], []
+    steps: list[int] = []
+    losses: list[float] = []
     if not metrics_file.is_file():
         return steps, losses
     for line in metrics_file.read_text().splitlines():

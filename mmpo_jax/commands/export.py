@@ -22,9 +22,12 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmpo_jax.errors import UserError
+
+if TYPE_CHECKING:
+    from mmpo_jax.config_schema import RunConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,7 +49,7 @@ def _real(path: str | os.PathLike) -> Path:
     return Path(os.path.realpath(Path(path).expanduser()))
 
 
-def check_not_a_source(out_dir: str | os.PathLike, run_dir: str | os.PathLike, cfg: Any) -> None:
+def check_not_a_source(out_dir: str | os.PathLike, run_dir: str | os.PathLike, cfg: RunConfig) -> None:
     """A UserError when OUT_DIR is, or holds, the run directory or a checkpoint the run reads
     (`model.path`, `model.reference_path`; a file such as a .gguf is held by its directory).
 
@@ -57,7 +60,8 @@ def check_not_a_source(out_dir: str | os.PathLike, run_dir: str | os.PathLike, c
     from mmpo_jax.paths import resolve
 
     out = _real(out_dir)
-    protected = [("the run directory", _real(run_dir), str(Path(run_dir) / "export"))]
+    protected: list[tuple[str, Path, str | None]] = [
+        ("the run directory", _real(run_dir), str(Path(run_dir) / "export"))]
     for key in ("path", "reference_path"):
         spec = getattr(cfg.model, key, "") or ""
         if not spec:

@@ -20,10 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmpo_jax.commands.common import load_from_items
 from mmpo_jax.config_schema import RunConfig
+
+if TYPE_CHECKING:
+    from mmpo_jax.data.pipeline import PreferenceData
 
 # The loss-masked (trained) tokens of the example are shown between these marks.
 MARK_OPEN, MARK_CLOSE = "[[", "]]"
@@ -104,7 +107,7 @@ def _tokenizer_info(spec: str, tok: Any) -> dict[str, Any]:
     }
 
 
-def _example(data: Any, batch_size: int, seed: int, shuffled: bool) -> dict[str, Any]:
+def _example(data: PreferenceData, batch_size: int, seed: int, shuffled: bool) -> dict[str, Any]:
     """The first pair of global batch 0 as the train (or eval) step will see it."""
     from mmpo_jax.buckets import bucket_for, bucket_lengths
     from mmpo_jax.data import batches

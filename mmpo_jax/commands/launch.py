@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Any
 from pathlib import Path
 
 from mmpo_jax.commands.common import add_config_items, load_from_items
@@ -96,7 +97,12 @@ def run(args: argparse.Namespace) -> int:
             f = open(logs / f"process_{i}.log", "w")
             files.append(f)
             procs.append(subprocess.Popen(command, env=env, stdout=f, stderr=subprocess.STDOUT))
-    previous = signal.signal(signal.SIGINT, lambda *_: [p.send_signal(signal.SIGINT) for p in procs if p.poll() is None])
+    def forward(*_: Any) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, forward)
     try:
         return _wait(procs, logs)
     finally:

@@ -8,12 +8,15 @@ train` accepts back.
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from mmpo_jax.commands.common import add_config_items, load_from_items
 from mmpo_jax.config import config_to_dict
+
+if TYPE_CHECKING:
+    from mmpo_jax.config_schema import RunConfig
 
 # A plain scalar safe_dump writes unquoted, so its line is found and replaced exactly.
 _INIT_PLACEHOLDER = "MMPO_JAX_MODEL_INIT_OMITTED"
@@ -26,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def shown_yaml(cfg: Any) -> str:
+def shown_yaml(cfg: RunConfig) -> str:
     """The resolved config as `config_to_yaml` writes it, less what does not apply.
 
     Not `config_to_yaml` itself: that is the run's config.yaml, compared byte for byte

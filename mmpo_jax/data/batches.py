@@ -41,7 +41,7 @@ class PreferenceBatch:
 
 def collate(
     pairs: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]],
-    example_index: Sequence[int],
+    example_index: Sequence[int] | np.ndarray,
     seq_len: int,
     pad_id: int,
     num_pairs: int | None = None,

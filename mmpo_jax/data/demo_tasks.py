@@ -175,16 +175,16 @@ def _comparison(rng: random.Random) -> _Draft:
         prompt = f"Is {x} {relation} {y}? Answer yes or no."
         key, options, answer = f"cmp:{x}{relation}{y}", ("yes", "no"), "yes" if truth else "no"
     else:
-        x, y = rng.sample(banks.SORT_WORDS, 2)
+        u, w = rng.sample(banks.SORT_WORDS, 2)
         if kind == "alphabetical":
-            answer = min(x, y)
-            prompt = f"Which word comes first in alphabetical order: {x} or {y}?"
+            answer = min(u, w)
+            prompt = f"Which word comes first in alphabetical order: {u} or {w}?"
         else:
-            if len(x) == len(y):
+            if len(u) == len(w):
                 return _comparison(rng)
-            answer = max(x, y, key=len)
-            prompt = f"Which word has more letters: {x} or {y}?"
-        key, options = f"cmp:{kind}:{x}:{y}", (x, y)
+            answer = max(u, w, key=len)
+            prompt = f"Which word has more letters: {u} or {w}?"
+        key, options = f"cmp:{kind}:{u}:{w}", (u, w)
     other = next(o for o in options if o != answer)
     chosen = answer.capitalize() + "." if kind == "yes_no" else answer
     hedge = ("Yes and no." if kind == "yes_no"
@@ -299,6 +299,7 @@ _CONVERSIONS = (("kilometers", "meters", 1000), ("meters", "centimeters", 100),
 def _unit_conversion(rng: random.Random) -> _Draft:
     big, small, factor = rng.choice(_CONVERSIONS)
     n = rng.randint(2, 20)
+    wrong: Fraction | int
     if rng.random() < 0.6:  # big -> small multiplies
         src, dst, value, result, wrong = big, small, n, n * factor, Fraction(n, factor)
     else:
@@ -373,6 +374,7 @@ def _one_word(rng: random.Random) -> _Draft:
 
 def _json(rng: random.Random) -> _Draft:
     topic = rng.choice(("arithmetic", "arithmetic", "letters", "capital", "pick"))
+    value: Any  # the JSON answer: a number or a word
     if topic == "arithmetic":
         problem = _arith_problem(rng)
         key, value = problem.key, problem.result

@@ -39,7 +39,7 @@ import re
 import shlex
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -218,8 +218,9 @@ def normalize_row(
     fields = FIELDS if layout.explicit_prompt else ("chosen", "rejected")
     if any(row.get(f) is None for f in fields):
         return None, "missing_field"
-    values = {f: _clean(row[f], layout.kind) for f in fields}
-    if any(v is None for v in values.values()):
+    cleaned = {f: _clean(row[f], layout.kind) for f in fields}
+    values = {f: v for f, v in cleaned.items() if v is not None}
+    if len(values) != len(cleaned):
         return None, "wrong_type"
     chosen, rejected = values["chosen"], values["rejected"]
     if _is_empty(chosen) or _is_empty(rejected):
@@ -392,15 +393,17 @@ def _tokenize_records(
     batch: Mapping[str, list[Content]], tokenizer: Any, kind: Kind, special: SpecialIds
 ) -> dict[str, list]:
     prompts, chosens, rejecteds = batch["prompt"], batch["chosen"], batch["rejected"]
-    if kind == "standard":
-        p = tokenizer(list(prompts))["input_ids"]
-        c = tokenizer([a + b for a, b in zip(prompts, chosens)])["input_ids"]
-        r = tokenizer([a + b for a, b in zip(prompts, rejecteds)])["input_ids"]
+    if kind == "standard":  # every value a string (normalize_row made them so)
+        ps, cs, rs = (cast("list[str]", v) for v in (prompts, chosens, rejecteds))
+        p = tokenizer(list(ps))["input_ids"]
+        c = tokenizer([a + b for a, b in zip(ps, cs)])["input_ids"]
+        r = tokenizer([a + b for a, b in zip(ps, rs)])["input_ids"]
         is_space = None
-    else:
-        p = _chat_ids(tokenizer, [list(x) for x in prompts], add_generation_prompt=True)
-        c = _chat_ids(tokenizer, [list(a) + list(b) for a, b in zip(prompts, chosens)])
-        r = _chat_ids(tokenizer, [list(a) + list(b) for a, b in zip(prompts, rejecteds)])
+    else:  # every value a list of messages
+        pm, cm, rm = (cast("list[Messages]", v) for v in (prompts, chosens, rejecteds))
+        p = _chat_ids(tokenizer, [list(x) for x in pm], add_generation_prompt=True)
+        c = _chat_ids(tokenizer, [list(a) + list(b) for a, b in zip(pm, cm)])
+        r = _chat_ids(tokenizer, [list(a) + list(b) for a, b in zip(pm, rm)])
 
         def is_space(ids: Ids) -> bool:
             return not tokenizer.decode(ids).strip()

@@ -275,7 +275,8 @@ def _meaning_items(rng: random.Random) -> list[ProbeItem]:
 
 def _generated(rng: random.Random, n: int, category: str,
                draw: Callable[[random.Random], tuple[str, int, list[int]]]) -> list[ProbeItem]:
-    items, seen = [], set()
+    items: list[ProbeItem] = []
+    seen: set[str] = set()
     while len(items) < n:
         question, answer, wrong = draw(rng)
         if question not in seen:

@@ -115,6 +115,7 @@ def prepare_source(
     for row, number in zip(rows, numbers):
         record, reason = formats.normalize_row(row, layout)
         if record is None:
+            assert reason is not None  # normalize_row gives a record or a reason
             report.drop(reason, number)
             continue
         records["row"].append(number)

@@ -22,10 +22,11 @@ context is cut from the left (the context's oldest tokens), as LM-harness does.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import jax
 import numpy as np
@@ -39,6 +40,10 @@ from mmpo_jax.data.probe import (
     score_probe,
 )
 from mmpo_jax.errors import UserError
+
+if TYPE_CHECKING:
+    from mmpo_jax.models.llama import Llama
+    from mmpo_jax.train.setup import Trainer
 
 Template = Literal["plain", "chat"]
 TEMPLATES = ("plain", "chat")
@@ -178,7 +183,7 @@ def batch_rows(mesh: jax.sharding.Mesh, rows_per_batch: int) -> int:
     return -(-rows_per_batch // shards) * shards
 
 
-def loglik_function(model: Any, mesh: jax.sharding.Mesh, *, chunk: int | None) -> LoglikFn:
+def loglik_function(model: Llama, mesh: jax.sharding.Mesh, *, chunk: int | None) -> LoglikFn:
     """`(ids, mask) -> [rows]` masked sums of `model`'s per-token log-probs, jitted (one
     compile per input shape), rows split over the batch mesh axes.
 
@@ -206,14 +211,14 @@ def loglik_function(model: Any, mesh: jax.sharding.Mesh, *, chunk: int | None) -
 
     def run(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         # every process holds the same (global) rows: each device takes its slice
-        put = [jax.make_array_from_callback(x.shape, rows_sharding, lambda idx, x=x: x[idx])
+        put = [jax.make_array_from_callback(x.shape, rows_sharding, functools.partial(_rows_of, x))
                for x in (ids, mask)]
         return np.asarray(jitted(state, *put).addressable_data(0))
 
     return run
 
 
-def probe_model(trainer: Any, which: Literal["policy", "reference"] = "policy") -> Any:
+def probe_model(trainer: Trainer, which: Literal["policy", "reference"] = "policy") -> Any:
     """The policy of `trainer`'s state, or its reference (the base model; for
     `precomputed`, the initial reference loaded again)."""
     if which == "policy":
@@ -229,7 +234,7 @@ def probe_model(trainer: Any, which: Literal["policy", "reference"] = "policy") 
                     "(use model.reference=separate, precomputed, or lora_base with LoRA)")
 
 
-def probe_accuracy(trainer: Any, tokenizer: Any, items: Sequence[ProbeItem] | None = None, *,
+def probe_accuracy(trainer: Trainer, tokenizer: Any, items: Sequence[ProbeItem] | None = None, *,
                    which: Literal["policy", "reference"] = "policy", template: Template = "plain",
                    system_prompt: str | None = None, rows_per_batch: int = ROWS_PER_BATCH,
                    max_length: int | None = None, buckets: Sequence[int] | None = None) -> dict[str, Any]:
@@ -256,3 +261,8 @@ def probe_accuracy(trainer: Any, tokenizer: Any, items: Sequence[ProbeItem] | No
     values = continuation_loglikelihoods(loglik, rows, rows_per_batch=batch_rows(trainer.mesh, rows_per_batch),
                                          buckets=buckets, pad_id=pad_id)
     return score_probe(items, regroup(items, rows, values))
+
+
+def _rows_of(x: np.ndarray, index: tuple[slice, ...]) -> np.ndarray:
+    """A device's rows of a host array (`jax.make_array_from_callback`'s callback)."""
+    return x[index]

@@ -43,7 +43,7 @@ import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +52,9 @@ from flax import nnx
 
 from mmpo_jax.buckets import power_of_two_bucket
 from mmpo_jax.errors import UserError
+
+if TYPE_CHECKING:
+    from mmpo_jax.models.llama import Llama
 
 SMALLEST_BUCKET = 16
 
@@ -169,7 +172,7 @@ def positions(pad: jax.Array, query_slots: jax.Array) -> jax.Array:
     return jnp.maximum(query_slots[None, :] - pad[:, None], 0).astype(jnp.int32)
 
 
-def init_cache(model: Any, batch: int, num_slots: int) -> tuple[jax.Array, jax.Array]:
+def init_cache(model: Llama, batch: int, num_slots: int) -> tuple[jax.Array, jax.Array]:
     """Zero `(k, v)` caches `[layers, batch, kv_heads, num_slots, head_dim]` in the
     compute dtype, sharded on the model's mesh (batch over the batch axes, kv heads
     over `tensor`, each only where it divides)."""
@@ -190,7 +193,7 @@ def cache_spec(shape: Sequence[int], mesh: jax.sharding.Mesh) -> jax.sharding.Pa
     return logical_to_spec(("layers", "batch", "kv_heads", None, "head_dim"), shape, mesh)
 
 
-def last_logits(model: Any, hidden: jax.Array) -> jax.Array:
+def last_logits(model: Llama, hidden: jax.Array) -> jax.Array:
     """float32 `[B, V]` logits of hidden `[B, D]` (float32 accumulation, as `mmpo_jax.logprobs`)."""
     logits = jnp.einsum("bd,dv->bv", hidden, model.lm_head_kernel(), preferred_element_type=jnp.float32)
     return logits.astype(jnp.float32)
@@ -239,7 +242,7 @@ def _jitted(options: tuple[tuple[str, Any], ...]) -> tuple[Any, Any]:
     return prefill, decode
 
 
-def _compiler_options(model: Any, state: Any) -> tuple[tuple[str, Any], ...]:
+def _compiler_options(model: Llama, state: Any) -> tuple[tuple[str, Any], ...]:
     from mmpo_jax.train.step import compiler_options
 
     mesh = model.mesh
@@ -346,7 +349,7 @@ def _decode(graphdef: Any, state: Any, carry: _Carry, pad: jax.Array, row_ids: j
 # --------------------------------------------------------------------------- #
 # The entry point
 # --------------------------------------------------------------------------- #
-def _batch_multiple(model: Any) -> int:
+def _batch_multiple(model: Llama) -> int:
     """Rows a batch is padded to a multiple of: the devices the batch is split over."""
     if model.mesh is None:
         return 1
@@ -355,7 +358,7 @@ def _batch_multiple(model: Any) -> int:
     return int(np.prod([model.mesh.shape[a] for a in BATCH_AXES]))
 
 
-def _put(model: Any, host: np.ndarray) -> jax.Array:
+def _put(model: Llama, host: np.ndarray) -> jax.Array:
     """A host array `[B, ...]` (the same on every process) as a global array split over the batch axes."""
     if model.mesh is None:
         return jnp.asarray(host)
@@ -381,7 +384,7 @@ def _to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def generate(model: Any, prompts: Sequence[Sequence[int]], config: GenerationConfig, *, seed: int = 0,
+def generate(model: Llama, prompts: Sequence[Sequence[int]], config: GenerationConfig, *, seed: int = 0,
              row_ids: Sequence[int] | None = None, batch_rows: int | None = None) -> Generation:
     """Continues each token-id prompt; see the module docstring.
 
@@ -471,7 +474,7 @@ def tokenize_prompts(tokenizer: Any, prompts: Sequence[Any], where: Sequence[str
 
     as_chat = uses_chat_template(tokenizer, prompt_format)
     where = [f"prompt {i}" for i in range(len(prompts))] if where is None else list(where)
-    kinds: list[str] = []
+    kinds: list[str | None] = []
     cleaned: list[Any] = []
     for w, p in zip(where, prompts):
         kind = formats.value_kind(p)
@@ -481,7 +484,7 @@ def tokenize_prompts(tokenizer: Any, prompts: Sequence[Any], where: Sequence[str
                 f"{w}: 'prompt' must be a string or a non-empty list of {{\"role\", \"content\"}} messages "
                 f"with string content, got {_short(p)}"
             )
-        if kind == "standard" and as_chat:
+        if kind == "standard" and as_chat and isinstance(value, str):
             kind, value = "conversational", [{"role": "user", "content": value}]
         kinds.append(kind)
         cleaned.append(value)

@@ -3,15 +3,19 @@ own, rewards, accuracies, log-probs), averaged over the real pairs of every batc
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 
 from mmpo_jax.train.setup import Trainer, device_batch
 
+if TYPE_CHECKING:
+    from mmpo_jax.data.pipeline import PreferenceData
+    from mmpo_jax.train.state import TrainState
 
-def evaluate(trainer: Trainer, state: Any, data: Any, ref_table: np.ndarray | None,
+
+def evaluate(trainer: Trainer, state: TrainState, data: PreferenceData, ref_table: np.ndarray | None,
              max_batches: int = 0) -> dict[str, float]:
     """The eval step's metrics over the test data, averaged over real pairs (each
     batch's metrics weighted by its number of real pairs)."""

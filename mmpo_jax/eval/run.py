@@ -8,10 +8,14 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from mmpo_jax.errors import UserError
 from mmpo_jax.eval.win_rate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS
+
+if TYPE_CHECKING:
+    from mmpo_jax.train.loop import RunData
+    from mmpo_jax.train.setup import Trainer
 
 
 @dataclass
@@ -20,7 +24,7 @@ class EvalOptions:
 
     capability: bool = False
     capability_reference: bool = False
-    capability_template: str = "plain"
+    capability_template: Literal["plain", "chat"] = "plain"
     capability_file: str | None = None
     capability_limit: int = 0
     win_rate: bool = False
@@ -67,7 +71,7 @@ class EvalResult:
     num_test_pairs: int = 0
 
 
-def capability_metrics(options: Any, trainer, tokenizer) -> dict[str, float]:
+def capability_metrics(options: EvalOptions, trainer: Trainer, tokenizer: Any) -> dict[str, float]:
     """The `capability/*` (and with `capability_reference` `capability_ref/*`) numbers;
     `options`: an `EvalOptions` (or the parsed flags)."""
     from mmpo_jax.data.probe import load_probe
@@ -78,7 +82,7 @@ def capability_metrics(options: Any, trainer, tokenizer) -> dict[str, float]:
     items = load_probe(options.capability_file)
     if options.capability_limit:
         items = items[: options.capability_limit]
-    which = [("policy", "capability")]
+    which: list[tuple[Literal["policy", "reference"], str]] = [("policy", "capability")]
     if options.capability_reference:
         which.append(("reference", "capability_ref"))
     out: dict[str, float] = {}
@@ -88,7 +92,7 @@ def capability_metrics(options: Any, trainer, tokenizer) -> dict[str, float]:
     return out
 
 
-def evaluate_trainer(trainer: Any, options: EvalOptions, *, what: str = "the policy", data: Any = None,
+def evaluate_trainer(trainer: Trainer, options: EvalOptions, *, what: str = "the policy", data: RunData | None = None,
                      preference: dict[str, float] | None = None,
                      log: Callable[[str], None] | None = None) -> EvalResult:
     """Every metric `options` asks for, of `trainer`'s policy (as it is now).
@@ -108,17 +112,19 @@ def evaluate_trainer(trainer: Any, options: EvalOptions, *, what: str = "the pol
         raise UserError("--win-rate needs test prompts: set data.test_files (e.g. data.test_files=builtin:demo)")
     if not with_test and not options.capability:
         raise UserError("no test data: set data.test_files (e.g. data.test_files=builtin:demo)")
+    run_data: RunData | None = None
     if with_test:
-        data = load_data(cfg) if data is None else data
-        if data.test is None:
+        run_data = load_data(cfg) if data is None else data
+        if run_data.test is None:
             raise UserError("no test data: set data.test_files (e.g. data.test_files=builtin:demo)")
-        tokenizer = data.tokenizer
+        tokenizer = run_data.tokenizer
     else:  # --capability alone: the probe needs only the tokenizer
         from mmpo_jax.data.tokenizers import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.data.tokenizer)
     check_vocab(tokenizer, trainer.arch, cfg)
-    result = EvalResult(num_test_pairs=len(data.test) if with_test else 0)
+    test = run_data.test if run_data is not None else None
+    result = EvalResult(num_test_pairs=len(test) if test is not None else 0)
     if options.capability:
         result.metrics.update(capability_metrics(options, trainer, tokenizer))
     if options.win_rate:
@@ -137,11 +143,11 @@ def evaluate_trainer(trainer: Any, options: EvalOptions, *, what: str = "the pol
         if options.save_generations:
             write_generations(options.save_generations, wr)
             result.notes["win_rate/generations"] = str(options.save_generations)
-    if with_test:
+    if run_data is not None and test is not None:
         if preference is None:
-            if data.test_ref is None:  # not attached yet (a run's own data may have them)
-                attach_reference_tables(cfg, trainer, data, say, splits=("test",))
-            preference = evaluate(trainer, trainer.state, data.test, data.test_ref, cfg.train.eval_batches)
+            if run_data.test_ref is None:  # not attached yet (a run's own data may have them)
+                attach_reference_tables(cfg, trainer, run_data, say, splits=("test",))
+            preference = evaluate(trainer, trainer.state, test, run_data.test_ref, cfg.train.eval_batches)
         result.metrics = {**{f"eval/{k}": v for k, v in preference.items()}, **result.metrics}
     return result
 

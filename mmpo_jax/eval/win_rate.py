@@ -32,9 +32,13 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmpo_jax.errors import UserError
+
+if TYPE_CHECKING:
+    from mmpo_jax.models.llama import Llama
+    from mmpo_jax.train.setup import Trainer
 
 PREFIX = "win_rate"
 # Keys of `win_rate`'s result, in the order they are printed.
@@ -151,7 +155,7 @@ def judged_rows(cfg: Any, limit: int = 0) -> tuple[list[dict[str, Any]], list[st
 # --------------------------------------------------------------------------- #
 # The models
 # --------------------------------------------------------------------------- #
-def reference_model(trainer: Any) -> tuple[Any, str]:
+def reference_model(trainer: Trainer) -> tuple[Any, str]:
     """`(model, description)`: the model `trainer`'s run started from (see the module
     docstring), as a `Llama` on the trainer's mesh."""
     from mmpo_jax.train.reference import held_model, reference_mode
@@ -166,7 +170,7 @@ def reference_model(trainer: Any) -> tuple[Any, str]:
                                         f"(model.reference={mode.name} keeps no reference model in the state)")
 
 
-def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], config: Any,
+def generate_responses(model: Llama, tokenizer: Any, prompts: Sequence[Sequence[int]], config: Any,
                        batch_size: int = DEFAULT_BATCH_SIZE,
                        progress: Callable[[int], None] | None = None) -> list[str]:
     """The decoded responses (special tokens dropped) of `model` to token-id `prompts`,
@@ -202,7 +206,7 @@ class WinRateResult:
     records: list[dict[str, Any]] = field(default_factory=list)
 
 
-def evaluate_win_rate(trainer: Any, tokenizer: Any, *, limit: int = 0,
+def evaluate_win_rate(trainer: Trainer, tokenizer: Any, *, limit: int = 0,
                       max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = DEFAULT_BATCH_SIZE,
                       policy: str = "the policy", log: Callable[[str], None] | None = None) -> WinRateResult:
     """Greedy answers of `trainer`'s policy and reference model to the test prompts of its
@@ -232,11 +236,13 @@ def evaluate_win_rate(trainer: Any, tokenizer: Any, *, limit: int = 0,
     ref_model, ref_what = reference_model(trainer)
     say(f"win rate: {len(rows)} test prompts, greedy, at most {max_new_tokens} new tokens; "
         f"reference: {ref_what}")
-    answers = {}
+    answers: dict[str, list[str]] = {}
     for name, model in (("policy", trainer.sdef.policy(trainer.state)), ("reference", ref_model)):
-        answers[name] = generate_responses(
-            model, tokenizer, prompts, config, batch_size,
-            progress=lambda done, name=name: say(f"win rate: {name} answered {done}/{len(rows)}"))
+
+        def progress(done: int, name: str = name) -> None:
+            say(f"win rate: {name} answered {done}/{len(rows)}")
+
+        answers[name] = generate_responses(model, tokenizer, prompts, config, batch_size, progress=progress)
     del ref_model
     policy_ok = judge_verdicts(rows, answers["policy"])
     reference_ok = judge_verdicts(rows, answers["reference"])

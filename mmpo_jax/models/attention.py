@@ -16,6 +16,7 @@ key (a padding position) gets uniform weights instead of NaN.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +51,7 @@ class MaskSpec:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, *, scale: float,
-              implementation: str, segment_ids: jax.Array | None = None) -> jax.Array:
+              implementation: Literal["xla", "cudnn"], segment_ids: jax.Array | None = None) -> jax.Array:
     """Grouped-query attention of q `[B, T, N, H]` over k, v `[B, T, K, H]` (K kv heads
     divide the N query heads: query head n reads kv head n // (N // K)).
 

@@ -312,14 +312,14 @@ class SafetensorsReader:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (ValueError, KeyError, TypeError) as err:
                 raise UserError(f"{index}: not a valid safetensors index ({err})") from None
-            files = {name: directory / fname for name, fname in weight_map.items()}
-            absent = sorted({str(p.name) for p in files.values() if not p.is_file()})
+            shards = {name: directory / fname for name, fname in weight_map.items()}
+            absent = sorted({str(p.name) for p in shards.values() if not p.is_file()})
             if absent:
                 raise UserError(
                     f"{index} lists shard(s) that are missing: {', '.join(absent[:5])}"
                     f"{' ...' if len(absent) > 5 else ''}; download all the shards"
                 )
-            return cls(files)
+            return cls(shards)
         single = directory / SAFETENSORS_FILE
         candidates = [single] if single.is_file() else sorted(directory.glob("*.safetensors"))
         if not candidates:

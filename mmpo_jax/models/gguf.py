@@ -166,7 +166,7 @@ def llama3_rope_scaling_from_factors(
             if low > 0:
                 candidates.append((float(low), float(low + width), orig))
     for low, high, orig in candidates:
-        params = dict(
+        params: dict[str, Any] = dict(
             factor=factor,
             low_freq_factor=low,
             high_freq_factor=high,

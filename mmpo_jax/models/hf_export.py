@@ -11,7 +11,7 @@ import os
 import shutil
 import struct
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterable
 
 import numpy as np
 
@@ -23,6 +23,10 @@ from mmpo_jax.models.checkpoints import (
     SAFETENSORS_INDEX,
 )
 from mmpo_jax.models.export_dir import export_directory
+
+if TYPE_CHECKING:
+    from mmpo_jax.models.llama import Llama
+    from mmpo_jax.models.llama_config import LlamaConfig
 
 _NP_TO_ST = {
     np.dtype(np.float32): "F32",
@@ -51,7 +55,7 @@ class _ShardWriter:
         self.max_shard_bytes = max_shard_bytes
         self.shards: list[tuple[Path, list[str]]] = []  # temp file, tensor names
         self._entries: dict[str, Any] = {}
-        self._spill = None
+        self._spill: BinaryIO | None = None
         self._spill_path: Path | None = None
         self._offset = 0
         self.total_bytes = 0
@@ -104,8 +108,8 @@ class _ShardWriter:
 
 
 def export_hf(
-    model: Any,
-    cfg: Any,
+    model: Llama,
+    cfg: LlamaConfig,
     tokenizer: Any,
     out_dir: str | os.PathLike,
     *,

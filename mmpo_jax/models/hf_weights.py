@@ -123,6 +123,7 @@ def group_by_param(cfg: LlamaConfig, scan: bool) -> dict[tuple, list[HFTensor]]:
     (several, one per layer, when the layers are stacked)."""
     groups: dict[tuple, list[HFTensor]] = {}
     for t in _tensor_table(cfg):
+        key: tuple[str | int, ...]
         if t.layer is None:
             key = t.path
         elif scan:
@@ -168,10 +169,12 @@ def iter_hf_weights(model: Llama) -> Iterator[tuple[str, np.ndarray]]:
 
     for t in _tensor_table(cfg):
         host = read(t.path, t.layer)
+        if host is None:
+            raise AssertionError(f"the model has no parameter {t.path} for {t.hf_name}")  # a bug here
         if lora is not None and t.path[-1].endswith("_kernel"):
             target = t.path[-1].removesuffix("_kernel")
             a = read((*t.path[:-1], f"{target}_lora_a"), t.layer)
-            if a is not None:
-                b = read((*t.path[:-1], f"{target}_lora_b"), t.layer)
+            b = read((*t.path[:-1], f"{target}_lora_b"), t.layer)
+            if a is not None and b is not None:
                 host = merge_lora(host, a, b, lora.scale)
         yield t.hf_name, t.to_hf(host)

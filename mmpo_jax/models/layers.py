@@ -20,6 +20,7 @@ def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str, ...], 
     names become mesh axes only through `mmpo_jax.sharding`)."""
     assert len(shape) == len(axes), (shape, axes)
     if init == "normal":
+        assert rngs is not None, "a random init needs rngs"
         value = scale * jax.random.normal(rngs.params(), shape, jnp.float32)
     elif init == "ones":
         value = jnp.ones(shape, jnp.float32)
@@ -52,11 +53,10 @@ def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
     dim = cfg.head_dim
     inv = 1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
     inv = inv.astype(np.float32)
-    kind = cfg.rope_type
+    kind, s = cfg.rope_type, cfg.rope_scaling or {}
     if kind == "linear":
-        inv = inv / np.float32(cfg.rope_scaling["factor"])
+        inv = inv / np.float32(s["factor"])
     elif kind == "llama3":
-        s = cfg.rope_scaling
         factor = s["factor"]
         low, high = s["low_freq_factor"], s["high_freq_factor"]
         old = s["original_max_position_embeddings"]

@@ -62,6 +62,9 @@ class Attention(nnx.Module):
         self.k_kernel = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), pd, "normal", scale)
         self.v_kernel = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), pd, "normal", scale)
         self.o_kernel = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), pd, "normal", scale)
+        self.q_bias: nnx.Param | None
+        self.k_bias: nnx.Param | None
+        self.v_bias: nnx.Param | None
         if cfg.attention_bias:
             self.q_bias = param(rngs, (h, hd), ("heads", "head_dim"), pd, "zeros", 0.0)
             self.k_bias = param(rngs, (k, hd), ("kv_heads", "head_dim"), pd, "zeros", 0.0)
@@ -226,6 +229,8 @@ class Llama(nnx.Module):
         pd = options.param_dtype
         s = init_scale
         self.embed_tokens = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd, "normal", s)
+        # scanned: one DecoderLayer whose parameters have a leading `layers` axis
+        self.layers: DecoderLayer | nnx.List[DecoderLayer]
         if options.scan_layers:
             n = cfg.num_hidden_layers
 
@@ -289,7 +294,7 @@ class Llama(nnx.Module):
         cos, sin = self.rope(input_ids.shape[1])
         n = cfg.num_hidden_layers
         use_dropout = dropout_key is not None and options.uses_dropout
-        keys = jax.random.split(dropout_key, n) if use_dropout else None
+        keys = jax.random.split(dropout_key, n) if dropout_key is not None and use_dropout else None
         layer_fn = _layer_fn(options.remat)
         if options.scan_layers:
 
@@ -300,8 +305,9 @@ class Llama(nnx.Module):
 
             x = body(x, self.layers, cos, sin, keys)
         else:
+            assert isinstance(self.layers, nnx.List)
             for i, layer in enumerate(self.layers):
-                x = self._constrain(layer_fn(layer, x, cos, sin, keys[i] if use_dropout else None))
+                x = self._constrain(layer_fn(layer, x, cos, sin, keys[i] if keys is not None else None))
         return self._constrain(self.norm(x))
 
     def rope_at(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -337,6 +343,7 @@ class Llama(nnx.Module):
             x, (cache_k, cache_v) = body(x, self.layers, cache_k, cache_v)
         else:
             ks, vs = [], []
+            assert isinstance(self.layers, nnx.List)
             for i, layer in enumerate(self.layers):
                 x, ck, cv = layer.decode(x, cos, sin, cache_k[i], cache_v[i], slot, mask)
                 x = self._constrain(x)

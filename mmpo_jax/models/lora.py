@@ -42,7 +42,7 @@ def lora_delta(module: nnx.Module, t: str, x: jax.Array, lora: LoraOptions | Non
 
     `x` `[B, T, *in]`; the result `[B, T, *out]`, added to the base projection."""
     a = getattr(module, f"{t}_lora_a")
-    if a is None:
+    if a is None or lora is None:
         return None
     b = getattr(module, f"{t}_lora_b")
     if key is not None and lora.dropout > 0:

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
 from mmpo_jax.errors import UserError
+
+if TYPE_CHECKING:
+    from mmpo_jax.models.llama import Llama
 
 MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
            "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
@@ -22,7 +25,7 @@ PARENT = {"q": "self_attn", "k": "self_attn", "v": "self_attn", "o": "self_attn"
           "gate": "mlp", "up": "mlp", "down": "mlp"}
 
 
-def iter_peft_weights(model: Any) -> Iterator[tuple[str, np.ndarray]]:
+def iter_peft_weights(model: Llama) -> Iterator[tuple[str, np.ndarray]]:
     """`(peft_name, float32 [torch layout])` of every adapter matrix, layer by layer."""
     from flax import nnx
 
@@ -56,7 +59,7 @@ def _value(var: Any) -> Any:
 
 
 def export_peft_adapter(
-    model: Any,
+    model: Llama,
     out_dir: str | Path,
     base_model: str,
     tokenizer: Any = None,

@@ -128,7 +128,7 @@ class ModelOptions:
         """Whether training draws dropout masks (residual or LoRA dropout)."""
         return self.dropout > 0 or (self.lora is not None and self.lora.dropout > 0)
 
-    def attention_implementation(self, head_dim: int) -> str:
+    def attention_implementation(self, head_dim: int) -> Literal["xla", "cudnn"]:
         """The `implementation=` passed to `jax.nn.dot_product_attention` ('xla' or 'cudnn')."""
         if self.attention != "auto":
             return self.attention

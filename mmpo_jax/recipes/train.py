@@ -26,7 +26,7 @@ def train(recipe: Recipe, length: RunLength, *, data_seeded: bool, test_data: bo
         part.set("train.seed", seed, "seed")
         if not data_seeded:
             part.set("data.seed", seed, "seed (the shuffle order)")
-    elif seed is not None:
+    elif seed is not None and rule is not None:
         part.skip("seed", seed, rule)
     part.add(carry(recipe, "output_dir"))
     part.add(logging(recipe, length))

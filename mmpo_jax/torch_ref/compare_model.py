@@ -10,11 +10,15 @@ import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
 from mmpo_jax.errors import UserError, first_line
+
+if TYPE_CHECKING:
+    from mmpo_jax.models.llama import Llama
+    from mmpo_jax.models.llama_config import LlamaConfig
 
 SAMPLE_CHATS = (
     ("What is the capital of France?", "The capital of France is Paris."),
@@ -144,6 +148,7 @@ def data_batch(tokenizer: Any, path: Path, max_examples: int, max_length: int, p
         )
     rows: list[tuple[list[int], int]] = []
     for lineno, rec in _records(path):
+        pairs: list[tuple[Any, Any]]  # (prompt or None, answer): text or chat messages
         if "text" in rec:
             pairs = [(None, rec["text"])]
         elif "messages" in rec and isinstance(rec["messages"], list) and rec["messages"]:
@@ -215,7 +220,7 @@ def build_batch(args: ModelComparison, tokenizer: Any, vocab_size: int, pad_id: 
 # --------------------------------------------------------------------------- #
 # The two sides
 # --------------------------------------------------------------------------- #
-def ours_logps(model: Any, batch: Batch, chunk: int, grads: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def ours_logps(model: Llama, batch: Batch, chunk: int, grads: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Per-token log-probs `[B, T]` (aligned with the ids) and, with `grads`, the
     gradient of the summed completion log-probs per transformers tensor name."""
     import jax
@@ -237,8 +242,8 @@ def ours_logps(model: Any, batch: Batch, chunk: int, grads: bool) -> tuple[np.nd
             logps = nnx.jit(lambda m: model_token_logps(m, ids, chunk=chunk))(model)
             return np.asarray(logps, dtype=np.float64), {}
         g, logps = nnx.jit(nnx.grad(total, has_aux=True))(model)
-    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
-    grad_model = nnx.merge(graphdef, g, rest)
+    graphdef, _, *rest = nnx.split(model, nnx.Param, ...)
+    grad_model = nnx.merge(graphdef, g, *rest)
     out = {name: np.asarray(a, dtype=np.float64) for name, a in iter_hf_weights(grad_model)}
     return np.asarray(logps, dtype=np.float64), out
 
@@ -351,7 +356,7 @@ def _run_dir_and_export(run_dir: str, stack: contextlib.ExitStack) -> tuple[Any,
     return model, trainer.arch, tokenizer, open_checkpoint(tmp)
 
 
-def _compare_loaded(args: ModelComparison, model: Any, cfg: Any, tokenizer: Any, source: Any) -> dict[str, Any]:
+def _compare_loaded(args: ModelComparison, model: Llama, cfg: LlamaConfig, tokenizer: Any, source: Any) -> dict[str, Any]:
     import jax
 
     pad_id = cfg.pad_token_id if isinstance(cfg.pad_token_id, int) and 0 <= cfg.pad_token_id < cfg.vocab_size else 0
@@ -407,7 +412,7 @@ def _compare_loaded(args: ModelComparison, model: Any, cfg: Any, tokenizer: Any,
             scale = float(np.abs(b).max())
             diff = float(np.abs(a - b).max())
             rel[name] = diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
-        worst = max(rel, key=rel.get) if rel else None
+        worst = max(rel, key=lambda name: rel[name]) if rel else None
         result["max_rel_grad_diff"] = float(rel[worst]) if worst else 0.0
         result["worst_grad_tensor"] = worst
         result["grad_tensors_compared"] = len(rel)

@@ -15,11 +15,17 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mmpo_jax.errors import UserError
+
+if TYPE_CHECKING:
+    from mmpo_jax.models.llama import Llama
+    from mmpo_jax.models.llama_config import LlamaConfig
+    from mmpo_jax.config_schema import RunConfig
+    from mmpo_jax.train.setup import Trainer
 
 # compare runs both sides in float32 without dropout: applied as overrides, so the
 # config is validated with them once and never changed after
@@ -27,7 +33,7 @@ FLOAT32_NO_DROPOUT = ("model.param_dtype=float32", "model.compute_dtype=float32"
                       "model.lora.dropout=0")
 
 
-def _float32_no_dropout_note(cfg: Any) -> str | None:
+def _float32_no_dropout_note(cfg: RunConfig) -> str | None:
     """What `FLOAT32_NO_DROPOUT` changes in the user's `cfg`, for the notes (None: nothing)."""
     m = cfg.model
     changed = []
@@ -38,7 +44,7 @@ def _float32_no_dropout_note(cfg: Any) -> str | None:
     return "compare runs both sides in float32 without dropout: " + "; ".join(changed) if changed else None
 
 
-def _perturb_lora_b(trainer: Any, std: float, seed: int) -> None:
+def _perturb_lora_b(trainer: Trainer, std: float, seed: int) -> None:
     """B = 0 at init hides A's gradient; a random B makes every adapter gradient non-zero."""
     import jax
     from flax import nnx
@@ -52,7 +58,7 @@ def _perturb_lora_b(trainer: Any, std: float, seed: int) -> None:
             var.set_value(jax.device_put(noise, value.sharding))
 
 
-def _torch_model(module: Any, arch: Any) -> Any:
+def _torch_model(module: Llama, arch: LlamaConfig) -> Any:
     """transformers' model holding `module`'s weights (LoRA merged), float32, eager attention."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -125,7 +131,7 @@ def compare_step(config: str | None, overrides: list[str], lora_b_std: float, se
         grad_module = trainer.sdef.policy(trainer.state, grads)
 
         state = trainer.state
-        if lora:
+        if trainer.options.lora is not None:
             zeros = jax.tree.map(jnp.zeros_like, state.trainable)
             base = trainer.sdef.policy(state, zeros)
             policy = _torch_model(base, trainer.arch)
@@ -158,7 +164,7 @@ def compare_step(config: str | None, overrides: list[str], lora_b_std: float, se
     one_sided = sorted(set(ours_grads) ^ set(torch_grads))
     if one_sided:
         notes.append(f"tensors with a gradient on one side only: {', '.join(one_sided[:6])}")
-    worst = max(rel, key=rel.get) if rel else None
+    worst = max(rel, key=lambda name: rel[name]) if rel else None
     metric_diffs = {k: abs(ours_metrics[k] - torch_metrics[k]) for k in sorted(set(ours_metrics) & set(torch_metrics))}
     result: dict[str, Any] = {
         "loss_abs_diff": abs(ours_metrics["loss"] - torch_metrics["loss"]),

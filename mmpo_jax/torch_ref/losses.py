@@ -239,7 +239,7 @@ def sft_loss(
     if (ref_chosen_logps is None) != (ref_rejected_logps is None):
         raise ValueError("sft_loss: give both reference log-probs or neither")
     tensors = [policy_chosen_logps, policy_rejected_logps]
-    if ref_chosen_logps is not None:
+    if ref_chosen_logps is not None and ref_rejected_logps is not None:
         tensors += [ref_chosen_logps, ref_rejected_logps]
     b = _Batch(tensors, pair_mask, group)
     pc, pr = b.tensors[0], b.tensors[1]

@@ -11,7 +11,7 @@ its own and the gradients and metrics are their means.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,6 +20,9 @@ from torch import nn
 from mmpo_jax import loss_registry
 from mmpo_jax.loss_inputs import LossInputs
 from mmpo_jax.torch_ref import losses as ref_losses
+
+if TYPE_CHECKING:
+    from mmpo_jax.config_schema import LossConfig
 
 
 class LoraLinear(nn.Module):
@@ -88,7 +91,7 @@ def pair_logps(model: nn.Module, input_ids: np.ndarray, loss_mask: np.ndarray, *
     return seq_logps, entropy
 
 
-def configured_loss(loss_cfg: Any, inputs: LossInputs) -> tuple[torch.Tensor, dict]:
+def configured_loss(loss_cfg: LossConfig, inputs: LossInputs) -> tuple[torch.Tensor, dict]:
     """The PyTorch twin of the loss `loss_cfg` names, on a `LossInputs` of `[pairs]` tensors,
     called as `mmpo_jax.losses.configured_loss` calls the JAX one (`call_arguments`)."""
     spec, args, kwargs = loss_registry.call_arguments(loss_cfg, inputs)
@@ -99,13 +102,14 @@ def step_loss_and_grads(
     policy: nn.Module,
     reference: nn.Module | None,
     batch: dict[str, np.ndarray],
-    loss_cfg: Any,
+    loss_cfg: LossConfig,
     grad_accum: int,
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Metrics (means over micro-batches) and gradients `{param name: float64 array}` of
     the trainable parameters, for one step's `batch` (`input_ids`, `loss_mask`,
     `pair_mask`, and `ref_logps` when `reference` is None and the loss needs one)."""
     n = grad_accum
+    assert loss_cfg.average_logps is not None, "a settled LossConfig"
     spec = loss_registry.spec_of(loss_cfg.name)
     estimator = loss_registry.entropy_estimator(loss_cfg)
     policy.zero_grad(set_to_none=True)

@@ -35,13 +35,16 @@ import logging
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from mmpo_jax.errors import UserError
+
+if TYPE_CHECKING:
+    from mmpo_jax.train.state import TrainState
 
 STATE_ITEM = "state"
 CONFIG_ITEM = "config"
@@ -122,8 +125,9 @@ class Checkpointer:
         if read_only:
             for path, why in skipped:
                 warnings.warn(f"skipping incomplete checkpoint '{path}': {why}", stacklevel=2)
-                if _TMP_MARKER not in path.name:
-                    self._skipped_steps.add(_step_of(path))
+                step = _step_of(path)
+                if _TMP_MARKER not in path.name and step is not None:
+                    self._skipped_steps.add(step)
         else:
             # Called on every process even with nothing to move: it ends in a barrier.
             _move_aside(skipped, self.output_dir / INCOMPLETE_DIR)
@@ -165,7 +169,7 @@ class Checkpointer:
 
     # -- save ----------------------------------------------------------------
 
-    def save(self, step: int, state: Any, config_yaml: str, *, wait: bool = False) -> bool:
+    def save(self, step: int, state: TrainState, config_yaml: str, *, wait: bool = False) -> bool:
         """Saves `state` (a pytree of arrays) and the resolved config at `step`.
 
         Every process must call it with its shards of the same state. Returns

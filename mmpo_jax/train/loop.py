@@ -21,7 +21,8 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -44,6 +45,10 @@ from mmpo_jax.train.setup import (
     initial_reference,
 )
 
+if TYPE_CHECKING:
+    from mmpo_jax.data.pipeline import PreferenceData
+    from mmpo_jax.train.state import TrainState
+
 
 class NonFiniteStep(UserError):
     """A step's loss, gradient or update was not finite; the run stopped without applying it."""
@@ -54,8 +59,8 @@ class RunData:
     """The tokenized splits and, with `model.reference=precomputed`, their reference tables."""
 
     tokenizer: Any
-    train: Any
-    test: Any | None
+    train: PreferenceData
+    test: PreferenceData | None
     train_ref: np.ndarray | None = None
     test_ref: np.ndarray | None = None
 
@@ -78,6 +83,7 @@ def load_data(cfg: RunConfig, log: Callable[[str], None] | None = None) -> RunDa
 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     train = load_preference_data(cfg.data, "train", tokenizer, log=log)
+    assert train is not None  # a train split without sources is refused (data.sources.source_specs)
     test = load_preference_data(cfg.data, "test", tokenizer, log=log)
     return RunData(tokenizer=tokenizer, train=train, test=test)
 
@@ -312,9 +318,10 @@ def _model_text(trainer: Trainer) -> str:
             f"device{'s' if devices > 1 else ''}")
 
 
-def _timed_eval(trainer: Trainer, state: Any, data: RunData, step: int, writer: MetricsWriter,
+def _timed_eval(trainer: Trainer, state: TrainState, data: RunData, step: int, writer: MetricsWriter,
                 stages: Stages) -> dict[str, float]:
     """The eval at `step`, written and printed with its time (the first compiles the eval step)."""
+    assert data.test is not None, "an eval needs test data"
     n = _eval_pairs(len(data.test), trainer.cfg.data.batch_size, trainer.cfg.train.eval_batches)
     stages.start(f"evaluating {n} test pairs at step {step}" + (" (the first batch compiles the eval step)" if step == 0 else ""))
     metrics = evaluate(trainer, state, data.test, data.test_ref, trainer.cfg.train.eval_batches)
@@ -327,7 +334,7 @@ def _eval_pairs(rows: int, batch_size: int, max_batches: int) -> int:
     return rows if max_batches <= 0 else min(rows, max_batches * batch_size)
 
 
-def _steps(trainer: Trainer, state: Any, data: RunData, ckpt: Checkpointer, writer: MetricsWriter,
+def _steps(trainer: Trainer, state: TrainState, data: RunData, ckpt: Checkpointer, writer: MetricsWriter,
            interrupt: _Interrupt, start: int, config_yaml: str, say: Callable[[str], None]) -> tuple[Any, RunResult]:
     from mmpo_jax.data.batches import train_batches
 
@@ -380,7 +387,7 @@ def _eval_line(step: int, m: dict[str, float]) -> str:
     return f"eval @ step {step}: " + ", ".join(f"{k} {m[k]:.4g}" for k in keys if k in m)
 
 
-def config_differences(saved_yaml: str, current_yaml: str, ignore: Sequence[str] = ()) -> list[str]:
+def config_differences(saved_yaml: str, current_yaml: str, ignore: Collection[str] = ()) -> list[str]:
     """`key (old -> new)` for each config key (dotted) that differs, `ignore`d keys aside."""
     import yaml
 

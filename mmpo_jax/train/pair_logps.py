@@ -9,16 +9,19 @@ when the pairs axis is split over the batch mesh axes.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import jax
 import jax.numpy as jnp
 
 from mmpo_jax.logprobs import model_token_logps, sequence_logps
 
+if TYPE_CHECKING:
+    from mmpo_jax.models.llama import Llama
+
 
 def pair_logps(
-    model: Any,
+    model: Llama,
     input_ids: jax.Array,
     loss_mask: jax.Array,
     *,
@@ -41,9 +44,10 @@ def pair_logps(
     out = model_token_logps(
         model, ids, chunk=chunk, with_entropy=entropy_estimator is not None, dropout_key=dropout_key
     )
-    if entropy_estimator is None:
+    if not isinstance(out, tuple):
         token_logps, entropy = out, None
     else:
+        assert entropy_estimator is not None
         token_logps, token_entropy = out
         entropy = _entropy_bonus(token_logps, token_entropy, mask, entropy_estimator, average)
         entropy = entropy.reshape(pairs, two).mean(axis=1)

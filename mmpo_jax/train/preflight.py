@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from mmpo_jax.errors import UserError
 
 if TYPE_CHECKING:
+    from mmpo_jax.data.pipeline import PreferenceData
     from mmpo_jax.config_schema import RunConfig
 
 def check_paths(cfg: RunConfig) -> None:
@@ -31,7 +32,7 @@ def check_paths(cfg: RunConfig) -> None:
     from mmpo_jax.data.sources import local_data_file, source_specs
 
     for which in ("train", "test"):
-        for src in source_specs(cfg.data, which):  # type: ignore[arg-type]
+        for src in source_specs(cfg.data, which):
             local_data_file(src)
     from mmpo_jax.models.checkpoints import resolve_checkpoint_path
 
@@ -43,7 +44,7 @@ def check_paths(cfg: RunConfig) -> None:
                 raise UserError(f"{key}={spec!r}: {err}") from None
 
 
-def check_batch_fits(train: Any, batch_size: int) -> None:
+def check_batch_fits(train: PreferenceData, batch_size: int) -> None:
     """At least one global batch of `data.batch_size` pairs among the kept training rows."""
     if len(train) < batch_size:
         raise UserError(

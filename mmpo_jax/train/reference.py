@@ -19,10 +19,17 @@ on the mode's name.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
+
+if TYPE_CHECKING:
+    from mmpo_jax.models.llama import Llama
+    from mmpo_jax.config_schema import RunConfig
+    from mmpo_jax.train.state import StateDef
+    from mmpo_jax.train.state import TrainState
+    from mmpo_jax.train.setup import Trainer
 
 
 def stored_dtype(dtype: Any, compute_dtype: Any) -> Any:
@@ -81,18 +88,19 @@ class ReferenceMode:
 
         return jax.tree.map(keep, params)
 
-    def model(self, sdef: Any, state: Any) -> Any:
+    def model(self, sdef: StateDef, state: TrainState) -> Llama | None:
         """The reference module of `state` (None when the state keeps none)."""
         from mmpo_jax.train.state import merge_states
 
         if self.stores_weights:
+            assert state.reference is not None, f"reference mode {self.name} stores its weights"
             return merge_states(sdef.graphdef, state.reference, state.rest)
         if self.uses_lora_base:
             zeros = jax.tree.map(jnp.zeros_like, state.trainable)
             return merge_states(sdef.graphdef, zeros, state.frozen, state.rest)
         return None
 
-    def logps(self, sdef: Any, state: Any, batch: dict[str, jax.Array], *, average: bool,
+    def logps(self, sdef: StateDef, state: TrainState, batch: dict[str, jax.Array], *, average: bool,
               chunk: int | None) -> jax.Array | None:
         """`[pairs, 2]` reference sequence log-probs of `batch` (no gradient), or None."""
         from mmpo_jax.train.pair_logps import pair_logps
@@ -105,7 +113,7 @@ class ReferenceMode:
         logps, _ = pair_logps(model, batch["input_ids"], batch["loss_mask"], average=average, chunk=chunk)
         return jax.lax.stop_gradient(logps)
 
-    def source(self, cfg: Any) -> str:
+    def source(self, cfg: RunConfig) -> str:
         """Where the reference's weights come from, in words."""
         initial = initial_model_description(cfg)
         path = cfg.model.reference_path
@@ -115,7 +123,7 @@ class ReferenceMode:
             return f"model.reference_path={path!r}"
         return f"the initial {'policy' if self.stores_weights else 'model'}, {initial}"
 
-    def describe(self, cfg: Any) -> str:
+    def describe(self, cfg: RunConfig) -> str:
         """The reference model this mode holds, in words."""
         source = self.source(cfg)
         if self.stores_weights:
@@ -127,7 +135,7 @@ class ReferenceMode:
         return source
 
 
-def initial_model_description(cfg: Any) -> str:
+def initial_model_description(cfg: RunConfig) -> str:
     """Where the run's initial weights come from, in words."""
     if cfg.model.path:
         return f"model.path={cfg.model.path!r}"
@@ -153,7 +161,7 @@ def reference_mode(name: str) -> ReferenceMode:
         raise ValueError(f"reference mode {name!r} not in {tuple(REFERENCE_MODES)}") from None
 
 
-def held_model(trainer: Any) -> Any:
+def held_model(trainer: Trainer) -> Llama | None:
     """The reference model `trainer`'s state holds (`separate`, `lora_base`), else None
     (`precomputed` and `none` keep none: `setup.initial_reference` loads the initial one)."""
     return reference_mode(trainer.sdef.reference_mode).model(trainer.sdef, trainer.state)

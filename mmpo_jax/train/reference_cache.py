@@ -18,7 +18,7 @@ import hashlib
 import io
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax
 import numpy as np
@@ -30,8 +30,12 @@ from mmpo_jax.config_schema import RunConfig
 from mmpo_jax.files import write_bytes_atomic
 from mmpo_jax.train.pair_logps import pair_logps
 
+if TYPE_CHECKING:
+    from mmpo_jax.models.llama import Llama
+    from mmpo_jax.data.pipeline import PreferenceData
 
-def data_fingerprint(data: Any) -> str:
+
+def data_fingerprint(data: PreferenceData) -> str:
     """A hash of the split's rows as the model sees them (ids and truncated lengths, in order)."""
     h = hashlib.sha256()
     h.update(json.dumps([data.max_length, data.max_prompt_length]).encode())
@@ -45,7 +49,7 @@ def data_fingerprint(data: Any) -> str:
     return h.hexdigest()
 
 
-def cache_key(cfg: RunConfig, data: Any) -> str:
+def cache_key(cfg: RunConfig, data: PreferenceData) -> str:
     from mmpo_jax import __version__
 
     m = cfg.model
@@ -70,7 +74,7 @@ def cache_key(cfg: RunConfig, data: Any) -> str:
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def reference_table(cfg: RunConfig, load_model: Callable[[], Any], data: Any, split: str,
+def reference_table(cfg: RunConfig, load_model: Callable[[], Llama], data: PreferenceData, split: str,
                     mesh: jax.sharding.Mesh, log: Any = print) -> np.ndarray:
     """`[rows, 2]` float32 reference sequence log-probs of every row of `data`, from the
     cache when present, else computed (batches of `data.batch_size` pairs) by the model
@@ -92,7 +96,7 @@ def reference_table(cfg: RunConfig, load_model: Callable[[], Any], data: Any, sp
     return table
 
 
-def compute_table(cfg: RunConfig, model: Any, data: Any, mesh: jax.sharding.Mesh) -> np.ndarray:
+def compute_table(cfg: RunConfig, model: Llama, data: PreferenceData, mesh: jax.sharding.Mesh) -> np.ndarray:
     from mmpo_jax.data.batches import eval_batches
     from mmpo_jax.train.setup import device_batch
 

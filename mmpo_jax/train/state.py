@@ -15,6 +15,7 @@ three states:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,9 +82,12 @@ def frozen_filter(lora: bool):
 def split_model(model: Any, lora: bool) -> tuple[Any, nnx.State, nnx.State, nnx.State]:
     """`graphdef, trainable, frozen, rest` of `model` (see the module docstring)."""
     if lora:
-        return nnx.split(model, nnx.LoRAParam, frozen_filter(True), ...)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    empty = nnx.State({})
+        graphdef, trainable, *states = nnx.split(model, nnx.LoRAParam, frozen_filter(True), ...)
+        frozen, rest = states
+        return graphdef, trainable, frozen, rest
+    graphdef, params, *others = nnx.split(model, nnx.Param, ...)
+    (rest,) = others
+    empty: nnx.State = nnx.State({})
     return graphdef, params, empty, rest
 
 
@@ -185,7 +189,8 @@ def place_abstract_state(state: TrainState, optimizer: optax.GradientTransformat
     trainable = placed(state.trainable)
     param_shardings = jax.tree.map(lambda x: x.sharding, trainable)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return state.replace(
+    return dataclasses.replace(
+        state,
         step=_with_shardings(state.step, replicated),
         trainable=trainable,
         frozen=placed(state.frozen),

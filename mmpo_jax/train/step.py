@@ -23,8 +23,10 @@ are donated) and `metrics["nonfinite"]` is 1.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import jax
@@ -100,6 +102,7 @@ def _forward_loss(
 ) -> tuple[jax.Array, Metrics]:
     """Loss and metrics of one micro-batch, differentiable in `trainable`."""
     lc = scfg.loss
+    assert lc.average_logps is not None, "the step reads a settled LossConfig"
     policy = sdef.policy(state, trainable)
     logps, entropy = pair_logps(
         policy, batch["input_ids"], batch["loss_mask"], average=lc.average_logps,
@@ -116,6 +119,7 @@ def _forward_loss(
 
 def _reference_logps(sdef: StateDef, scfg: StepConfig, state: TrainState, batch: Batch) -> jax.Array | None:
     """`[pairs, 2]` reference log-probs of `batch`, as the run's reference mode gives them."""
+    assert scfg.loss.average_logps is not None, "the step reads a settled LossConfig"
     return reference_mode(sdef.reference_mode).logps(sdef, state, batch, average=scfg.loss.average_logps,
                                                      chunk=scfg.logprob_chunk)
 
@@ -180,7 +184,8 @@ def train_step_fn(
     def keep(new, old):
         return jnp.where(finite, new, old)
 
-    new_state = state.replace(
+    new_state = dataclasses.replace(
+        state,
         step=jnp.where(finite, state.step + 1, state.step),
         trainable=jax.tree.map(keep, new_trainable, state.trainable),
         opt_state=jax.tree.map(keep, new_opt, state.opt_state),
@@ -200,7 +205,7 @@ def eval_step_fn(
     return metrics
 
 
-def batch_shardings(mesh: jax.sharding.Mesh, batch: Batch) -> dict[str, NamedSharding]:
+def batch_shardings(mesh: jax.sharding.Mesh, batch: Mapping[str, object]) -> dict[str, NamedSharding]:
     """Every batch array split over the batch axes along its first (pairs) axis."""
     return {k: NamedSharding(mesh, P(BATCH_AXES)) for k in batch}
 
@@ -239,7 +244,9 @@ def compiler_options(mesh: jax.sharding.Mesh, num_params: int = 0) -> dict[str, 
     return {"xla_backend_optimization_level": 0} if fast else None
 
 
-def make_train_step(sdef, scfg, optimizer, mesh, state_sharding, example_batch: Batch, num_params: int = 0):
+def make_train_step(sdef: StateDef, scfg: StepConfig, optimizer: optax.GradientTransformation,
+                    mesh: jax.sharding.Mesh, state_sharding: TrainState, example_batch: Mapping[str, object],
+                    num_params: int = 0) -> jax.stages.Wrapped:
     """The jitted train step `(state, batch) -> (state, metrics)`; the state is donated."""
     fn = partial(train_step_fn, sdef, scfg, optimizer, mesh)
     replicated = NamedSharding(mesh, P())
@@ -252,7 +259,8 @@ def make_train_step(sdef, scfg, optimizer, mesh, state_sharding, example_batch: 
     )
 
 
-def make_eval_step(sdef, scfg, mesh, state_sharding, example_batch: Batch, num_params: int = 0):
+def make_eval_step(sdef: StateDef, scfg: StepConfig, mesh: jax.sharding.Mesh, state_sharding: TrainState,
+                   example_batch: Mapping[str, object], num_params: int = 0) -> jax.stages.Wrapped:
     """The jitted eval step `(state, batch) -> metrics`."""
     fn = partial(eval_step_fn, sdef, scfg, mesh)
     return jax.jit(
