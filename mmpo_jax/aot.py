@@ -34,10 +34,16 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from mmpo_jax.config_schema import RunConfig
 from mmpo_jax.errors import UserError
+
+if TYPE_CHECKING:
+    import jax
+
+    from mmpo_jax.config_schema import MeshConfig
+    from mmpo_jax.models.llama_config import LlamaConfig
 
 GIB = 2**30
 
@@ -180,7 +186,7 @@ def topology_devices(topo: Topology) -> list:
     return devices
 
 
-def topology_mesh(mesh_cfg: Any, devices: list) -> Any:
+def topology_mesh(mesh_cfg: MeshConfig, devices: list) -> jax.sharding.Mesh:
     """The `(data, fsdp, tensor)` mesh of `mesh.*` over `devices` (a -1 axis takes the rest).
 
     Not `mmpo_jax.sharding.make_mesh`: that one builds over `jax.devices()` (this
@@ -199,7 +205,7 @@ def topology_mesh(mesh_cfg: Any, devices: list) -> Any:
 # --------------------------------------------------------------------------- #
 # The model's architecture without its weights
 # --------------------------------------------------------------------------- #
-def model_architecture(cfg: RunConfig) -> Any:
+def model_architecture(cfg: RunConfig) -> LlamaConfig:
     """The `LlamaConfig` of `model.path` (its config.json or GGUF metadata, no weights),
     or of `model.init.*` when `model.path` is ""."""
     from mmpo_jax.models.llama_config import LlamaConfig, model_config_from_init

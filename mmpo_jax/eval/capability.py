@@ -218,7 +218,7 @@ def loglik_function(model: Llama, mesh: jax.sharding.Mesh, *, chunk: int | None)
     return run
 
 
-def probe_model(trainer: Trainer, which: Literal["policy", "reference"] = "policy") -> Any:
+def probe_model(trainer: Trainer, which: Literal["policy", "reference"] = "policy") -> Llama:
     """The policy of `trainer`'s state, or its reference (the base model; for
     `precomputed`, the initial reference loaded again)."""
     if which == "policy":

@@ -152,7 +152,7 @@ def evaluate_trainer(trainer: Trainer, options: EvalOptions, *, what: str = "the
     return result
 
 
-def load_target(target_text: str, overrides: list[str]) -> tuple[Any, int, str]:
+def load_target(target_text: str, overrides: list[str]) -> tuple[Trainer, int, str]:
     """`(trainer, step, description)` of a run directory (its latest checkpoint) or a
     config (its initial model)."""
     from mmpo_jax.config import load_config, split_config_and_overrides

@@ -155,7 +155,7 @@ def judged_rows(cfg: Any, limit: int = 0) -> tuple[list[dict[str, Any]], list[st
 # --------------------------------------------------------------------------- #
 # The models
 # --------------------------------------------------------------------------- #
-def reference_model(trainer: Trainer) -> tuple[Any, str]:
+def reference_model(trainer: Trainer) -> tuple[Llama, str]:
     """`(model, description)`: the model `trainer`'s run started from (see the module
     docstring), as a `Llama` on the trainer's mesh."""
     from mmpo_jax.train.reference import held_model, reference_mode

@@ -30,11 +30,18 @@ import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from mmpo_jax.errors import UserError, first_line
+
+if TYPE_CHECKING:
+    import jax
+
+    from mmpo_jax.models.llama import Llama
+    from mmpo_jax.models.llama_config import LlamaConfig
+    from mmpo_jax.models.options import ModelOptions
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -506,11 +513,11 @@ class _ParamCache:
 # --------------------------------------------------------------------------- #
 def load_checkpoint(
     path_or_hub_id: str | os.PathLike,
-    options: Any = None,
+    options: ModelOptions | None = None,
     *,
-    mesh: Any = None,
+    mesh: jax.sharding.Mesh | None = None,
     with_tokenizer: bool = True,
-) -> tuple[Any, Any, Any]:
+) -> tuple[Llama, LlamaConfig, Any]:
     """`(model, LlamaConfig, tokenizer or None)` from an HF directory, a hub id or a .gguf file.
 
     `options` is a `ModelOptions` (default: float32, scanned layers). With `mesh`,
@@ -543,7 +550,7 @@ def load_checkpoint(
     return model, cfg, tokenizer
 
 
-def check_tensors(source: CheckpointSource, cfg: Any) -> None:
+def check_tensors(source: CheckpointSource, cfg: LlamaConfig) -> None:
     """Every tensor the architecture needs is in the checkpoint, or a UserError listing those missing."""
     from mmpo_jax.models.hf_weights import hf_weight_names
 

@@ -6,9 +6,12 @@ transformers 5's `rope_parameters`), and a random init's architecture from the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmpo_jax.errors import UserError
+
+if TYPE_CHECKING:
+    from mmpo_jax.config_schema import ModelInit
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -245,7 +248,7 @@ def _rope_type(scaling: dict | None, check: bool = True) -> str:
     return kind
 
 
-def model_config_from_init(init: Any) -> LlamaConfig:
+def model_config_from_init(init: ModelInit) -> LlamaConfig:
     """The `LlamaConfig` of a random init from the `model.init` config section."""
     return LlamaConfig(
         vocab_size=init.vocab_size,
@@ -254,7 +257,7 @@ def model_config_from_init(init: Any) -> LlamaConfig:
         num_hidden_layers=init.num_hidden_layers,
         num_attention_heads=init.num_attention_heads,
         num_key_value_heads=init.num_key_value_heads,
-        head_dim=init.head_dim,
+        head_dim=init.head_dim,  # type: ignore[arg-type]  # None: derived, as LlamaConfig says
         rms_norm_eps=init.rms_norm_eps,
         rope_theta=init.rope_theta,
         tie_word_embeddings=init.tie_word_embeddings,

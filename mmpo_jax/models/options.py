@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import typing
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import jax
 import jax.numpy as jnp
 
 from mmpo_jax.config_schema import LORA_TARGETS, ModelConfig
 from mmpo_jax.errors import UserError
+
+if TYPE_CHECKING:
+    from mmpo_jax.config_schema import LoraConfig
 
 # the `model` section's choices, read from its declaration
 REMAT_CHOICES: tuple[str, ...] = typing.get_args(typing.get_type_hints(ModelConfig)["remat"])
@@ -104,7 +107,7 @@ class ModelOptions:
             raise UserError(f"dropout={self.dropout} must be in [0, 1)")
 
     @classmethod
-    def from_config(cls, model_cfg: Any, backend: str | None = None) -> "ModelOptions":
+    def from_config(cls, model_cfg: ModelConfig, backend: str | None = None) -> "ModelOptions":
         """From the `model` config section (`mmpo_jax.config_schema.ModelConfig`), its `auto`
         settled for `backend` ("cpu", "gpu", "tpu"; None: this process's JAX backend),
         so an ahead-of-time compile for a TPU resolves as a TPU run does."""
@@ -139,7 +142,7 @@ class ModelOptions:
         return "xla"
 
 
-def lora_options(lora_cfg: Any) -> LoraOptions | None:
+def lora_options(lora_cfg: LoraConfig | None) -> LoraOptions | None:
     """From the `model.lora` config section; None when `rank` is 0 (full fine-tuning)."""
     if lora_cfg is None or lora_cfg.rank == 0:
         return None

@@ -46,6 +46,7 @@ from mmpo_jax.train.setup import (
 )
 
 if TYPE_CHECKING:
+    from mmpo_jax.data.batches import PreferenceBatch
     from mmpo_jax.data.pipeline import PreferenceData
     from mmpo_jax.train.state import TrainState
 
@@ -111,7 +112,7 @@ def abstract_state(state: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
 
-def _tokens(batch: Any) -> int:
+def _tokens(batch: PreferenceBatch) -> int:
     """Real (non-padding) tokens of the global batch, from this process's share."""
     return int(np.asarray(batch.attention_mask).sum()) * jax.process_count()
 
@@ -335,7 +336,7 @@ def _eval_pairs(rows: int, batch_size: int, max_batches: int) -> int:
 
 
 def _steps(trainer: Trainer, state: TrainState, data: RunData, ckpt: Checkpointer, writer: MetricsWriter,
-           interrupt: _Interrupt, start: int, config_yaml: str, say: Callable[[str], None]) -> tuple[Any, RunResult]:
+           interrupt: _Interrupt, start: int, config_yaml: str, say: Callable[[str], None]) -> tuple[TrainState, RunResult]:
     from mmpo_jax.data.batches import train_batches
 
     cfg = trainer.cfg

@@ -75,7 +75,7 @@ def cache_key(cfg: RunConfig, data: PreferenceData) -> str:
 
 
 def reference_table(cfg: RunConfig, load_model: Callable[[], Llama], data: PreferenceData, split: str,
-                    mesh: jax.sharding.Mesh, log: Any = print) -> np.ndarray:
+                    mesh: jax.sharding.Mesh, log: Callable[[str], None] = print) -> np.ndarray:
     """`[rows, 2]` float32 reference sequence log-probs of every row of `data`, from the
     cache when present, else computed (batches of `data.batch_size` pairs) by the model
     `load_model()` returns (called only then) and stored."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax
 import numpy as np
@@ -31,13 +31,17 @@ from mmpo_jax.train.state import StateDef, TrainState, create_state, place_abstr
 from mmpo_jax.train.step import (StepConfig, batch_shardings, check_batch_divisible, make_eval_step,
                                  make_train_step)
 
+if TYPE_CHECKING:
+    from mmpo_jax.models.llama import Llama
+    from mmpo_jax.data.batches import PreferenceBatch
+
 
 def model_options(cfg: RunConfig, backend: str | None = None) -> ModelOptions:
     """The model options of `cfg` for `backend` (None: this process's JAX backend)."""
     return ModelOptions.from_config(cfg.model, backend)
 
 
-def load_model(cfg: RunConfig, path: str, options: ModelOptions, mesh: jax.sharding.Mesh) -> tuple[Any, LlamaConfig]:
+def load_model(cfg: RunConfig, path: str, options: ModelOptions, mesh: jax.sharding.Mesh) -> tuple[Llama, LlamaConfig]:
     """`(model, architecture)`: the checkpoint at `path`, or a random init when `path` is ""."""
     if path:
         from mmpo_jax.models.checkpoints import load_checkpoint
@@ -49,7 +53,7 @@ def load_model(cfg: RunConfig, path: str, options: ModelOptions, mesh: jax.shard
     return model, arch
 
 
-def build_policy(cfg: RunConfig, mesh: jax.sharding.Mesh | None = None) -> tuple[Any, LlamaConfig, ModelOptions]:
+def build_policy(cfg: RunConfig, mesh: jax.sharding.Mesh | None = None) -> tuple[Llama, LlamaConfig, ModelOptions]:
     """`(model, architecture, options)`: the run's initial policy alone, as `build_trainer`
     makes it (no optimizer or reference: what `generate` of a config needs)."""
     mesh = make_mesh(cfg.mesh) if mesh is None else mesh
@@ -59,7 +63,7 @@ def build_policy(cfg: RunConfig, mesh: jax.sharding.Mesh | None = None) -> tuple
 
 
 def load_reference(cfg: RunConfig, options: ModelOptions, mesh: jax.sharding.Mesh,
-                   policy_arch: LlamaConfig) -> Any | None:
+                   policy_arch: LlamaConfig) -> Llama | None:
     """The model of `model.reference_path` (None when unset: the initial policy is the reference).
 
     Loaded with the policy's options (LoRA adapters included, B = 0) so that its
@@ -145,7 +149,7 @@ def build_trainer(cfg: RunConfig, mesh: jax.sharding.Mesh | None = None,
     )
 
 
-def initial_reference(trainer: Trainer) -> Any:
+def initial_reference(trainer: Trainer) -> Llama:
     """The run's reference as it was before training, loaded anew from the config:
     `model.reference_path` where the mode reads one (separate, precomputed), else the
     policy's starting point (`model.path`, or the seeded random init, which loads to the
@@ -155,7 +159,9 @@ def initial_reference(trainer: Trainer) -> Any:
     cfg = trainer.cfg
     mode = reference_mode(cfg.model.reference)
     if cfg.model.reference_path and (mode.stores_weights or mode.precomputed):
-        return load_reference(cfg, trainer.options, trainer.mesh, trainer.arch)
+        reference = load_reference(cfg, trainer.options, trainer.mesh, trainer.arch)
+        assert reference is not None  # a reference_path always loads one
+        return reference
     model, _ = load_model(cfg, cfg.model.path, trainer.options, trainer.mesh)
     return model
 
@@ -163,7 +169,7 @@ def initial_reference(trainer: Trainer) -> Any:
 BATCH_KEYS = ("input_ids", "loss_mask", "pair_mask")
 
 
-def run_reference(trainer: Trainer) -> Any | None:
+def run_reference(trainer: Trainer) -> Llama | None:
     """The run's reference model: the one its state holds (separate, lora_base), the
     initial one loaded again for `precomputed` (its state keeps only log-probs), None
     for `none`."""
@@ -221,7 +227,7 @@ def abstract_train_state(arch: LlamaConfig, options: ModelOptions, optimizer: op
     return made["sdef"], place_abstract_state(shapes, optimizer, mesh)
 
 
-def device_batch(batch: Any, mesh: jax.sharding.Mesh, ref_table: np.ndarray | None = None) -> dict[str, jax.Array]:
+def device_batch(batch: PreferenceBatch, mesh: jax.sharding.Mesh, ref_table: np.ndarray | None = None) -> dict[str, jax.Array]:
     """A `PreferenceBatch` (this process's pairs) as the step's global arrays on `mesh`.
 
     `ref_table` `[rows, 2]` (model.reference=precomputed): the reference log-probs of

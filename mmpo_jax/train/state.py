@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax
 import jax
@@ -26,6 +26,9 @@ import optax
 from flax import nnx
 
 from mmpo_jax.train.reference import reference_mode as reference_mode_of
+
+if TYPE_CHECKING:
+    from mmpo_jax.models.llama import Llama
 
 
 @flax.struct.dataclass
@@ -45,16 +48,16 @@ class TrainState:
 class StateDef:
     """The static half of the state: how to rebuild the modules."""
 
-    graphdef: Any
+    graphdef: nnx.GraphDef
     lora: bool
     reference_mode: str
 
-    def policy(self, state: TrainState, trainable: nnx.State | None = None) -> Any:
+    def policy(self, state: TrainState, trainable: nnx.State | None = None) -> Llama:
         """The policy module from the state (`trainable` overrides the state's)."""
         t = state.trainable if trainable is None else trainable
         return merge_states(self.graphdef, t, state.frozen, state.rest)
 
-    def reference(self, state: TrainState) -> Any:
+    def reference(self, state: TrainState) -> Llama:
         """The reference module of the modes that keep one in the state (`separate`, `lora_base`)."""
         from mmpo_jax.train.reference import reference_mode
 
@@ -79,7 +82,7 @@ def frozen_filter(lora: bool):
     return nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)) if lora else nnx.Param
 
 
-def split_model(model: Any, lora: bool) -> tuple[Any, nnx.State, nnx.State, nnx.State]:
+def split_model(model: nnx.Module, lora: bool) -> tuple[nnx.GraphDef, nnx.State, nnx.State, nnx.State]:
     """`graphdef, trainable, frozen, rest` of `model` (see the module docstring)."""
     if lora:
         graphdef, trainable, *states = nnx.split(model, nnx.LoRAParam, frozen_filter(True), ...)
@@ -92,12 +95,12 @@ def split_model(model: Any, lora: bool) -> tuple[Any, nnx.State, nnx.State, nnx.
 
 
 def create_state(
-    model: Any,
+    model: Llama,
     optimizer: optax.GradientTransformation,
     *,
     lora: bool,
     reference_mode: str,
-    reference_model: Any | None = None,
+    reference_model: Llama | None = None,
     seed: int = 0,
     mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[StateDef, TrainState]:

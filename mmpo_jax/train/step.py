@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -96,7 +97,7 @@ def _forward_loss(
     scfg: StepConfig,
     mesh: jax.sharding.Mesh,
     state: TrainState,
-    trainable: Any,
+    trainable: nnx.State,
     batch: Batch,
     dropout_key: jax.Array | None,
 ) -> tuple[jax.Array, Metrics]:
