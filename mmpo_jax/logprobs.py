@@ -21,7 +21,7 @@ The lower-level functions (`token_logps_chunked`, `token_logps_naive`) are unshi
 from __future__ import annotations
 
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp

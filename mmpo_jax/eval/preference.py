@@ -3,7 +3,7 @@ own, rewards, accuracies, log-probs), averaged over the real pairs of every batc
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np

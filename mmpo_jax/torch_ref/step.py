@@ -11,7 +11,7 @@ its own and the gradients and metrics are their means.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch

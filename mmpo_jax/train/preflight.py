@@ -10,7 +10,7 @@ before the model is built.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from mmpo_jax.errors import UserError
 
