@@ -40,6 +40,7 @@ SUBCOMMANDS = (
     "mmpo_jax.commands.inspect_data",
     "mmpo_jax.commands.launch",
     "mmpo_jax.commands.losses",
+    "mmpo_jax.commands.plot",
     "mmpo_jax.commands.show_config",
     "mmpo_jax.commands.sweep",
     "mmpo_jax.commands.train",

@@ -5,13 +5,13 @@ training curves."""
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from mmpo_jax.loss_registry import LOSSES
+from mmpo_jax.run_plots import figure, metric_history, read_records
 from mmpo_jax.sweep import PRECISION, Outcome, one_line, series_name
 
 SUMMARY_FILE = "summary.csv"
@@ -130,15 +130,6 @@ def write_outputs(out: Path, outcomes: Sequence[Outcome], log: Callable[[str], N
 
 
 # Plots: matplotlib's Agg canvas (no display, no global pyplot state)
-def _figure(width: float = 7.0, height: float = 5.0) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def _colour(loss: str) -> str:
     return LOSS_COLOURS.get(loss, "tab:purple")
 
@@ -174,7 +165,7 @@ def plot_win_rate_vs_capability(outcomes: Sequence[Outcome], rows: Sequence[Mapp
         title = (f"No {' and no '.join(w for w, _ in missing)} computed (sweep without "
                  f"{' '.join(f for _, f in missing)}):\neval rewards/accuracies vs eval loss instead")
         xlabel, ylabel = "eval loss", "eval rewards/accuracies"
-    fig = _figure()
+    fig = figure()
     ax = fig.add_subplot(1, 1, 1)
     series: dict[str, list[tuple[float, float | None, float | None, str, str]]] = {}
     markers = "osD^v<>P*X"
@@ -211,19 +202,7 @@ def plot_win_rate_vs_capability(outcomes: Sequence[Outcome], rows: Sequence[Mapp
 
 def train_losses(metrics_file: Path) -> tuple[list[int], list[float]]:
     """`(steps, losses)` of the train records of a `metrics.jsonl` (eval records skipped)."""
-    steps: list[int] = []
-    losses: list[float] = []
-    if not metrics_file.is_file():
-        return steps, losses
-    for line in metrics_file.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue  # a line cut off by a crash
-        if isinstance(rec, dict) and isinstance(rec.get("loss"), (int, float)) and "step" in rec:
-            steps.append(int(rec["step"]))
-            losses.append(float(rec["loss"]))
-    return steps, losses
+    return metric_history(read_records(metrics_file), "loss") if metrics_file.is_file() else ([], [])
 
 
 def plot_training_curves(outcomes: Sequence[Outcome], rows: Sequence[Mapping[str, str]],
@@ -238,7 +217,7 @@ def plot_training_curves(outcomes: Sequence[Outcome], rows: Sequence[Mapping[str
         if steps:
             curves.setdefault(r["loss"] or "?", []).append((o.spec.name, steps, losses))
     panels = max(1, len(curves))
-    fig = _figure(5.0 * panels, 4.0)
+    fig = figure(5.0 * panels, 4.0)
     if not curves:
         ax = fig.add_subplot(1, 1, 1)
         ax.text(0.5, 0.5, "no training metrics", ha="center", va="center", transform=ax.transAxes)
