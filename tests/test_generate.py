@@ -279,6 +279,21 @@ def test_unscanned_lora_sliding_window_matches_uncached_forward():
     np.testing.assert_array_equal(gen.tokens, ref)
 
 
+def test_qwen3_qk_norm_cache_path_matches_uncached_forward():
+    """Qwen3's q/k norms are applied on the cache path as on the whole-sequence forward
+    (scanned layers, head_dim 12 != 32 / 4)."""
+    arch = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=12, model_type="qwen3")
+    weights = random_hf_weights(arch, seed=5)
+    model = build_model(arch, ModelOptions(scan_layers=True), get_tensor=weights.__getitem__)
+    rng = np.random.default_rng(6)
+    batch = [[int(t) for t in rng.integers(0, 64, n)] for n in (6, 4)]
+    ref, gap = reference_greedy(model, batch, 6, width=16)
+    assert gap > MIN_GAP
+    gen = generate(model, batch, GenerationConfig(max_new_tokens=6, eos_ids=()))
+    np.testing.assert_array_equal(gen.tokens, ref)
+
+
 # --------------------------------------------------------------------------- #
 # prompts and the command line
 # --------------------------------------------------------------------------- #

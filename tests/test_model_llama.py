@@ -71,6 +71,10 @@ CONFIGS = {
         **{**_BASE, "num_key_value_heads": 4}, head_dim=24, attention_bias=True
     ),
     "mqa": LlamaConfig(**{**_BASE, "num_key_value_heads": 1, "num_hidden_layers": 3}),
+    # Qwen3: q/k norms over head_dim, head_dim 24 != 64 / 4, its q/k/v and o biases
+    "qwen3_qk_norm": LlamaConfig(
+        **_BASE, model_type="qwen3", head_dim=24, attention_bias=True, rope_theta=1e6
+    ),
 }
 
 
@@ -245,6 +249,10 @@ def test_from_hf_dict_styles():
     assert qwen.attention_bias and qwen.sliding_window is None
     mistral = LlamaConfig.from_hf_dict({**t5, "model_type": "mistral", "sliding_window": 4096})
     assert mistral.sliding_window == 4096
+    qwen3 = LlamaConfig.from_hf_dict({**t5, "model_type": "qwen3", "head_dim": 16, "use_sliding_window": False,
+                                      "sliding_window": 4096})
+    assert qwen3.qk_norm and not qwen3.attention_bias and qwen3.head_dim == 16 and qwen3.sliding_window is None
+    assert not qwen.qk_norm and not mistral.qk_norm
 
 
 @pytest.mark.parametrize(
@@ -288,7 +296,7 @@ def test_torch_weights_into_ours(name):
     print(f"{name}: max |dlogp| {token_diff:.2e}, max rel grad diff {worst:.2e}")
 
 
-@pytest.mark.parametrize("name,scale", [("llama", 0.15), ("qwen2_bias", 0.25)])
+@pytest.mark.parametrize("name,scale", [("llama", 0.15), ("qwen2_bias", 0.25), ("qwen3_qk_norm", 0.25)])
 def test_our_weights_into_torch(name, scale):
     """Our random weights -> iter_hf_weights -> transformers' load_state_dict(strict)."""
     cfg = CONFIGS[name]

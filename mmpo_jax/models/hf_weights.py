@@ -82,6 +82,9 @@ def _tensor_table(cfg: LlamaConfig) -> list[HFTensor]:
         if cfg.attention_bias:
             out.append(HFTensor(p + "self_attn.v_proj.bias", ("self_attn", "v_bias"), i, (k, hd), (k * hd,),
                                *_reshape((k, hd), (k * hd,))))
+        if cfg.qk_norm:
+            out.append(HFTensor(p + "self_attn.q_norm.weight", ("self_attn", "q_norm", "weight"), i, (hd,), (hd,)))
+            out.append(HFTensor(p + "self_attn.k_norm.weight", ("self_attn", "k_norm", "weight"), i, (hd,), (hd,)))
         out.append(HFTensor(p + "self_attn.o_proj.weight", ("self_attn", "o_kernel"), i, (h, hd, d), (d, h * hd),
                            *_o_proj(h, hd, d)))
         if cfg.o_bias:
@@ -106,7 +109,8 @@ def hf_weight_names(cfg: LlamaConfig) -> list[str]:
 
     `model.embed_tokens.weight`, `model.layers.{i}.input_layernorm.weight`,
     `model.layers.{i}.self_attn.{q,k,v,o}_proj.weight` (+ q/k/v `.bias` with
-    `attention_bias`), `model.layers.{i}.post_attention_layernorm.weight`,
+    `attention_bias`, o too where `o_bias`; `self_attn.{q,k}_norm.weight` with `qk_norm`),
+    `model.layers.{i}.post_attention_layernorm.weight`,
     `model.layers.{i}.mlp.{gate,up,down}_proj.weight`, `model.norm.weight`, and
     `lm_head.weight` when the embeddings are untied.
     """

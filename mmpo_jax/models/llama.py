@@ -1,4 +1,4 @@
-"""A decoder-only transformer for the Llama family in Flax NNX (Llama 2/3, SmolLM2, Mistral, Qwen2).
+"""A decoder-only transformer for the Llama family in Flax NNX (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3).
 
 `Llama(cfg, options, rngs=...)`: `model(input_ids [B, T] int32) -> hidden [B, T, D]`
 after the final RMSNorm; `model.lm_head_kernel() -> [D, V]`. Log-probs are computed
@@ -72,6 +72,13 @@ class Attention(nnx.Module):
         else:
             self.q_bias = self.k_bias = self.v_bias = None
         self.o_bias = param(rngs, (d,), ("norm",), pd, "zeros", 0.0) if cfg.o_bias else None
+        self.q_norm: RMSNorm | None
+        self.k_norm: RMSNorm | None
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, pd, rngs=rngs)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, pd, rngs=rngs)
+        else:
+            self.q_norm = self.k_norm = None
         add_lora_params(self, options.lora, rngs, pd, {
             "q": ((d,), ("embed",), (h, hd), ("heads", "head_dim")),
             "k": ((d,), ("embed",), (k, hd), ("kv_heads", "head_dim")),
@@ -93,8 +100,10 @@ class Attention(nnx.Module):
             y = add_delta(y, lora_delta(self, t, x, self.lora, lora_key, cd))
             return y if bias is None else y + bias[...].astype(cd)
 
-        return (proj("q", self.q_kernel, self.q_bias), proj("k", self.k_kernel, self.k_bias),
-                proj("v", self.v_kernel, self.v_bias))
+        q, k = proj("q", self.q_kernel, self.q_bias), proj("k", self.k_kernel, self.k_bias)
+        if self.q_norm is not None and self.k_norm is not None:  # Qwen3, over head_dim
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, proj("v", self.v_kernel, self.v_bias)
 
     def _output(self, out: jax.Array, lora_key: jax.Array | None) -> jax.Array:
         """The output projection of the attention `[B, T, heads, head_dim]` -> `[B, T, D]`."""

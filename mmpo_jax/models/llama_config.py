@@ -13,12 +13,13 @@ from mmpo_jax.errors import UserError
 if TYPE_CHECKING:
     from mmpo_jax.config_schema import ModelInit
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
 }
 
 
@@ -29,9 +30,10 @@ class LlamaConfig:
     `rope_scaling` is None (plain RoPE) or a dict with `rope_type` 'linear'
     (`factor`) or 'llama3' (`factor`, `low_freq_factor`, `high_freq_factor`,
     `original_max_position_embeddings`). `attention_bias` adds q/k/v biases
-    (Qwen2; for model_type 'llama' transformers also puts one on o_proj, and so do
-    we). `sliding_window` (Mistral) limits attention to the last `sliding_window`
-    positions including the current one.
+    (Qwen2; for model_types 'llama' and 'qwen3' transformers also puts one on o_proj,
+    and so do we). `model_type` 'qwen3' adds a per-head RMSNorm on q and k (`qk_norm`).
+    `sliding_window` (Mistral) limits attention to the last `sliding_window` positions
+    including the current one.
     """
 
     vocab_size: int
@@ -110,9 +112,9 @@ class LlamaConfig:
         if prf not in (None, 1, 1.0):
             raise UserError(f"partial_rotary_factor={prf} is not supported")
         if d.get("layer_types") and any(t != "full_attention" for t in d["layer_types"]) and (
-            model_type == "qwen2" and d.get("use_sliding_window")
+            model_type in ("qwen2", "qwen3") and d.get("use_sliding_window")
         ):
-            raise UserError("qwen2 with use_sliding_window=true (per-layer windows) is not supported")
+            raise UserError(f"{model_type} with use_sliding_window=true (per-layer windows) is not supported")
 
         # RoPE: transformers 5 `rope_parameters` {rope_type, rope_theta, ...}, or
         # transformers 4 `rope_theta` + `rope_scaling` {rope_type|type, ...}.
@@ -143,7 +145,7 @@ class LlamaConfig:
                 scaling = None
 
         sliding = d.get("sliding_window")
-        if model_type == "qwen2" and not d.get("use_sliding_window", False):
+        if model_type in ("qwen2", "qwen3") and not d.get("use_sliding_window", False):
             sliding = None
         if model_type == "llama":
             sliding = None
@@ -215,7 +217,9 @@ class LlamaConfig:
         elif self.model_type == "mistral":
             # Written even when None: MistralConfig's default is 4096.
             d["sliding_window"] = self.sliding_window
-        elif self.model_type == "qwen2":
+        elif self.model_type in ("qwen2", "qwen3"):
+            if self.model_type == "qwen3":
+                d["attention_bias"] = self.attention_bias
             d["use_sliding_window"] = self.sliding_window is not None
             d["sliding_window"] = self.sliding_window
             d["max_window_layers"] = self.num_hidden_layers if self.sliding_window is None else 0
@@ -223,8 +227,13 @@ class LlamaConfig:
 
     @property
     def o_bias(self) -> bool:
-        """transformers' Llama puts `attention_bias` on o_proj too; Qwen2 does not."""
-        return self.attention_bias and self.model_type == "llama"
+        """transformers' Llama and Qwen3 put `attention_bias` on o_proj too; Qwen2 does not."""
+        return self.attention_bias and self.model_type in ("llama", "qwen3")
+
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3: a per-head RMSNorm over `head_dim` on q and on k, before RoPE."""
+        return self.model_type == "qwen3"
 
 
 def _rope_type(scaling: dict | None, check: bool = True) -> str:
