@@ -4,7 +4,6 @@ and no global pyplot state."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,16 +25,10 @@ def figure(width: float = 7.0, height: float = 5.0) -> Any:
 
 
 def read_records(metrics_file: Path) -> list[dict[str, Any]]:
-    """The records of a `metrics.jsonl`; a line cut off by a crash is skipped."""
-    records = []
-    for line in metrics_file.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
-            records.append(rec)
-    return records
+    """The records of a `metrics.jsonl` that carry a step (`train.metrics.read_metrics`)."""
+    from mmpo_jax.train.metrics import read_metrics
+
+    return [r for r in read_metrics(metrics_file) if isinstance(r.get("step"), int)]
 
 
 def metric_history(records: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:

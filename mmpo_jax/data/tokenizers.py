@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mmpo_jax.data.formats import SpecialIds
-from mmpo_jax.errors import UserError
+from mmpo_jax.errors import UserError, first_line
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -58,8 +58,7 @@ def load_tokenizer(spec: str, key: str = "data.tokenizer") -> Any:
         return AutoTokenizer.from_pretrained(str(path) if path.is_dir() else spec)
     except Exception as err:  # OSError, ValueError, HTTP errors: all mean "cannot load this"
         what = "the directory" if path.is_dir() else "no such directory, and the hub id"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{key}: cannot load tokenizer '{spec}' ({what} failed: {first})") from None
+        raise UserError(f"{key}: cannot load tokenizer '{spec}' ({what} failed: {first_line(err)})") from None
 
 
 def special_ids(tokenizer: Any, where: str = "data.tokenizer") -> SpecialIds:

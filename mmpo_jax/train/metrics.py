@@ -113,6 +113,20 @@ def kept_lines(text: str, resume_step: int) -> tuple[list[str], int, list[str]]:
     return kept, dropped, bad
 
 
+def read_metrics(metrics_file: Path) -> list[dict[str, Any]]:
+    """The records of a `metrics.jsonl`, in file order; a line cut off by a crash (which
+    `MetricsWriter` drops on the next resume) is skipped."""
+    records = []
+    for line in metrics_file.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
 def _record_step(line: str) -> int | None:
     """The `step` of a metrics line, or None when it is not a JSON record with an int step."""
     try:

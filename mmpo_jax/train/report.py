@@ -9,11 +9,12 @@ commands to run next.
 
 from __future__ import annotations
 
-import json
 import shlex
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+from mmpo_jax.train.metrics import read_metrics
 
 # The eval metrics the end compares, in this order (those the loss reports).
 SUMMARY_KEYS = ("rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "loss")
@@ -51,15 +52,7 @@ def eval_records(metrics_file: Path) -> list[dict[str, Any]]:
     """The eval records of a `metrics.jsonl`, in file order (empty when there is none)."""
     if not metrics_file.is_file():
         return []
-    out = []
-    for line in metrics_file.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a line cut by a crash: MetricsWriter drops it on the next resume
-        if isinstance(record, dict) and any(k.startswith("eval/") for k in record):
-            out.append(record)
-    return out
+    return [r for r in read_metrics(metrics_file) if any(k.startswith("eval/") for k in r)]
 
 
 def change_lines(first: dict[str, Any], last: dict[str, Any]) -> list[str]:
