@@ -11,7 +11,16 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from mmpo_jax.errors import UserError
-from mmpo_jax.loss_registry import LOSS_NAMES, LOSSES
+from mmpo_jax.loss_registry import (
+    CPO_LOSS_TYPES,
+    DPO_LOSS_TYPES,
+    F_DIVERGENCE_LOSS_TYPES,
+    F_DIVERGENCE_TYPES,
+    LOSS_NAMES,
+    LOSSES,
+    PER_TOKEN_LOSS_TYPES,
+    mixture,
+)
 
 
 class ConfigError(UserError, ValueError):
@@ -314,18 +323,32 @@ class LossConfig:
     normalize: Literal["minmax", "none"] = "minmax"
     entropy_weight: float = 0.0
     entropy_estimator: Literal["token", "score_function"] = "token"
+    # dpo: one of TRL's DPO loss types or a list of them (their weighted sum, by
+    # loss_weights, default 1 each); cpo: one of CPO's.
+    loss_type: str | list[str] = "sigmoid"
+    loss_weights: list[float] | None = None
+    # dpo's sigmoid (conservative DPO), robust, exo_pair (> 0 there), aot; cpo's sigmoid, simpo
     label_smoothing: float = 0.0
-    gamma: float = 1.0
-    # None: False for mmpo, dpo and sft (token-mean NLL), True for simpo (which always averages).
+    f_divergence_type: str = field(default="reverse_kl", metadata={"choices": F_DIVERGENCE_TYPES})
+    f_alpha_divergence_coef: float = 0.5
+    discopop_tau: float = 0.05
+    # the target margin (simpo, cpo's simpo); None: the loss's own (1.0 simpo, 0.5 cpo)
+    gamma: float | None = None
+    cpo_alpha: float = 1.0  # cpo: weight of the chosen answers' NLL
+    alphapo_alpha: float = 0.0  # cpo: AlphaPO's reward shape (0 = log-probs)
+    # None: the loss's own (false for mmpo, dpo, sft; true for simpo, orpo and cpo's ipo, simpo).
     average_logps: bool | None = None
 
     def settled(self) -> LossConfig:
         """This config with the keys left unset (None) at the loss's own defaults."""
         spec = LOSSES[self.name]
+        kinds = mixture(self)
+        average = spec.average_logps or any(kind in spec.averaged_types for kind in kinds)
         return dataclasses.replace(
             self,
             beta=spec.beta if self.beta is None else self.beta,
-            average_logps=spec.average_logps if self.average_logps is None else self.average_logps,
+            average_logps=average if self.average_logps is None else self.average_logps,
+            gamma=spec.option_default("gamma", 1.0) if self.gamma is None else self.gamma,
         )
 
     def validate(self, prefix: str) -> None:
@@ -351,6 +374,46 @@ class LossConfig:
             self.average_logps,
             f"{spec.title} always uses length-averaged log-probs; leave it unset or true",
         )
+        _check(self.discopop_tau > 0, prefix, "discopop_tau", self.discopop_tau, "must be > 0")
+        _check(self.cpo_alpha >= 0, prefix, "cpo_alpha", self.cpo_alpha, "must be >= 0")
+        self._validate_loss_types(prefix)
+
+    def _validate_loss_types(self, prefix: str) -> None:
+        kinds = mixture(self)
+        if not kinds:
+            _check(self.loss_type == "sigmoid" and self.loss_weights is None, prefix, "loss_type",
+                   self.loss_type, f"loss.name={self.name} has no loss types (dpo and cpo have); "
+                   "remove loss.loss_type and loss.loss_weights")
+            _check(self.f_divergence_type == "reverse_kl", prefix, "f_divergence_type", self.f_divergence_type,
+                   "applies to loss.name=dpo only")
+            return
+        if self.name == "cpo":
+            _check(isinstance(self.loss_type, str) and self.loss_type in CPO_LOSS_TYPES, prefix, "loss_type",
+                   self.loss_type, f"CPO takes one of {', '.join(CPO_LOSS_TYPES)} (no mixtures)")
+            _check(self.loss_weights is None, prefix, "loss_weights", self.loss_weights,
+                   "CPO has no mixtures; remove it")
+            _check(self.f_divergence_type == "reverse_kl", prefix, "f_divergence_type", self.f_divergence_type,
+                   "applies to loss.name=dpo only")
+            return
+        unknown = [k for k in kinds if k not in DPO_LOSS_TYPES]
+        _check(not unknown and len(kinds) > 0, prefix, "loss_type", self.loss_type,
+               f"choose from {', '.join(DPO_LOSS_TYPES)} (one name or a list)")
+        _check(len(set(kinds)) == len(kinds), prefix, "loss_type", self.loss_type,
+               "names a loss type twice; give it once with its weight in loss.loss_weights")
+        if self.loss_weights is not None:
+            _check(len(self.loss_weights) == len(kinds), prefix, "loss_weights", self.loss_weights,
+                   f"needs one weight per loss.loss_type ({len(kinds)})")
+        if self.f_divergence_type != "reverse_kl":
+            refused = [k for k in kinds if k not in F_DIVERGENCE_LOSS_TYPES]
+            _check(not refused, prefix, "f_divergence_type", self.f_divergence_type,
+                   f"does not apply to loss_type {', '.join(refused)} (TRL allows it with "
+                   f"{', '.join(F_DIVERGENCE_LOSS_TYPES)}); use reverse_kl")
+        per_token = [k for k in kinds if k in PER_TOKEN_LOSS_TYPES]
+        _check(not (per_token and self.average_logps), prefix, "average_logps", self.average_logps,
+               f"loss_type {', '.join(per_token)} divides sequence sums by token counts itself; "
+               "set loss.average_logps=false")
+        _check("exo_pair" not in kinds or self.label_smoothing > 0, prefix, "label_smoothing",
+               self.label_smoothing, "loss_type exo_pair needs label_smoothing > 0 (the EXO paper uses 1e-3)")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,9 @@ from mmpo_jax.config_schema import RunConfig
 EXAMPLE_PAIRS = 8
 # The example's summed log-probs stand for completions of about this many tokens each.
 EXAMPLE_TOKENS = 40.0
+# ... after prompts of this many tokens, at this log-prob per token (ORPO's NLL covers them)
+EXAMPLE_PROMPT_TOKENS = 20.0
+EXAMPLE_PROMPT_LOGP = -1.5
 
 
 def example_logps(seed: int, pairs: int = EXAMPLE_PAIRS) -> dict[str, np.ndarray]:
@@ -48,11 +51,14 @@ def example_metrics(cfg: RunConfig, name: str) -> dict[str, float]:
         spec.reference_use == "metrics_only" and name == cfg.loss.name
         and reference_mode(cfg.model.reference).exists)
     tokens = jnp.full((EXAMPLE_PAIRS,), EXAMPLE_TOKENS, jnp.float32)
+    chosen_sums = batch["policy_chosen_logps"] / scale
     inputs = LossInputs(
         policy_chosen=batch["policy_chosen_logps"], policy_rejected=batch["policy_rejected_logps"],
         ref_chosen=batch["ref_chosen_logps"] if with_reference else None,
         ref_rejected=batch["ref_rejected_logps"] if with_reference else None,
         chosen_tokens=tokens, rejected_tokens=tokens,
+        chosen_sequence_logps=chosen_sums + EXAMPLE_PROMPT_TOKENS * EXAMPLE_PROMPT_LOGP,
+        chosen_sequence_tokens=tokens + EXAMPLE_PROMPT_TOKENS,
     )
     _, metrics = losses.configured_loss(cfg.loss, inputs, name=name)
     return {k: float(v) for k, v in metrics.items()}

@@ -24,6 +24,9 @@ class LossInputs:
     chosen_tokens, rejected_tokens  [pairs]  completion tokens of each answer (data, or None)
     entropy                         [pairs]  the entropy bonus of each pair (or None)
     pair_mask                       [pairs]  1 = real pair, 0 = padding (None: all real)
+    chosen_sequence_logps           [pairs]  the chosen row's log-prob sum over every
+                                             predicted token, prompt included (ORPO's NLL)
+    chosen_sequence_tokens          [pairs]  how many tokens that sum covers
     """
 
     # field order = the order of the leaves a `shard_map` receives
@@ -35,12 +38,15 @@ class LossInputs:
     rejected_tokens: Any = None
     entropy: Any = None
     pair_mask: Any = None
+    chosen_sequence_logps: Any = None
+    chosen_sequence_tokens: Any = None
 
     @classmethod
     def from_pairs(cls, logps: Any, tokens: Any, pair_mask: Any, *, ref: Any = None,
-                   entropy: Any = None) -> "LossInputs":
+                   entropy: Any = None, chosen_sequence: Any = None) -> "LossInputs":
         """From pair-major `[pairs, 2]` log-probs and token counts (chosen at `[:, 0]`),
-        the reference's `[pairs, 2]` log-probs (or None) and the `[pairs]` entropy bonus."""
+        the reference's `[pairs, 2]` log-probs (or None), the `[pairs]` entropy bonus and
+        `chosen_sequence` `(logps, tokens)` `[pairs]` each (or None)."""
         return cls(
             policy_chosen=logps[:, 0],
             policy_rejected=logps[:, 1],
@@ -50,4 +56,6 @@ class LossInputs:
             chosen_tokens=None if tokens is None else tokens[:, 0],
             rejected_tokens=None if tokens is None else tokens[:, 1],
             entropy=entropy,
+            chosen_sequence_logps=None if chosen_sequence is None else chosen_sequence[0],
+            chosen_sequence_tokens=None if chosen_sequence is None else chosen_sequence[1],
         )

@@ -15,6 +15,7 @@ This module imports neither jax nor torch: the config and the CLI read it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 ReferenceUse = Literal["required", "metrics_only", "unused"]
 
 BASE_METRICS = ("loss", "logps/chosen", "logps/rejected")
+NLL_METRIC = "nll_loss"
 REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 ENTROPY_METRIC = "entropy"
 
@@ -48,8 +50,18 @@ class LossSpec:
     # takes the per-pair entropy bonus (`entropy`, with loss.entropy_weight > 0,
     # estimated as loss.entropy_estimator says)
     entropy: bool = False
-    # takes the chosen answers' token counts (`chosen_tokens`) with sequence sums
-    token_mean: bool = False
+    # the token counts it takes (`chosen_tokens`, `rejected_tokens`) with sequence sums
+    token_counts: tuple[str, ...] = ()
+    # takes `averaged` (whether the inputs are per-token means) and its token counts
+    # whatever the reduction (its NLL term turns means back into sums)
+    reads_averaged: bool = False
+    # takes the chosen rows' log-prob sum and token count over every predicted token,
+    # prompt included (`chosen_sequence_logps`, `chosen_sequence_tokens`)
+    sequence_nll: bool = False
+    # defaults of its options where they differ from the config's (`loss.gamma`)
+    option_defaults: tuple[tuple[str, float], ...] = ()
+    # `loss.loss_type` values whose default `average_logps` is true (CPO: as TRL's)
+    averaged_types: tuple[str, ...] = ()
     # metrics besides BASE_METRICS and REWARD_METRICS (ENTROPY_METRIC comes with the entropy)
     metrics: tuple[str, ...] = ()
     # how the MMPO authors' fork (objective_type) and TRL (loss_type) name it, for convert-config
@@ -69,11 +81,55 @@ class LossSpec:
             keys += ("entropy_estimator",)
         return keys + ("average_logps",)
 
-    def metric_names(self, *, reference: bool, entropy: bool) -> tuple[str, ...]:
-        """The metrics it returns, in order, given a reference and the entropy bonus or not."""
+    def metric_names(self, *, reference: bool, entropy: bool, components: tuple[str, ...] = ()
+                     ) -> tuple[str, ...]:
+        """The metrics it returns, in order, given a reference and the entropy bonus or not,
+        and for a mixture of loss types (`components`, see `mixture`) one per component."""
         rewards = self.reference_use != "metrics_only" or reference
         names = BASE_METRICS + (REWARD_METRICS if rewards else ()) + self.metrics
+        if len(components) > 1:
+            names += tuple(f"loss/{kind}" for kind in components)
         return names + ((ENTROPY_METRIC,) if entropy and self.entropy else ())
+
+    def option_default(self, key: str, fallback: float) -> float:
+        return dict(self.option_defaults).get(key, fallback)
+
+
+# TRL 1.16 DPOTrainer's loss types: name -> (what it is, its source). docs/losses.md has the formulas.
+DPO_LOSS_TYPES: dict[str, tuple[str, str]] = {
+    "sigmoid": ("DPO's logistic loss (conservative with label_smoothing)", "Rafailov et al. 2023; cDPO"),
+    "hinge": ("hinge loss on the margin (SLiC)", "Zhao et al. 2023, arXiv 2305.10425"),
+    "ipo": ("squared loss to 1/(2 beta) on per-token margins (IPO)", "Azar et al. 2023, arXiv 2310.12036"),
+    "exo_pair": ("reverse KL to the smoothed labels (EXO)", "Ji et al. 2024, arXiv 2402.00856"),
+    "nca_pair": ("noise contrastive alignment, pairwise (NCA)", "Chen et al. 2024, arXiv 2402.05369"),
+    "robust": ("unbiased under label noise label_smoothing (rDPO)", "Chowdhury et al. 2024, arXiv 2403.00409"),
+    "bco_pair": ("binary classifier optimisation, pairwise (BCO)", "Jung et al. 2024, arXiv 2404.04656"),
+    "sppo_hard": ("SPPO with hard preference probabilities", "Wu et al. 2024, arXiv 2405.00675"),
+    "aot": ("alignment via optimal transport, paired: sorted margins", "Melnyk et al. 2024, arXiv 2406.05882"),
+    "aot_unpaired": ("AOT, unpaired: sorted log-ratios", "Melnyk et al. 2024, arXiv 2406.05882"),
+    "apo_zero": ("anchored preference optimisation, chosen up", "D'Oosterlinck et al. 2024, arXiv 2408.06266"),
+    "apo_down": ("APO, both down", "D'Oosterlinck et al. 2024, arXiv 2408.06266"),
+    "discopop": ("the discovered log-ratio-modulated loss", "Chris Lu et al. 2024, arXiv 2406.08414"),
+    "sft": ("token-mean NLL of the chosen answers (RPO's term)", "Pang et al. 2024, arXiv 2404.19733"),
+    "sigmoid_norm": ("sigmoid loss on per-token margins", "TRL 1.16"),
+}
+F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# the types TRL allows a non-default f_divergence_type with (the others have no valid f-DPO form)
+F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+# divide the scores by each answer's token count: sequence sums only (not average_logps)
+PER_TOKEN_LOSS_TYPES = ("ipo", "sigmoid_norm")
+# batch-level: sort over the global batch
+SORTING_LOSS_TYPES = ("aot", "aot_unpaired")
+# TRL 1.16 CPOTrainer's loss types
+CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
+
+
+def mixture(loss_cfg: LossConfig) -> tuple[str, ...]:
+    """The loss types `loss_cfg` mixes (one for a single type; none for a loss without types)."""
+    if "loss_type" not in spec_of(loss_cfg.name).options:
+        return ()
+    kinds = loss_cfg.loss_type
+    return (kinds,) if isinstance(kinds, str) else tuple(kinds)
 
 
 LOSSES: dict[str, LossSpec] = {
@@ -93,9 +149,11 @@ LOSSES: dict[str, LossSpec] = {
         LossSpec(
             name="dpo",
             title="DPO",
-            summary="direct preference optimisation (sigmoid loss, optional label smoothing)",
+            summary="direct preference optimisation, with TRL's loss types and their mixtures",
             reference_use="required",
-            options=("label_smoothing",),
+            options=("loss_type", "loss_weights", "label_smoothing", "f_divergence_type",
+                     "f_alpha_divergence_coef", "discopop_tau"),
+            token_counts=("chosen_tokens", "rejected_tokens"),
             objective_type="dpo",
             trl_loss_type="sigmoid",
         ),
@@ -105,6 +163,7 @@ LOSSES: dict[str, LossSpec] = {
             summary="SimPO: reference-free, length-averaged log-probs with a target margin",
             reference_use="unused",
             options=("gamma",),
+            option_defaults=(("gamma", 1.0),),
             beta=2.0,
             average_logps=True,
             averaged_only=True,
@@ -116,7 +175,29 @@ LOSSES: dict[str, LossSpec] = {
             title="SFT",
             summary="supervised fine-tuning on the chosen answers (the rejected only reported)",
             reference_use="metrics_only",
-            token_mean=True,
+            token_counts=("chosen_tokens",),
+        ),
+        LossSpec(
+            name="cpo",
+            title="CPO",
+            summary="contrastive preference optimisation: reference-free, plus the chosen answers' NLL",
+            reference_use="unused",
+            options=("loss_type", "label_smoothing", "gamma", "cpo_alpha", "alphapo_alpha"),
+            option_defaults=(("gamma", 0.5),),
+            token_counts=("chosen_tokens",),
+            reads_averaged=True,
+            averaged_types=("ipo", "simpo"),
+            metrics=(NLL_METRIC,),
+        ),
+        LossSpec(
+            name="orpo",
+            title="ORPO",
+            summary="odds-ratio preference optimisation: reference-free, NLL plus the log odds ratio",
+            reference_use="unused",
+            average_logps=True,
+            averaged_only=True,
+            sequence_nll=True,
+            metrics=(NLL_METRIC, "log_odds_ratio", "log_odds_chosen"),
         ),
     )
 }
@@ -147,8 +228,7 @@ def settings(loss_cfg: LossConfig, name: str | None = None) -> tuple[float, bool
     if name is None or name == loss_cfg.name:
         assert loss_cfg.beta is not None and loss_cfg.average_logps is not None, "a settled LossConfig"
         return float(loss_cfg.beta), bool(loss_cfg.average_logps)
-    spec = spec_of(name)
-    return spec.beta, spec.average_logps
+    return settings(dataclasses.replace(type(loss_cfg)(), name=name).settled())
 
 
 def call_arguments(loss_cfg: LossConfig, inputs: Any, *, name: str | None = None,
@@ -162,7 +242,10 @@ def call_arguments(loss_cfg: LossConfig, inputs: Any, *, name: str | None = None
     and the `options` keys of the config.
     """
     spec = spec_of(loss_cfg.name if name is None else name)
-    own_beta, average = settings(loss_cfg, spec.name)
+    if spec.name != loss_cfg.name:
+        # another loss than the configured one runs with its own defaults throughout
+        loss_cfg = dataclasses.replace(type(loss_cfg)(), name=spec.name).settled()
+    own_beta, average = settings(loss_cfg)
     args: tuple[Any, ...] = (inputs.policy_chosen, inputs.policy_rejected)
     has_reference = inputs.ref_chosen is not None
     if spec.reference_use == "required" and not has_reference:
@@ -175,8 +258,16 @@ def call_arguments(loss_cfg: LossConfig, inputs: Any, *, name: str | None = None
         kwargs["entropy"] = inputs.entropy
         if inputs.entropy is None:
             kwargs["entropy_weight"] = 0.0
-    if spec.token_mean and not average and inputs.chosen_tokens is not None:
-        kwargs["chosen_tokens"] = inputs.chosen_tokens
+    if spec.reads_averaged:
+        kwargs["averaged"] = average
+    if spec.token_counts and (spec.reads_averaged or not average):
+        kwargs.update({key: getattr(inputs, key) for key in spec.token_counts if getattr(inputs, key) is not None})
+    if spec.sequence_nll:
+        if inputs.chosen_sequence_logps is None or inputs.chosen_sequence_tokens is None:
+            raise ValueError(f"loss {spec.name!r} needs the chosen rows' whole-sequence log-probs "
+                             "(chosen_sequence_logps, chosen_sequence_tokens)")
+        kwargs["chosen_sequence_logps"] = inputs.chosen_sequence_logps
+        kwargs["chosen_sequence_tokens"] = inputs.chosen_sequence_tokens
     kwargs["pair_mask"] = inputs.pair_mask
     return spec, args, kwargs
 
@@ -190,6 +281,8 @@ def used_inputs(loss_cfg: LossConfig, inputs: Any) -> Any:
         ref_chosen=inputs.ref_chosen if keep_ref else None,
         ref_rejected=inputs.ref_rejected if keep_ref else None,
         chosen_tokens=kwargs.get("chosen_tokens"),
-        rejected_tokens=None,
+        rejected_tokens=kwargs.get("rejected_tokens"),
         entropy=kwargs.get("entropy"),
+        chosen_sequence_logps=kwargs.get("chosen_sequence_logps"),
+        chosen_sequence_tokens=kwargs.get("chosen_sequence_tokens"),
     )

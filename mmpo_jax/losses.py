@@ -27,107 +27,17 @@ from jax import lax
 
 from mmpo_jax import loss_registry
 from mmpo_jax.loss_inputs import LossInputs
+from mmpo_jax.loss_reduce import AxisName, Metrics, Reducer, prepare, reward_metrics, stop_metrics, token_mean_nll
+from mmpo_jax.losses_dpo import dpo_loss
+from mmpo_jax.losses_policy import cpo_loss, orpo_loss
 
 if TYPE_CHECKING:
     from mmpo_jax.config_schema import LossConfig
 
 Array = jax.Array
-AxisName = str | tuple[str, ...] | None
-Metrics = dict[str, Array]
 
+__all__ = ["configured_loss", "cpo_loss", "dpo_loss", "mmpo_loss", "orpo_loss", "sft_loss", "simpo_loss"]
 
-
-# --------------------------------------------------------------------------- #
-# Reductions that are global when an axis name is given
-# --------------------------------------------------------------------------- #
-def _psum(x: Array, axis_name: AxisName) -> Array:
-    return x if axis_name is None else lax.psum(x, axis_name)
-
-
-def _pmin(x: Array, axis_name: AxisName) -> Array:
-    return x if axis_name is None else lax.pmin(x, axis_name)
-
-
-def _pmax(x: Array, axis_name: AxisName) -> Array:
-    return x if axis_name is None else lax.pmax(x, axis_name)
-
-
-class _Reducer:
-    """Means over the real pairs of the global batch.
-
-    Sums and counts are reduced separately and divided once, so the mean is
-    exact however the pairs are split over devices.
-    """
-
-    def __init__(self, mask: Array, axis_name: AxisName):
-        self.mask = mask  # [N] float, 0 or 1
-        self.axis_name = axis_name
-        self.count = _psum(jnp.sum(mask), axis_name)  # scalar, global
-
-    def mean(self, x: Array) -> Array:
-        """Mean of `x` `[N]` over the global real pairs (0 when there are none)."""
-        total = _psum(jnp.sum(jnp.where(self.mask > 0, x, 0.0)), self.axis_name)
-        return total / jnp.maximum(self.count, 1.0)
-
-    # Extremes carry no gradient (lax.pmin/pmax have no differentiation rule,
-    # and the contract stops the gradient of the normalisation statistics).
-    def min(self, x: Array) -> Array:
-        local = jnp.min(jnp.where(self.mask > 0, lax.stop_gradient(x), jnp.inf))
-        return _pmin(local, self.axis_name)
-
-    def max(self, x: Array) -> Array:
-        local = jnp.max(jnp.where(self.mask > 0, lax.stop_gradient(x), -jnp.inf))
-        return _pmax(local, self.axis_name)
-
-
-def _loss_dtype(*xs: Array) -> jnp.dtype:
-    """At least float32: bfloat16/float16 inputs are upcast, float64 stays."""
-    return jnp.result_type(jnp.float32, *[x.dtype for x in xs])
-
-
-def _prepare(
-    arrays: tuple[Array, ...], pair_mask: Array | None
-) -> tuple[tuple[Array, ...], Array]:
-    """Upcasts the `[N]` inputs and zeroes the padding pairs.
-
-    Returns the cleaned arrays and the mask as a float array `[N]`.
-    """
-    dtype = _loss_dtype(*arrays)
-    arrays = tuple(jnp.asarray(a).astype(dtype) for a in arrays)
-    shape = arrays[0].shape
-    for a in arrays:
-        if a.ndim != 1 or a.shape != shape:
-            raise ValueError(
-                "preference losses take per-pair sequence log-probs of shape [N]; "
-                f"got shapes {[tuple(x.shape) for x in arrays]}"
-            )
-    if pair_mask is None:
-        mask = jnp.ones(shape, dtype)
-    else:
-        pair_mask = jnp.asarray(pair_mask)
-        if pair_mask.shape != shape:
-            raise ValueError(
-                f"pair_mask has shape {tuple(pair_mask.shape)}, expected {shape} "
-                "(one entry per pair)"
-            )
-        mask = (pair_mask > 0).astype(dtype)
-    # `where` (not multiplication) so NaN/inf in padding pairs cannot leak.
-    cleaned = tuple(jnp.where(mask > 0, a, jnp.zeros_like(a)) for a in arrays)
-    return cleaned, mask
-
-
-def _implicit_reward_metrics(
-    red: _Reducer, chosen_rewards: Array, rejected_rewards: Array
-) -> Metrics:
-    """TRL's `rewards/*` from per-pair rewards `[N]`."""
-    return {
-        "rewards/chosen": red.mean(chosen_rewards),
-        "rewards/rejected": red.mean(rejected_rewards),
-        "rewards/margins": red.mean(chosen_rewards - rejected_rewards),
-        "rewards/accuracies": red.mean(
-            (chosen_rewards > rejected_rewards).astype(chosen_rewards.dtype)
-        ),
-    }
 
 
 # --------------------------------------------------------------------------- #
@@ -186,9 +96,9 @@ def mmpo_loss(
     )
     if entropy is not None:
         inputs = inputs + (entropy,)
-    cleaned, mask = _prepare(inputs, pair_mask)
+    cleaned, mask = prepare(inputs, pair_mask)
     pc, pr, rc, rr = cleaned[:4]
-    red = _Reducer(mask, axis_name)
+    red = Reducer(mask, axis_name)
 
     r_w = reward_epsilon + beta * rc
     r_l = rejected_epsilon + beta * rr
@@ -224,7 +134,7 @@ def mmpo_loss(
         "loss": loss,
         "logps/chosen": red.mean(pc),
         "logps/rejected": red.mean(pr),
-        **_implicit_reward_metrics(red, beta * (pc - rc), beta * (pr - rr)),
+        **reward_metrics(red, beta * (pc - rc), beta * (pr - rr)),
         "mmpo/score_chosen": red.mean(s_w),
         "mmpo/score_rejected": red.mean(s_l),
         "mmpo/score_accuracy": red.mean((s_w > s_l).astype(s_w.dtype)),
@@ -232,46 +142,7 @@ def mmpo_loss(
     }
     if entropy is not None:
         metrics["entropy"] = red.mean(cleaned[4])
-    return loss, _stop_metrics(metrics, loss)
-
-
-# --------------------------------------------------------------------------- #
-# DPO
-# --------------------------------------------------------------------------- #
-def dpo_loss(
-    policy_chosen_logps: Array,
-    policy_rejected_logps: Array,
-    ref_chosen_logps: Array,
-    ref_rejected_logps: Array,
-    *,
-    beta: float,
-    label_smoothing: float = 0.0,
-    pair_mask: Array | None = None,
-    axis_name: AxisName = None,
-) -> tuple[Array, Metrics]:
-    """DPO (sigmoid loss, optional conservative label smoothing).
-
-    `h = (pc - rc) - (pr - rr)`,
-    `loss_i = -(1 - e) log_sigmoid(beta h) - e log_sigmoid(-beta h)`.
-    Inputs are `[N]`; see `mmpo_loss` for `pair_mask` and `axis_name`.
-    """
-    (pc, pr, rc, rr), mask = _prepare(
-        (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps),
-        pair_mask,
-    )
-    red = _Reducer(mask, axis_name)
-    logits = beta * ((pc - rc) - (pr - rr))
-    per_pair = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(
-        logits
-    ) - label_smoothing * jax.nn.log_sigmoid(-logits)
-    loss = red.mean(per_pair)
-    metrics: Metrics = {
-        "loss": loss,
-        "logps/chosen": red.mean(pc),
-        "logps/rejected": red.mean(pr),
-        **_implicit_reward_metrics(red, beta * (pc - rc), beta * (pr - rr)),
-    }
-    return loss, _stop_metrics(metrics, loss)
+    return loss, stop_metrics(metrics, loss)
 
 
 # --------------------------------------------------------------------------- #
@@ -291,17 +162,17 @@ def simpo_loss(
     The inputs are expected to be length-averaged sequence log-probs `[N]`;
     `gamma` is the target margin in reward units (TRL's `simpo_gamma`).
     """
-    (pc, pr), mask = _prepare((policy_chosen_logps, policy_rejected_logps), pair_mask)
-    red = _Reducer(mask, axis_name)
+    (pc, pr), mask = prepare((policy_chosen_logps, policy_rejected_logps), pair_mask)
+    red = Reducer(mask, axis_name)
     per_pair = -jax.nn.log_sigmoid(beta * (pc - pr) - gamma)
     loss = red.mean(per_pair)
     metrics: Metrics = {
         "loss": loss,
         "logps/chosen": red.mean(pc),
         "logps/rejected": red.mean(pr),
-        **_implicit_reward_metrics(red, beta * pc, beta * pr),
+        **reward_metrics(red, beta * pc, beta * pr),
     }
-    return loss, _stop_metrics(metrics, loss)
+    return loss, stop_metrics(metrics, loss)
 
 
 # --------------------------------------------------------------------------- #
@@ -359,17 +230,10 @@ def sft_loss(
     if chosen_tokens is not None:
         # token counts are data: never differentiated
         inputs = inputs + (lax.stop_gradient(jnp.asarray(chosen_tokens)),)
-    cleaned, mask = _prepare(inputs, pair_mask)
+    cleaned, mask = prepare(inputs, pair_mask)
     pc, pr = cleaned[:2]
-    red = _Reducer(mask, axis_name)
-    if chosen_tokens is None:
-        loss = -red.mean(pc)
-    else:
-        # global sums divided once, so the result is the token mean of the whole
-        # batch however its pairs are split over devices
-        total_logp = _psum(jnp.sum(pc), axis_name)  # padding pairs are already 0
-        total_tokens = _psum(jnp.sum(cleaned[-1]), axis_name)
-        loss = -total_logp / jnp.maximum(total_tokens, 1.0)
+    red = Reducer(mask, axis_name)
+    loss = -red.mean(pc) if chosen_tokens is None else token_mean_nll(pc, cleaned[-1], axis_name)
     metrics: Metrics = {
         "loss": loss,
         "logps/chosen": red.mean(pc),
@@ -377,13 +241,8 @@ def sft_loss(
     }
     if with_ref:
         rc, rr = cleaned[2:4]
-        metrics.update(_implicit_reward_metrics(red, beta * (pc - rc), beta * (pr - rr)))
-    return loss, _stop_metrics(metrics, loss)
-
-
-def _stop_metrics(metrics: Metrics, loss: Array) -> Metrics:
-    """Metrics are reported values, never differentiated (the loss excepted)."""
-    return {k: (loss if k == "loss" else lax.stop_gradient(v)) for k, v in metrics.items()}
+        metrics.update(reward_metrics(red, beta * (pc - rc), beta * (pr - rr)))
+    return loss, stop_metrics(metrics, loss)
 
 
 def configured_loss(

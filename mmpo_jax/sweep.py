@@ -12,8 +12,8 @@ and `mmpo-beta1.0-aux_weight0` (the dpo and simpo combinations become the same
 mmpo runs). The overrides of a run apply after the config's and the sweep's own
 `key=value` overrides; `train.output_dir` is set to `OUT/<name>`.
 
-Names. A run's name joins its overrides in order with '-': `loss.name`'s value alone
-(`mmpo`), a number as key+value (`beta0.1`), other values as key_value
+Names. A run's name joins its overrides in order with '-': `loss.name`'s and
+`loss.loss_type`'s values alone (`dpo-ipo`, `dpo-sigmoid_sft` for `[sigmoid,sft]`), a number as key+value (`beta0.1`), other values as key_value
 (`normalize_none`). The key is its last part (`aux_weight`), or the whole key with
 '_' for '.' when two swept keys share a last part. No overrides at all: `base`.
 
@@ -171,9 +171,10 @@ def _number(text: str) -> bool:
 
 
 def name_part(key: str, value: str, label: str) -> str:
-    """One override in a run name: `mmpo` for loss.name, `beta0.1`, `normalize_none`."""
+    """One override in a run name: `mmpo` for loss.name, `ipo` / `sigmoid_sft` for
+    loss.loss_type, `beta0.1`, `normalize_none`."""
     clean = re.sub(r"[^A-Za-z0-9.+-]+", "_", value).strip("_") or "empty"
-    if key == "loss.name":
+    if key in ("loss.name", "loss.loss_type"):
         return clean
     return f"{label}{clean}" if _number(value) else f"{label}_{clean}"
 

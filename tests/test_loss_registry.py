@@ -34,7 +34,10 @@ def test_both_functions_take_what_the_declaration_says(name):
         positional = [p for p, v in params.items() if v.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
         assert set(spec.options) <= keywords, (fn, spec.options, keywords)
         assert ("entropy" in keywords) == spec.entropy
-        assert ("chosen_tokens" in keywords) == spec.token_mean
+        for count in ("chosen_tokens", "rejected_tokens"):
+            assert (count in keywords) == (count in spec.token_counts), (fn, count)
+        assert ("averaged" in keywords) == spec.reads_averaged
+        assert ("chosen_sequence_logps" in keywords) == spec.sequence_nll
         assert {"beta", "pair_mask"} <= keywords
         # reference log-probs are the 3rd and 4th arguments exactly when the loss may read them
         assert len(positional) == (2 if spec.reference_use == "unused" else 4), positional
@@ -48,11 +51,13 @@ def _inputs(rng, pairs, *, reference, entropy, tokens, module):
     pc[-1] = np.nan
     ent = rng.uniform(0.5, 3.0, pairs)
     tok = rng.integers(3, 30, (pairs,)).astype(np.float64)
+    seq, seq_tok = rng.uniform(-300, -50, pairs), tok + rng.integers(5, 40, (pairs,))
     conv = {"jax": jax.numpy.asarray, "torch": torch.as_tensor, "np": np.asarray}[module]
     return LossInputs(
         conv(pc), conv(pr), conv(rc) if reference else None, conv(rr) if reference else None,
         chosen_tokens=conv(tok) if tokens else None, rejected_tokens=conv(tok) if tokens else None,
         entropy=conv(ent) if entropy else None, pair_mask=conv(mask),
+        chosen_sequence_logps=conv(seq), chosen_sequence_tokens=conv(seq_tok),
     )
 
 
@@ -108,12 +113,13 @@ def test_used_inputs_keeps_only_what_the_loss_reads():
 
 def test_the_config_reads_its_choices_and_defaults_from_the_registry():
     # the contract's defaults (docs/losses.md), written out here as the independent statement
-    contract = {"mmpo": (0.1, False), "dpo": (0.1, False), "simpo": (2.0, True), "sft": (0.1, False)}
+    contract = {"mmpo": (0.1, False), "dpo": (0.1, False), "simpo": (2.0, True), "sft": (0.1, False),
+                "cpo": (0.1, False), "orpo": (0.1, True)}
     assert set(contract) == set(R.LOSS_NAMES)
     for name, (beta, average) in contract.items():
         lc = load_config(None, [f"loss.name={name}"]).loss
         assert (lc.beta, lc.average_logps) == (beta, average), name
-    assert R.REFERENCE_FREE_LOSSES == ("simpo", "sft")
+    assert R.REFERENCE_FREE_LOSSES == ("simpo", "sft", "cpo", "orpo")
     with pytest.raises(Exception, match="SimPO always uses length-averaged"):
         load_config(None, ["loss.name=simpo", "loss.average_logps=false"])
 
@@ -131,4 +137,11 @@ def test_losses_all_runs_every_registered_loss(capsys):
     from mmpo_jax import cli
 
     assert cli.main(["losses", "--all", "--json"]) == 0
-    assert list(json.loads(capsys.readouterr().out)) == list(R.LOSS_NAMES)
+    got = json.loads(capsys.readouterr().out)
+    expected = list(R.LOSS_NAMES) + [f"dpo:{k}" for k in R.DPO_LOSS_TYPES if k != "sigmoid"]
+    expected += [f"cpo:{k}" for k in R.CPO_LOSS_TYPES if k != "sigmoid"] + ["dpo:sigmoid+sft"]
+    assert list(got) == expected
+    for label, metrics in got.items():
+        assert all(np.isfinite(v) for v in metrics.values()), label
+    assert got["dpo:sigmoid+sft"]["loss"] == pytest.approx(
+        got["dpo"]["loss"] + got["dpo:sigmoid+sft"]["loss/sft"], rel=1e-6)

@@ -56,6 +56,15 @@ def test_parse_grid_and_also():
         parse_also("  ")
 
 
+def test_a_grid_over_dpo_loss_types_and_mixtures():
+    from mmpo_jax.config import load_config
+
+    runs = expand([parse_grid("loss.name=[dpo]"), parse_grid("loss.loss_type=[sigmoid,ipo,[sigmoid,sft]]")])
+    assert [r.name for r in runs] == ["dpo-sigmoid", "dpo-ipo", "dpo-sigmoid_sft"]
+    kinds = [load_config(None, r.override_list()).loss.loss_type for r in runs]
+    assert kinds == ["sigmoid", "ipo", ["sigmoid", "sft"]]
+
+
 def test_expand_grid_with_ablation_runs_and_names():
     axes = [parse_grid("loss.name=[mmpo,dpo,simpo]"), parse_grid("loss.beta=[0.01,0.05,0.1,0.5,1.0]")]
     runs = expand(axes, [parse_also("loss.name=mmpo loss.aux_weight=0")])

@@ -119,8 +119,8 @@ def _micro_logps(trainer, batch, n):
     out = []
     for a in range(n):
         ids, mask = batch["input_ids"][a::n], batch["loss_mask"][a::n]
-        pol, _ = pair_logps(sdef.policy(state), ids, mask, average=False, chunk=64)
-        ref, _ = pair_logps(sdef.reference(state), ids, mask, average=False, chunk=64)
+        pol = pair_logps(sdef.policy(state), ids, mask, average=False, chunk=64).logps
+        ref = pair_logps(sdef.reference(state), ids, mask, average=False, chunk=64).logps
         out.append((pol, ref))
     return out
 

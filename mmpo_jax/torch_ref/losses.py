@@ -16,87 +16,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-Tensor = torch.Tensor
+from mmpo_jax.torch_ref.pairs import Tensor, _Batch, _reward_metrics, _token_mean_nll
+from mmpo_jax.torch_ref.trl_losses import cpo_loss, dpo_loss, orpo_loss
 
-
-class _GlobalSum(torch.autograd.Function):
-    """Sum over the group; the backward passes the gradient through unchanged.
-
-    Every process evaluates the same global loss and seeds its own backward with
-    1, so d(loss)/d(local sum) is just the incoming gradient. (torch's
-    differentiable all_reduce would sum the seeds too: the gradient of the sum
-    of the processes' identical losses, `world_size` times too large.)
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, group) -> Tensor:
-        import torch.distributed as dist
-
-        y = x.clone()
-        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=group)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return grad, None
-
-
-def _all_reduce(x: Tensor, op: str, group) -> Tensor:
-    if group is None:
-        return x
-    import torch.distributed as dist
-
-    if op == "sum":
-        return _GlobalSum.apply(x, group)
-    y = x.detach().clone()
-    dist.all_reduce(y, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX, group=group)
-    return y
-
-
-class _Batch:
-    """Per-pair tensors with padding pairs removed from all statistics."""
-
-    def __init__(self, tensors: list[Tensor], pair_mask: Tensor | None, group):
-        dtype = torch.promote_types(tensors[0].dtype, torch.float32)
-        for t in tensors[1:]:
-            dtype = torch.promote_types(dtype, t.dtype)
-        self.tensors = [t.to(dtype) for t in tensors]
-        n = self.tensors[0].shape[0]
-        if pair_mask is None:
-            self.real = torch.ones(n, dtype=torch.bool, device=self.tensors[0].device)
-        else:
-            self.real = pair_mask.to(self.tensors[0].device) > 0
-        # padding pairs are set to 0 so nothing they hold reaches loss or gradient
-        self.tensors = [
-            torch.where(self.real, t, torch.zeros((), dtype=dtype, device=t.device))
-            for t in self.tensors
-        ]
-        self.dtype = dtype
-        self.group = group
-        self.n_real = _all_reduce(self.real.to(dtype).sum(), "sum", group)
-
-    def average(self, values: Tensor) -> Tensor:
-        kept = torch.where(self.real, values, values.new_zeros(()))
-        total = _all_reduce(kept.sum(), "sum", self.group)
-        return total / torch.clamp(self.n_real, min=1.0)
-
-    def fraction_true(self, cond: Tensor) -> Tensor:
-        return self.average(cond.to(self.dtype))
-
-    def extreme(self, values: Tensor, largest: bool) -> Tensor:
-        fill = float("-inf") if largest else float("inf")
-        kept = torch.where(self.real, values, values.new_full((), fill))
-        local = kept.max() if largest else kept.min()
-        return _all_reduce(local, "max" if largest else "min", self.group)
-
-
-def _reward_metrics(b: _Batch, chosen_reward: Tensor, rejected_reward: Tensor) -> dict:
-    return {
-        "rewards/chosen": b.average(chosen_reward).detach(),
-        "rewards/rejected": b.average(rejected_reward).detach(),
-        "rewards/margins": b.average(chosen_reward - rejected_reward).detach(),
-        "rewards/accuracies": b.fraction_true(chosen_reward > rejected_reward).detach(),
-    }
+__all__ = ["cpo_loss", "dpo_loss", "mmpo_loss", "orpo_loss", "sft_loss", "simpo_loss"]
 
 
 def mmpo_loss(
@@ -162,38 +85,6 @@ def mmpo_loss(
     return loss, metrics
 
 
-def dpo_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    *,
-    beta: float,
-    label_smoothing: float = 0.0,
-    pair_mask: Tensor | None = None,
-    group=None,
-) -> tuple[Tensor, dict]:
-    """DPO with conservative label smoothing; returns (loss, metrics)."""
-    b = _Batch(
-        [policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps],
-        pair_mask,
-        group,
-    )
-    pc, pr, rc, rr = b.tensors
-    chosen_logratio = pc - rc
-    rejected_logratio = pr - rr
-    z = beta * (chosen_logratio - rejected_logratio)
-    per_pair = -(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
-    loss = b.average(per_pair)
-    metrics = {
-        "loss": loss,
-        "logps/chosen": b.average(pc).detach(),
-        "logps/rejected": b.average(pr).detach(),
-        **_reward_metrics(b, beta * chosen_logratio, beta * rejected_logratio),
-    }
-    return loss, metrics
-
-
 def simpo_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -243,13 +134,7 @@ def sft_loss(
         tensors += [ref_chosen_logps, ref_rejected_logps]
     b = _Batch(tensors, pair_mask, group)
     pc, pr = b.tensors[0], b.tensors[1]
-    if chosen_tokens is None:
-        loss = -b.average(pc)
-    else:
-        tokens = torch.where(b.real, chosen_tokens.detach().to(b.dtype), pc.new_zeros(()))
-        token_count = _all_reduce(tokens.sum(), "sum", group).detach()
-        chosen_logp = _all_reduce(torch.where(b.real, pc, pc.new_zeros(())).sum(), "sum", group)
-        loss = -chosen_logp / torch.clamp(token_count, min=1.0)
+    loss = -b.average(pc) if chosen_tokens is None else _token_mean_nll(b, pc, chosen_tokens)
     metrics = {
         "loss": loss,
         "logps/chosen": b.average(pc).detach(),

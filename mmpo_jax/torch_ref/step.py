@@ -65,9 +65,12 @@ def peft_name(torch_name: str) -> str:
 
 
 def pair_logps(model: nn.Module, input_ids: np.ndarray, loss_mask: np.ndarray, *, average: bool,
-               entropy_estimator: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`[pairs, 2]` sequence log-probs and the `[pairs]` entropy bonus (see
-    `mmpo_jax.train.pair_logps` for the estimators' definitions)."""
+               entropy_estimator: str | None, chosen_sequence: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+    """`[pairs, 2]` sequence log-probs, the `[pairs]` entropy bonus and, with
+    `chosen_sequence`, the chosen rows' log-prob sum and token count over every token
+    from the second to the last completion token (see `mmpo_jax.train.pair_logps` for
+    the definitions)."""
     pairs, two, seq = input_ids.shape
     ids = torch.as_tensor(input_ids.reshape(pairs * two, seq), dtype=torch.long)
     mask = torch.as_tensor(loss_mask.reshape(pairs * two, seq), dtype=torch.float32)
@@ -88,7 +91,15 @@ def pair_logps(model: nn.Module, input_ids: np.ndarray, loss_mask: np.ndarray, *
             h = h + h.detach() * prefix * mask
         e = h.sum(-1)
         entropy = (e / count if average else e).reshape(pairs, two).mean(dim=1)
-    return seq_logps, entropy
+    whole = None
+    if chosen_sequence:
+        chosen_mask = loss_mask[:, 0]
+        last = np.array([np.flatnonzero(row).max() if row.any() else 0 for row in chosen_mask])
+        positions = np.arange(seq)
+        covered = torch.as_tensor((positions >= 1) & (positions <= last[:, None]), dtype=torch.float32)
+        chosen_tok = tok.reshape(pairs, two, seq)[:, 0]
+        whole = ((chosen_tok * covered).sum(-1), covered.sum(-1))
+    return seq_logps, entropy, whole
 
 
 def configured_loss(loss_cfg: LossConfig, inputs: LossInputs) -> tuple[torch.Tensor, dict]:
@@ -116,21 +127,22 @@ def step_loss_and_grads(
     sums: dict[str, float] = {}
     for a in range(n):
         mb = {k: v[a::n] for k, v in batch.items()}
-        logps, entropy = pair_logps(policy, mb["input_ids"], mb["loss_mask"], average=loss_cfg.average_logps,
-                                    entropy_estimator=estimator)
+        logps, entropy, whole = pair_logps(policy, mb["input_ids"], mb["loss_mask"],
+                                           average=loss_cfg.average_logps, entropy_estimator=estimator,
+                                           chosen_sequence=spec.sequence_nll)
         ref = None
         # a loss that reads a reference only for its metrics (sft) gets one when the run has it
         has_reference = reference is not None or "ref_logps" in mb
         if spec.reference_use == "required" or (spec.reference_use == "metrics_only" and has_reference):
             if reference is not None:
                 with torch.no_grad():
-                    ref, _ = pair_logps(reference, mb["input_ids"], mb["loss_mask"],
+                    ref, _, _ = pair_logps(reference, mb["input_ids"], mb["loss_mask"],
                                         average=loss_cfg.average_logps, entropy_estimator=None)
             else:
                 ref = torch.as_tensor(mb["ref_logps"], dtype=torch.float32)
         tokens = torch.as_tensor(mb["loss_mask"].sum(-1), dtype=torch.float32)  # [pairs, 2]
         pair_mask = torch.as_tensor(mb["pair_mask"], dtype=torch.float32)
-        inputs = LossInputs.from_pairs(logps, tokens, pair_mask, ref=ref, entropy=entropy)
+        inputs = LossInputs.from_pairs(logps, tokens, pair_mask, ref=ref, entropy=entropy, chosen_sequence=whole)
         loss, metrics = configured_loss(loss_cfg, inputs)
         (loss / n).backward()
         for k, v in metrics.items():

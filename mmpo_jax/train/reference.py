@@ -110,7 +110,7 @@ class ReferenceMode:
         model = self.model(sdef, state)
         if model is None:
             return None
-        logps, _ = pair_logps(model, batch["input_ids"], batch["loss_mask"], average=average, chunk=chunk)
+        logps = pair_logps(model, batch["input_ids"], batch["loss_mask"], average=average, chunk=chunk).logps
         return jax.lax.stop_gradient(logps)
 
     def source(self, cfg: RunConfig) -> str:

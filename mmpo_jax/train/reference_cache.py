@@ -105,8 +105,8 @@ def compute_table(cfg: RunConfig, model: Llama, data: PreferenceData, mesh: jax.
 
     @jax.jit
     def logps(state, ids, mask):
-        out, _ = pair_logps(nnx.merge(graphdef, state), ids, mask, average=cfg.loss.average_logps,
-                            chunk=cfg.model.logprob_chunk)
+        out = pair_logps(nnx.merge(graphdef, state), ids, mask, average=cfg.loss.average_logps,
+                       chunk=cfg.model.logprob_chunk).logps
         return jax.lax.with_sharding_constraint(out, replicated)
 
     bs = cfg.data.batch_size

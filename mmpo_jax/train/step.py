@@ -105,16 +105,18 @@ def _forward_loss(
     lc = scfg.loss
     assert lc.average_logps is not None, "the step reads a settled LossConfig"
     policy = sdef.policy(state, trainable)
-    logps, entropy = pair_logps(
+    out = pair_logps(
         policy, batch["input_ids"], batch["loss_mask"], average=lc.average_logps,
         chunk=scfg.logprob_chunk, entropy_estimator=loss_registry.entropy_estimator(lc), dropout_key=dropout_key,
+        chosen_sequence=loss_registry.spec_of(lc.name).sequence_nll,
     )
     ref = _reference_logps(sdef, scfg, state, batch)
     pair_mask = batch.get("pair_mask")
-    pair_mask = jnp.ones(logps.shape[:1], jnp.float32) if pair_mask is None else pair_mask.astype(jnp.float32)
+    pair_mask = jnp.ones(out.logps.shape[:1], jnp.float32) if pair_mask is None else pair_mask.astype(jnp.float32)
     # completion tokens per answer (data): SFT's token mean divides by the chosen ones
     tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32), axis=-1)
-    inputs = LossInputs.from_pairs(logps, tokens, pair_mask, ref=ref, entropy=entropy)
+    inputs = LossInputs.from_pairs(out.logps, tokens, pair_mask, ref=ref, entropy=out.entropy,
+                                   chosen_sequence=out.chosen_sequence)
     return loss_on_mesh(lc, mesh, inputs)
 
 
