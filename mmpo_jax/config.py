@@ -217,6 +217,14 @@ def _resolve_reference(cfg: RunConfig) -> RunConfig:
             mode = "lora_base" if model.lora.rank > 0 and not model.reference_path else "separate"
         model = dataclasses.replace(model, reference=mode)  # type: ignore[arg-type]  # one of the Literal's
         cfg = dataclasses.replace(cfg, model=model)
+    if model.sync_reference and model.reference != "separate":
+        why = {
+            "lora_base": "the reference is the policy's own base weights, nothing to mix into",
+            "precomputed": "the precomputed log-probs are of a fixed reference",
+            "none": f"loss.name={loss.name} runs without a reference",
+        }[model.reference]
+        raise ConfigError(f"model.sync_reference=true needs model.reference=separate (it is "
+                          f"{model.reference}: {why}); set model.sync_reference=false or use separate")
     if loss.name not in REFERENCE_FREE_LOSSES and model.reference == "none":
         raise ConfigError(
             f"model.reference=none: loss.name={loss.name} needs reference log-probs; "

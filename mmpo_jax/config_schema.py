@@ -188,6 +188,12 @@ class ModelConfig:
     reference: Literal["auto", "separate", "lora_base", "precomputed", "none"] = "auto"
     # Another checkpoint as the reference (HF dir, hub id, .gguf); "" = the initial policy.
     reference_path: str = ""
+    # TR-DPO (TRL's sync_ref_model): every reference_sync_steps optimizer steps the
+    # reference becomes (1 - reference_mixup_alpha) x itself + reference_mixup_alpha x
+    # the policy. `separate` references of full fine-tuning only; part of the checkpoint.
+    sync_reference: bool = False
+    reference_mixup_alpha: float = 0.6
+    reference_sync_steps: int = 512
 
     def validate(self, prefix: str) -> None:
         self.init.validate(f"{prefix}.init")
@@ -201,6 +207,14 @@ class ModelConfig:
                    f"is only used by model.reference=separate or precomputed (not {self.reference})")
         _check(0.0 <= self.dropout < 1.0, prefix, "dropout", self.dropout, "must be in [0, 1)")
         _check(self.logprob_chunk >= 1, prefix, "logprob_chunk", self.logprob_chunk, "must be >= 1")
+        _check(0.0 <= self.reference_mixup_alpha <= 1.0, prefix, "reference_mixup_alpha",
+               self.reference_mixup_alpha, "must be in [0, 1]")
+        _check(self.reference_sync_steps >= 1, prefix, "reference_sync_steps", self.reference_sync_steps,
+               "must be >= 1")
+        if self.sync_reference:
+            _check(self.lora.rank == 0, prefix, "sync_reference", self.sync_reference,
+                   "mixes the policy's weights into the reference: full fine-tuning only "
+                   "(model.lora.rank=0), as TRL refuses sync_ref_model with PEFT")
 
 
 @dataclass(frozen=True)

@@ -173,6 +173,10 @@ def test_trl_dpo_loss_types_and_mixtures_carry_over(run_cli):
     # older TRL's rpo_alpha is the [sigmoid, sft] mixture
     rpo = recipes.convert_recipe({"rpo_alpha": 0.5})
     assert rpo.config["loss"] == {"name": "dpo", "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]}
+    # TR-DPO's keys
+    tr = recipes.convert_recipe({"sync_ref_model": True, "ref_model_mixup_alpha": 0.5, "ref_model_sync_steps": 64})
+    assert tr.config["model"] == {"sync_reference": True, "reference_mixup_alpha": 0.5, "reference_sync_steps": 64}
+    assert recipes.finalize(tr)[1].model.reference_sync_steps == 64
     # a list of one is that loss type
     one = recipes.convert_recipe({"loss_type": ["hinge"]})
     assert one.config["loss"] == {"name": "dpo", "loss_type": "hinge"}

@@ -60,6 +60,7 @@ def model(recipe: Recipe) -> Part:
         )
     part.add(precision(recipe))
     part.add(carry(recipe, "gradient_checkpointing"))
+    part.add(carry(recipe, "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps"))
     kwargs = part.raw("gradient_checkpointing_kwargs")
     if part.values.get("model.remat") == "full" and not is_off(kwargs):
         part.skip(

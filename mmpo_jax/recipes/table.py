@@ -68,6 +68,9 @@ TABLE: dict[str, KeyMap] = {
     "adam_beta2": KeyMap("optim.b2", as_float, checked=True),
     "adam_epsilon": KeyMap("optim.eps", as_float, checked=True),
     "output_dir": KeyMap("train.output_dir", as_str, nonempty=True),
+    "sync_ref_model": KeyMap("model.sync_reference", as_bool),
+    "ref_model_mixup_alpha": KeyMap("model.reference_mixup_alpha", as_float, checked=True),
+    "ref_model_sync_steps": KeyMap("model.reference_sync_steps", as_int, checked=True),
 }
 
 
@@ -153,9 +156,6 @@ NOT_CARRIED: dict[str, str] = {
     "force_use_ref_model": "ours picks the reference with model.reference",
     "ref_adapter_name": "ours picks the reference with model.reference",
     "model_adapter_name": "ours picks the reference with model.reference",
-    "sync_ref_model": "ours keeps the reference fixed (no TR-DPO syncing)",
-    "ref_model_sync_steps": "ours keeps the reference fixed (no TR-DPO syncing)",
-    "ref_model_mixup_alpha": "ours keeps the reference fixed (no TR-DPO syncing)",
     "use_weighting": "ours has no WPO weighting",
     "ld_alpha": "ours has no LD-DPO length weighting",
     "tools": "ours renders no tool definitions",

@@ -99,6 +99,8 @@ def step_config(cfg: RunConfig, schedule: Callable[[jax.Array], jax.Array], opti
         logprob_chunk=cfg.model.logprob_chunk,
         schedule=schedule,
         dropout=options.uses_dropout,
+        reference_sync=((cfg.model.reference_sync_steps, cfg.model.reference_mixup_alpha)
+                        if cfg.model.sync_reference else None),
     )
 
 

@@ -75,6 +75,8 @@ class StepConfig:
     logprob_chunk: int | None
     schedule: Callable[[jax.Array], jax.Array]
     dropout: bool  # dropout on (model.dropout > 0) during training
+    # TR-DPO: (every N optimizer steps, mixup alpha), or None for a fixed reference
+    reference_sync: tuple[int, float] | None = None
 
 
 def _micro_batches(batch: Batch, n: int) -> Batch:
@@ -193,11 +195,27 @@ def train_step_fn(
         trainable=jax.tree.map(keep, new_trainable, state.trainable),
         opt_state=jax.tree.map(keep, new_opt, state.opt_state),
     )
+    if scfg.reference_sync is not None:
+        new_state = _synced_reference(new_state, finite, *scfg.reference_sync)
     metrics = dict(metrics)
     metrics["grad_norm"] = optax.global_norm(grads)
     metrics["learning_rate"] = scfg.schedule(state.step)
     metrics["nonfinite"] = (~finite).astype(jnp.float32)
     return new_state, metrics
+
+
+def _synced_reference(state: TrainState, applied: jax.Array, every: int, alpha: float) -> TrainState:
+    """TR-DPO (TRL's `SyncRefModelCallback`): after the optimizer steps that make
+    `state.step` a multiple of `every`, `reference = (1 - alpha) reference + alpha policy`
+    (in float32, stored back in the reference's dtype); a skipped step syncs nothing."""
+    assert state.reference is not None, "reference sync needs a stored (separate) reference"
+    sync = applied & (state.step % every == 0)
+
+    def mix(ref: jax.Array, policy: jax.Array) -> jax.Array:
+        mixed = (1.0 - alpha) * ref.astype(jnp.float32) + alpha * policy.astype(jnp.float32)
+        return jnp.where(sync, mixed.astype(ref.dtype), ref)
+
+    return dataclasses.replace(state, reference=jax.tree.map(mix, state.reference, state.trainable))
 
 
 def eval_step_fn(
