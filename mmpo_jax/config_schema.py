@@ -19,6 +19,7 @@ from mmpo_jax.loss_registry import (
     LOSS_NAMES,
     LOSSES,
     PER_TOKEN_LOSS_TYPES,
+    SORTING_LOSS_TYPES,
     mixture,
 )
 
@@ -346,6 +347,10 @@ class LossConfig:
     f_divergence_type: str = field(default="reverse_kl", metadata={"choices": F_DIVERGENCE_TYPES})
     f_alpha_divergence_coef: float = 0.5
     discopop_tau: float = 0.05
+    # dpo: WPO's weights (TRL's use_weighting) on every component; LD-DPO's weight of
+    # the longer answer's tail tokens, policy and reference alike (TRL's ld_alpha; None: off)
+    use_weighting: bool = False
+    ld_alpha: float | None = None
     # the target margin (simpo, cpo's simpo); None: the loss's own (1.0 simpo, 0.5 cpo)
     gamma: float | None = None
     cpo_alpha: float = 1.0  # cpo: weight of the chosen answers' NLL
@@ -394,6 +399,10 @@ class LossConfig:
 
     def _validate_loss_types(self, prefix: str) -> None:
         kinds = mixture(self)
+        if self.name != "dpo":
+            _check(not self.use_weighting, prefix, "use_weighting", self.use_weighting,
+                   "is WPO's weighting of DPO's loss types: loss.name=dpo only")
+            _check(self.ld_alpha is None, prefix, "ld_alpha", self.ld_alpha, "is LD-DPO's: loss.name=dpo only")
         if not kinds:
             _check(self.loss_type == "sigmoid" and self.loss_weights is None, prefix, "loss_type",
                    self.loss_type, f"loss.name={self.name} has no loss types (dpo and cpo have); "
@@ -428,6 +437,17 @@ class LossConfig:
                "set loss.average_logps=false")
         _check("exo_pair" not in kinds or self.label_smoothing > 0, prefix, "label_smoothing",
                self.label_smoothing, "loss_type exo_pair needs label_smoothing > 0 (the EXO paper uses 1e-3)")
+        sorting = [k for k in kinds if k in SORTING_LOSS_TYPES]
+        _check(not (self.use_weighting and sorting), prefix, "use_weighting", self.use_weighting,
+               f"does not apply to loss_type {', '.join(sorting)} (it sorts the pairs, so per-pair weights "
+               "would not line up; TRL refuses it too)")
+        if self.ld_alpha is not None:
+            _check(0.0 <= self.ld_alpha <= 1.0, prefix, "ld_alpha", self.ld_alpha, "must be in [0, 1] (or null)")
+            _check(not self.average_logps, prefix, "average_logps", self.average_logps,
+                   "LD-DPO (loss.ld_alpha) weighs sequence sums; set loss.average_logps=false")
+            _check("sft" not in kinds, prefix, "ld_alpha", self.ld_alpha,
+                   "with the sft loss type is not supported here yet (TRL's sft term reads the unweighted "
+                   "log-probs); drop sft or loss.ld_alpha")
 
 
 @dataclass(frozen=True)

@@ -36,18 +36,22 @@ DEFAULT_CHUNK = 256
 # Naive reference: the full [B, T, V] logits (tests only)
 # --------------------------------------------------------------------------- #
 def token_logps_naive(
-    hidden: jax.Array, kernel: jax.Array, targets: jax.Array, *, with_entropy: bool = False
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+    hidden: jax.Array, kernel: jax.Array, targets: jax.Array, *, with_entropy: bool = False,
+    with_log_sum_sq: bool = False,
+) -> jax.Array | tuple[jax.Array, ...]:
     """`log softmax(hidden @ kernel)[targets]` `[B, T]` (and the entropy `[B, T]` of
-    each position's distribution), through the full float32 logits. For tests."""
+    each position's distribution, and `log sum_v p_v^2`), through the full float32
+    logits. For tests."""
     logits = jnp.einsum("btd,dv->btv", hidden, kernel, preferred_element_type=jnp.float32)
     logits = logits.astype(jnp.float32)
     logp_all = jax.nn.log_softmax(logits, axis=-1)
     logps = jnp.take_along_axis(logp_all, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    if not with_entropy:
-        return logps
-    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
-    return logps, entropy
+    extras = []
+    if with_entropy:
+        extras.append(-jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1))
+    if with_log_sum_sq:
+        extras.append(jax.lax.stop_gradient(jax.nn.logsumexp(2.0 * logp_all, axis=-1)))
+    return (logps, *extras) if extras else logps
 
 
 # --------------------------------------------------------------------------- #
@@ -60,13 +64,15 @@ def token_logps_chunked(
     *,
     chunk: int = DEFAULT_CHUNK,
     with_entropy: bool = False,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+    with_log_sum_sq: bool = False,
+) -> jax.Array | tuple[jax.Array, ...]:
     """Same values as `token_logps_naive` (and gradients w.r.t. `hidden` and `kernel`),
     `chunk` sequence positions at a time: no `[B, T, V]` array exists, forward or
     backward. A sequence length that `chunk` does not divide is padded internally.
 
     hidden `[B, T, D]`, kernel `[D, V]`, targets `[B, T]` int -> float32 `[B, T]`
-    (and the float32 entropy `[B, T]` with `with_entropy`).
+    (then the float32 entropy `[B, T]` with `with_entropy`, and with `with_log_sum_sq`
+    `log sum_v p_v^2` `[B, T]`, WPO's weight statistic: no gradient flows through it).
     """
     b, t, _ = hidden.shape
     chunk = max(1, min(int(chunk), t))
@@ -75,9 +81,13 @@ def token_logps_chunked(
     if pad:
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
         targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    logps, entropy = _chunked(hidden, kernel, targets.astype(jnp.int32), chunk, with_entropy)
-    logps, entropy = logps[:, :t], entropy[:, :t]
-    return (logps, entropy) if with_entropy else logps
+    logps, entropy, sum_sq = _chunked(hidden, kernel, targets.astype(jnp.int32), chunk, with_entropy,
+                                      with_log_sum_sq)
+    extras = [entropy[:, :t]] if with_entropy else []
+    if with_log_sum_sq:
+        extras.append(jax.lax.stop_gradient(sum_sq[:, :t]))
+    logps = logps[:, :t]
+    return (logps, *extras) if extras else logps
 
 
 def _to_chunks(x: jax.Array, chunk: int) -> jax.Array:
@@ -98,43 +108,43 @@ def _chunk_logits(h: jax.Array, kernel: jax.Array) -> jax.Array:
     )
 
 
-def _forward_stats(hidden, kernel, targets, chunk, with_entropy):
-    """(logps, entropy, lse) `[B, T]` each, one chunk of logits at a time (entropy
-    zeros unless `with_entropy`)."""
+def _forward_stats(hidden, kernel, targets, chunk, with_entropy, with_log_sum_sq=False):
+    """(logps, entropy, lse, log_sum_sq) `[B, T]` each, one chunk of logits at a time
+    (entropy and log_sum_sq zeros unless asked for)."""
 
     def step(_, xs):
         h, tgt = xs
         logits = _chunk_logits(h, kernel)
         lse = jax.nn.logsumexp(logits, axis=-1)
         tgt_logit = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
+        logp_all = logits - lse[..., None]
         if with_entropy:
             # H = -sum_v p_v log p_v, on the normalised log-probs (no cancellation).
-            logp_all = logits - lse[..., None]
             entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
         else:
             entropy = jnp.zeros_like(lse)
-        return None, (tgt_logit - lse, entropy, lse)
+        sum_sq = jax.nn.logsumexp(2.0 * logp_all, axis=-1) if with_log_sum_sq else jnp.zeros_like(lse)
+        return None, (tgt_logit - lse, entropy, lse, sum_sq)
 
-    _, (logps, entropy, lse) = jax.lax.scan(
-        step, None, (_to_chunks(hidden, chunk), _to_chunks(targets, chunk))
-    )
-    return _from_chunks(logps), _from_chunks(entropy), _from_chunks(lse)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _chunked(hidden, kernel, targets, chunk, with_entropy):
-    logps, entropy, _ = _forward_stats(hidden, kernel, targets, chunk, with_entropy)
-    return logps, entropy
+    _, stats = jax.lax.scan(step, None, (_to_chunks(hidden, chunk), _to_chunks(targets, chunk)))
+    return tuple(_from_chunks(x) for x in stats)
 
 
-def _chunked_fwd(hidden, kernel, targets, chunk, with_entropy):
-    logps, entropy, lse = _forward_stats(hidden, kernel, targets, chunk, with_entropy)
-    return (logps, entropy), (hidden, kernel, targets, lse, entropy)
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _chunked(hidden, kernel, targets, chunk, with_entropy, with_log_sum_sq):
+    logps, entropy, _, sum_sq = _forward_stats(hidden, kernel, targets, chunk, with_entropy, with_log_sum_sq)
+    return logps, entropy, sum_sq
 
 
-def _chunked_bwd(chunk, with_entropy, res, cotangents):
+def _chunked_fwd(hidden, kernel, targets, chunk, with_entropy, with_log_sum_sq):
+    logps, entropy, lse, sum_sq = _forward_stats(hidden, kernel, targets, chunk, with_entropy, with_log_sum_sq)
+    return (logps, entropy, sum_sq), (hidden, kernel, targets, lse, entropy)
+
+
+def _chunked_bwd(chunk, with_entropy, with_log_sum_sq, res, cotangents):
+    # log_sum_sq carries no gradient (token_logps_chunked stops it): its cotangent is 0
     hidden, kernel, targets, lse, entropy = res
-    g_logp, g_ent = cotangents
+    g_logp, g_ent, _ = cotangents
     g_logp = jnp.zeros_like(lse) if g_logp is None else g_logp.astype(jnp.float32)
     g_ent = jnp.zeros_like(lse) if g_ent is None else g_ent.astype(jnp.float32)
     d, v = kernel.shape
@@ -190,25 +200,26 @@ def shifted_token_logps(
     *,
     chunk: int | None = DEFAULT_CHUNK,
     with_entropy: bool = False,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+    with_log_sum_sq: bool = False,
+) -> jax.Array | tuple[jax.Array, ...]:
     """The shift, once: from the hidden states of `input_ids`, `logps[:, t] = log p(
     input_ids[:, t] | input_ids[:, :t])` for t >= 1 and 0 at t = 0 (aligned with
     `input_ids`). With `with_entropy`, `entropy[:, t]` is the entropy of the same
-    distribution (the one that predicts token t; 0 at t = 0). `chunk=None`: the
-    naive full-logits path (tests)."""
+    distribution (the one that predicts token t; 0 at t = 0), and with
+    `with_log_sum_sq` its `log sum_v p_v^2` (no gradient). `chunk=None`: the naive
+    full-logits path (tests)."""
     # hidden[:, t] predicts input_ids[:, t + 1]; the last position predicts nothing.
     targets = jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)
+    flags = dict(with_entropy=with_entropy, with_log_sum_sq=with_log_sum_sq)
     if chunk is None:
-        out = token_logps_naive(hidden, kernel, targets, with_entropy=with_entropy)
+        out = token_logps_naive(hidden, kernel, targets, **flags)
     else:
-        out = token_logps_chunked(hidden, kernel, targets, chunk=chunk, with_entropy=with_entropy)
+        out = token_logps_chunked(hidden, kernel, targets, chunk=chunk, **flags)
 
     def align(x):  # value for predicting t+1 at position t -> position t+1
         return jnp.concatenate([jnp.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
 
-    if with_entropy:
-        return align(out[0]), align(out[1])
-    return align(out)
+    return tuple(align(x) for x in out) if isinstance(out, tuple) else align(out)
 
 
 def model_token_logps(
@@ -217,8 +228,9 @@ def model_token_logps(
     *,
     chunk: int | None = DEFAULT_CHUNK,
     with_entropy: bool = False,
+    with_log_sum_sq: bool = False,
     dropout_key: jax.Array | None = None,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+) -> jax.Array | tuple[jax.Array, ...]:
     """Per-token log-probs `[B, T]` of `input_ids` under `model` (a `Llama`), aligned
     with `input_ids` (see the module docstring): `logps[:, t] = log p(input_ids[:, t]
     | input_ids[:, :t])`, `logps[:, 0] = 0`. Right-padded rows are fine: padding only
@@ -226,9 +238,11 @@ def model_token_logps(
 
     `chunk`: sequence positions per chunk of the LM head (`model.logprob_chunk`);
     None = the naive full-logits path (tests). With `with_entropy`, also the entropy
-    `[B, T]` of the distribution each token was drawn from.
+    `[B, T]` of the distribution each token was drawn from; with `with_log_sum_sq`, then
+    its `log sum_v p_v^2` `[B, T]` (WPO's weights; no gradient).
     """
     hidden = model(input_ids, dropout_key=dropout_key)
     return shifted_token_logps(
-        hidden, model.lm_head_kernel(), input_ids, chunk=chunk, with_entropy=with_entropy
+        hidden, model.lm_head_kernel(), input_ids, chunk=chunk, with_entropy=with_entropy,
+        with_log_sum_sq=with_log_sum_sq,
     )

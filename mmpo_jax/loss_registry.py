@@ -58,6 +58,8 @@ class LossSpec:
     # takes the chosen rows' log-prob sum and token count over every predicted token,
     # prompt included (`chosen_sequence_logps`, `chosen_sequence_tokens`)
     sequence_nll: bool = False
+    # loss.* keys the step reads for it (how log-probs are reduced, weights), not the function
+    step_options: tuple[str, ...] = ()
     # defaults of its options where they differ from the config's (`loss.gamma`)
     option_defaults: tuple[tuple[str, float], ...] = ()
     # `loss.loss_type` values whose default `average_logps` is true (CPO: as TRL's)
@@ -76,7 +78,7 @@ class LossSpec:
     @property
     def config_keys(self) -> tuple[str, ...]:
         """The `loss.*` keys this loss reads (the others do nothing for it)."""
-        keys = ("name", "beta", *self.options)
+        keys = ("name", "beta", *self.options, *self.step_options)
         if self.entropy:
             keys += ("entropy_estimator",)
         return keys + ("average_logps",)
@@ -124,6 +126,20 @@ SORTING_LOSS_TYPES = ("aot", "aot_unpaired")
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
 
 
+def reduction(loss_cfg: LossConfig) -> dict[str, Any]:
+    """How the step reduces per-token log-probs to the sequence log-probs `loss_cfg`'s loss
+    reads, policy and reference alike: `pair_logps`' `average` and `ld_alpha` (the
+    precomputed reference cache keys on these)."""
+    assert loss_cfg.average_logps is not None, "a settled LossConfig"
+    ld = loss_cfg.ld_alpha if "ld_alpha" in spec_of(loss_cfg.name).step_options else None
+    return {"average": bool(loss_cfg.average_logps), "ld_alpha": ld}
+
+
+def weighting(loss_cfg: LossConfig) -> bool:
+    """Whether the step computes WPO's pair weights for `loss_cfg` (`loss.use_weighting`)."""
+    return "use_weighting" in spec_of(loss_cfg.name).step_options and loss_cfg.use_weighting
+
+
 def mixture(loss_cfg: LossConfig) -> tuple[str, ...]:
     """The loss types `loss_cfg` mixes (one for a single type; none for a loss without types)."""
     if "loss_type" not in spec_of(loss_cfg.name).options:
@@ -154,6 +170,7 @@ LOSSES: dict[str, LossSpec] = {
             options=("loss_type", "loss_weights", "label_smoothing", "f_divergence_type",
                      "f_alpha_divergence_coef", "discopop_tau"),
             token_counts=("chosen_tokens", "rejected_tokens"),
+            step_options=("use_weighting", "ld_alpha"),
             objective_type="dpo",
             trl_loss_type="sigmoid",
         ),
@@ -262,6 +279,10 @@ def call_arguments(loss_cfg: LossConfig, inputs: Any, *, name: str | None = None
         kwargs["averaged"] = average
     if spec.token_counts and (spec.reads_averaged or not average):
         kwargs.update({key: getattr(inputs, key) for key in spec.token_counts if getattr(inputs, key) is not None})
+    if "use_weighting" in spec.step_options and loss_cfg.use_weighting:
+        if inputs.pair_weights is None:
+            raise ValueError("loss.use_weighting: the step gives WPO's pair_weights with the log-probs")
+        kwargs["pair_weights"] = inputs.pair_weights
     if spec.sequence_nll:
         if inputs.chosen_sequence_logps is None or inputs.chosen_sequence_tokens is None:
             raise ValueError(f"loss {spec.name!r} needs the chosen rows' whole-sequence log-probs "
@@ -285,4 +306,5 @@ def used_inputs(loss_cfg: LossConfig, inputs: Any) -> Any:
         entropy=kwargs.get("entropy"),
         chosen_sequence_logps=kwargs.get("chosen_sequence_logps"),
         chosen_sequence_tokens=kwargs.get("chosen_sequence_tokens"),
+        pair_weights=kwargs.get("pair_weights"),
     )

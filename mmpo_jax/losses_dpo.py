@@ -29,7 +29,7 @@ from mmpo_jax.loss_reduce import (
     stop_metrics,
     token_mean_nll,
 )
-from mmpo_jax.loss_registry import DPO_LOSS_TYPES, F_DIVERGENCE_LOSS_TYPES, PER_TOKEN_LOSS_TYPES
+from mmpo_jax.loss_registry import DPO_LOSS_TYPES, F_DIVERGENCE_LOSS_TYPES, PER_TOKEN_LOSS_TYPES, SORTING_LOSS_TYPES
 
 Array = jax.Array
 log_sigmoid = jax.nn.log_sigmoid
@@ -82,6 +82,7 @@ def dpo_loss(
     discopop_tau: float = 0.05,
     chosen_tokens: Array | None = None,
     rejected_tokens: Array | None = None,
+    pair_weights: Array | None = None,
     pair_mask: Array | None = None,
     axis_name: AxisName = None,
 ) -> tuple[Array, Metrics]:
@@ -98,6 +99,8 @@ def dpo_loss(
       chosen_tokens, rejected_tokens: `[N]` completion tokens, given with sequence sums:
         `ipo` and `sigmoid_norm` divide the scores by them, the `sft` type is the
         token-mean NLL over them (without them: the mean over pairs of `pc`).
+      pair_weights: `[N]` WPO's weights (`loss.use_weighting`, no gradient): every
+        component's per-pair loss is multiplied by them, the `sft` type by their mean.
       pair_mask, axis_name: as in `mmpo_loss`.
 
     Returns:
@@ -110,6 +113,8 @@ def dpo_loss(
                          f"{', '.join(F_DIVERGENCE_LOSS_TYPES)}; got {list(types)}")
     if "exo_pair" in types and not label_smoothing > 0:
         raise ValueError("loss_type exo_pair needs label_smoothing > 0 (the EXO paper uses 1e-3)")
+    if pair_weights is not None and set(types) & set(SORTING_LOSS_TYPES):
+        raise ValueError("WPO weights (use_weighting) do not apply to aot / aot_unpaired: they sort the pairs")
     per_token = [t for t in types if t in PER_TOKEN_LOSS_TYPES]
     if per_token and (chosen_tokens is None or rejected_tokens is None):
         raise ValueError(f"loss_type {per_token[0]} divides sequence sums by the answers' token counts: "
@@ -118,9 +123,13 @@ def dpo_loss(
     if chosen_tokens is not None and rejected_tokens is not None:
         arrays += (jax.lax.stop_gradient(jnp.asarray(chosen_tokens)),
                    jax.lax.stop_gradient(jnp.asarray(rejected_tokens)))
+    n_tokens = len(arrays) - 4
+    if pair_weights is not None:
+        arrays += (jax.lax.stop_gradient(jnp.asarray(pair_weights)),)
     cleaned, mask = prepare(arrays, pair_mask)
     pc, pr, rc, rr = cleaned[:4]
-    tokens = cleaned[4:] if len(cleaned) == 6 else None
+    tokens = cleaned[4:6] if n_tokens == 2 else None
+    wpo = cleaned[-1] if pair_weights is not None else None
     red = Reducer(mask, axis_name)
 
     lr_c, lr_r = pc - rc, pr - rr
@@ -130,14 +139,16 @@ def dpo_loss(
 
     def component(kind: str) -> Array:
         if kind == "sft":
-            return -red.mean(pc) if tokens is None else token_mean_nll(pc, tokens[0], axis_name)
+            nll = -red.mean(pc) if tokens is None else token_mean_nll(pc, tokens[0], axis_name)
+            return nll if wpo is None else nll * red.mean(wpo)
         if kind in ("aot", "aot_unpaired"):
             # batch-level: the k-th smallest policy margin against the k-th smallest reference one
             first, second = (pc - pr, rc - rr) if kind == "aot" else (lr_c, lr_r)
             sorted_first, real = sorted_real_first(first, red)
             sorted_second, _ = sorted_real_first(second, red)
             return red.mean(conservative_sigmoid(b * (sorted_first - sorted_second), e), real)
-        return red.mean(_per_pair(kind, b, e, discopop_tau, lr_c, lr_r, s_c, s_r, tokens))
+        per_pair = _per_pair(kind, b, e, discopop_tau, lr_c, lr_r, s_c, s_r, tokens)
+        return red.mean(per_pair if wpo is None else per_pair * wpo)
 
     parts = {kind: component(kind) for kind in types}
     loss = sum((w * parts[kind] for kind, w in zip(types, weights)), jnp.zeros((), pc.dtype))

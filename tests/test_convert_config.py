@@ -173,6 +173,8 @@ def test_trl_dpo_loss_types_and_mixtures_carry_over(run_cli):
     # older TRL's rpo_alpha is the [sigmoid, sft] mixture
     rpo = recipes.convert_recipe({"rpo_alpha": 0.5})
     assert rpo.config["loss"] == {"name": "dpo", "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]}
+    wpo = recipes.convert_recipe({"use_weighting": True, "ld_alpha": 0.5})
+    assert wpo.config["loss"] == {"name": "dpo", "use_weighting": True, "ld_alpha": 0.5}
     # TR-DPO's keys
     tr = recipes.convert_recipe({"sync_ref_model": True, "ref_model_mixup_alpha": 0.5, "ref_model_sync_steps": 64})
     assert tr.config["model"] == {"sync_reference": True, "reference_mixup_alpha": 0.5, "reference_sync_steps": 64}

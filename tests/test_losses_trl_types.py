@@ -132,6 +132,24 @@ def test_dpo_loss_types_match_the_reference(case, n):
         np.testing.assert_allclose(ours[0], total, rtol=1e-12)
 
 
+WPO_CASES = [dict(loss_type=k) for k in ("sigmoid", "ipo", "hinge", "sft", "discopop")] + [
+    dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.4]),
+    dict(loss_type=["robust", "apo_down", "sigmoid_norm"], label_smoothing=0.2),
+]
+
+
+@pytest.mark.parametrize("case", WPO_CASES, ids=_label)
+def test_wpo_pair_weights_match_the_reference(case):
+    data, extra, _ = _inputs(12, seed=11)
+    extra["pair_weights"] = np.random.default_rng(12).uniform(0.05, 1.5, 12)
+    kwargs = dict(beta=0.1, **case)
+    ours = _jax_value_and_grads(jl.dpo_loss, data, extra, kwargs, SUMS)
+    _assert_same(ours, _torch_value_and_grads(tl.dpo_loss, data, extra, kwargs, SUMS), extra["pair_mask"])
+    unweighted = _jax_value_and_grads(jl.dpo_loss, data, {k: v for k, v in extra.items() if k != "pair_weights"},
+                                      kwargs, SUMS)
+    assert abs(ours[0] - unweighted[0]) > 1e-3 * abs(unweighted[0])  # the weights do something
+
+
 @pytest.mark.parametrize("case", CPO_CASES, ids=_label)
 def test_cpo_matches_the_reference(case):
     data, extra, _ = _inputs(11, seed=3, averaged=case["averaged"])
@@ -304,6 +322,12 @@ def test_no_nan_from_extreme_cpo_and_orpo_inputs(kind, alphapo):
     (["loss.name=dpo", "loss.discopop_tau=0"], "discopop_tau=0.0: must be > 0"),
     (["loss.name=dpo", "model.reference=none"], "reference"),
     (["loss.name=orpo", "loss.average_logps=false"], "ORPO always uses length-averaged"),
+    (["loss.name=dpo", "loss.loss_type=aot", "loss.use_weighting=true"], "does not apply to loss_type aot"),
+    (["loss.name=mmpo", "loss.use_weighting=true"], "loss.name=dpo only"),
+    (["loss.name=simpo", "loss.ld_alpha=0.5"], "LD-DPO's: loss.name=dpo only"),
+    (["loss.name=dpo", "loss.ld_alpha=1.5"], r"ld_alpha=1.5: must be in \[0, 1\]"),
+    (["loss.name=dpo", "loss.ld_alpha=0.5", "loss.average_logps=true"], "weighs sequence sums"),
+    (["loss.name=dpo", "loss.ld_alpha=0.5", "loss.loss_type=[sigmoid,sft]"], "not supported here yet"),
 ])
 def test_invalid_combinations_stop_at_start_naming_the_keys(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -316,3 +340,62 @@ def test_cpo_defaults_follow_trl():
     assert load_config(None, ["loss.name=cpo", "loss.loss_type=simpo"]).loss.average_logps is True
     assert load_config(None, ["loss.name=cpo", "loss.loss_type=ipo"]).loss.average_logps is True
     assert load_config(None, ["loss.name=simpo"]).loss.gamma == 1.0
+
+
+# --------------------------------------------------------------------------- #
+# LD-DPO's token weights and WPO's weights from the log-prob pass
+# --------------------------------------------------------------------------- #
+def test_length_desensitised_mask_weighs_the_longer_tail():
+    from mmpo_jax.train.pair_logps import length_desensitised_mask
+
+    mask = np.zeros((2, 2, 10), np.int32)
+    mask[0, 0, 2:8] = 1  # chosen: 6 completion tokens
+    mask[0, 1, 3:6] = 1  # rejected: 3
+    mask[1, 0, 1:3] = 1  # equal lengths: no tail
+    mask[1, 1, 5:7] = 1
+    got = np.asarray(length_desensitised_mask(jnp.asarray(mask), 0.25))
+    want = mask.astype(np.float64)
+    want[0, 0, 5:8] = 0.25  # the 3 tokens past the shared length 3
+    np.testing.assert_array_equal(got, want)
+
+
+def test_log_sum_sq_of_the_chunked_pass_equals_the_full_logits():
+    from mmpo_jax.logprobs import token_logps_chunked
+
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.normal(size=(3, 11, 8)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(8, 37)) * 2.0, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 37, (3, 11)))
+    logps, sum_sq = token_logps_chunked(hidden, kernel, targets, chunk=4, with_log_sum_sq=True)
+    logits = np.asarray(hidden, np.float64) @ np.asarray(kernel, np.float64)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(sum_sq), np.log((p ** 2).sum(-1)), rtol=1e-5, atol=1e-5)
+    # no gradient flows through it, and the log-probs' gradient is unchanged by asking for it
+    g = jax.grad(lambda h: jnp.sum(token_logps_chunked(h, kernel, targets, chunk=4, with_log_sum_sq=True)[1]))(hidden)
+    assert not np.any(np.asarray(g))
+    g_with = jax.grad(lambda h: jnp.sum(token_logps_chunked(h, kernel, targets, chunk=4, with_log_sum_sq=True)[0]))(
+        hidden)
+    g_without = jax.grad(lambda h: jnp.sum(token_logps_chunked(h, kernel, targets, chunk=4)))(hidden)
+    np.testing.assert_array_equal(np.asarray(g_with), np.asarray(g_without))
+
+
+def test_the_precomputed_reference_cache_keys_on_the_reduction():
+    from mmpo_jax.train.reference_cache import cache_key
+
+    class _Data:  # what data_fingerprint reads is not under test here
+        pass
+
+    import mmpo_jax.train.reference_cache as rc
+
+    keys = {}
+    original = rc.data_fingerprint
+    rc.data_fingerprint = lambda data: "same"
+    try:
+        for label, overrides in {"plain": [], "ld": ["loss.ld_alpha=0.5"], "ld2": ["loss.ld_alpha=0.25"],
+                                 "average": ["loss.average_logps=true"]}.items():
+            cfg = load_config(None, ["loss.name=dpo", "model.reference=precomputed", *overrides])
+            keys[label] = cache_key(cfg, _Data())
+    finally:
+        rc.data_fingerprint = original
+    assert len(set(keys.values())) == 4, keys

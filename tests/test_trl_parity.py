@@ -54,6 +54,15 @@ DPO_CASES = [
      "dpo", {"loss_type": ["ipo"], "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3}),
     ("dpo:sigmoid,forward_kl", {"name": "dpo", "f_divergence_type": "forward_kl"},
      "dpo", {"loss_type": ["sigmoid"], "f_divergence_type": "forward_kl"}),
+    ("dpo:sigmoid,wpo", {"name": "dpo", "use_weighting": True}, "dpo", {"loss_type": ["sigmoid"], "use_weighting": True}),
+    # (not with the sft type: TRL 1.16 multiplies its expanded scalar in place and raises)
+    ("dpo:ipo+robust,wpo", {"name": "dpo", "loss_type": ["ipo", "robust"], "use_weighting": True,
+                            "label_smoothing": 0.1},
+     "dpo", {"loss_type": ["ipo", "robust"], "use_weighting": True, "label_smoothing": 0.1}),
+    ("dpo:sigmoid,ld", {"name": "dpo", "ld_alpha": 0.5}, "dpo", {"loss_type": ["sigmoid"], "ld_alpha": 0.5}),
+    ("dpo:ipo+bco_pair,ld,wpo", {"name": "dpo", "loss_type": ["ipo", "bco_pair"], "ld_alpha": 0.3,
+                                 "use_weighting": True},
+     "dpo", {"loss_type": ["ipo", "bco_pair"], "ld_alpha": 0.3, "use_weighting": True}),
     ("dpo:discopop,tau", {"name": "dpo", "loss_type": "discopop", "discopop_tau": 0.3, "beta": 0.2},
      "dpo", {"loss_type": ["discopop"], "discopop_tau": 0.3, "beta": 0.2}),
 ]
@@ -176,3 +185,11 @@ def test_eval_metrics_equal_trl(label, ours, kind, theirs, setup, trl_results, c
         assert key in mine and key in trl, (key, sorted(mine), sorted(trl))
         np.testing.assert_allclose(mine[key], trl[key], rtol=RTOL, atol=1e-6, err_msg=f"{label} {key}")
     assert abs(trl["loss"]) > 1e-3  # not a degenerate case where everything is 0
+
+
+def test_the_weighted_and_length_desensitised_cases_are_not_the_plain_one(trl_results):
+    """WPO's weights and LD-DPO's tail weight change TRL's loss here by far more than the
+    tolerance, so their agreement above checks them (not a case where they do nothing)."""
+    plain = trl_results["dpo:sigmoid"]["loss"]
+    for label in ("dpo:sigmoid,wpo", "dpo:sigmoid,ld"):
+        assert abs(trl_results[label]["loss"] - plain) > 100 * (RTOL * plain + 1e-6), label

@@ -20,6 +20,8 @@ LOSS_KEYS = {
     "f_alpha_divergence_coef": ("dpo",),
     "discopop_tau": ("dpo",),
     "rpo_alpha": ("dpo",),
+    "use_weighting": ("dpo",),
+    "ld_alpha": ("dpo",),
     "mmpo_reward_epsilon": ("mmpo",),
     "mmpo_optimize_entropy": ("mmpo",),
     "mmpo_relu_coefficient": ("mmpo",),
@@ -132,7 +134,7 @@ def _average_logps(recipe: Recipe, name: str) -> Part:
 
 def _dpo_keys(recipe: Recipe, kinds: Any) -> Part:
     part = carry(recipe, "label_smoothing", "loss_weights", "f_divergence_type", "f_alpha_divergence_coef",
-                 "discopop_tau")
+                 "discopop_tau", "use_weighting", "ld_alpha")
     if kinds is not None:
         part.set("loss.loss_type", kinds if isinstance(kinds, list) and len(kinds) > 1 else
                  (kinds[0] if isinstance(kinds, list) else kinds), "loss_type")

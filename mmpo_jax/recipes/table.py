@@ -56,6 +56,8 @@ TABLE: dict[str, KeyMap] = {
     "f_divergence_type": KeyMap("loss.f_divergence_type", as_str),
     "f_alpha_divergence_coef": KeyMap("loss.f_alpha_divergence_coef", as_float),
     "discopop_tau": KeyMap("loss.discopop_tau", as_float, checked=True),
+    "use_weighting": KeyMap("loss.use_weighting", as_bool),
+    "ld_alpha": KeyMap("loss.ld_alpha", as_float),
     "learning_rate": KeyMap(
         "optim.learning_rate",
         as_float,
@@ -156,8 +158,6 @@ NOT_CARRIED: dict[str, str] = {
     "force_use_ref_model": "ours picks the reference with model.reference",
     "ref_adapter_name": "ours picks the reference with model.reference",
     "model_adapter_name": "ours picks the reference with model.reference",
-    "use_weighting": "ours has no WPO weighting",
-    "ld_alpha": "ours has no LD-DPO length weighting",
     "tools": "ours renders no tool definitions",
     "use_logits_to_keep": "ours computes log-probs of completion positions only, always",
     "load_in_4bit": _NO_QUANT,

@@ -55,6 +55,7 @@ def dpo_loss(
     discopop_tau: float = 0.05,
     chosen_tokens: Tensor | None = None,
     rejected_tokens: Tensor | None = None,
+    pair_weights: Tensor | None = None,
     pair_mask: Tensor | None = None,
     group=None,
 ) -> tuple[Tensor, dict]:
@@ -63,8 +64,12 @@ def dpo_loss(
     loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     weights = list(loss_weights) if loss_weights else [1.0] * len(loss_types)
     tensors = [policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps]
+    if pair_weights is not None:
+        tensors.append(pair_weights.detach())
     b = _Batch(tensors, pair_mask, group)
-    chosen_logps, rejected_logps, ref_chosen, ref_rejected = b.tensors
+    chosen_logps, rejected_logps, ref_chosen, ref_rejected = b.tensors[:4]
+    # WPO (TRL: per_sequence_loss *= chosen_weights * rejected_weights, the sft scalar expanded)
+    wpo = b.tensors[4] if pair_weights is not None else torch.ones_like(chosen_logps)
     chosen_logratios = chosen_logps - ref_chosen
     rejected_logratios = rejected_logps - ref_rejected
     chosen_scores = _f_divergence_scores(chosen_logratios, f_divergence_type, f_alpha_divergence_coef)
@@ -124,6 +129,7 @@ def dpo_loss(
         elif kind == "sft":
             part = -b.average(chosen_logps) if chosen_tokens is None else _token_mean_nll(b, chosen_logps,
                                                                                          chosen_tokens)
+            part = b.average(part.expand(chosen_logps.shape[0]) * wpo)
             parts[kind] = part
             loss = loss + weight * part
             continue
@@ -132,7 +138,7 @@ def dpo_loss(
             per_seq = -F.logsigmoid(beta * delta)
         else:
             raise ValueError(f"unknown loss type {kind}")
-        parts[kind] = b.average(per_seq)
+        parts[kind] = b.average(per_seq * wpo)
         loss = loss + weight * parts[kind]
 
     metrics = {

@@ -24,7 +24,26 @@ class PairLogps(NamedTuple):
     logps: jax.Array  # [pairs, 2] float32
     entropy: jax.Array | None  # [pairs]
     # the chosen rows' (log-prob sum, token count) `[pairs]` each over every predicted token
-    chosen_sequence: tuple[jax.Array, jax.Array] | None
+    chosen_sequence: tuple[jax.Array, jax.Array] | None = None
+    # WPO's per-pair weights `[pairs]` (no gradient)
+    weights: jax.Array | None = None
+
+
+def length_desensitised_mask(loss_mask: jax.Array, ld_alpha: float) -> jax.Array:
+    """LD-DPO's per-token weights `[pairs, 2, seq]`: 1 on the first `min(T_w, T_l)`
+    completion tokens of both answers (their shared length), `ld_alpha` on the longer
+    answer's tail, 0 off the completion (TRL 1.16's `ld_alpha`)."""
+    mask = loss_mask.astype(jnp.float32)
+    position = jnp.cumsum(mask, axis=-1)  # 1, 2, ... along each completion
+    shared = jnp.min(jnp.sum(mask, axis=-1), axis=1)[:, None, None]  # [pairs, 1, 1]
+    return mask * jnp.where(position <= shared, 1.0, ld_alpha)
+
+
+def wpo_weights(token_logps: jax.Array, log_sum_sq: jax.Array, mask: jax.Array) -> jax.Array:
+    """WPO's weight of each row `[rows]`, without gradient: `exp(mean_t (logp_t - log
+    sum_v p_v^2))` over its completion tokens (arXiv 2406.11827, Eq. 2 as TRL 1.16)."""
+    aligned = jax.lax.stop_gradient(token_logps.astype(jnp.float32) - log_sum_sq) * mask
+    return jnp.exp(jnp.sum(aligned, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0))
 
 
 def sequence_mask(loss_mask: jax.Array) -> jax.Array:
@@ -47,11 +66,15 @@ def pair_logps(
     entropy_estimator: Literal["token", "score_function"] | None = None,
     dropout_key: jax.Array | None = None,
     chosen_sequence: bool = False,
+    ld_alpha: float | None = None,
+    weighting: bool = False,
 ) -> PairLogps:
     """Sequence log-probs `[pairs, 2]` (float32) and, with an estimator, the per-pair
     entropy bonus `E_i` `[pairs]` of the contract (the mean over the two completions);
     with `chosen_sequence`, the chosen rows' log-prob sums and token counts over
-    `sequence_mask` (ORPO's NLL covers the prompt).
+    `sequence_mask` (ORPO's NLL covers the prompt). With `ld_alpha`, the sequence
+    log-probs weigh each token by `length_desensitised_mask`; with `weighting`, WPO's
+    per-pair weights `w_chosen * w_rejected` (`wpo_weights`, on the unweighted tokens).
 
     - `token`: `sum_t m_t H_t` (divided by `sum_t m_t` when `average`).
     - `score_function`: `sum_t m_t (H_t + stop_grad(H_t) * P_t)`, `P_t` the log-prob
@@ -62,22 +85,30 @@ def pair_logps(
     ids = input_ids.reshape(pairs * two, seq)
     mask = loss_mask.reshape(pairs * two, seq).astype(jnp.float32)
     out = model_token_logps(
-        model, ids, chunk=chunk, with_entropy=entropy_estimator is not None, dropout_key=dropout_key
+        model, ids, chunk=chunk, with_entropy=entropy_estimator is not None, with_log_sum_sq=weighting,
+        dropout_key=dropout_key,
     )
-    if not isinstance(out, tuple):
-        token_logps, entropy = out, None
-    else:
-        assert entropy_estimator is not None
-        token_logps, token_entropy = out
-        entropy = _entropy_bonus(token_logps, token_entropy, mask, entropy_estimator, average)
+    parts = list(out) if isinstance(out, tuple) else [out]
+    token_logps = parts.pop(0)
+    entropy = None
+    if entropy_estimator is not None:
+        entropy = _entropy_bonus(token_logps, parts.pop(0), mask, entropy_estimator, average)
         entropy = entropy.reshape(pairs, two).mean(axis=1)
-    seq_logps = sequence_logps(token_logps, mask, average).reshape(pairs, two)
+    weights = None
+    if weighting:
+        weights = wpo_weights(token_logps, parts.pop(0), mask).reshape(pairs, two).prod(axis=1)
+    if ld_alpha is not None:
+        assert not average, "LD-DPO weighs sequence sums (the config refuses average_logps with it)"
+        weighted = length_desensitised_mask(loss_mask, ld_alpha).reshape(pairs * two, seq)
+        seq_logps = sequence_logps(token_logps, weighted, False).reshape(pairs, two)
+    else:
+        seq_logps = sequence_logps(token_logps, mask, average).reshape(pairs, two)
     whole = None
     if chosen_sequence:
         chosen_mask = sequence_mask(loss_mask[:, 0])
         chosen_logps = token_logps.reshape(pairs, two, seq)[:, 0].astype(jnp.float32)
         whole = (jnp.sum(chosen_logps * chosen_mask, axis=-1), jnp.sum(chosen_mask, axis=-1))
-    return PairLogps(seq_logps, entropy, whole)
+    return PairLogps(seq_logps, entropy, whole, weights)
 
 
 def _entropy_bonus(

@@ -101,8 +101,9 @@ class ReferenceMode:
         return None
 
     def logps(self, sdef: StateDef, state: TrainState, batch: dict[str, jax.Array], *, average: bool,
-              chunk: int | None) -> jax.Array | None:
-        """`[pairs, 2]` reference sequence log-probs of `batch` (no gradient), or None."""
+              chunk: int | None, ld_alpha: float | None = None) -> jax.Array | None:
+        """`[pairs, 2]` reference sequence log-probs of `batch` (no gradient), reduced as the
+        policy's (`average`, `ld_alpha`), or None."""
         from mmpo_jax.train.pair_logps import pair_logps
 
         if self.precomputed:
@@ -110,7 +111,8 @@ class ReferenceMode:
         model = self.model(sdef, state)
         if model is None:
             return None
-        logps = pair_logps(model, batch["input_ids"], batch["loss_mask"], average=average, chunk=chunk).logps
+        logps = pair_logps(model, batch["input_ids"], batch["loss_mask"], average=average, chunk=chunk,
+                           ld_alpha=ld_alpha).logps
         return jax.lax.stop_gradient(logps)
 
     def source(self, cfg: RunConfig) -> str:

@@ -6,7 +6,8 @@ or `model.reference_path`) on every row and keeps `[rows, 2]` float32 sequence
 log-probs (chosen, rejected), in the data's row order. The table is stored as
 `<train.output_dir>/reference_logps/<split>-<key>.npy`, where `key` hashes everything
 the numbers depend on: the tokenized rows (ids after truncation), the model source
-and architecture, the dtypes, `loss.average_logps` and the package version. A run
+and architecture, the dtypes, how log-probs are reduced (`loss.average_logps`,
+`loss.ld_alpha`) and the package version. A run
 with the same key reuses the file (a resumed run never recomputes it); any change
 of data, model or config gives a new key and a new pass.
 """
@@ -26,6 +27,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mmpo_jax import loss_registry
 from mmpo_jax.config_schema import RunConfig
 from mmpo_jax.files import write_bytes_atomic
 from mmpo_jax.train.pair_logps import pair_logps
@@ -71,6 +73,9 @@ def cache_key(cfg: RunConfig, data: PreferenceData) -> str:
         average_logps=cfg.loss.average_logps, data=data_fingerprint(data),
         backend=jax.default_backend(),
     )
+    ld_alpha = loss_registry.reduction(cfg.loss)["ld_alpha"]
+    if ld_alpha is not None:  # (absent otherwise: the keys of runs from before it stay)
+        described["ld_alpha"] = ld_alpha
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -105,8 +110,8 @@ def compute_table(cfg: RunConfig, model: Llama, data: PreferenceData, mesh: jax.
 
     @jax.jit
     def logps(state, ids, mask):
-        out = pair_logps(nnx.merge(graphdef, state), ids, mask, average=cfg.loss.average_logps,
-                       chunk=cfg.model.logprob_chunk).logps
+        out = pair_logps(nnx.merge(graphdef, state), ids, mask, chunk=cfg.model.logprob_chunk,
+                         **loss_registry.reduction(cfg.loss)).logps
         return jax.lax.with_sharding_constraint(out, replicated)
 
     bs = cfg.data.batch_size

@@ -108,9 +108,9 @@ def _forward_loss(
     assert lc.average_logps is not None, "the step reads a settled LossConfig"
     policy = sdef.policy(state, trainable)
     out = pair_logps(
-        policy, batch["input_ids"], batch["loss_mask"], average=lc.average_logps,
+        policy, batch["input_ids"], batch["loss_mask"], **loss_registry.reduction(lc),
         chunk=scfg.logprob_chunk, entropy_estimator=loss_registry.entropy_estimator(lc), dropout_key=dropout_key,
-        chosen_sequence=loss_registry.spec_of(lc.name).sequence_nll,
+        chosen_sequence=loss_registry.spec_of(lc.name).sequence_nll, weighting=loss_registry.weighting(lc),
     )
     ref = _reference_logps(sdef, scfg, state, batch)
     pair_mask = batch.get("pair_mask")
@@ -118,15 +118,14 @@ def _forward_loss(
     # completion tokens per answer (data): SFT's token mean divides by the chosen ones
     tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32), axis=-1)
     inputs = LossInputs.from_pairs(out.logps, tokens, pair_mask, ref=ref, entropy=out.entropy,
-                                   chosen_sequence=out.chosen_sequence)
+                                   chosen_sequence=out.chosen_sequence, pair_weights=out.weights)
     return loss_on_mesh(lc, mesh, inputs)
 
 
 def _reference_logps(sdef: StateDef, scfg: StepConfig, state: TrainState, batch: Batch) -> jax.Array | None:
     """`[pairs, 2]` reference log-probs of `batch`, as the run's reference mode gives them."""
-    assert scfg.loss.average_logps is not None, "the step reads a settled LossConfig"
-    return reference_mode(sdef.reference_mode).logps(sdef, state, batch, average=scfg.loss.average_logps,
-                                                     chunk=scfg.logprob_chunk)
+    return reference_mode(sdef.reference_mode).logps(sdef, state, batch, chunk=scfg.logprob_chunk,
+                                                     **loss_registry.reduction(scfg.loss))
 
 
 def _all_finite(tree: Any) -> jax.Array:
