@@ -36,3 +36,12 @@ def test_an_old_run_directory_resumes_without_a_config_difference(name, tmp_path
     assert config_differences(saved, now, ignore=("train.output_dir", "train.max_steps")) == []
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 3 and 2 in steps
+
+
+def test_a_key_the_old_config_lacks_differs_only_away_from_its_default():
+    saved = (FIXTURES / "mmpo" / "config.yaml").read_text()
+    assert "sync_reference" not in saved  # written before TR-DPO existed
+    now = saved.replace("model:\n", "model:\n  sync_reference: false\n", 1)
+    assert config_differences(saved, now) == []
+    changed = saved.replace("model:\n", "model:\n  sync_reference: true\n", 1)
+    assert config_differences(saved, changed) == ["model.sync_reference (False -> True)"]

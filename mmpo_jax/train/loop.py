@@ -389,8 +389,16 @@ def _eval_line(step: int, m: dict[str, float]) -> str:
 
 
 def config_differences(saved_yaml: str, current_yaml: str, ignore: Collection[str] = ()) -> list[str]:
-    """`key (old -> new)` for each config key (dotted) that differs, `ignore`d keys aside."""
+    """`key (old -> new)` for each config key (dotted) that differs, `ignore`d keys aside.
+
+    A key the saved config does not have (it was written before the key existed) is no
+    difference while the current value is the key's default: a new option's default
+    keeps what the code did before it.
+    """
     import yaml
+
+    from mmpo_jax.config import config_to_yaml
+    from mmpo_jax.config_schema import RunConfig
 
     def flat(d: Any, prefix: str = "") -> dict[str, Any]:
         if not isinstance(d, dict):
@@ -401,6 +409,8 @@ def config_differences(saved_yaml: str, current_yaml: str, ignore: Collection[st
         return out
 
     a, b = flat(yaml.safe_load(saved_yaml) or {}), flat(yaml.safe_load(current_yaml) or {})
+    defaults = flat(yaml.safe_load(config_to_yaml(RunConfig())))
+    a.update({k: defaults[k] for k in b if k not in a and k in defaults})
     keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in ignore)
     return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in keys]
 
