@@ -226,6 +226,55 @@ def test_sharded_loss_types_equal_the_whole_batch_reference(case):
     _assert_same(_sharded_value_and_grads(kwargs, data, extra, _mesh()), theirs, extra["pair_mask"])
 
 
+@pytest.mark.parametrize("name", ["cpo", "cpo_averaged", "orpo", "dpo_wpo"])
+def test_sharded_nll_terms_and_weights_are_global(name):
+    """CPO's and ORPO's token-mean NLL and WPO's weights under shard_map on 8 devices equal
+    the whole-batch reference (a per-device token mean would not)."""
+    data, extra, seq = _inputs(32, seed=9, averaged=name in ("cpo_averaged", "orpo"))
+    weights = np.random.default_rng(10).uniform(0.1, 1.5, 32)
+    seq_tokens = extra["chosen_tokens"] + 11.0
+    spec = P(BATCH_AXES)
+    if name == "orpo":
+        kwargs: dict = dict(beta=0.3)
+        theirs = _torch_value_and_grads(
+            tl.orpo_loss, {**data, "chosen_sequence_logps": seq},
+            dict(pair_mask=extra["pair_mask"], chosen_sequence_tokens=seq_tokens), kwargs,
+            SUMS[:2] + ("chosen_sequence_logps",))
+
+        def local(pc, pr, s, st, mask):
+            return jl.orpo_loss(pc, pr, chosen_sequence_logps=s, chosen_sequence_tokens=st, pair_mask=mask,
+                                axis_name=BATCH_AXES, **kwargs)
+        args = [data[SUMS[0]], data[SUMS[1]], seq]
+        rest = [seq_tokens, extra["pair_mask"]]
+    elif name == "dpo_wpo":
+        kwargs = dict(beta=0.1, loss_type=["sigmoid", "sft"])
+        theirs = _torch_value_and_grads(tl.dpo_loss, data, {**extra, "pair_weights": weights}, kwargs, SUMS)
+
+        def local(pc, pr, rc, rr, tc, tr, w, mask):
+            return jl.dpo_loss(pc, pr, rc, rr, chosen_tokens=tc, rejected_tokens=tr, pair_weights=w,
+                               pair_mask=mask, axis_name=BATCH_AXES, **kwargs)
+        args = [data[k] for k in SUMS]
+        rest = [extra["chosen_tokens"], extra["rejected_tokens"], weights, extra["pair_mask"]]
+    else:
+        kwargs = dict(beta=0.1, loss_type="simpo" if name == "cpo_averaged" else "sigmoid",
+                      averaged=name == "cpo_averaged")
+        theirs = _torch_value_and_grads(tl.cpo_loss, data, dict(chosen_tokens=extra["chosen_tokens"],
+                                                                pair_mask=extra["pair_mask"]), kwargs, SUMS[:2])
+
+        def local(pc, pr, tc, mask):
+            return jl.cpo_loss(pc, pr, chosen_tokens=tc, pair_mask=mask, axis_name=BATCH_AXES, **kwargs)
+        args = [data[SUMS[0]], data[SUMS[1]]]
+        rest = [extra["chosen_tokens"], extra["pair_mask"]]
+    n_args = len(args)
+    fn = jax.shard_map(local, mesh=_mesh(), in_specs=(spec,) * (n_args + len(rest)), out_specs=(P(), P()))
+    with jax.enable_x64(True):
+        rest_j = [jnp.asarray(x) for x in rest]
+        (loss, metrics), grads = jax.jit(jax.value_and_grad(lambda *a: fn(*a, *rest_j), argnums=tuple(range(n_args)),
+                                                            has_aux=True))(*[jnp.asarray(a) for a in args])
+        ours = (float(loss), {k: float(v) for k, v in metrics.items()}, [np.asarray(g) for g in grads])
+    _assert_same(ours, (theirs[0], theirs[1], theirs[2][:n_args]), extra["pair_mask"])
+
+
 def test_aot_sorts_the_global_batch_and_per_device_sorting_is_caught():
     """The negative control: sorting each device's quarter on its own (what TRL does per
     process) gives another loss, and the check above would see it."""

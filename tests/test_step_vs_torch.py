@@ -21,7 +21,12 @@ LOSSES = {
     "dpo": ["loss.name=dpo"],
     "simpo": ["loss.name=simpo"],
     "sft": ["loss.name=sft"],
+    # ORPO's NLL over the chosen rows with the prompt; CPO's over the completions; a mixture
+    "orpo": ["loss.name=orpo", "loss.beta=0.5"],
+    "cpo-simpo": ["loss.name=cpo", "loss.loss_type=simpo", "loss.beta=2.0"],
+    "dpo-ipo+sft": ["loss.name=dpo", "loss.loss_type=[ipo,sft]", "loss.loss_weights=[1.0,0.5]"],
 }
+LORA_LOSSES = ["mmpo", "mmpo-aux0", "mmpo-no-norm", "dpo", "simpo"]
 LORA = ["model.lora.rank=4", "model.lora.alpha=8", "model.lora.targets=[q,k,v,o,gate,up,down]"]
 
 
@@ -38,7 +43,7 @@ def test_full_finetuning_step_matches_torch(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in LOSSES if n != "sft"])  # sft's loss is covered above
+@pytest.mark.parametrize("name", LORA_LOSSES)  # the losses of the other cases are covered above
 def test_lora_step_matches_torch(name):
     result = compare_step("configs/tiny.yaml", LOSSES[name] + LORA, 0.02, 0)
     _check(result, lora=True)
