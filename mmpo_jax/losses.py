@@ -1,4 +1,6 @@
-"""Preference losses on per-pair sequence log-probs: MMPO, DPO, SimPO, and SFT.
+"""Preference losses on per-pair sequence log-probs: MMPO, SimPO and SFT here; DPO with
+TRL's loss types (`mmpo_jax.losses_dpo`), CPO and ORPO (`mmpo_jax.losses_policy`)
+imported, so every loss is `mmpo_jax.losses.<name>_loss`.
 
 The contract is `docs/losses.md`; `mmpo_jax.loss_registry` declares each loss (what it
 reads, its defaults, its metrics). Every function here is pure: it takes
