@@ -445,9 +445,6 @@ class LossConfig:
             _check(0.0 <= self.ld_alpha <= 1.0, prefix, "ld_alpha", self.ld_alpha, "must be in [0, 1] (or null)")
             _check(not self.average_logps, prefix, "average_logps", self.average_logps,
                    "LD-DPO (loss.ld_alpha) weighs sequence sums; set loss.average_logps=false")
-            _check("sft" not in kinds, prefix, "ld_alpha", self.ld_alpha,
-                   "with the sft loss type is not supported here yet (TRL's sft term reads the unweighted "
-                   "log-probs); drop sft or loss.ld_alpha")
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,8 @@ class LossInputs:
                                              predicted token, prompt included (ORPO's NLL)
     chosen_sequence_tokens          [pairs]  how many tokens that sum covers
     pair_weights                    [pairs]  WPO's weight of each pair (no gradient), or None
+    chosen_unweighted_logps         [pairs]  the chosen answers' plain log-prob sums when
+                                             `policy_chosen` is LD-DPO-weighted (else None)
     """
 
     # field order = the order of the leaves a `shard_map` receives
@@ -42,13 +44,16 @@ class LossInputs:
     chosen_sequence_logps: Any = None
     chosen_sequence_tokens: Any = None
     pair_weights: Any = None
+    chosen_unweighted_logps: Any = None
 
     @classmethod
     def from_pairs(cls, logps: Any, tokens: Any, pair_mask: Any, *, ref: Any = None,
-                   entropy: Any = None, chosen_sequence: Any = None, pair_weights: Any = None) -> "LossInputs":
+                   entropy: Any = None, chosen_sequence: Any = None, pair_weights: Any = None,
+                   chosen_unweighted: Any = None) -> "LossInputs":
         """From pair-major `[pairs, 2]` log-probs and token counts (chosen at `[:, 0]`),
         the reference's `[pairs, 2]` log-probs (or None), the `[pairs]` entropy bonus,
-        `chosen_sequence` `(logps, tokens)` `[pairs]` each and WPO's `pair_weights` (or None)."""
+        `chosen_sequence` `(logps, tokens)` `[pairs]` each, WPO's `pair_weights` and the
+        chosen answers' `chosen_unweighted` sums under LD-DPO (or None)."""
         return cls(
             policy_chosen=logps[:, 0],
             policy_rejected=logps[:, 1],
@@ -61,4 +66,5 @@ class LossInputs:
             chosen_sequence_logps=None if chosen_sequence is None else chosen_sequence[0],
             chosen_sequence_tokens=None if chosen_sequence is None else chosen_sequence[1],
             pair_weights=pair_weights,
+            chosen_unweighted_logps=chosen_unweighted,
         )

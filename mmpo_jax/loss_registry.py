@@ -283,6 +283,8 @@ def call_arguments(loss_cfg: LossConfig, inputs: Any, *, name: str | None = None
         if inputs.pair_weights is None:
             raise ValueError("loss.use_weighting: the step gives WPO's pair_weights with the log-probs")
         kwargs["pair_weights"] = inputs.pair_weights
+    if "ld_alpha" in spec.step_options and inputs.chosen_unweighted_logps is not None:
+        kwargs["chosen_unweighted_logps"] = inputs.chosen_unweighted_logps
     if spec.sequence_nll:
         if inputs.chosen_sequence_logps is None or inputs.chosen_sequence_tokens is None:
             raise ValueError(f"loss {spec.name!r} needs the chosen rows' whole-sequence log-probs "
@@ -307,4 +309,5 @@ def used_inputs(loss_cfg: LossConfig, inputs: Any) -> Any:
         chosen_sequence_logps=kwargs.get("chosen_sequence_logps"),
         chosen_sequence_tokens=kwargs.get("chosen_sequence_tokens"),
         pair_weights=kwargs.get("pair_weights"),
+        chosen_unweighted_logps=kwargs.get("chosen_unweighted_logps"),
     )

@@ -83,6 +83,7 @@ def dpo_loss(
     chosen_tokens: Array | None = None,
     rejected_tokens: Array | None = None,
     pair_weights: Array | None = None,
+    chosen_unweighted_logps: Array | None = None,
     pair_mask: Array | None = None,
     axis_name: AxisName = None,
 ) -> tuple[Array, Metrics]:
@@ -101,6 +102,8 @@ def dpo_loss(
         token-mean NLL over them (without them: the mean over pairs of `pc`).
       pair_weights: `[N]` WPO's weights (`loss.use_weighting`, no gradient): every
         component's per-pair loss is multiplied by them, the `sft` type by their mean.
+      chosen_unweighted_logps: `[N]` the chosen answers' plain sums when the inputs are
+        LD-DPO-weighted (`loss.ld_alpha`): the `sft` type's NLL reads them.
       pair_mask, axis_name: as in `mmpo_loss`.
 
     Returns:
@@ -126,10 +129,14 @@ def dpo_loss(
     n_tokens = len(arrays) - 4
     if pair_weights is not None:
         arrays += (jax.lax.stop_gradient(jnp.asarray(pair_weights)),)
+    if chosen_unweighted_logps is not None:
+        arrays += (chosen_unweighted_logps,)
     cleaned, mask = prepare(arrays, pair_mask)
     pc, pr, rc, rr = cleaned[:4]
     tokens = cleaned[4:6] if n_tokens == 2 else None
-    wpo = cleaned[-1] if pair_weights is not None else None
+    rest = list(cleaned[4 + n_tokens:])
+    wpo = rest.pop(0) if pair_weights is not None else None
+    sft_chosen = rest.pop(0) if chosen_unweighted_logps is not None else pc
     red = Reducer(mask, axis_name)
 
     lr_c, lr_r = pc - rc, pr - rr
@@ -139,7 +146,7 @@ def dpo_loss(
 
     def component(kind: str) -> Array:
         if kind == "sft":
-            nll = -red.mean(pc) if tokens is None else token_mean_nll(pc, tokens[0], axis_name)
+            nll = -red.mean(sft_chosen) if tokens is None else token_mean_nll(sft_chosen, tokens[0], axis_name)
             return nll if wpo is None else nll * red.mean(wpo)
         if kind in ("aot", "aot_unpaired"):
             # batch-level: the k-th smallest policy margin against the k-th smallest reference one

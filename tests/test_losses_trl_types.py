@@ -138,6 +138,17 @@ WPO_CASES = [dict(loss_type=k) for k in ("sigmoid", "ipo", "hinge", "sft", "disc
 ]
 
 
+def test_ld_dpo_sft_reads_the_plain_chosen_log_probs():
+    data, extra, _ = _inputs(12, seed=13)
+    extra["chosen_unweighted_logps"] = data["policy_chosen_logps"] * 1.3  # plain sums: the longer tails in
+    kwargs = dict(beta=0.1, loss_type=["sigmoid", "sft"])
+    ours = _jax_value_and_grads(jl.dpo_loss, data, extra, kwargs, SUMS)
+    _assert_same(ours, _torch_value_and_grads(tl.dpo_loss, data, extra, kwargs, SUMS), extra["pair_mask"])
+    real = extra["pair_mask"] > 0
+    want = -np.sum(extra["chosen_unweighted_logps"][real]) / np.sum(extra["chosen_tokens"][real])
+    assert ours[1]["loss/sft"] == pytest.approx(want, rel=1e-12)
+
+
 @pytest.mark.parametrize("case", WPO_CASES, ids=_label)
 def test_wpo_pair_weights_match_the_reference(case):
     data, extra, _ = _inputs(12, seed=11)
@@ -376,7 +387,6 @@ def test_no_nan_from_extreme_cpo_and_orpo_inputs(kind, alphapo):
     (["loss.name=simpo", "loss.ld_alpha=0.5"], "LD-DPO's: loss.name=dpo only"),
     (["loss.name=dpo", "loss.ld_alpha=1.5"], r"ld_alpha=1.5: must be in \[0, 1\]"),
     (["loss.name=dpo", "loss.ld_alpha=0.5", "loss.average_logps=true"], "weighs sequence sums"),
-    (["loss.name=dpo", "loss.ld_alpha=0.5", "loss.loss_type=[sigmoid,sft]"], "not supported here yet"),
 ])
 def test_invalid_combinations_stop_at_start_naming_the_keys(overrides, match):
     with pytest.raises(ConfigError, match=match):

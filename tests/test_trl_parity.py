@@ -60,6 +60,8 @@ DPO_CASES = [
                             "label_smoothing": 0.1},
      "dpo", {"loss_type": ["ipo", "robust"], "use_weighting": True, "label_smoothing": 0.1}),
     ("dpo:sigmoid,ld", {"name": "dpo", "ld_alpha": 0.5}, "dpo", {"loss_type": ["sigmoid"], "ld_alpha": 0.5}),
+    ("dpo:sigmoid+sft,ld", {"name": "dpo", "loss_type": ["sigmoid", "sft"], "ld_alpha": 0.2},
+     "dpo", {"loss_type": ["sigmoid", "sft"], "ld_alpha": 0.2}),
     ("dpo:ipo+bco_pair,ld,wpo", {"name": "dpo", "loss_type": ["ipo", "bco_pair"], "ld_alpha": 0.3,
                                  "use_weighting": True},
      "dpo", {"loss_type": ["ipo", "bco_pair"], "ld_alpha": 0.3, "use_weighting": True}),

@@ -56,6 +56,7 @@ def dpo_loss(
     chosen_tokens: Tensor | None = None,
     rejected_tokens: Tensor | None = None,
     pair_weights: Tensor | None = None,
+    chosen_unweighted_logps: Tensor | None = None,
     pair_mask: Tensor | None = None,
     group=None,
 ) -> tuple[Tensor, dict]:
@@ -64,12 +65,13 @@ def dpo_loss(
     loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     weights = list(loss_weights) if loss_weights else [1.0] * len(loss_types)
     tensors = [policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps]
-    if pair_weights is not None:
-        tensors.append(pair_weights.detach())
+    tensors.append(pair_weights.detach() if pair_weights is not None else torch.ones_like(policy_chosen_logps))
+    # LD-DPO: TRL's sft term reads the plain per-token log-probs
+    tensors.append(policy_chosen_logps if chosen_unweighted_logps is None else chosen_unweighted_logps)
     b = _Batch(tensors, pair_mask, group)
     chosen_logps, rejected_logps, ref_chosen, ref_rejected = b.tensors[:4]
     # WPO (TRL: per_sequence_loss *= chosen_weights * rejected_weights, the sft scalar expanded)
-    wpo = b.tensors[4] if pair_weights is not None else torch.ones_like(chosen_logps)
+    wpo, plain_chosen = b.tensors[4], b.tensors[5]
     chosen_logratios = chosen_logps - ref_chosen
     rejected_logratios = rejected_logps - ref_rejected
     chosen_scores = _f_divergence_scores(chosen_logratios, f_divergence_type, f_alpha_divergence_coef)
@@ -127,7 +129,7 @@ def dpo_loss(
             modulation = torch.sigmoid(logits / discopop_tau)
             per_seq = -F.logsigmoid(logits) * (1 - modulation) + torch.exp(-logits) * modulation
         elif kind == "sft":
-            part = -b.average(chosen_logps) if chosen_tokens is None else _token_mean_nll(b, chosen_logps,
+            part = -b.average(plain_chosen) if chosen_tokens is None else _token_mean_nll(b, plain_chosen,
                                                                                          chosen_tokens)
             part = b.average(part.expand(chosen_logps.shape[0]) * wpo)
             parts[kind] = part

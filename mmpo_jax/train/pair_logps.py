@@ -27,6 +27,8 @@ class PairLogps(NamedTuple):
     chosen_sequence: tuple[jax.Array, jax.Array] | None = None
     # WPO's per-pair weights `[pairs]` (no gradient)
     weights: jax.Array | None = None
+    # with LD-DPO: the chosen answers' plain (unweighted) log-prob sums `[pairs]`
+    chosen_unweighted: jax.Array | None = None
 
 
 def length_desensitised_mask(loss_mask: jax.Array, ld_alpha: float) -> jax.Array:
@@ -73,7 +75,8 @@ def pair_logps(
     entropy bonus `E_i` `[pairs]` of the contract (the mean over the two completions);
     with `chosen_sequence`, the chosen rows' log-prob sums and token counts over
     `sequence_mask` (ORPO's NLL covers the prompt). With `ld_alpha`, the sequence
-    log-probs weigh each token by `length_desensitised_mask`; with `weighting`, WPO's
+    log-probs weigh each token by `length_desensitised_mask` (and `chosen_unweighted`
+    keeps the chosen answers' plain sums); with `weighting`, WPO's
     per-pair weights `w_chosen * w_rejected` (`wpo_weights`, on the unweighted tokens).
 
     - `token`: `sum_t m_t H_t` (divided by `sum_t m_t` when `average`).
@@ -97,10 +100,13 @@ def pair_logps(
     weights = None
     if weighting:
         weights = wpo_weights(token_logps, parts.pop(0), mask).reshape(pairs, two).prod(axis=1)
+    unweighted = None
     if ld_alpha is not None:
         assert not average, "LD-DPO weighs sequence sums (the config refuses average_logps with it)"
         weighted = length_desensitised_mask(loss_mask, ld_alpha).reshape(pairs * two, seq)
         seq_logps = sequence_logps(token_logps, weighted, False).reshape(pairs, two)
+        # the sft type's NLL reads the plain log-probs (TRL's per_token_logps)
+        unweighted = sequence_logps(token_logps, mask, False).reshape(pairs, two)[:, 0]
     else:
         seq_logps = sequence_logps(token_logps, mask, average).reshape(pairs, two)
     whole = None
@@ -108,7 +114,7 @@ def pair_logps(
         chosen_mask = sequence_mask(loss_mask[:, 0])
         chosen_logps = token_logps.reshape(pairs, two, seq)[:, 0].astype(jnp.float32)
         whole = (jnp.sum(chosen_logps * chosen_mask, axis=-1), jnp.sum(chosen_mask, axis=-1))
-    return PairLogps(seq_logps, entropy, whole, weights)
+    return PairLogps(seq_logps, entropy, whole, weights, unweighted)
 
 
 def _entropy_bonus(

@@ -118,7 +118,8 @@ def _forward_loss(
     # completion tokens per answer (data): SFT's token mean divides by the chosen ones
     tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32), axis=-1)
     inputs = LossInputs.from_pairs(out.logps, tokens, pair_mask, ref=ref, entropy=out.entropy,
-                                   chosen_sequence=out.chosen_sequence, pair_weights=out.weights)
+                                   chosen_sequence=out.chosen_sequence, pair_weights=out.weights,
+                                   chosen_unweighted=out.chosen_unweighted)
     return loss_on_mesh(lc, mesh, inputs)
 
 
