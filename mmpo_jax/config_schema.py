@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from mmpo_jax.errors import UserError
+from mmpo_jax.train.trackers import TRACKERS
 from mmpo_jax.loss_registry import (
     CPO_LOSS_TYPES,
     DPO_LOSS_TYPES,
@@ -483,6 +484,13 @@ class TrainConfig:
     # Checkpoint every this many steps (0 = only at the end), keeping the last few.
     save_every: int = 0
     keep_checkpoints: int = 2
+    # Where metrics go besides metrics.jsonl (always written): tensorboard, mlflow, wandb
+    # (TRL's report_to), or none (not even TensorBoard).
+    report_to: str | list[str] = field(default_factory=lambda: ["tensorboard"])
+    # The trackers' run name ("" = the output directory's name).
+    run_name: str = ""
+    # MLflow's tracking URI ("" = MLFLOW_TRACKING_URI, else MLflow's default ./mlruns).
+    mlflow_tracking_uri: str = ""
 
     def validate(self, prefix: str) -> None:
         _check(self.max_steps >= 1, prefix, "max_steps", self.max_steps, "must be >= 1")
@@ -491,6 +499,13 @@ class TrainConfig:
             _check(getattr(self, key) >= 0, prefix, key, getattr(self, key), "must be >= 0")
         _check(self.keep_checkpoints >= 1, prefix, "keep_checkpoints", self.keep_checkpoints,
                "must be >= 1")
+        names = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        unknown = [n for n in names if n not in (*TRACKERS, "none")]
+        _check(not unknown, prefix, "report_to", self.report_to,
+               f"unknown tracker {', '.join(unknown)}; choose from {', '.join(TRACKERS)}, or none")
+        _check("none" not in names or names == ["none"], prefix, "report_to", self.report_to,
+               "none turns every tracker off: give it alone")
+        _check(len(set(names)) == len(names), prefix, "report_to", self.report_to, "names a tracker twice")
 
 
 @dataclass(frozen=True)

@@ -27,13 +27,14 @@ from typing import TYPE_CHECKING, Any, Callable
 import jax
 import numpy as np
 
-from mmpo_jax.config import config_to_yaml
+from mmpo_jax.config import config_to_dict, config_to_yaml
 from mmpo_jax.config_schema import RunConfig
 from mmpo_jax.errors import UserError
 from mmpo_jax.eval.preference import evaluate
 from mmpo_jax.files import write_text_atomic
 from mmpo_jax.train.checkpoint import CHECKPOINTS_DIR, Checkpointer, saved_config_text
 from mmpo_jax.train.metrics import MetricsWriter, Progress, Throughput
+from mmpo_jax.train.trackers import TrackerSet, check_installed, make_trackers, report_to
 from mmpo_jax.train.preflight import check_batch_fits, check_paths
 from mmpo_jax.train.report import Stages, count_text, end_summary
 from mmpo_jax.train.run_lock import RunLock
@@ -172,6 +173,7 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None,
 
     check_same_run(config_yaml)
     tc = cfg.train
+    check_installed(report_to(tc.report_to))
     done = latest_complete_step(out) if out.is_dir() else None
     if trainer is None and done is not None and done >= tc.max_steps:
         # a finished run is known from its checkpoint directory: no model to load for that
@@ -225,6 +227,7 @@ def _run(trainer: Trainer, data: RunData, config_yaml: str, stages: Stages,
     with Checkpointer(out, keep=tc.keep_checkpoints) as ckpt, _Interrupt() as interrupt:
         state = trainer.state
         start = ckpt.latest_step() or 0
+        changes: list[str] = []
         if start:
             state, saved_yaml = ckpt.restore(start, abstract_state(state))
             changes = config_differences(saved_yaml, config_yaml)
@@ -240,24 +243,33 @@ def _run(trainer: Trainer, data: RunData, config_yaml: str, stages: Stages,
         if lock is not None:
             lock.claim()
             write_text_atomic(out / "config.yaml", config_yaml)
-        with MetricsWriter(out, resume_step=start, enabled=lead) as writer:
-            eval_metrics: dict[str, float] = {}
-            if data.test is not None and start == 0:
-                eval_metrics = _timed_eval(trainer, state, data, 0, writer, stages)
-            say(f"training steps {start + 1}-{tc.max_steps}, {cfg.data.batch_size} pairs each "
-                "(the first step compiles the train step)")
-            state, result = _steps(trainer, state, data, ckpt, writer, interrupt, start, config_yaml, say)
-            last_ckpt = result.last_checkpoint or start or None
-            step = result.step
-            if result.status == "finished":
-                if data.test is not None and (tc.eval_every <= 0 or step % tc.eval_every != 0):
-                    eval_metrics = _timed_eval(trainer, state, data, step, writer, stages)
-                else:
-                    eval_metrics = result.eval
-            stages.start(f"saving the checkpoint of step {step}")
-            if ckpt.save(step, state, config_yaml, wait=True) or ckpt.latest_step() == step:
-                last_ckpt = step
-            stages.end(f"saved {out / 'checkpoints' / str(step)}")
+        trackers = _trackers(cfg, out, changes, start, say) if lead else None
+        tags: dict[str, str] = {}
+        try:
+            with MetricsWriter(out, resume_step=start, enabled=lead, trackers=trackers,
+                               tensorboard="tensorboard" in report_to(tc.report_to)) as writer:
+                eval_metrics: dict[str, float] = {}
+                if data.test is not None and start == 0:
+                    eval_metrics = _timed_eval(trainer, state, data, 0, writer, stages)
+                say(f"training steps {start + 1}-{tc.max_steps}, {cfg.data.batch_size} pairs each "
+                    "(the first step compiles the train step)")
+                state, result = _steps(trainer, state, data, ckpt, writer, interrupt, start, config_yaml, say)
+                last_ckpt = result.last_checkpoint or start or None
+                step = result.step
+                if result.status == "finished":
+                    if data.test is not None and (tc.eval_every <= 0 or step % tc.eval_every != 0):
+                        eval_metrics = _timed_eval(trainer, state, data, step, writer, stages)
+                    else:
+                        eval_metrics = result.eval
+                stages.start(f"saving the checkpoint of step {step}")
+                if ckpt.save(step, state, config_yaml, wait=True) or ckpt.latest_step() == step:
+                    last_ckpt = step
+                stages.end(f"saved {out / 'checkpoints' / str(step)}")
+                if last_ckpt:
+                    tags["checkpoint"] = str(out / CHECKPOINTS_DIR / str(last_ckpt))
+        finally:
+            if trackers is not None:
+                trackers.close(tags)
     trainer.state = state
     result.last_checkpoint = last_ckpt
     result.eval = eval_metrics
@@ -272,6 +284,7 @@ RESUME_SAFE_KEYS = frozenset({
     "train.max_steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.save_every",
     "train.keep_checkpoints", "train.output_dir", "mesh.data", "mesh.fsdp", "mesh.tensor",
     "model.remat", "model.attention", "model.logprob_chunk", "data.cache_dir", "data.max_invalid_fraction",
+    "train.report_to", "train.run_name", "train.mlflow_tracking_uri",
 })
 CONFIG_CHANGES_FILE = "config_changes.jsonl"
 
@@ -386,6 +399,16 @@ def _steps(trainer: Trainer, state: TrainState, data: RunData, ckpt: Checkpointe
 def _eval_line(step: int, m: dict[str, float]) -> str:
     keys = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
     return f"eval @ step {step}: " + ", ".join(f"{k} {m[k]:.4g}" for k in keys if k in m)
+
+
+def _trackers(cfg: RunConfig, out: Path, changes: list[str], start: int, say: Callable[[str], None]
+              ) -> TrackerSet | None:
+    """The run's MLflow / W&B trackers (None when `train.report_to` names neither)."""
+    names = [n for n in report_to(cfg.train.report_to) if n != "tensorboard"]
+    if not names:
+        return None
+    return make_trackers(names, out, run_name=cfg.train.run_name, mlflow_tracking_uri=cfg.train.mlflow_tracking_uri,
+                         config=config_to_dict(cfg), changes=changes, resume_step=start, say=say)
 
 
 def config_differences(saved_yaml: str, current_yaml: str, ignore: Collection[str] = ()) -> list[str]:

@@ -1,4 +1,5 @@
-"""Run metrics: `metrics.jsonl`, TensorBoard events, throughput, the progress line.
+"""Run metrics: `metrics.jsonl`, TensorBoard events (and the trackers of
+`mmpo_jax.train.trackers`), throughput, the progress line.
 
 `<output_dir>/metrics.jsonl` holds one strict-JSON object per line:
 `{"step": 12, "loss": 0.69, "rewards/accuracies": 0.5, ..., "grad_norm": 1.3,
@@ -169,6 +170,8 @@ class MetricsWriter:
       enabled: False on processes other than 0: nothing is read or written.
       tensorboard: also write TensorBoard events under `<output_dir>/tensorboard`
         (needs the `tensorboardX` package).
+      trackers: also send every record to these (`mmpo_jax.train.trackers.TrackerSet`;
+        the caller closes them).
     """
 
     def __init__(
@@ -178,6 +181,7 @@ class MetricsWriter:
         resume_step: int,
         enabled: bool = True,
         tensorboard: bool = True,
+        trackers: Any = None,
     ) -> None:
         if resume_step < 0:
             raise ValueError(f"resume_step={resume_step}: must be >= 0")
@@ -186,6 +190,7 @@ class MetricsWriter:
         self.enabled = enabled
         self._file: TextIO | None = None
         self._tb: Any = None
+        self._trackers = trackers
         if not enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -214,6 +219,8 @@ class MetricsWriter:
                 number = float(np.asarray(value).reshape(()).astype(np.float64))
                 self._tb.add_scalar(prefix + name, number, global_step=int(step))
             self._tb.flush()
+        if self._trackers is not None:
+            self._trackers.send(record)
         return record
 
     def close(self) -> None:
