@@ -203,3 +203,26 @@ def test_a_server_that_goes_away_is_reported_once_and_never_blocks(tmp_path):
     # what it took before the server went is in the store
     history = _mlflow_history(f"sqlite:///{tmp_path / 'server.db'}", tracker.run_id)
     assert history["loss"] == [(1, 1.0), (2, 0.5)]
+
+
+def test_a_resume_with_config_changes_tags_the_same_mlflow_run(tmp_path):
+    """MLflow params cannot change: a resume's changes become tags on the run it continues."""
+    uri = f"sqlite:///{tmp_path / 'tags.db'}"
+    said: list[str] = []
+    first = T.TrackerSet([T.MlflowTracker(uri, "r", "mmpo-jax-test")], tmp_path, {"train.max_steps": "4"}, [], 0,
+                         said.append)
+    first.send({"step": 1, "loss": 0.5})
+    first.close({"checkpoint": "c/1"})
+    run_id = json.loads((tmp_path / T.STATE_FILE).read_text())["mlflow"]["run_id"]
+    again = T.TrackerSet([T.MlflowTracker(uri, "r", "mmpo-jax-test")], tmp_path, {"train.max_steps": "6"},
+                         ["train.max_steps (4 -> 6)"], 1, said.append)
+    again.send({"step": 1, "loss": 9.9})  # taken before the resume: not sent again
+    again.send({"step": 2, "loss": 0.25})
+    again.close({"checkpoint": "c/2"})
+    assert json.loads((tmp_path / T.STATE_FILE).read_text())["mlflow"]["run_id"] == run_id
+    run = mlflow.MlflowClient(tracking_uri=uri).get_run(run_id)
+    assert run.data.params == {"train.max_steps": "4"}
+    assert run.data.tags["config_change.step1.train.max_steps"] == "4 -> 6"
+    assert run.data.tags["checkpoint"] == "c/2"
+    assert _mlflow_history(uri, run_id)["loss"] == [(1, 0.5), (2, 0.25)]
+    assert said == []
