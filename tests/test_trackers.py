@@ -149,6 +149,24 @@ def _taken(run_dir: Path):
         return None
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -161,12 +179,18 @@ def test_a_server_that_goes_away_is_reported_once_and_never_blocks(tmp_path):
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
          "--default-artifact-root", str(tmp_path / "artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     uri = f"http://127.0.0.1:{port}"
 
-    def kill_server():  # the server and the workers it started
+    def kill_server():
+        # the server, its uvicorn and job-queue workers (some in sessions of their own) and
+        # their children: every descendant, found before any of them dies and is reparented
+        for pid in [server.pid, *_descendants(server.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         if server.poll() is None:
-            os.killpg(server.pid, signal.SIGKILL)
             server.wait(30)
 
     try:
@@ -190,6 +214,7 @@ def test_a_server_that_goes_away_is_reported_once_and_never_blocks(tmp_path):
             assert time.time() < deadline, "the first records never reached the server"
             time.sleep(0.2)
         kill_server()
+        assert not _descendants(server.pid)
         begin = time.perf_counter()
         for step in range(3, 200):  # the step loop goes on at full speed
             trackers.send({"step": step, "loss": 1.0 / step})
