@@ -21,6 +21,7 @@ from mmpo_jax.loss_reduce import (
     token_mean_nll,
 )
 from mmpo_jax.loss_registry import CPO_LOSS_TYPES
+from mmpo_jax.losses_dpo import conservative_sigmoid
 
 Array = jax.Array
 log_sigmoid = jax.nn.log_sigmoid
@@ -75,8 +76,7 @@ def cpo_loss(
     margin = r_c - r_r
     b, e = beta, label_smoothing
     if loss_type in ("sigmoid", "simpo"):
-        x = b * (margin - (gamma / b if loss_type == "simpo" else 0.0))
-        per_pair = -(1.0 - e) * log_sigmoid(x) - e * log_sigmoid(-x)
+        per_pair = conservative_sigmoid(b * (margin - (gamma / b if loss_type == "simpo" else 0.0)), e)
     elif loss_type == "hinge":
         per_pair = jax.nn.relu(1.0 - b * margin)
     else:  # ipo
