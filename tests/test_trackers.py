@@ -28,7 +28,21 @@ from mmpo_jax.train.metrics import read_metrics  # noqa: E402
 
 TIMING = {"tokens_per_second"}  # differs between a run and its resume; the tracker keeps the first
 RUN = ["configs/tiny.yaml", "train.max_steps=4", "train.eval_every=2", "train.eval_batches=1",
-       "train.save_every=2", "train.report_to=[tensorboard,mlflow,wandb]", "train.run_name=tiny-run"]
+       "train.save_every=2", "train.report_to=[mlflow,wandb]", "train.run_name=tiny-run"]
+
+
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory) -> Path:
+    """An MLflow SQLite store with its tables made: each test copies it, since making the
+    tables (MLflow's migrations) costs seconds every time."""
+    path = tmp_path_factory.mktemp("store") / "empty.db"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def _store(empty: Path, path: Path) -> str:
+    shutil.copyfile(empty, path)
+    return f"sqlite:///{path}"
 
 
 def _mlflow_history(uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
@@ -63,11 +77,11 @@ def _expected(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 @pytest.fixture(scope="module")
-def tracked_run(tmp_path_factory):
+def tracked_run(tmp_path_factory, empty_store):
     """A 4-step run with evals, then the same run resumed from its step-2 checkpoint (the
     last removed, as after a crash): steps 3 and 4 are recomputed, not logged again."""
     root = tmp_path_factory.mktemp("trackers")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = _store(empty_store, root / "mlflow.db")
     env = {"MLFLOW_TRACKING_URI": uri, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     mp = pytest.MonkeyPatch()
     for key, value in env.items():
@@ -173,12 +187,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_a_server_that_goes_away_is_reported_once_and_never_blocks(tmp_path):
+def test_a_server_that_goes_away_is_reported_once_and_never_blocks(tmp_path, empty_store):
     port = _free_port()
+    store = _store(empty_store, tmp_path / "server.db")
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--default-artifact-root", str(tmp_path / "artifacts")],
+         "--backend-store-uri", store, "--default-artifact-root", str(tmp_path / "artifacts")],
+        # no job-queue workers: the tracker logs runs and metrics only
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     uri = f"http://127.0.0.1:{port}"
 
@@ -226,13 +242,13 @@ def test_a_server_that_goes_away_is_reported_once_and_never_blocks(tmp_path):
     finally:
         kill_server()
     # what it took before the server went is in the store
-    history = _mlflow_history(f"sqlite:///{tmp_path / 'server.db'}", tracker.run_id)
+    history = _mlflow_history(store, tracker.run_id)
     assert history["loss"] == [(1, 1.0), (2, 0.5)]
 
 
-def test_a_resume_with_config_changes_tags_the_same_mlflow_run(tmp_path):
+def test_a_resume_with_config_changes_tags_the_same_mlflow_run(tmp_path, empty_store):
     """MLflow params cannot change: a resume's changes become tags on the run it continues."""
-    uri = f"sqlite:///{tmp_path / 'tags.db'}"
+    uri = _store(empty_store, tmp_path / "tags.db")
     said: list[str] = []
     first = T.TrackerSet([T.MlflowTracker(uri, "r", "mmpo-jax-test")], tmp_path, {"train.max_steps": "4"}, [], 0,
                          said.append)
