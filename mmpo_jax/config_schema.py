@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from mmpo_jax.errors import UserError
+from mmpo_jax.models.families import SUPPORTED_MODEL_TYPES
 from mmpo_jax.train.trackers import TRACKERS
 from mmpo_jax.loss_registry import (
     CPO_LOSS_TYPES,
@@ -33,9 +34,13 @@ class ConfigError(UserError, ValueError):
 class ModelInit:
     """The architecture of a randomly initialised model (`model.path: ""`).
 
-    Names follow transformers' `LlamaConfig`; the defaults are a tiny Llama for
-    demos and tests. Ignored when `model.path` names a checkpoint.
+    Names follow transformers' configs; the defaults are a tiny Llama for demos and
+    tests. `model_type` picks the family (`mmpo_jax.models.families`); the family's
+    own defaults fill what this section does not name (Gemma's soft-caps, layer
+    pattern, query scale). Ignored when `model.path` names a checkpoint.
     """
+
+    model_type: str = "llama"
 
     # SmolLM2's tokenizer size, so the ids of the tokenizer shipped with the
     # embedded SmolLM2 model all fit.
@@ -51,11 +56,19 @@ class ModelInit:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 2048
+    # q/k/v biases (and o_proj's in the families that have one); Qwen2 always has them
+    attention_bias: bool = False
+    # None: the family's default (Gemma: 4096 on its sliding layers; others: no window)
+    sliding_window: int | None = None
     # Standard deviation of the normal init of every matrix (transformers'
     # `initializer_range`); norms start at 1, biases at 0.
     init_scale: float = 0.02
 
     def validate(self, prefix: str) -> None:
+        _check(self.model_type in SUPPORTED_MODEL_TYPES, prefix, "model_type", self.model_type,
+               f"choose one of {', '.join(SUPPORTED_MODEL_TYPES)}")
+        _check(self.sliding_window is None or self.sliding_window >= 1, prefix, "sliding_window",
+               self.sliding_window, "must be >= 1 or null")
         # The rules a checkpoint's config.json is held to as well (one copy of them).
         problem = model_dims_problem(dataclasses.asdict(self))
         if problem is not None:

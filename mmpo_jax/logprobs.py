@@ -6,6 +6,8 @@ the backward recomputes each chunk's logits and turns them straight into the
 gradients of the hidden states and of the head kernel. At any time one chunk's
 `[B, chunk, V]` logits (and their gradient) exist, forward and backward. Logits and
 the log-softmax are float32 whatever the dtype of the hidden states and kernel.
+`soft_cap` c (Gemma 2's final-logit soft-cap): the logits are `c * tanh(z / c)` of
+the head's output z, inside the chunks and their gradient.
 
 The shift convention lives in one place, `model_token_logps`: the hidden state at
 position t predicts token t+1, and the result is aligned with `input_ids`:
@@ -35,15 +37,23 @@ DEFAULT_CHUNK = 256
 # --------------------------------------------------------------------------- #
 # Naive reference: the full [B, T, V] logits (tests only)
 # --------------------------------------------------------------------------- #
+def soft_capped(logits: jax.Array, soft_cap: float | None) -> jax.Array:
+    """`soft_cap * tanh(logits / soft_cap)` (float32), or the logits when it is None."""
+    if soft_cap is None:
+        return logits
+    c = jnp.float32(soft_cap)
+    return c * jnp.tanh(logits / c)
+
+
 def token_logps_naive(
     hidden: jax.Array, kernel: jax.Array, targets: jax.Array, *, with_entropy: bool = False,
-    with_log_sum_sq: bool = False,
+    with_log_sum_sq: bool = False, soft_cap: float | None = None,
 ) -> jax.Array | tuple[jax.Array, ...]:
     """`log softmax(hidden @ kernel)[targets]` `[B, T]` (and the entropy `[B, T]` of
     each position's distribution, and `log sum_v p_v^2`), through the full float32
     logits. For tests."""
     logits = jnp.einsum("btd,dv->btv", hidden, kernel, preferred_element_type=jnp.float32)
-    logits = logits.astype(jnp.float32)
+    logits = soft_capped(logits.astype(jnp.float32), soft_cap)
     logp_all = jax.nn.log_softmax(logits, axis=-1)
     logps = jnp.take_along_axis(logp_all, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     extras = []
@@ -65,6 +75,7 @@ def token_logps_chunked(
     chunk: int = DEFAULT_CHUNK,
     with_entropy: bool = False,
     with_log_sum_sq: bool = False,
+    soft_cap: float | None = None,
 ) -> jax.Array | tuple[jax.Array, ...]:
     """Same values as `token_logps_naive` (and gradients w.r.t. `hidden` and `kernel`),
     `chunk` sequence positions at a time: no `[B, T, V]` array exists, forward or
@@ -81,8 +92,9 @@ def token_logps_chunked(
     if pad:
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
         targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    cap = None if soft_cap is None else float(soft_cap)
     logps, entropy, sum_sq = _chunked(hidden, kernel, targets.astype(jnp.int32), chunk, with_entropy,
-                                      with_log_sum_sq)
+                                      with_log_sum_sq, cap)
     extras = [entropy[:, :t]] if with_entropy else []
     if with_log_sum_sq:
         extras.append(jax.lax.stop_gradient(sum_sq[:, :t]))
@@ -102,19 +114,18 @@ def _from_chunks(x: jax.Array) -> jax.Array:
     return jnp.swapaxes(x, 0, 1).reshape(b, n * c, *x.shape[3:])
 
 
-def _chunk_logits(h: jax.Array, kernel: jax.Array) -> jax.Array:
-    return jnp.einsum("bcd,dv->bcv", h, kernel, preferred_element_type=jnp.float32).astype(
-        jnp.float32
-    )
+def _chunk_logits(h: jax.Array, kernel: jax.Array, soft_cap: float | None) -> jax.Array:
+    logits = jnp.einsum("bcd,dv->bcv", h, kernel, preferred_element_type=jnp.float32)
+    return soft_capped(logits.astype(jnp.float32), soft_cap)
 
 
-def _forward_stats(hidden, kernel, targets, chunk, with_entropy, with_log_sum_sq=False):
+def _forward_stats(hidden, kernel, targets, chunk, with_entropy, with_log_sum_sq, soft_cap):
     """(logps, entropy, lse, log_sum_sq) `[B, T]` each, one chunk of logits at a time
     (entropy and log_sum_sq zeros unless asked for)."""
 
     def step(_, xs):
         h, tgt = xs
-        logits = _chunk_logits(h, kernel)
+        logits = _chunk_logits(h, kernel, soft_cap)
         lse = jax.nn.logsumexp(logits, axis=-1)
         tgt_logit = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
         logp_all = logits - lse[..., None]
@@ -130,18 +141,20 @@ def _forward_stats(hidden, kernel, targets, chunk, with_entropy, with_log_sum_sq
     return tuple(_from_chunks(x) for x in stats)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _chunked(hidden, kernel, targets, chunk, with_entropy, with_log_sum_sq):
-    logps, entropy, _, sum_sq = _forward_stats(hidden, kernel, targets, chunk, with_entropy, with_log_sum_sq)
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _chunked(hidden, kernel, targets, chunk, with_entropy, with_log_sum_sq, soft_cap):
+    logps, entropy, _, sum_sq = _forward_stats(hidden, kernel, targets, chunk, with_entropy, with_log_sum_sq,
+                                               soft_cap)
     return logps, entropy, sum_sq
 
 
-def _chunked_fwd(hidden, kernel, targets, chunk, with_entropy, with_log_sum_sq):
-    logps, entropy, lse, sum_sq = _forward_stats(hidden, kernel, targets, chunk, with_entropy, with_log_sum_sq)
+def _chunked_fwd(hidden, kernel, targets, chunk, with_entropy, with_log_sum_sq, soft_cap):
+    logps, entropy, lse, sum_sq = _forward_stats(hidden, kernel, targets, chunk, with_entropy, with_log_sum_sq,
+                                                 soft_cap)
     return (logps, entropy, sum_sq), (hidden, kernel, targets, lse, entropy)
 
 
-def _chunked_bwd(chunk, with_entropy, with_log_sum_sq, res, cotangents):
+def _chunked_bwd(chunk, with_entropy, with_log_sum_sq, soft_cap, res, cotangents):
     # log_sum_sq carries no gradient (token_logps_chunked stops it): its cotangent is 0
     hidden, kernel, targets, lse, entropy = res
     g_logp, g_ent, _ = cotangents
@@ -151,7 +164,7 @@ def _chunked_bwd(chunk, with_entropy, with_log_sum_sq, res, cotangents):
 
     def step(dk, xs):
         h, tgt, lse_c, ent_c, gl, ge = xs
-        logits = _chunk_logits(h, kernel)
+        logits = _chunk_logits(h, kernel, soft_cap)
         logp_all = logits - lse_c[..., None]
         p = jnp.exp(logp_all)
         # d logp[tgt] / dz = onehot(tgt) - p;  dH / dz = -p * (log p + H)
@@ -161,6 +174,8 @@ def _chunked_bwd(chunk, with_entropy, with_log_sum_sq, res, cotangents):
             g_z = -p * gl[..., None]
         onehot = jax.nn.one_hot(tgt, v, dtype=jnp.float32) * gl[..., None]
         g_z = g_z + onehot
+        if soft_cap is not None:  # d(c tanh(z / c)) / dz = 1 - tanh^2 = 1 - (capped / c)^2
+            g_z = g_z * (1.0 - jnp.square(logits / jnp.float32(soft_cap)))
         g_h = jnp.einsum("bcv,dv->bcd", g_z.astype(kernel.dtype) if kernel.dtype != jnp.float32 else g_z,
                          kernel, preferred_element_type=jnp.float32)
         dk = dk + jnp.einsum(
@@ -201,6 +216,7 @@ def shifted_token_logps(
     chunk: int | None = DEFAULT_CHUNK,
     with_entropy: bool = False,
     with_log_sum_sq: bool = False,
+    soft_cap: float | None = None,
 ) -> jax.Array | tuple[jax.Array, ...]:
     """The shift, once: from the hidden states of `input_ids`, `logps[:, t] = log p(
     input_ids[:, t] | input_ids[:, :t])` for t >= 1 and 0 at t = 0 (aligned with
@@ -210,11 +226,12 @@ def shifted_token_logps(
     full-logits path (tests)."""
     # hidden[:, t] predicts input_ids[:, t + 1]; the last position predicts nothing.
     targets = jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)
-    flags = dict(with_entropy=with_entropy, with_log_sum_sq=with_log_sum_sq)
     if chunk is None:
-        out = token_logps_naive(hidden, kernel, targets, **flags)
+        out = token_logps_naive(hidden, kernel, targets, with_entropy=with_entropy,
+                                with_log_sum_sq=with_log_sum_sq, soft_cap=soft_cap)
     else:
-        out = token_logps_chunked(hidden, kernel, targets, chunk=chunk, **flags)
+        out = token_logps_chunked(hidden, kernel, targets, chunk=chunk, with_entropy=with_entropy,
+                                  with_log_sum_sq=with_log_sum_sq, soft_cap=soft_cap)
 
     def align(x):  # value for predicting t+1 at position t -> position t+1
         return jnp.concatenate([jnp.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
@@ -244,5 +261,5 @@ def model_token_logps(
     hidden = model(input_ids, dropout_key=dropout_key)
     return shifted_token_logps(
         hidden, model.lm_head_kernel(), input_ids, chunk=chunk, with_entropy=with_entropy,
-        with_log_sum_sq=with_log_sum_sq,
+        with_log_sum_sq=with_log_sum_sq, soft_cap=model.logit_soft_cap,
     )

@@ -31,34 +31,19 @@ from mmpo_jax.eval.generate import (
     prompt_bucket,
     tokenize_prompts,
 )
+from mmpo_jax.models.attention import window_mask
 from mmpo_jax.models.build import build_model
-from mmpo_jax.models.hf_weights import hf_weight_shapes
 from mmpo_jax.models.llama_config import LlamaConfig, model_config_from_init
 from mmpo_jax.models.options import LORA_TARGETS, LoraOptions, ModelOptions
 from mmpo_jax.sharding import make_mesh
 from mmpo_jax.train.setup import model_options
+from model_parity import MIN_GAP, random_hf_weights, reference_greedy
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 N_NEW = 10
 # prompt lengths of the batch: left padding of 0, 9 and 12 slots (and the bucket's 3 more)
 LENGTHS = (13, 4, 1)
-MIN_GAP = 1e-3  # smallest top-1 / top-2 logit gap on the greedy paths (not a near-tie)
-
-
-def random_hf_weights(arch: LlamaConfig, seed: int = 0) -> dict[str, np.ndarray]:
-    """transformers-layout weights: matrices at 1.5x the variance-preserving scale,
-    norms near 1, a smaller tied embedding (as tests/test_model_llama.py)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, shape in hf_weight_shapes(arch).items():
-        if name.endswith("norm.weight"):
-            out[name] = 1.0 + 0.3 * rng.standard_normal(shape)
-        elif "embed_tokens" in name:
-            out[name] = 0.5 * rng.standard_normal(shape)
-        else:
-            out[name] = rng.standard_normal(shape) * (1.5 / shape[1] ** 0.5)
-    return {k: v.astype(np.float32) for k, v in out.items()}
 
 
 @pytest.fixture(scope="module")
@@ -76,32 +61,6 @@ def tiny():
 def prompts(tiny):
     rng = np.random.default_rng(1)
     return [[int(t) for t in rng.integers(3, tiny[1].vocab_size, n)] for n in LENGTHS]
-
-
-@nnx.jit
-def _logits(model, ids):
-    hidden = model(ids)
-    return jnp.einsum("btd,dv->btv", hidden, model.lm_head_kernel(), preferred_element_type=jnp.float32)
-
-
-def reference_greedy(model, prompts, n_new, width=32):
-    """Greedy decoding without a cache: the whole sequence through the ordinary forward
-    at every step, right-padded to one width (causal attention keeps the padding out
-    of the real positions), the argmax of each row's last real position appended.
-    Returns (tokens [B, n_new], the smallest top-2 gap seen)."""
-    seqs = [list(p) for p in prompts]
-    gap = np.inf
-    for _ in range(n_new):
-        ids = np.zeros((len(seqs), width), np.int32)
-        for b, s in enumerate(seqs):
-            ids[b, : len(s)] = s
-        logits = np.asarray(_logits(model, jnp.asarray(ids)))
-        for b, s in enumerate(seqs):
-            row = logits[b, len(s) - 1]
-            top2 = np.sort(row)[-2:]
-            gap = min(gap, float(top2[1] - top2[0]))
-            s.append(int(np.argmax(row)))
-    return np.asarray([s[len(p):] for s, p in zip(seqs, prompts)]), gap
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +183,7 @@ def test_next_tokens_follows_the_tempered_nucleus():
         q[keep] = p[keep]
         return q / q.sum()
 
-    static = _Static(max_new_tokens=1, pad_id=0, greedy=False, use_top_p=True, window=None)
+    static = _Static(max_new_tokens=1, pad_id=0, greedy=False, use_top_p=True)
     keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(0), r))(jnp.arange(n))
 
     @jax.jit
@@ -248,12 +207,13 @@ def test_masks_and_padding_layout():
     assert ids.shape == (2, 16) and list(pad) == [13, 15]
     assert list(ids[0, -3:]) == [5, 6, 7] and (ids[0, :13] == 0).all() and ids[1, -1] == 8
     assert prompt_bucket(16) == 16 and prompt_bucket(17) == 32 and prompt_bucket(1) == 16
-    m = np.asarray(attention_mask(jnp.asarray([1, 0]), jnp.asarray([2, 3]), 5, window=2))
+    m = np.asarray(attention_mask(jnp.asarray([1, 0]), jnp.asarray([2, 3]), 5)
+                   & window_mask(jnp.asarray([2, 3]), 5, 2)[None])
     # row 0: slot 0 is padding; a query sees itself and one slot back (window 2)
     assert m[0, 0].tolist() == [False, True, True, False, False]
     assert m[0, 1].tolist() == [False, False, True, True, False]
     assert m[1, 1].tolist() == [False, False, True, True, False]
-    full = np.asarray(attention_mask(jnp.asarray([1, 0]), jnp.asarray([2]), 5, window=None))
+    full = np.asarray(attention_mask(jnp.asarray([1, 0]), jnp.asarray([2]), 5))
     assert full[0, 0].tolist() == [False, True, True, False, False]
     assert full[1, 0].tolist() == [True, True, True, False, False]
 

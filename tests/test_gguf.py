@@ -25,9 +25,9 @@ from checkpoint_helpers import (
 from mmpo_jax.errors import UserError
 from mmpo_jax.models import gguf as G
 from mmpo_jax.models.checkpoints import load_checkpoint, open_checkpoint
-from mmpo_jax.models.layers import rope_inv_freq
 from mmpo_jax.models.llama_config import LlamaConfig
 from mmpo_jax.models.options import ModelOptions
+from mmpo_jax.models.rope import inv_freq
 
 F32 = ModelOptions(param_dtype="float32", compute_dtype="float32", attention="xla")
 
@@ -69,10 +69,8 @@ def test_llama3_rope_scaling_recovered_from_rope_freqs(params):
     got = G.llama3_rope_scaling_from_factors(factors.astype(np.float32), head_dim, theta)
     assert got["rope_type"] == "llama3" and got["factor"] == pytest.approx(params["factor"])
     # Whatever parameters came back, they give the same RoPE frequencies.
-    base = dict(vocab_size=8, hidden_size=head_dim * 2, intermediate_size=8, num_hidden_layers=1,
-                num_attention_heads=2, rope_theta=theta)
-    want = rope_inv_freq(LlamaConfig(**base, rope_scaling={"rope_type": "llama3", **params}))
-    np.testing.assert_allclose(rope_inv_freq(LlamaConfig(**base, rope_scaling=got)), want, rtol=1e-6)
+    want, _ = inv_freq(head_dim, theta, {"rope_type": "llama3", **params}, 8192)
+    np.testing.assert_allclose(inv_freq(head_dim, theta, got, 8192)[0], want, rtol=1e-6)
     assert G.llama3_rope_scaling_from_factors(np.ones(32), head_dim, theta) is None
 
 

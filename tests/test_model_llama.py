@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 
 from mmpo_jax.errors import UserError
-from mmpo_jax.logprobs import model_token_logps, sequence_logps
+from mmpo_jax.logprobs import model_token_logps
 from mmpo_jax.models.build import build_model
 from mmpo_jax.models.hf_weights import hf_weight_names, hf_weight_shapes, iter_hf_weights
 from mmpo_jax.models.llama import Llama
@@ -31,8 +31,20 @@ from mmpo_jax.models.options import ModelOptions
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-TOKEN_TOL = 1e-5
-GRAD_TOL = 1e-4
+from model_parity import (  # noqa: E402
+    TOKEN_TOL,
+    assert_far_from_uniform,
+    batch,
+    compare_grads,
+    hf_model,
+    load_ours_into_torch,
+    max_rel,
+    our_logps_and_grads,
+    randomize_torch,
+    target_mask,
+    torch_grads,
+    torch_state,
+)
 
 _BASE = dict(
     vocab_size=96,
@@ -76,130 +88,6 @@ CONFIGS = {
         **_BASE, model_type="qwen3", head_dim=24, attention_bias=True, rope_theta=1e6
     ),
 }
-
-
-# --------------------------------------------------------------------------- #
-# helpers
-# --------------------------------------------------------------------------- #
-def hf_model(cfg: LlamaConfig):
-    d = cfg.to_hf_dict()
-    hc = transformers.AutoConfig.for_model(**d)
-    model = transformers.AutoModelForCausalLM.from_config(
-        hc, attn_implementation="eager", dtype=torch.float32
-    )
-    assert type(model).__name__ == d["architectures"][0]
-    return model.eval()
-
-
-def randomize_torch(model, seed: int = 0) -> None:
-    """Large random weights: far-from-uniform logits, non-trivial norms and biases.
-
-    Linear weights have 1.5x the variance-preserving scale. Larger still and the
-    logits reach tens, where float32 rounding alone (transformers' own float32 against
-    its float64) approaches the 1e-5 tolerance.
-    """
-    g = torch.Generator().manual_seed(seed)
-    tied = model.config.tie_word_embeddings
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.4 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
-            elif "embed_tokens" in name:
-                # tied: the token's own embedding both enters and scores, keep it smaller
-                p.copy_((0.3 if tied else 1.0) * torch.randn(p.shape, generator=g))
-            else:  # Linear [out, in]
-                p.copy_(torch.randn(p.shape, generator=g) * (1.5 / p.shape[1] ** 0.5))
-
-
-def torch_state(model) -> dict[str, np.ndarray]:
-    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-
-
-def load_ours_into_torch(model: Llama, tmodel) -> None:
-    state = {k: torch.from_numpy(v.copy()) for k, v in iter_hf_weights(model)}
-    if tmodel.config.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    missing, unexpected = tmodel.load_state_dict(state, strict=True)
-    assert not missing and not unexpected
-
-
-def batch(vocab: int, lengths=(16, 11, 6), seed: int = 1):
-    rng = np.random.default_rng(seed)
-    t = max(lengths)
-    mask = (np.arange(t)[None] < np.asarray(lengths)[:, None]).astype(np.int64)
-    ids = rng.integers(0, vocab, (len(lengths), t)) * mask  # right-padded with id 0
-    return ids, mask
-
-
-def torch_token_logps(tmodel, ids, mask):
-    """transformers' own shift: logits at t score token t+1; aligned with ids (0 at t=0)."""
-    out = tmodel(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
-    lp = torch.log_softmax(out[:, :-1].float(), dim=-1)
-    lp = lp.gather(-1, torch.tensor(ids[:, 1:])[..., None])[..., 0]
-    return torch.cat([torch.zeros_like(lp[:, :1]), lp], dim=1)
-
-
-def assert_far_from_uniform(tmodel, ids, mask):
-    """The next-token distributions are peaked: mean entropy well below log V, and the
-    typical top token has over 10x the uniform probability."""
-    with torch.no_grad():
-        logits = tmodel(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
-    logp = torch.log_softmax(logits, -1)
-    real = torch.tensor(mask).bool()
-    entropy = -(logp.exp() * logp).sum(-1)[real]
-    v = logits.shape[-1]
-    assert float(entropy.mean()) < np.log(v) - 0.75, float(entropy.mean())
-    assert float(logp.exp().max(-1).values[real].median()) > 10.0 / v
-
-
-def target_mask(mask):
-    """Positions whose token is predicted: real tokens after the first."""
-    m = np.array(mask, dtype=np.float32)
-    m[:, 0] = 0
-    return m
-
-
-def torch_grads(tmodel, ids, mask) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    tmodel.zero_grad()
-    lp = torch_token_logps(tmodel, ids, mask)
-    seq = (lp * torch.tensor(target_mask(mask))).sum(-1)
-    seq.sum().backward()
-    grads = {n: p.grad.detach().numpy().copy() for n, p in tmodel.named_parameters()}
-    return lp.detach().numpy(), grads
-
-
-def our_logps_and_grads(model: Llama, ids, mask, chunk=5):
-    ids_j = jnp.asarray(ids, jnp.int32)
-    tmask = jnp.asarray(target_mask(mask))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-    def loss(params):
-        m = nnx.merge(graphdef, params, rest)
-        lp = model_token_logps(m, ids_j, chunk=chunk)
-        return jnp.sum(sequence_logps(lp, tmask, average=False)), lp
-
-    (_, lp), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-    # Grads have the params' structure: put them in a model to read them in HF layout.
-    gmodel = nnx.merge(graphdef, grads, rest)
-    return np.asarray(lp), dict(iter_hf_weights(gmodel))
-
-
-def max_rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
-
-
-def compare_grads(ours: dict, theirs: dict, tied: bool) -> float:
-    worst = 0.0
-    for name, g in theirs.items():
-        if name == "lm_head.weight" and tied:
-            continue  # torch reports the shared tensor's grad under both names
-        assert name in ours, name
-        rel = max_rel(ours[name], g)
-        assert rel < GRAD_TOL, (name, rel)
-        worst = max(worst, rel)
-    return worst
 
 
 # --------------------------------------------------------------------------- #
@@ -259,7 +147,7 @@ def test_from_hf_dict_styles():
     "change,needle",
     [
         ({"model_type": "gpt2"}, "gpt2"),
-        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "yarn"),
+        ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "factor": 4.0}}, "longrope"),
         ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "dynamic"),
         ({"hidden_act": "gelu"}, "gelu"),
     ],

@@ -18,8 +18,8 @@ activations: batch over `data` x `fsdp`, kv heads over `tensor`
 
 Padding. Row `b` has `pad[b]` padding slots first. Its RoPE positions are
 `slot - pad[b]`, so its first real token is at position 0, exactly as when the prompt
-is run alone; its queries see key slots `pad[b] <= j <= slot` (and, with a sliding
-window, `slot - j < window`): never the padding. Hence a left-padded batch gives each
+is run alone; its queries see key slots `pad[b] <= j <= slot` (and, on a sliding layer,
+`slot - j < window`): never the padding. Hence a left-padded batch gives each
 prompt the tokens it gets decoded alone (up to float rounding).
 
 Compiles: one for the prefill (the whole prompt in one forward, which fills the cache
@@ -99,7 +99,6 @@ class _Static(NamedTuple):
     pad_id: int
     greedy: bool
     use_top_p: bool
-    window: int | None  # the model's sliding window (Mistral), None = full attention
 
 
 @dataclass
@@ -150,20 +149,17 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, length: int | None =
 # --------------------------------------------------------------------------- #
 # Pure pieces of the jitted computation
 # --------------------------------------------------------------------------- #
-def attention_mask(pad: jax.Array, query_slots: jax.Array, num_slots: int, window: int | None) -> jax.Array:
+def attention_mask(pad: jax.Array, query_slots: jax.Array, num_slots: int) -> jax.Array:
     """bool `[B, T, S]`: query slot `query_slots[t]` of row `b` may see key slot `j`.
 
     pad `[B]`, query_slots `[T]` int. A key is visible when it is a real token of the
-    row (`j >= pad[b]`), not in the future (`j <= slot`) and, with a sliding window,
-    within it (`slot - j < window`: positions differ by as much as slots, padding
-    being only at the start).
+    row (`j >= pad[b]`) and not in the future (`j <= slot`). The model's sliding
+    layers narrow it to their window (`Llama.decode`: positions differ by as much as
+    slots, padding being only at the start).
     """
     j = jnp.arange(num_slots)[None, None, :]
     q = query_slots[None, :, None]
-    visible = (j >= pad[:, None, None]) & (j <= q)
-    if window is not None:
-        visible &= q - j < window
-    return visible
+    return (j >= pad[:, None, None]) & (j <= q)
 
 
 def positions(pad: jax.Array, query_slots: jax.Array) -> jax.Array:
@@ -194,9 +190,12 @@ def cache_spec(shape: Sequence[int], mesh: jax.sharding.Mesh) -> jax.sharding.Pa
 
 
 def last_logits(model: Llama, hidden: jax.Array) -> jax.Array:
-    """float32 `[B, V]` logits of hidden `[B, D]` (float32 accumulation, as `mmpo_jax.logprobs`)."""
+    """float32 `[B, V]` logits of hidden `[B, D]` (float32 accumulation and the model's
+    logit soft-cap, as `mmpo_jax.logprobs`)."""
+    from mmpo_jax.logprobs import soft_capped
+
     logits = jnp.einsum("bd,dv->bv", hidden, model.lm_head_kernel(), preferred_element_type=jnp.float32)
-    return logits.astype(jnp.float32)
+    return soft_capped(logits.astype(jnp.float32), model.logit_soft_cap)
 
 
 def next_tokens(logits: jax.Array, row_keys: jax.Array | None, step: jax.Array | int,
@@ -300,7 +299,7 @@ def _prefill(graphdef: Any, state: Any, ids: jax.Array, pad: jax.Array, row_ids:
     b, p = ids.shape
     cache = init_cache(model, b, p + static.max_new_tokens - 1)
     slots = jnp.arange(p, dtype=jnp.int32)
-    mask = attention_mask(pad, slots, cache[0].shape[3], static.window)
+    mask = attention_mask(pad, slots, cache[0].shape[3])
     hidden, cache = model.decode(ids, positions(pad, slots), cache, jnp.int32(0), mask)
     logits = last_logits(model, hidden[:, -1])
     keys = None if static.greedy else _row_keys(seed, row_ids)
@@ -338,7 +337,7 @@ def _decode(graphdef: Any, state: Any, carry: _Carry, pad: jax.Array, row_ids: j
         model = _merge(graphdef, state)
         slot = (p + c.step - 1).astype(jnp.int32)
         slots = slot[None]
-        mask = attention_mask(pad, slots, num_slots, static.window)
+        mask = attention_mask(pad, slots, num_slots)
         hidden, cache = model.decode(c.last[:, None], positions(pad, slots), c.cache, slot, mask)
         tok = next_tokens(last_logits(model, hidden[:, 0]), keys, c.step, temperature, top_p, static)
         return _record(c._replace(cache=cache), tok, eos, static)
@@ -414,7 +413,6 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], config: GenerationC
         pad_id=int(config.pad_id),
         greedy=config.greedy,
         use_top_p=config.top_p < 1,
-        window=model.cfg.sliding_window,
     )
     graphdef, state = nnx.split(model)
     args = (

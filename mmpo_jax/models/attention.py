@@ -81,10 +81,16 @@ def cached_attention(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, allow
     """Grouped-query attention of q `[B, T, N, H]` over a KV cache `[B, K, S, H]`.
 
     allowed `[B, T, S]` bool: True where a query may see a cache slot (the caller knows
-    the slots' positions, so it applies causality, padding and `spec.sliding_window`);
-    `spec.soft_cap` applies here. Returns `[B, T, N, H]` in the cache's dtype.
+    the slots' positions, so it applies causality, padding and the window:
+    `window_mask`); `spec.soft_cap` applies here. Returns `[B, T, N, H]` in the cache's dtype.
     """
     return _scores_attention(q, cache_k, cache_v, allowed, scale, spec.soft_cap)
+
+
+def window_mask(query_slots: jax.Array, num_slots: int, window: int) -> jax.Array:
+    """`[T, S]` bool: query slot `query_slots[t]` is within `window` of key slot `j`
+    (`slot - j < window`; causality is the caller's mask)."""
+    return query_slots[:, None] - jnp.arange(num_slots)[None, :] < window
 
 
 def sequence_mask(spec: MaskSpec, length: int, segment_ids: jax.Array | None = None) -> jax.Array:

@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from mmpo_jax.errors import UserError, first_line
+from mmpo_jax.models.families import TEXT_TOWERS
+from mmpo_jax.models.hf_config import text_config
 
 if TYPE_CHECKING:
     import jax
@@ -438,11 +440,14 @@ def _open_hf_dir(directory: Path) -> CheckpointSource:
         raise UserError(f"{config_path}: not valid JSON ({err})") from None
     if not isinstance(hf_config, dict):
         raise UserError(f"{config_path}: expected a JSON object")
-    check_hf_dims(hf_config, str(config_path))
+    check_hf_dims(text_config(hf_config), str(config_path))
     reader = SafetensorsReader.from_dir(directory)
     names = reader.names()
+    alias = _text_tower_names(hf_config, names)
 
     def get(name: str) -> np.ndarray:
+        if name in alias:
+            return reader.get(alias[name])
         if name in names:
             return reader.get(name)
         # Checkpoints of the bare decoder (`LlamaModel`) have no `model.` prefix.
@@ -453,7 +458,7 @@ def _open_hf_dir(directory: Path) -> CheckpointSource:
     def tokenizer() -> Any:
         return load_hf_tokenizer(directory)
 
-    available = names | {"model." + n for n in names if not n.startswith(("model.", "lm_head."))}
+    available = names | set(alias) | {"model." + n for n in names if not n.startswith(("model.", "lm_head."))}
     return CheckpointSource(
         kind="hf",
         path=directory,
@@ -462,6 +467,18 @@ def _open_hf_dir(directory: Path) -> CheckpointSource:
         names=available,
         load_tokenizer=tokenizer,
     )
+
+
+def _text_tower_names(hf_config: dict[str, Any], names: set[str]) -> dict[str, str]:
+    """Our tensor name -> the file's, for a multimodal checkpoint whose text tower we
+    load (`families.TEXT_TOWERS`: `model.language_model.*` or `language_model.model.*`
+    for `model.*`); empty for any other checkpoint."""
+    towers = TEXT_TOWERS.get(hf_config.get("model_type", "")) if "text_config" in hf_config else None
+    alias: dict[str, str] = {}
+    for ours, theirs in (towers or {}).items():
+        for prefix in reversed(theirs):  # the first layout listed wins
+            alias.update({ours + n[len(prefix):]: n for n in names if n.startswith(prefix)})
+    return alias
 
 
 def load_hf_tokenizer(directory: str | os.PathLike) -> Any:

@@ -1,4 +1,4 @@
-"""transformers' tensors <-> our parameters for the Llama family: one table of every
+"""transformers' tensors <-> our parameters for every family: one table of every
 HF tensor (its name, our state path, both layouts and the conversions between them),
 the names and shapes it lists, and the model's weights read out in transformers'
 layout (LoRA merged) for export and for the PyTorch checks."""
@@ -91,6 +91,9 @@ def _tensor_table(cfg: LlamaConfig) -> list[HFTensor]:
             out.append(HFTensor(p + "self_attn.o_proj.bias", ("self_attn", "o_bias"), i, (d,), (d,)))
         out.append(HFTensor(p + "post_attention_layernorm.weight", ("post_attention_layernorm", "weight"), i,
                            (d,), (d,)))
+        if cfg.family.gemma_norms:
+            for norm in ("pre_feedforward_layernorm", "post_feedforward_layernorm"):
+                out.append(HFTensor(p + f"{norm}.weight", (norm, "weight"), i, (d,), (d,)))
         out.append(HFTensor(p + "mlp.gate_proj.weight", ("mlp", "gate_kernel"), i, (d, m), (m, d),
                            *_linear_in_out((m,), d)))
         out.append(HFTensor(p + "mlp.up_proj.weight", ("mlp", "up_kernel"), i, (d, m), (m, d),
@@ -110,7 +113,8 @@ def hf_weight_names(cfg: LlamaConfig) -> list[str]:
     `model.embed_tokens.weight`, `model.layers.{i}.input_layernorm.weight`,
     `model.layers.{i}.self_attn.{q,k,v,o}_proj.weight` (+ q/k/v `.bias` with
     `attention_bias`, o too where `o_bias`; `self_attn.{q,k}_norm.weight` with `qk_norm`),
-    `model.layers.{i}.post_attention_layernorm.weight`,
+    `model.layers.{i}.post_attention_layernorm.weight` (and Gemma's
+    `pre_feedforward_layernorm.weight`, `post_feedforward_layernorm.weight`),
     `model.layers.{i}.mlp.{gate,up,down}_proj.weight`, `model.norm.weight`, and
     `lm_head.weight` when the embeddings are untied.
     """

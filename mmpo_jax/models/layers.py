@@ -1,17 +1,14 @@
 """Building blocks of the decoder: parameters with logical axis names, dropout,
-RMSNorm, and RoPE (transformers' rotate-half convention)."""
+RMSNorm (Llama's and Gemma's), the MLP activations, and applying RoPE
+(transformers' rotate-half convention; the frequencies are `mmpo_jax.models.rope`'s)."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
-
-from mmpo_jax.models.llama_config import LlamaConfig
 
 
 def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str, ...], dtype: Any,
@@ -36,39 +33,29 @@ def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, dtype: Any, *, rngs: nnx.Rngs):
-        self.weight = param(rngs, (dim,), ("norm",), dtype, "ones", 0.0)
+    """RMSNorm over the last axis. `offset` (Gemma): the scale is `1 + weight` (the
+    weight starts at 0) and applies in float32 before the cast back; otherwise (Llama)
+    the normalised value is cast back first and scaled by `weight` (starts at 1), as
+    transformers does each."""
+
+    def __init__(self, dim: int, eps: float, dtype: Any, *, rngs: nnx.Rngs, offset: bool = False):
+        self.weight = param(rngs, (dim,), ("norm",), dtype, "zeros" if offset else "ones", 0.0)
         self.eps = eps
+        self.offset = offset
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        # transformers: normalise in float32, cast back, then scale.
         x32 = x.astype(jnp.float32)
         var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-        y = (x32 * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
-        return self.weight[...].astype(x.dtype) * y
+        y = x32 * jax.lax.rsqrt(var + self.eps)
+        if self.offset:
+            return (y * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
+        return self.weight[...].astype(x.dtype) * y.astype(x.dtype)
 
 
-def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
-    """The RoPE inverse frequencies `[head_dim // 2]` (float32), as transformers computes them."""
-    dim = cfg.head_dim
-    inv = 1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
-    inv = inv.astype(np.float32)
-    kind, s = cfg.rope_type, cfg.rope_scaling or {}
-    if kind == "linear":
-        inv = inv / np.float32(s["factor"])
-    elif kind == "llama3":
-        factor = s["factor"]
-        low, high = s["low_freq_factor"], s["high_freq_factor"]
-        old = s["original_max_position_embeddings"]
-        low_wavelen = old / low
-        high_wavelen = old / high
-        wavelen = 2 * math.pi / inv
-        inv_l = np.where(wavelen > low_wavelen, inv / factor, inv)
-        smooth = (old / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * inv_l / factor + smooth * inv_l
-        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-        inv = np.where(medium, smoothed, inv_l)
-    return inv.astype(np.float32)
+ACTIVATION_FNS = {
+    "silu": jax.nn.silu,
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
 
 
 def _rotate_half(x: jax.Array) -> jax.Array:

@@ -1,8 +1,9 @@
-"""A decoder-only transformer for the Llama family in Flax NNX (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3).
+"""A decoder-only transformer in Flax NNX for the Llama family (Llama 2/3, SmolLM2, Mistral,
+Qwen2, Qwen3) and Gemma 2 / 3: `mmpo_jax.models.families` says what each adds.
 
 `Llama(cfg, options, rngs=...)`: `model(input_ids [B, T] int32) -> hidden [B, T, D]`
 after the final RMSNorm; `model.lm_head_kernel() -> [D, V]`. Log-probs are computed
-from these two by `mmpo_jax.logprobs` (chunked, no [B, T, V] logits).
+from these two (and `logit_soft_cap`) by `mmpo_jax.logprobs` (chunked, no [B, T, V] logits).
 `model.decode(input_ids, positions, cache, slot, mask)`: the same layers with a KV
 cache, for generation (`mmpo_jax.eval.generate`, which owns the cache layout and masks).
 
@@ -10,7 +11,7 @@ The rest of the model package: `llama_config.LlamaConfig` (the architecture, wit
 transformers' names, from and to a `config.json`), `options.ModelOptions` (how the
 model runs: dtypes, attention kernel, scan, remat, dropout, LoRA), `attention` (the
 one attention entry point and its mask spec), `layers` (parameters with logical axes,
-RMSNorm, RoPE), `lora` (the adapters), `hf_weights` (transformers' tensor names and
+RMSNorm, applying RoPE), `rope` (its frequencies), `lora` (the adapters), `hf_weights` (transformers' tensor names and
 layouts, `iter_hf_weights`), `build.build_model` (random init or a checkpoint, straight
 onto the mesh), `checkpoints` / `gguf` (reading HF directories and GGUF files).
 
@@ -34,24 +35,31 @@ permutation (GGUF's llama.cpp permutation is undone by the GGUF reader).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mmpo_jax.models.attention import MaskSpec, attention, cached_attention
-from mmpo_jax.models.layers import (
-    RMSNorm,
-    apply_rope,
-    apply_rope_rows,
-    dropout,
-    param,
-    rope_inv_freq,
-)
+from mmpo_jax.models.attention import MaskSpec, attention, cached_attention, window_mask
+from mmpo_jax.models.layers import ACTIVATION_FNS, RMSNorm, apply_rope, apply_rope_rows, dropout, param
 from mmpo_jax.models.llama_config import LlamaConfig
+from mmpo_jax.models.rope import inv_freq as rope_inv_freq
 from mmpo_jax.models.lora import add_delta, add_lora_params, lora_delta
 from mmpo_jax.models.options import ModelOptions
+
+# (cos, sin) for full-attention layers, then for sliding ones (the same arrays unless
+# the sliding layers have their own RoPE base, as Gemma 3's)
+Ropes = tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+# whether a layer is a sliding one: static, or traced (scanned layers of mixed kinds)
+Sliding = bool | jax.Array
+
+
+def _pick(sliding: Sliding, pair: tuple) -> Any:
+    """`pair[sliding]`: indexed when static, selected elementwise when traced."""
+    if isinstance(sliding, bool):
+        return pair[sliding]
+    return jax.tree.map(lambda full, local: jnp.where(sliding, local, full), pair[0], pair[1])
 
 
 class Attention(nnx.Module):
@@ -75,8 +83,9 @@ class Attention(nnx.Module):
         self.q_norm: RMSNorm | None
         self.k_norm: RMSNorm | None
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, pd, rngs=rngs)
-            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, pd, rngs=rngs)
+            offset = cfg.family.gemma_norms
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, pd, rngs=rngs, offset=offset)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, pd, rngs=rngs, offset=offset)
         else:
             self.q_norm = self.k_norm = None
         add_lora_params(self, options.lora, rngs, pd, {
@@ -86,8 +95,12 @@ class Attention(nnx.Module):
             "o": ((h, hd), ("heads", "head_dim"), (d,), ("embed",)),
         })
         self.lora = options.lora
-        self.head_dim = hd
-        self.mask = MaskSpec(causal=True, sliding_window=cfg.sliding_window)
+        self.scale = cfg.attention_scale
+        # indexed by "this layer is a sliding one": (full attention, the window)
+        cap = cfg.attn_logit_softcapping
+        self.masks = (MaskSpec(causal=True, soft_cap=cap),
+                      MaskSpec(causal=True, sliding_window=cfg.sliding_window, soft_cap=cap)
+                      if cfg.sliding_window is not None else MaskSpec(causal=True, soft_cap=cap))
         self.compute_dtype = options.compute_dtype
         self.implementation = options.attention_implementation(hd)
 
@@ -101,7 +114,7 @@ class Attention(nnx.Module):
             return y if bias is None else y + bias[...].astype(cd)
 
         q, k = proj("q", self.q_kernel, self.q_bias), proj("k", self.k_kernel, self.k_bias)
-        if self.q_norm is not None and self.k_norm is not None:  # Qwen3, over head_dim
+        if self.q_norm is not None and self.k_norm is not None:  # Qwen3, Gemma 3: over head_dim
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, proj("v", self.v_kernel, self.v_bias)
 
@@ -112,26 +125,39 @@ class Attention(nnx.Module):
         y = add_delta(y, lora_delta(self, "o", out, self.lora, lora_key, cd))
         return y if self.o_bias is None else y + self.o_bias[...].astype(cd)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
+    def __call__(self, x: jax.Array, ropes: Ropes, sliding: Sliding,
                  lora_key: jax.Array | None = None) -> jax.Array:
+        """x `[B, T, D]`; ropes: `(cos, sin)` `[T, head_dim]` for full and for sliding
+        layers; sliding: whether this layer is a sliding one, a Python bool or (scanned
+        layers of mixed kinds) a traced bool that picks the branch at run time."""
         q, k, v = self._project(x, lora_key)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
-        out = attention(q, k, v, self.mask, scale=self.head_dim**-0.5, implementation=self.implementation)
+
+        def run(local: bool) -> jax.Array:
+            cos, sin = ropes[local]
+            return attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, self.masks[local],
+                             scale=self.scale, implementation=self.implementation)
+
+        if isinstance(sliding, bool):
+            out = run(sliding)
+        else:
+            # both kernels keep a static window: one compiled branch per layer kind
+            out = jax.lax.cond(sliding, lambda: run(True), lambda: run(False))
         return self._output(out, lora_key)
 
-    def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache_k: jax.Array,
-               cache_v: jax.Array, slot: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def decode(self, x: jax.Array, ropes: Ropes, sliding: Sliding, cache_k: jax.Array,
+               cache_v: jax.Array, slot: jax.Array, masks: tuple[jax.Array, jax.Array]
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Attention with a KV cache (generation; no dropout).
 
         x `[B, T, D]` are the tokens of cache slots `slot .. slot+T-1` (`slot` an int32
-        scalar, the same for every row: rows are left-padded); cos/sin `[B, T, head_dim]`
-        at each row's own positions; cache_k/cache_v `[B, kv_heads, S, head_dim]`;
-        mask `[B, T, S]` bool, True where a query may see a key slot (the caller
-        handles causality, the padding and the sliding window). Returns
+        scalar, the same for every row: rows are left-padded); ropes: `(cos, sin)`
+        `[B, T, head_dim]` at each row's own positions, for full and for sliding layers;
+        cache_k/cache_v `[B, kv_heads, S, head_dim]`; masks: `[B, T, S]` bool, True where
+        a query may see a key slot, for full and for sliding layers. Returns
         `(y [B, T, D], cache_k, cache_v)` with this chunk's keys and values written.
         """
         q, k, v = self._project(x, None)
+        (cos, sin), mask = _pick(sliding, ropes), _pick(sliding, masks)
         q = apply_rope_rows(q, cos, sin)
         k = apply_rope_rows(k, cos, sin)
         start = (0, 0, slot, 0)
@@ -139,7 +165,7 @@ class Attention(nnx.Module):
         # each head's keys are one contiguous [S, H] matrix for the score matmul
         cache_k = jax.lax.dynamic_update_slice(cache_k, k.transpose(0, 2, 1, 3).astype(cache_k.dtype), start)
         cache_v = jax.lax.dynamic_update_slice(cache_v, v.transpose(0, 2, 1, 3).astype(cache_v.dtype), start)
-        out = cached_attention(q, cache_k, cache_v, mask, self.mask, scale=self.head_dim**-0.5)
+        out = cached_attention(q, cache_k, cache_v, mask, self.masks[False], scale=self.scale)
         return self._output(out, None), cache_k, cache_v
 
 
@@ -156,6 +182,7 @@ class MLP(nnx.Module):
         })
         self.lora = options.lora
         self.compute_dtype = options.compute_dtype
+        self.act = cfg.hidden_act
 
     def __call__(self, x: jax.Array, lora_key: jax.Array | None = None) -> jax.Array:
         cd = self.compute_dtype
@@ -164,40 +191,58 @@ class MLP(nnx.Module):
             y = h @ getattr(self, f"{t}_kernel")[...].astype(cd)
             return add_delta(y, lora_delta(self, t, h, self.lora, lora_key, cd))
 
-        return proj("down", jax.nn.silu(proj("gate", x)) * proj("up", x))
+        return proj("down", ACTIVATION_FNS[self.act](proj("gate", x)) * proj("up", x))
 
 
 class DecoderLayer(nnx.Module):
+    """Pre-norm residual blocks. Llama: `x + attn(input_layernorm(x))`, then
+    `x + mlp(post_attention_layernorm(x))`. Gemma (`family.gemma_norms`) also norms
+    each block's output: `x + post_attention_layernorm(attn(input_layernorm(x)))`, then
+    `x + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x)))`."""
+
     def __init__(self, cfg: LlamaConfig, options: ModelOptions, scale: float, *, rngs: nnx.Rngs):
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, options.param_dtype, rngs=rngs)
+        sandwich = cfg.family.gemma_norms
+
+        def norm() -> RMSNorm:
+            return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, options.param_dtype, rngs=rngs, offset=sandwich)
+
+        self.input_layernorm = norm()
         self.self_attn = Attention(cfg, options, scale, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(
-            cfg.hidden_size, cfg.rms_norm_eps, options.param_dtype, rngs=rngs
-        )
+        self.post_attention_layernorm = norm()
+        self.pre_feedforward_layernorm: RMSNorm | None = norm() if sandwich else None
+        self.post_feedforward_layernorm: RMSNorm | None = norm() if sandwich else None
         self.mlp = MLP(cfg, options, scale, rngs=rngs)
         self.dropout = options.dropout
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
+    def _attention_out(self, a: jax.Array) -> jax.Array:
+        return a if self.pre_feedforward_layernorm is None else self.post_attention_layernorm(a)
+
+    def _mlp_block(self, x: jax.Array, key: jax.Array | None) -> jax.Array:
+        if self.pre_feedforward_layernorm is None or self.post_feedforward_layernorm is None:
+            return self.mlp(self.post_attention_layernorm(x), key)
+        return self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), key))
+
+    def __call__(self, x: jax.Array, ropes: Ropes, sliding: Sliding,
                  dropout_key: jax.Array | None = None) -> jax.Array:
         k1 = k2 = k3 = k4 = None
         if dropout_key is not None:
             k1, k2, k3, k4 = jax.random.split(dropout_key, 4)
-        a = self.self_attn(self.input_layernorm(x), cos, sin, k3)
+        a = self._attention_out(self.self_attn(self.input_layernorm(x), ropes, sliding, k3))
         if k1 is not None and self.dropout > 0:
             a = dropout(a, self.dropout, k1)
         x = x + a
-        m = self.mlp(self.post_attention_layernorm(x), k4)
+        m = self._mlp_block(x, k4)
         if k2 is not None and self.dropout > 0:
             m = dropout(m, self.dropout, k2)
         return x + m
 
-    def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
-               slot: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def decode(self, x: jax.Array, ropes: Ropes, sliding: Sliding, cache_k: jax.Array, cache_v: jax.Array,
+               slot: jax.Array, masks: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
         """The layer on cache slots `slot..slot+T-1` (see `Attention.decode`); no dropout."""
         a, cache_k, cache_v = self.self_attn.decode(
-            self.input_layernorm(x), cos, sin, cache_k, cache_v, slot, mask)
-        x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), cache_k, cache_v
+            self.input_layernorm(x), ropes, sliding, cache_k, cache_v, slot, masks)
+        x = x + self._attention_out(a)
+        return x + self._mlp_block(x, None), cache_k, cache_v
 
 
 def _remat_policy(name: str) -> Callable | None:
@@ -208,15 +253,17 @@ def _remat_policy(name: str) -> Callable | None:
     return None
 
 
-def _layer_fn(remat: str) -> Callable:
-    """`(layer, x, cos, sin, key) -> x`, rematerialised per `remat`."""
+def _layer_fn(remat: str, static_sliding: bool) -> Callable:
+    """`(layer, x, ropes, sliding, key) -> x`, rematerialised per `remat`;
+    `static_sliding`: `sliding` is a Python bool (kept static through the remat)."""
 
-    def run(layer: DecoderLayer, x, cos, sin, key):
-        return layer(x, cos, sin, key)
+    def run(layer: DecoderLayer, x, ropes, sliding, key):
+        return layer(x, ropes, sliding, key)
 
     if remat == "none":
         return run
-    return nnx.remat(run, policy=_remat_policy(remat), prevent_cse=False)
+    return nnx.remat(run, policy=_remat_policy(remat), prevent_cse=False,
+                     static_argnums=(3,) if static_sliding else ())
 
 
 class Llama(nnx.Module):
@@ -253,11 +300,16 @@ class Llama(nnx.Module):
             self.layers = nnx.List(
                 [DecoderLayer(cfg, options, s, rngs=rngs) for _ in range(cfg.num_hidden_layers)]
             )
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, rngs=rngs)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, rngs=rngs, offset=cfg.family.gemma_norms)
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:
             self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd, "normal", s)
+
+    @property
+    def logit_soft_cap(self) -> float | None:
+        """Gemma 2's final-logit soft-cap `c`: logits become `c * tanh(logits / c)`."""
+        return self.cfg.final_logit_softcapping
 
     def lm_head_kernel(self) -> jax.Array:
         """The LM head `[hidden, vocab]` in the compute dtype (the embedding transposed when tied)."""
@@ -266,15 +318,35 @@ class Llama(nnx.Module):
             return self.embed_tokens[...].astype(cd).T
         return self.lm_head[...].astype(cd)
 
-    def rope(self, seq_len: int) -> tuple[jax.Array, jax.Array]:
-        """cos, sin `[T, head_dim]` for positions 0..T-1, computed in float32."""
-        pos = jnp.arange(seq_len, dtype=jnp.float32)
-        # a constant of the architecture, not state: nothing to train, save or shard
-        inv_freq = jnp.asarray(rope_inv_freq(self.cfg), jnp.float32)
-        freqs = pos[:, None] * inv_freq[None, :]
-        emb = jnp.concatenate([freqs, freqs], axis=-1)
-        cd = self.options.compute_dtype
-        return jnp.cos(emb).astype(cd), jnp.sin(emb).astype(cd)
+    def rope(self, seq_len: int) -> Ropes:
+        """`(cos, sin)` `[T, head_dim]` for positions 0..T-1, for full then sliding layers."""
+        return self.rope_at(jnp.arange(seq_len, dtype=jnp.int32))
+
+    def rope_at(self, positions: jax.Array) -> Ropes:
+        """`(cos, sin)` `[*positions.shape, head_dim]` at int positions, for full then
+        sliding layers; angles in float32, cast to the compute dtype."""
+        cfg, cd = self.cfg, self.options.compute_dtype
+
+        def table(theta: float, scaling: dict | None) -> tuple[jax.Array, jax.Array]:
+            # constants of the architecture, not state: nothing to train, save or shard
+            inv, factor = rope_inv_freq(cfg.head_dim, theta, scaling, cfg.max_position_embeddings)
+            freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv, jnp.float32)
+            emb = jnp.concatenate([freqs, freqs], axis=-1)
+            f = jnp.float32(factor)
+            return (jnp.cos(emb) * f).astype(cd), (jnp.sin(emb) * f).astype(cd)
+
+        full = table(cfg.rope_theta, cfg.rope_scaling)
+        if cfg.rope_local_base_freq is None:
+            return full, full
+        return full, table(cfg.rope_local_base_freq, None)
+
+    def _layer_kinds(self) -> tuple[Sliding, jax.Array | None]:
+        """(the static kind when every layer is alike, else None; then the per-layer
+        kinds `[layers]` bool for the scan, or None)."""
+        kinds = self.cfg.layer_sliding
+        if all(k == kinds[0] for k in kinds):
+            return kinds[0], None
+        return None, jnp.asarray(kinds, bool)  # type: ignore[return-value]
 
     def _constrain(self, x: jax.Array) -> jax.Array:
         if self.mesh is None:
@@ -294,38 +366,39 @@ class Llama(nnx.Module):
 
             spec = logical_to_spec(("vocab", None), table.shape, self.mesh)
             table = jax.lax.with_sharding_constraint(table, jax.sharding.NamedSharding(self.mesh, spec))
-        return self._constrain(jnp.take(table, input_ids, axis=0).astype(self.options.compute_dtype))
+        x = jnp.take(table, input_ids, axis=0).astype(self.options.compute_dtype)
+        if self.cfg.family.gemma_norms:
+            # transformers rounds sqrt(hidden) to the activations' dtype first
+            x = x * jnp.asarray(self.cfg.hidden_size**0.5, x.dtype)
+        return self._constrain(x)
 
     def __call__(self, input_ids: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
         """Final hidden states `[B, T, D]`; `dropout_key` turns dropout on (training)."""
         cfg, options = self.cfg, self.options
         x = self._embed(input_ids)
-        cos, sin = self.rope(input_ids.shape[1])
+        ropes = self.rope(input_ids.shape[1])
         n = cfg.num_hidden_layers
         use_dropout = dropout_key is not None and options.uses_dropout
         keys = jax.random.split(dropout_key, n) if dropout_key is not None and use_dropout else None
-        layer_fn = _layer_fn(options.remat)
+        static, kinds = self._layer_kinds()
         if options.scan_layers:
+            # mixed layer kinds (Gemma): each layer's kind is a scanned input, and the
+            # attention picks its branch with lax.cond (see Attention.__call__)
+            layer_fn = _layer_fn(options.remat, static_sliding=kinds is None)
 
-            @nnx.scan(in_axes=(nnx.Carry, 0, None, None, 0 if use_dropout else None),
+            @nnx.scan(in_axes=(nnx.Carry, 0, None, 0 if kinds is not None else None, 0 if use_dropout else None),
                       out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
-            def body(h, layer, cos, sin, key):
-                return self._constrain(layer_fn(layer, h, cos, sin, key))
+            def body(h, layer, ropes, sliding, key):
+                return self._constrain(layer_fn(layer, h, ropes, static if kinds is None else sliding, key))
 
-            x = body(x, self.layers, cos, sin, keys)
+            x = body(x, self.layers, ropes, kinds, keys)
         else:
             assert isinstance(self.layers, nnx.List)
+            layer_fn = _layer_fn(options.remat, static_sliding=True)
             for i, layer in enumerate(self.layers):
-                x = self._constrain(layer_fn(layer, x, cos, sin, keys[i] if keys is not None else None))
+                x = self._constrain(layer_fn(layer, x, ropes, cfg.layer_sliding[i],
+                                             keys[i] if keys is not None else None))
         return self._constrain(self.norm(x))
-
-    def rope_at(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """cos, sin `[B, T, head_dim]` at positions `[B, T]` (int), as `rope` computes them."""
-        inv_freq = jnp.asarray(rope_inv_freq(self.cfg), jnp.float32)
-        freqs = positions.astype(jnp.float32)[..., None] * inv_freq
-        emb = jnp.concatenate([freqs, freqs], axis=-1)
-        cd = self.options.compute_dtype
-        return jnp.cos(emb).astype(cd), jnp.sin(emb).astype(cd)
 
     def decode(self, input_ids: jax.Array, positions: jax.Array, cache: tuple[jax.Array, jax.Array],
                slot: jax.Array, mask: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
@@ -335,26 +408,33 @@ class Llama(nnx.Module):
         scalar shared by all rows); positions `[B, T]` their RoPE positions (each row's
         own: a left-padded row starts at position 0 after its padding); cache `(k, v)`,
         each `[layers, B, kv_heads, S, head_dim]`; mask `[B, T, S]` bool, True where a
-        query may see a key slot. Returns `(hidden [B, T, D] after the final norm, cache)`
+        query may see a key slot (causality and padding: each layer adds its own
+        sliding window, slot distances being position distances). Returns `(hidden [B, T, D] after the final norm, cache)`
         with this chunk's keys and values written into the cache.
         """
+        cfg = self.cfg
         x = self._embed(input_ids)
-        cos, sin = self.rope_at(positions)
+        ropes = self.rope_at(positions)
+        masks = (mask, mask)
+        if cfg.sliding_window is not None:
+            slots = slot + jnp.arange(input_ids.shape[1])
+            masks = (mask, mask & window_mask(slots, mask.shape[-1], cfg.sliding_window)[None])
         cache_k, cache_v = cache
+        static, kinds = self._layer_kinds()
         if self.options.scan_layers:
 
-            @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0),
+            @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0, 0 if kinds is not None else None), out_axes=(nnx.Carry, 0),
                       transform_metadata={nnx.PARTITION_NAME: "layers"})
-            def body(h, layer, ck, cv):
-                h, ck, cv = layer.decode(h, cos, sin, ck, cv, slot, mask)
+            def body(h, layer, ck, cv, sliding):
+                h, ck, cv = layer.decode(h, ropes, static if kinds is None else sliding, ck, cv, slot, masks)
                 return self._constrain(h), (ck, cv)
 
-            x, (cache_k, cache_v) = body(x, self.layers, cache_k, cache_v)
+            x, (cache_k, cache_v) = body(x, self.layers, cache_k, cache_v, kinds)
         else:
             ks, vs = [], []
             assert isinstance(self.layers, nnx.List)
             for i, layer in enumerate(self.layers):
-                x, ck, cv = layer.decode(x, cos, sin, cache_k[i], cache_v[i], slot, mask)
+                x, ck, cv = layer.decode(x, ropes, cfg.layer_sliding[i], cache_k[i], cache_v[i], slot, masks)
                 x = self._constrain(x)
                 ks.append(ck)
                 vs.append(cv)
