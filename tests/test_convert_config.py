@@ -372,21 +372,47 @@ def test_paper_configs_load_and_twins_differ_only_in_loss_and_output_dir(model):
         assert cfg.model.lora.rank == 0
 
 
+def _values_without_a_source(path: Path, sources: tuple[str, ...]) -> list[str]:
+    """The lines of a config file whose value's comment does not start with one of `sources`."""
+    bad = []
+    parents: dict[int, str] = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        body = line.split("#")[0].rstrip()
+        if not body.strip() or body.lstrip().startswith("-"):
+            continue
+        indent = len(body) - len(body.lstrip())
+        key, _, value = body.strip().partition(":")
+        parents[indent] = key
+        if not value.strip():
+            continue  # a section or a nested mapping (model.lora, data.mixture)
+        if key == "name" or parents.get(indent - 2) == "mixture":
+            continue  # the loss itself, and the mixture's entries under its comment
+        if not line.partition("#")[2].strip().startswith(sources):
+            bad.append(f"{path.name}:{n}: {line}")
+    return bad
+
+
 @pytest.mark.parametrize("model", list(PAPER_MODELS))
 def test_paper_configs_say_where_each_value_comes_from(model):
     for loss in LOSSES:
-        path = _paper_path(model, loss)
-        parents: dict[int, str] = {}
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            body = line.split("#")[0].rstrip()
-            if not body.strip() or body.lstrip().startswith("-"):
-                continue
-            indent = len(body) - len(body.lstrip())
-            key, _, value = body.strip().partition(":")
-            parents[indent] = key
-            if not value.strip():
-                continue  # a section or a nested mapping (model.lora, data.mixture)
-            if key == "name" or parents.get(indent - 2) == "mixture":
-                continue  # the loss itself, and the mixture's entries under its comment
-            comment = line.partition("#")[2]
-            assert comment.strip().startswith(("paper", "ours")), f"{path.name}:{n}: {line}"
+        assert _values_without_a_source(_paper_path(model, loss), ("paper", "ours")) == []
+
+
+@pytest.mark.parametrize("model,model_type", [("qwen3-0.6b", "qwen3"), ("gemma3-1b", "gemma3")])
+def test_family_configs_load_their_model_and_say_where_each_value_comes_from(model, model_type):
+    """The Qwen3 / Gemma 3 runs: MMPO and its DPO twin (only the loss and output dir
+    differ), each value marked paper / recipe (TRL's DPO quick start) / ours."""
+    paths = {loss: ROOT / "configs" / f"{model}-{loss}.yaml" for loss in ("mmpo", "dpo")}
+    loaded = {loss: load_config(p) for loss, p in paths.items()}
+    rest = []
+    for loss, cfg in loaded.items():
+        assert cfg.loss.name == loss and cfg.train.output_dir == f"runs/{model}-{loss}"
+        assert _values_without_a_source(paths[loss], ("paper", "recipe", "ours")) == []
+        d = config_to_dict(cfg)
+        del d["loss"], d["train"]["output_dir"]
+        rest.append(d)
+    assert rest[0] == rest[1]
+    cfg = loaded["mmpo"]
+    assert cfg.data.tokenizer == cfg.model.path and cfg.model.lora.rank == 0
+    assert cfg.model.path.lower().replace("-", "").startswith(
+        {"qwen3": "qwen/qwen3", "gemma3": "google/gemma3"}[model_type])

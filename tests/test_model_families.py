@@ -296,3 +296,85 @@ def test_iter_hf_weights_names_gemma_norms():
                              "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
                              "self_attn.o_proj.weight", "self_attn.q_norm.weight", "self_attn.k_norm.weight",
                              "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"])
+
+
+def test_attention_auto_is_xla_with_an_attention_soft_cap():
+    """jax.nn.dot_product_attention takes no soft-cap: auto settles on xla for Gemma 2
+    where it would take cuDNN otherwise, and an explicit cudnn stops at build."""
+    gpu_bf16 = ModelOptions(backend="gpu", compute_dtype="bfloat16")
+    assert gpu_bf16.attention_implementation(64) == "cudnn"
+    assert gpu_bf16.attention_implementation(64, soft_cap=True) == "xla"
+    with pytest.raises(UserError, match="soft-cap"):
+        build_model(CONFIGS["gemma2"], ModelOptions(attention="cudnn"))
+
+
+# --------------------------------------------------------------------------- #
+# published config.json files (as on the hub) and random-init configs
+# --------------------------------------------------------------------------- #
+REAL_CONFIGS = {
+    "Qwen3-0.6B": {
+        "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu",
+        "hidden_size": 1024, "initializer_range": 0.02, "intermediate_size": 3072,
+        "max_position_embeddings": 40960, "max_window_layers": 28, "model_type": "qwen3",
+        "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+        "rope_scaling": None, "rope_theta": 1000000, "sliding_window": None, "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936,
+    },
+    "gemma-2-2b": {
+        "architectures": ["Gemma2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "attn_logit_softcapping": 50.0, "bos_token_id": 2, "cache_implementation": "hybrid", "eos_token_id": 1,
+        "final_logit_softcapping": 30.0, "head_dim": 256, "hidden_act": "gelu_pytorch_tanh",
+        "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 2304, "initializer_range": 0.02,
+        "intermediate_size": 9216, "max_position_embeddings": 8192, "model_type": "gemma2",
+        "num_attention_heads": 8, "num_hidden_layers": 26, "num_key_value_heads": 4, "pad_token_id": 0,
+        "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "sliding_window": 4096,
+        "torch_dtype": "float32", "use_cache": True, "vocab_size": 256000,
+    },
+    "gemma-3-1b-it": {
+        "architectures": ["Gemma3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "attn_logit_softcapping": None, "bos_token_id": 2, "cache_implementation": "hybrid", "eos_token_id": [1, 106],
+        "final_logit_softcapping": None, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_size": 1152, "initializer_range": 0.02, "intermediate_size": 6912, "max_position_embeddings": 32768,
+        "model_type": "gemma3_text", "num_attention_heads": 4, "num_hidden_layers": 26, "num_key_value_heads": 1,
+        "pad_token_id": 0, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000,
+        "rope_scaling": None, "rope_theta": 1000000, "sliding_window": 512, "sliding_window_pattern": 6,
+        "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 262144,
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_CONFIGS))
+def test_real_configs_match_transformers_tensors_and_layers(name):
+    """Published config.json files: our tensors and shapes are transformers' model's
+    (built on the meta device), and so are its layers' windows and RoPE bases."""
+    from mmpo_jax.models.hf_weights import hf_weight_shapes
+
+    cfg = LlamaConfig.from_hf_dict(REAL_CONFIGS[name])
+    hc = transformers.AutoConfig.for_model(**REAL_CONFIGS[name])
+    with torch.device("meta"):
+        tmodel = transformers.AutoModelForCausalLM.from_config(hc)
+    theirs = {k: tuple(v.shape) for k, v in tmodel.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        theirs.pop("lm_head.weight")
+    assert hf_weight_shapes(cfg) == theirs
+    windows = [getattr(layer.self_attn, "sliding_window", None) for layer in tmodel.model.layers]
+    assert [cfg.sliding_window if s else None for s in cfg.layer_sliding] == windows
+    assert cfg.attention_scale == pytest.approx(tmodel.model.layers[0].self_attn.scaling)
+
+
+def test_model_init_builds_each_family():
+    """`model.init.model_type` picks the family of a random init; its defaults are the family's."""
+    from mmpo_jax.config import ConfigError, load_config
+    from mmpo_jax.models.llama_config import model_config_from_init
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    g3 = model_config_from_init(load_config(tiny, ["model.init.model_type=gemma3", "model.init.num_hidden_layers=6",
+                                                   "model.init.sliding_window=8"]).model.init)
+    assert g3.model_type == "gemma3" and g3.qk_norm and g3.layer_types == (S,) * 5 + (F,)
+    assert g3.sliding_window == 8 and g3.hidden_act == "gelu_pytorch_tanh" and g3.rope_local_base_freq == 1e4
+    q3 = model_config_from_init(load_config(tiny, ["model.init.model_type=qwen3", "model.init.attention_bias=true"]
+                                            ).model.init)
+    assert q3.model_type == "qwen3" and q3.o_bias and q3.sliding_window is None
+    with pytest.raises(ConfigError, match="model.init.model_type='gpt2'.*gemma3"):
+        load_config(tiny, ["model.init.model_type=gpt2"])

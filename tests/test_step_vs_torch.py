@@ -56,6 +56,33 @@ def test_lora_b_zero_hides_a_gradient():
     assert result["max_rel_grad_diff"] < 1e-4 and result["grad_tensors_compared"] == 4
 
 
+# each family's random init at the tiny config's size, windows shorter than its sequences;
+# Gemma 3 over 6 layers so its 5:1 pattern has a full layer
+FAMILY_INITS = {
+    "qwen3": ["model.init.model_type=qwen3", "model.init.head_dim=24"],
+    "gemma2": ["model.init.model_type=gemma2", "model.init.sliding_window=8"],
+    "gemma3": ["model.init.model_type=gemma3", "model.init.sliding_window=8", "model.init.num_hidden_layers=6"],
+}
+
+
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("family", list(FAMILY_INITS))
+def test_each_family_step_matches_torch(family, lora):
+    """DPO's step on each family's tiny random model, full fine-tuning and LoRA on every projection."""
+    from mmpo_jax.config import load_config
+    from mmpo_jax.models.hf_weights import hf_weight_names
+    from mmpo_jax.models.llama_config import model_config_from_init
+
+    overrides = FAMILY_INITS[family] + ["loss.name=dpo"] + (LORA if lora else [])
+    arch = model_config_from_init(load_config("configs/tiny.yaml", overrides).model.init)
+    assert arch.model_type == family
+    result = compare_step("configs/tiny.yaml", overrides, 0.02 if lora else 0.0, 0)
+    assert result["loss_abs_diff"] < 1e-5 * max(1.0, abs(result["loss_torch"])), result
+    assert result["max_rel_grad_diff"] < 1e-4, result
+    full = len(hf_weight_names(arch))
+    assert result["grad_tensors_compared"] == (2 * 7 * arch.num_hidden_layers if lora else full), result
+
+
 def test_accumulation_and_precomputed_reference_match_torch():
     result = compare_step("configs/tiny.yaml", ["optim.grad_accum=2", "data.batch_size=16", "model.reference=precomputed",
                                                 "loss.entropy_weight=0.1"], 0.0, 0)

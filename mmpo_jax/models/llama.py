@@ -102,7 +102,7 @@ class Attention(nnx.Module):
                       MaskSpec(causal=True, sliding_window=cfg.sliding_window, soft_cap=cap)
                       if cfg.sliding_window is not None else MaskSpec(causal=True, soft_cap=cap))
         self.compute_dtype = options.compute_dtype
-        self.implementation = options.attention_implementation(hd)
+        self.implementation = options.attention_implementation(hd, soft_cap=cap is not None)
 
     def _project(self, x: jax.Array, lora_key: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """q `[B, T, heads, head_dim]`, k, v `[B, T, kv_heads, head_dim]` of x `[B, T, D]`, before RoPE."""

@@ -65,7 +65,8 @@ class ModelOptions:
       internally; the log-softmax over the vocabulary (`mmpo_jax.logprobs`) is float32.
     - `attention`: 'xla' (`jax.nn.dot_product_attention(implementation='xla')`),
       'cudnn' (cuDNN flash attention: GPU, bf16/fp16 only), 'auto' (cudnn on GPU with a
-      bf16/fp16 compute dtype and a head_dim cuDNN takes, else xla).
+      bf16/fp16 compute dtype and a head_dim cuDNN takes, and no attention soft-cap;
+      else xla).
     - `scan_layers`: the layers' weights are stacked on a leading `layers` axis and run
       with `nnx.scan`, so compile time does not grow with depth.
     - `remat`: per-layer rematerialisation in the backward pass:
@@ -131,8 +132,17 @@ class ModelOptions:
         """Whether training draws dropout masks (residual or LoRA dropout)."""
         return self.dropout > 0 or (self.lora is not None and self.lora.dropout > 0)
 
-    def attention_implementation(self, head_dim: int) -> Literal["xla", "cudnn"]:
-        """The `implementation=` passed to `jax.nn.dot_product_attention` ('xla' or 'cudnn')."""
+    def attention_implementation(self, head_dim: int, soft_cap: bool = False) -> Literal["xla", "cudnn"]:
+        """The `implementation=` passed to `jax.nn.dot_product_attention` ('xla' or 'cudnn').
+
+        `soft_cap`: the model caps its attention scores (Gemma 2), which
+        `jax.nn.dot_product_attention` has no argument for: `auto` is then xla (the
+        explicit-scores path) and `cudnn` a `UserError`."""
+        if soft_cap and self.attention == "cudnn":
+            raise UserError("model.attention=cudnn: cuDNN attention takes no attention logit soft-cap "
+                            "(Gemma 2's attn_logit_softcapping); set model.attention to auto or xla")
+        if soft_cap:
+            return "xla"
         if self.attention != "auto":
             return self.attention
         low_precision = jnp.dtype(self.compute_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
