@@ -196,6 +196,25 @@ def test_qwen2_gguf_is_not_unpermuted(tmp_path):
     assert np.abs(jax_token_logps(ours, ids) - torch_token_logps(model, ids))[:, 1:].max() < 1e-5
 
 
+def test_qwen3_gguf_loads_with_its_qk_norms(tmp_path):
+    """qwen3 files: q/k norms (attn_q_norm / attn_k_norm), an explicit head_dim
+    (attention.key_length), no q/k permutation; log-probs as transformers' Qwen3."""
+    model = random_torch_model("qwen3", vocab_size=97, head_dim=24, tie_word_embeddings=True)
+    path = tmp_path / "tiny-qwen3.gguf"
+    expected = write_gguf(path, model, arch="qwen3", name="tiny-qwen3")
+    assert any(".q_norm." in n for n in expected)
+    ckpt = G.GGUFCheckpoint(path)
+    cfg = ckpt.hf_config()
+    assert cfg["model_type"] == "qwen3" and cfg["head_dim"] == 24 and cfg["attention_bias"] is False
+    assert sorted(ckpt.hf_names()) == sorted(expected)
+    for name, want in expected.items():
+        np.testing.assert_array_equal(ckpt.get_tensor(name), want, err_msg=name)
+    ours, arch, _ = load_checkpoint(path, F32)
+    assert arch.qk_norm
+    ids = np.random.default_rng(2).integers(0, 97, size=(2, 20))
+    assert np.abs(jax_token_logps(ours, ids) - torch_token_logps(model, ids))[:, 1:].max() < 1e-5
+
+
 # --------------------------------------------------------------------------- #
 # The real model: SmolLM2-135M-Instruct, Q4_1 (slow: ~1 minute to load both sides)
 # --------------------------------------------------------------------------- #

@@ -26,29 +26,13 @@ from typing import Any, Callable
 import numpy as np
 
 from mmpo_jax.errors import UserError
+from mmpo_jax.models.families import FAMILIES
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
-# GGUF tensor names -> transformers names (Llama / Qwen2 / Mistral layout).
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
+# our GGUF architectures -> the gguf package's MODEL_ARCH member (its tensor-name map
+# says where each transformers tensor lives in the file) and the config.json model type
+_ARCHS = {"llama": ("LLAMA", "llama"), "qwen2": ("QWEN2", "qwen2"), "qwen3": ("QWEN3", "qwen3")}
 # Tensors that carry no weights of their own: consumed into the config, or unused.
 _IGNORED = {"rope_freqs.weight"}
 _IGNORED_LAYER = {"attn_rot_embd"}
@@ -311,9 +295,10 @@ class GGUFCheckpoint:
         if vocab is None:
             vocab = len(self.metadata.get("tokenizer.ggml.tokens") or [])
         rope_theta = float(str(np.float32(self._arch("rope.freq_base", 10000.0))))
+        model_type = _ARCHS[self.architecture][1]
         cfg: dict[str, Any] = {
-            "architectures": ["Qwen2ForCausalLM" if self.architecture == "qwen2" else "LlamaForCausalLM"],
-            "model_type": "qwen2" if self.architecture == "qwen2" else "llama",
+            "architectures": [FAMILIES[model_type].architecture],
+            "model_type": model_type,
             "vocab_size": int(vocab),
             "hidden_size": hidden,
             "intermediate_size": int(self._arch("feed_forward_length")),
@@ -330,8 +315,9 @@ class GGUFCheckpoint:
             "hidden_act": "silu",
             "rope_scaling": self._rope_scaling(head_dim, rope_theta),
         }
-        if self.architecture == "qwen2":
+        if self.architecture in ("qwen2", "qwen3"):
             cfg["use_sliding_window"] = False
+        if self.architecture == "qwen2":
             cfg.pop("attention_bias")  # Qwen2 always has q/k/v biases
         for key, meta in (
             ("bos_token_id", "tokenizer.ggml.bos_token_id"),
@@ -356,23 +342,28 @@ class GGUFCheckpoint:
 
     # ------------------------------------------------------------------ tensors
     def _name_map(self) -> dict[str, str]:
-        """transformers name -> GGUF name, for every tensor of the file (unknown ones refused)."""
+        """transformers name -> GGUF name, for every tensor of the file (unknown ones
+        refused), from the gguf package's tensor-name map of the architecture."""
+        import gguf
+
+        from mmpo_jax.models.hf_weights import hf_weight_names
+        from mmpo_jax.models.llama_config import LlamaConfig
+
+        arch = getattr(gguf.MODEL_ARCH, _ARCHS[self.architecture][0])
+        names = gguf.get_tensor_name_map(arch, int(self._arch("block_count") or 0))
+        try:
+            cfg = LlamaConfig.from_hf_dict(self.hf_config())
+        except (KeyError, TypeError, ValueError) as err:
+            raise UserError(f"'{self.path}': GGUF metadata is missing or has a bad {err}") from None
         out: dict[str, str] = {}
-        unknown: list[str] = []
-        layer_re = re.compile(r"^blk\.(\d+)\.(.+)$")
-        for name in self.tensors:
-            if name in _GLOBAL_NAMES:
-                out[_GLOBAL_NAMES[name]] = name
-                continue
-            if name in _IGNORED:
-                continue
-            m = layer_re.match(name)
-            if m and m.group(2) in _LAYER_NAMES:
-                out[f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"] = name
-            elif m and m.group(2).split(".")[0] in _IGNORED_LAYER:
-                continue
-            else:
-                unknown.append(name)
+        for hf_name in hf_weight_names(cfg) + ["lm_head.weight"]:
+            gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if gguf_name in self.tensors:
+                out[hf_name] = gguf_name
+        layer_re = re.compile(r"^blk\.\d+\.([^.]+)")
+        known = set(out.values()) | _IGNORED
+        unknown = [n for n in self.tensors if n not in known
+                   and not ((m := layer_re.match(n)) and m.group(1) in _IGNORED_LAYER)]
         if unknown:
             shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
             raise UserError(
