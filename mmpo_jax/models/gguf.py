@@ -357,9 +357,9 @@ class GGUFCheckpoint:
             raise UserError(f"'{self.path}': GGUF metadata is missing or has a bad {err}") from None
         out: dict[str, str] = {}
         for hf_name in hf_weight_names(cfg) + ["lm_head.weight"]:
-            gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-            if gguf_name in self.tensors:
-                out[hf_name] = gguf_name
+            found = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if found is not None and found in self.tensors:
+                out[hf_name] = found
         layer_re = re.compile(r"^blk\.\d+\.([^.]+)")
         known = set(out.values()) | _IGNORED
         unknown = [n for n in self.tensors if n not in known
