@@ -20,7 +20,8 @@ def model_label(d: dict) -> str:
     """'Llama-3-8B' etc. from the architecture in the result (hidden size, layers, vocab)."""
     m = d["model"]
     known = {(576, 30, 49152): "SmolLM2-135M", (2048, 16, 128256): "Llama-3.2-1B",
-             (4096, 32, 128256): "Llama-3-8B", (8192, 80, 128256): "Llama-3-70B shape"}
+             (4096, 32, 128256): "Llama-3-8B", (8192, 80, 128256): "Llama-3-70B shape",
+             (4096, 36, 151936): "Qwen3-8B", (5120, 64, 151936): "Qwen3-32B", (5376, 62, 262208): "Gemma-3-27B"}
     return known.get((m["hidden_size"], m["layers"], m["vocab_size"]),
                      f"{m['params'] / 1e9:.1f}B ({m['hidden_size']} x {m['layers']})")
 

@@ -60,7 +60,7 @@ def runs_figure(run_dirs: Sequence[Path], metrics: Sequence[str] | None = None) 
     """`(figure, metrics plotted)`: one panel per metric, a line per run (eval metrics,
     logged every few steps, with markers). `metrics` None: those of `DEFAULT_METRICS` the
     runs have. A requested metric no run has is a UserError naming the ones they have."""
-    from mmpo_jax.train.metrics import METRICS_FILE
+    from mmpo_jax.train.run_files import METRICS_FILE
 
     if not run_dirs:
         raise UserError("plot: name at least one run directory")

@@ -209,7 +209,7 @@ def plot_training_curves(outcomes: Sequence[Outcome], rows: Sequence[Mapping[str
                          out: Path, path: Path) -> None:
     """Train loss per step of every run (its metrics.jsonl), one panel per loss (their
     scales differ), one line per run."""
-    from mmpo_jax.train.metrics import METRICS_FILE
+    from mmpo_jax.train.run_files import METRICS_FILE
 
     curves: dict[str, list[tuple[str, list[int], list[float]]]] = {}
     for o, r in zip(outcomes, rows):

@@ -240,7 +240,6 @@ class GGUFCheckpoint:
         self.tensors = {t.name: t for t in self._reader.tensors}
         self.architecture = str(self.metadata.get("general.architecture", "?"))
         self._check_supported()
-        self._hf_to_gguf = self._name_map()
 
     # ----------------------------------------------------------------- metadata
     def _arch(self, key: str, default: Any = None) -> Any:
@@ -341,16 +340,24 @@ class GGUFCheckpoint:
         return None
 
     # ------------------------------------------------------------------ tensors
-    def _name_map(self) -> dict[str, str]:
+    @functools.cached_property
+    def _hf_to_gguf(self) -> dict[str, str]:
         """transformers name -> GGUF name, for every tensor of the file (unknown ones
-        refused), from the gguf package's tensor-name map of the architecture."""
+        refused), from the gguf package's tensor-name map of the architecture. Built on
+        first use, after the metadata's sizes are checked: the map has one entry per
+        block and tensor kind, so an absurd block count must stop before it."""
         import gguf
 
+        from mmpo_jax.config_schema import MODEL_DIM_LIMITS
         from mmpo_jax.models.hf_weights import hf_weight_names
         from mmpo_jax.models.llama_config import LlamaConfig
 
+        blocks = int(self._arch("block_count") or 0)
+        if not 0 < blocks <= MODEL_DIM_LIMITS["num_hidden_layers"]:
+            raise UserError(f"'{self.path}': {self.architecture}.block_count={blocks} must be in "
+                            f"1..{MODEL_DIM_LIMITS['num_hidden_layers']}")
         arch = getattr(gguf.MODEL_ARCH, _ARCHS[self.architecture][0])
-        names = gguf.get_tensor_name_map(arch, int(self._arch("block_count") or 0))
+        names = gguf.get_tensor_name_map(arch, blocks)
         try:
             cfg = LlamaConfig.from_hf_dict(self.hf_config())
         except (KeyError, TypeError, ValueError) as err:

@@ -38,10 +38,7 @@ import numpy as np
 
 from mmpo_jax.errors import UserError
 from mmpo_jax.files import write_text_atomic
-
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
-EVAL_PREFIX = "eval/"
+from mmpo_jax.train.run_files import METRICS_FILE, TENSORBOARD_DIR
 
 
 # -- records ------------------------------------------------------------------

@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from mmpo_jax.errors import UserError
 from mmpo_jax.files import write_text_atomic
+from mmpo_jax.train.run_files import EVAL_PREFIX
 
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 STATE_FILE = "trackers.json"
@@ -36,7 +37,6 @@ PACKAGES = {"tensorboard": ("tensorboardX", "tensorboardX"), "mlflow": ("mlflow"
             "wandb": ("wandb", "'mmpo-jax[wandb]'")}
 QUEUE_SIZE = 10_000
 CLOSE_TIMEOUT_S = 30.0
-EVAL_PREFIX = "eval/"
 
 
 def report_to(value: str | Sequence[str]) -> tuple[str, ...]:

@@ -1,0 +1,7 @@
+"""The names a run directory's files and records go by, shared by the writers
+(`metrics`) and the readers and forwarders (`trackers`, `run_plots`, `sweep_report`);
+imports nothing, so the config's light modules can read them."""
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+EVAL_PREFIX = "eval/"  # an eval record's keys: eval/<metric>
