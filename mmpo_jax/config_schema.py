@@ -15,13 +15,11 @@ from mmpo_jax.models.families import SUPPORTED_MODEL_TYPES
 from mmpo_jax.train.trackers import TRACKERS
 from mmpo_jax.loss_registry import (
     CPO_LOSS_TYPES,
-    DPO_LOSS_TYPES,
-    F_DIVERGENCE_LOSS_TYPES,
     F_DIVERGENCE_TYPES,
     LOSS_NAMES,
     LOSSES,
     PER_TOKEN_LOSS_TYPES,
-    SORTING_LOSS_TYPES,
+    dpo_type_problem,
     mixture,
 )
 
@@ -432,29 +430,15 @@ class LossConfig:
             _check(self.f_divergence_type == "reverse_kl", prefix, "f_divergence_type", self.f_divergence_type,
                    "applies to loss.name=dpo only")
             return
-        unknown = [k for k in kinds if k not in DPO_LOSS_TYPES]
-        _check(not unknown and len(kinds) > 0, prefix, "loss_type", self.loss_type,
-               f"choose from {', '.join(DPO_LOSS_TYPES)} (one name or a list)")
-        _check(len(set(kinds)) == len(kinds), prefix, "loss_type", self.loss_type,
-               "names a loss type twice; give it once with its weight in loss.loss_weights")
-        if self.loss_weights is not None:
-            _check(len(self.loss_weights) == len(kinds), prefix, "loss_weights", self.loss_weights,
-                   f"needs one weight per loss.loss_type ({len(kinds)})")
-        if self.f_divergence_type != "reverse_kl":
-            refused = [k for k in kinds if k not in F_DIVERGENCE_LOSS_TYPES]
-            _check(not refused, prefix, "f_divergence_type", self.f_divergence_type,
-                   f"does not apply to loss_type {', '.join(refused)} (TRL allows it with "
-                   f"{', '.join(F_DIVERGENCE_LOSS_TYPES)}); use reverse_kl")
+        problem = dpo_type_problem(kinds, self.loss_weights, f_divergence_type=self.f_divergence_type,
+                                   label_smoothing=self.label_smoothing, weighted=self.use_weighting)
+        if problem is not None:
+            key, rule = problem
+            _check(False, prefix, key, getattr(self, key), rule)
         per_token = [k for k in kinds if k in PER_TOKEN_LOSS_TYPES]
         _check(not (per_token and self.average_logps), prefix, "average_logps", self.average_logps,
                f"loss_type {', '.join(per_token)} divides sequence sums by token counts itself; "
                "set loss.average_logps=false")
-        _check("exo_pair" not in kinds or self.label_smoothing > 0, prefix, "label_smoothing",
-               self.label_smoothing, "loss_type exo_pair needs label_smoothing > 0 (the EXO paper uses 1e-3)")
-        sorting = [k for k in kinds if k in SORTING_LOSS_TYPES]
-        _check(not (self.use_weighting and sorting), prefix, "use_weighting", self.use_weighting,
-               f"does not apply to loss_type {', '.join(sorting)} (it sorts the pairs, so per-pair weights "
-               "would not line up; TRL refuses it too)")
         if self.ld_alpha is not None:
             _check(0.0 <= self.ld_alpha <= 1.0, prefix, "ld_alpha", self.ld_alpha, "must be in [0, 1] (or null)")
             _check(not self.average_logps, prefix, "average_logps", self.average_logps,

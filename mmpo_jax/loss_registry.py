@@ -16,6 +16,7 @@ This module imports neither jax nor torch: the config and the CLI read it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -124,6 +125,31 @@ PER_TOKEN_LOSS_TYPES = ("ipo", "sigmoid_norm")
 SORTING_LOSS_TYPES = ("aot", "aot_unpaired")
 # TRL 1.16 CPOTrainer's loss types
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
+
+
+def dpo_type_problem(types: Sequence[str], weights: Sequence[float] | None, *, f_divergence_type: str,
+                     label_smoothing: float, weighted: bool) -> tuple[str, str] | None:
+    """The first rule a DPO loss-type mixture breaks, as `(option, what is wrong)`, or
+    None: the one copy of these rules, which the config (naming the `loss.` key) and
+    `dpo_loss` (a library caller's arguments) both apply. `weighted`: WPO's pair weights."""
+    unknown = [t for t in types if t not in DPO_LOSS_TYPES]
+    if unknown or not types:
+        return "loss_type", f"choose from {', '.join(DPO_LOSS_TYPES)} (one name or a list)"
+    if len(set(types)) != len(types):
+        return "loss_type", "names a loss type twice; give it once with its weight in loss.loss_weights"
+    if weights is not None and len(weights) != len(types):
+        return "loss_weights", f"needs one weight per loss.loss_type ({len(types)})"
+    refused = [t for t in types if t not in F_DIVERGENCE_LOSS_TYPES]
+    if f_divergence_type != "reverse_kl" and refused:
+        return "f_divergence_type", (f"does not apply to loss_type {', '.join(refused)} (TRL allows it with "
+                                     f"{', '.join(F_DIVERGENCE_LOSS_TYPES)}); use reverse_kl")
+    if "exo_pair" in types and not label_smoothing > 0:
+        return "label_smoothing", "loss_type exo_pair needs label_smoothing > 0 (the EXO paper uses 1e-3)"
+    sorting = [t for t in types if t in SORTING_LOSS_TYPES]
+    if weighted and sorting:
+        return "use_weighting", (f"does not apply to loss_type {', '.join(sorting)} (it sorts the pairs, so "
+                                 "per-pair weights would not line up; TRL refuses it too)")
+    return None
 
 
 def reduction(loss_cfg: LossConfig) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from mmpo_jax.loss_reduce import (
     stop_metrics,
     token_mean_nll,
 )
-from mmpo_jax.loss_registry import DPO_LOSS_TYPES, F_DIVERGENCE_LOSS_TYPES, PER_TOKEN_LOSS_TYPES, SORTING_LOSS_TYPES
+from mmpo_jax.loss_registry import PER_TOKEN_LOSS_TYPES, dpo_type_problem
 
 Array = jax.Array
 log_sigmoid = jax.nn.log_sigmoid
@@ -59,11 +59,6 @@ def loss_types_of(loss_type: str | Sequence[str], loss_weights: Sequence[float] 
     """The mixture's `(types, weights)` (weights default to 1 each)."""
     types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
     weights = (1.0,) * len(types) if not loss_weights else tuple(float(w) for w in loss_weights)
-    if not types or len(weights) != len(types):
-        raise ValueError(f"loss_weights {list(weights)} must give one weight per loss_type {list(types)}")
-    for t in types:
-        if t not in DPO_LOSS_TYPES:
-            raise ValueError(f"unknown DPO loss_type {t!r}; choose from {', '.join(DPO_LOSS_TYPES)}")
     return types, weights
 
 
@@ -111,13 +106,11 @@ def dpo_loss(
       each component) for a mixture.
     """
     types, weights = loss_types_of(loss_type, loss_weights)
-    if f_divergence_type != "reverse_kl" and not set(types) <= set(F_DIVERGENCE_LOSS_TYPES):
-        raise ValueError(f"f_divergence_type {f_divergence_type!r} only applies to loss types "
-                         f"{', '.join(F_DIVERGENCE_LOSS_TYPES)}; got {list(types)}")
-    if "exo_pair" in types and not label_smoothing > 0:
-        raise ValueError("loss_type exo_pair needs label_smoothing > 0 (the EXO paper uses 1e-3)")
-    if pair_weights is not None and set(types) & set(SORTING_LOSS_TYPES):
-        raise ValueError("WPO weights (use_weighting) do not apply to aot / aot_unpaired: they sort the pairs")
+    problem = dpo_type_problem(types, loss_weights or None, f_divergence_type=f_divergence_type,
+                               label_smoothing=label_smoothing, weighted=pair_weights is not None)
+    if problem is not None:
+        key, rule = problem
+        raise ValueError(f"{key}: {rule}")
     per_token = [t for t in types if t in PER_TOKEN_LOSS_TYPES]
     if per_token and (chosen_tokens is None or rejected_tokens is None):
         raise ValueError(f"loss_type {per_token[0]} divides sequence sums by the answers' token counts: "

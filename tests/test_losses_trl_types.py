@@ -458,3 +458,17 @@ def test_the_precomputed_reference_cache_keys_on_the_reduction():
     finally:
         rc.data_fingerprint = original
     assert len(set(keys.values())) == 4, keys
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"loss_type": "exo_pair"}, "label_smoothing: loss_type exo_pair needs label_smoothing > 0"),
+    ({"loss_type": "sigmoidd"}, "loss_type: choose from sigmoid, hinge"),
+    ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, "loss_weights: needs one weight per"),
+    ({"loss_type": "aot", "f_divergence_type": "js_divergence"}, "f_divergence_type: does not apply to loss_type aot"),
+    ({"loss_type": "aot_unpaired", "pair_weights": jnp.ones(4)}, "use_weighting: does not apply to loss_type"),
+])
+def test_dpo_loss_refuses_what_the_config_refuses(kwargs, match):
+    """A library caller of dpo_loss meets the config's own rules (one copy: loss_registry.dpo_type_problem)."""
+    lp = jnp.zeros(4)
+    with pytest.raises(ValueError, match=match):
+        jl.dpo_loss(lp, lp, lp, lp, beta=0.1, **kwargs)
