@@ -70,6 +70,18 @@ def test_resume_drops_records_past_the_restored_step(tmp_path):
     assert list(records[0]) == ["step", *train_metrics(1)]
 
 
+def test_a_restart_before_the_first_checkpoint_leaves_each_record_once(tmp_path):
+    """Killed before its first checkpoint, the run starts again at step 0 and makes its
+    step-0 eval again: the first attempt's records must not stay beside the new ones."""
+    for attempt in range(2):
+        with MetricsWriter(tmp_path, resume_step=0, tensorboard=False) as w:
+            w.write(0, {"loss": 0.7 + attempt}, prefix="eval/")
+            w.write(1, train_metrics(1))
+    records = strict_records(tmp_path / METRICS_FILE)
+    assert steps_of(records, "eval/loss") == [0] and steps_of(records, "loss") == [1]
+    assert records[0]["eval/loss"] == 1.7  # the second attempt's
+
+
 def test_resume_keeps_the_metrics_file_mode(tmp_path):
     """The resume's rewrite (a temp file renamed over the original) keeps the file's
     permission bits; through `mkstemp` it used to come back 0600."""

@@ -163,7 +163,9 @@ class MetricsWriter:
       output_dir: the run's output directory (created if missing).
       resume_step: the step the run starts from (0 for a fresh run): records
         past it are dropped from metrics.jsonl on open, and TensorBoard hides
-        its older events past it.
+        its older events past it. A run that starts at 0 (fresh, or restarted
+        before its first checkpoint) makes its step-0 eval again, so it keeps no
+        record at all.
       enabled: False on processes other than 0: nothing is read or written.
       tensorboard: also write TensorBoard events under `<output_dir>/tensorboard`
         (needs the `tensorboardX` package).
@@ -191,9 +193,10 @@ class MetricsWriter:
         if not enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        truncate_metrics_file(self.path, resume_step)
+        last_kept = resume_step if resume_step > 0 else -1
+        truncate_metrics_file(self.path, last_kept)
         if tensorboard:
-            self._tb = _summary_writer(self.output_dir / TENSORBOARD_DIR, purge_step=resume_step + 1)
+            self._tb = _summary_writer(self.output_dir / TENSORBOARD_DIR, purge_step=last_kept + 1)
         self._file = open(self.path, "a", encoding="utf-8")
 
     def write(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
