@@ -23,8 +23,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 from mmpo_jax.errors import UserError
 from mmpo_jax.train.checkpoint import (
     CHECKPOINTS_DIR,
+    CHECKSUMS_FILE,
     INCOMPLETE_DIR,
     Checkpointer,
+    corruption_reason,
     incomplete_reason,
     tree_mismatches,
 )
@@ -217,6 +219,66 @@ def test_incomplete_latest_is_skipped_for_the_one_before(saved_run, tmp_path, sa
         assert moved == ["3", "4"]
         assert ckpt.save(3, make_state(save_mesh, seed=3), CONFIG)
         assert ckpt.all_steps() == [1, 2, 3]
+
+
+def _largest_array_file(step_dir: Path) -> Path:
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and "METADATA" not in p.name
+             and "manifest" not in p.name]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _zero(path: Path) -> None:
+    path.write_bytes(bytes(path.stat().st_size))
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage,reason", [
+    (_truncate, "truncated or overwritten"), (_zero, "SHA-256 does not match"),
+    (Path.unlink, "missing"), (_flip_a_byte, "SHA-256 does not match"),
+], ids=["truncated", "zeroed", "deleted", "one-flipped-byte"])
+def test_a_corrupt_latest_is_moved_aside_and_the_one_before_restored(saved_run, tmp_path, damage, reason):
+    """Damage to an array file of the latest step (which its metadata checks cannot see):
+    a writable Checkpointer moves the step aside, naming the file, and restores the
+    step before; read-only, restoring it is refused naming the file."""
+    out = copy_run(saved_run, tmp_path)
+    ckdir = out / CHECKPOINTS_DIR
+    assert (ckdir / "2" / CHECKSUMS_FILE).is_file() and corruption_reason(ckdir / "2") is None
+    target = _largest_array_file(ckdir / "2")
+    damage(target)
+    assert incomplete_reason(ckdir / "2") is None  # the marker and metadata are intact
+    assert reason in corruption_reason(ckdir / "2")
+
+    with Checkpointer(out, keep=3, read_only=True) as ro:
+        assert ro.latest_step() == 2
+        with pytest.raises(UserError, match=rf"corrupt: '{target.relative_to(ckdir / '2')}'.*steps \[1\]"):
+            ro.restore(None, abstract_on(saved_run[1][2], lambda x: x.sharding))
+    with pytest.warns(UserWarning, match=rf"skipping corrupt checkpoint '{ckdir / '2'}'.*{reason}"):
+        ckpt = Checkpointer(out, keep=3)
+    with ckpt:
+        assert ckpt.latest_step() == 1
+        restored, config = ckpt.restore(None, abstract_on(saved_run[1][1], lambda x: x.sharding))
+        assert_identical(restored, saved_run[1][1])
+        assert config.endswith("# step 1\n")
+    assert [p.name.split(".")[0] for p in (out / INCOMPLETE_DIR).iterdir()] == ["2"]
+
+
+def test_a_step_saved_without_checksums_is_taken_as_it_is(saved_run, tmp_path):
+    """Checkpoints written before checksums existed resume as before."""
+    out = copy_run(saved_run, tmp_path)
+    (out / CHECKPOINTS_DIR / "2" / CHECKSUMS_FILE).unlink()
+    assert corruption_reason(out / CHECKPOINTS_DIR / "2") is None
+    with Checkpointer(out, keep=3) as ckpt:
+        restored, _ = ckpt.restore(None, abstract_on(saved_run[1][2], lambda x: x.sharding))
+    assert_identical(restored, saved_run[1][2])
 
 
 def test_read_only_skips_incomplete_without_moving(saved_run, tmp_path):

@@ -2,6 +2,7 @@
 eval of a run directory, and export (full, and the LoRA adapter loaded by PEFT)."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -108,6 +109,42 @@ def test_resume_after_sigkill_reproduces_the_straight_run(straight_run, tmp_path
     evals = {r["step"]: r for r in _records(out) if "eval/loss" in r}
     ref_evals = {r["step"]: r for r in _records(ref) if "eval/loss" in r}
     assert evals[20] == ref_evals[20]
+
+
+def _flip_a_byte_of_the_largest_array(step_dir: Path) -> None:
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and "METADATA" not in p.name]
+    path = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.slow
+def test_a_corrupt_latest_checkpoint_resumes_from_the_one_before(straight_run, tmp_path):
+    """One flipped byte in the final checkpoint's arrays: the run moves it aside, resumes
+    from step 10 and reproduces steps 11-20 exactly; with every checkpoint corrupt it
+    stops saying so."""
+    ref, _ = straight_run
+    out = tmp_path / "corrupt"
+    shutil.copytree(ref, out)
+    _flip_a_byte_of_the_largest_array(out / "checkpoints" / "20")
+    done = subprocess.run(_cli("train", TINY, f"train.output_dir={out}"), env=_env(), capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "skipping corrupt checkpoint" in done.stderr and "resuming from" in done.stdout
+    assert [p.name.split(".")[0] for p in (out / "checkpoints_incomplete").iterdir()] == ["20"]
+    want, got = _train_records(ref), _train_records(out)
+    assert sorted(got) == list(range(1, 21))
+    for step in range(11, 21):
+        assert {k: v for k, v in got[step].items() if k not in TIMING} == \
+            {k: v for k, v in want[step].items() if k not in TIMING}, step
+
+    for step in ("10", "20"):
+        _flip_a_byte_of_the_largest_array(out / "checkpoints" / step)
+    stopped = subprocess.run(_cli("train", TINY, f"train.output_dir={out}"), env=_env(), capture_output=True,
+                             text=True, timeout=900)
+    assert stopped.returncode == 2, stopped.stderr[-3000:]
+    assert "every checkpoint of" in stopped.stderr and "nothing is left to resume from" in stopped.stderr
 
 
 def test_nonfinite_step_stops_the_run(tmp_path, capsys):

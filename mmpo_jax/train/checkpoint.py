@@ -19,6 +19,13 @@ is skipped with a warning, and when the Checkpointer may write, moved aside to
 cost a checkpoint), so that the step can be saved again and does not count
 towards `keep`.
 
+Corruption. After a step is saved, process 0 writes `mmpo_checksums.json` into it:
+each file's size and SHA-256. A run resuming from the latest step first checks its
+files against it (a missing, truncated, zeroed or altered file), and a step that
+fails is moved aside like an incomplete one, with the reason, and the one before it
+tried; eval, export and generate (read-only) refuse a corrupt step naming the
+file. A step saved before checksums existed has none and is taken as it is.
+
 Restoring takes an abstract target (a pytree of `jax.ShapeDtypeStruct` with
 `.sharding`, or of arrays) and puts every array on the target's sharding, so a
 checkpoint written on one mesh (or number of processes) resumes on another.
@@ -29,6 +36,8 @@ Only orbax APIs present in orbax-checkpoint 0.12.4 are used.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import itertools
 import json
 import logging
@@ -42,6 +51,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from mmpo_jax.errors import UserError
+from mmpo_jax.files import write_text_atomic
 
 if TYPE_CHECKING:
     from mmpo_jax.train.state import TrainState
@@ -57,6 +67,7 @@ _COMMIT_MARKER = "commit_success.txt"
 # state item's tree metadata, the config item's JSON payload.
 _JSON_FILES = ("_CHECKPOINT_METADATA", f"{STATE_ITEM}/_METADATA", f"{CONFIG_ITEM}/metadata")
 _TMP_MARKER = ".orbax-checkpoint-tmp"
+CHECKSUMS_FILE = "mmpo_checksums.json"
 # At most this many leaf differences are listed in a mismatch error.
 _MAX_LISTED = 8
 
@@ -119,6 +130,9 @@ class Checkpointer:
         self.output_dir = Path(output_dir).absolute()
         self.directory = self.output_dir / CHECKPOINTS_DIR
         self.read_only = read_only
+        self._async = async_save
+        self._unsummed: list[int] = []  # saved steps whose checksums are not written yet
+        self.moved_corrupt: list[Path] = []  # corrupt steps this Checkpointer moved aside
         skipped = _incomplete_entries(self.directory)
         # Read-only: orbax still lists the incomplete (non-tmp) step dirs; hide them.
         self._skipped_steps: set[int] = set()
@@ -131,6 +145,10 @@ class Checkpointer:
         else:
             # Called on every process even with nothing to move: it ends in a barrier.
             _move_aside(skipped, self.output_dir / INCOMPLETE_DIR)
+            # then the newest complete steps whose files changed since their save
+            corrupt = _corrupt_latest(self.directory)
+            self.moved_corrupt = [path for path, _ in corrupt]
+            _move_aside(corrupt, self.output_dir / INCOMPLETE_DIR, kind="corrupt")
         options = ocp.CheckpointManagerOptions(
             # read-only: orbax would reset these itself, logging a warning each.
             save_interval_steps=0 if read_only else 1,
@@ -192,13 +210,20 @@ class Checkpointer:
         )
         # force: the loop decides when to save; orbax's own interval policy must not skip.
         saved = self._manager.save(step, args=args, force=True)
-        if wait:
+        if saved:
+            self._unsummed.append(step)
+        if wait or not self._async:
             self.wait()
         return bool(saved)
 
     def wait(self) -> None:
-        """Blocks until any async save is complete on disk; raises its error if it failed."""
+        """Blocks until any async save is complete on disk (then writes its checksums);
+        raises its error if it failed."""
         self._manager.wait_until_finished()
+        for step in self._unsummed:
+            if jax.process_index() == 0 and self._step_dir(step).is_dir():
+                write_checksums(self._step_dir(step))
+        self._unsummed = []
 
     # -- restore -------------------------------------------------------------
 
@@ -212,6 +237,14 @@ class Checkpointer:
         (names, shapes, dtypes) differ from the target's, naming them.
         """
         step = self._existing_step(step)
+        corrupt = corruption_reason(self._step_dir(step))
+        if corrupt is not None:
+            older = [s for s in self.all_steps() if s < step]
+            raise UserError(
+                f"checkpoint '{self._step_dir(step)}' is corrupt: {corrupt}. "
+                + (f"Older complete checkpoints: steps {older} (a resumed train run moves this one "
+                   "aside and continues from the newest of them)" if older else "No older checkpoint is left")
+            )
         self._check_matches(step, target)
         _check_shardings(target)
         args = ocp.args.Composite(
@@ -268,7 +301,7 @@ class Checkpointer:
 
     def close(self) -> None:
         """Waits for any async save, then releases orbax's resources."""
-        self._manager.wait_until_finished()
+        self.wait()
         self._manager.close()
 
     def __enter__(self) -> Checkpointer:
@@ -350,6 +383,70 @@ def incomplete_reason(step_dir: Path) -> str | None:
     return None
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_checksums(step_dir: Path) -> None:
+    """Writes `step_dir/mmpo_checksums.json`: every file's size and SHA-256 (relative paths)."""
+    files = {
+        str(path.relative_to(step_dir)): {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        for path in sorted(step_dir.rglob("*")) if path.is_file() and path.name != CHECKSUMS_FILE
+    }
+    write_text_atomic(step_dir / CHECKSUMS_FILE, json.dumps({"files": files}, indent=1) + "\n")
+
+
+def corruption_reason(step_dir: Path) -> str | None:
+    """How the files of a complete step differ from what its save wrote, or None when
+    they match (or it has no checksums: saved before they existed). A verdict is kept
+    while no file of the step changes its size or modification time, so a run's start
+    reads a checkpoint once."""
+    manifest = step_dir / CHECKSUMS_FILE
+    if not manifest.is_file():
+        return None
+    stamp = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(step_dir.rglob("*")) if p.is_file())
+    return _corruption_reason(step_dir, stamp)
+
+
+@functools.lru_cache(maxsize=64)
+def _corruption_reason(step_dir: Path, stamp: tuple) -> str | None:
+    manifest = step_dir / CHECKSUMS_FILE
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        want = {rel: (int(f["bytes"]), str(f["sha256"])) for rel, f in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        return f"'{CHECKSUMS_FILE}' is truncated or corrupt"
+    for rel, (size, digest) in want.items():
+        path = step_dir / rel
+        if not path.is_file():
+            return f"'{rel}' is missing (deleted after the save)"
+        if path.stat().st_size != size:
+            return f"'{rel}' has {path.stat().st_size} bytes, {size} when saved (truncated or overwritten)"
+        if _sha256(path) != digest:
+            return f"'{rel}' differs from what the save wrote (its SHA-256 does not match)"
+    return None
+
+
+def _corrupt_latest(directory: Path) -> list[tuple[Path, str]]:
+    """`(path, reason)` of the newest complete steps that fail `corruption_reason`, down to
+    the first that passes (only the step a run resumes from is read in full)."""
+    if not directory.is_dir():
+        return []
+    steps = sorted((s for e in directory.iterdir() if e.is_dir() and _TMP_MARKER not in e.name
+                    and (s := _step_of(e)) is not None), reverse=True)
+    found = []
+    for step in steps:
+        reason = corruption_reason(directory / str(step))
+        if reason is None:
+            break
+        found.append((directory / str(step), reason))
+    return found
+
+
 def _incomplete_entries(directory: Path) -> list[tuple[Path, str]]:
     """`(path, reason)` of each step-like entry of `directory` that is not complete, by step."""
     if not directory.is_dir():
@@ -364,7 +461,7 @@ def _incomplete_entries(directory: Path) -> list[tuple[Path, str]]:
     return sorted(found, key=lambda pr: (_step_of(pr[0]), pr[0].name))
 
 
-def _move_aside(entries: list[tuple[Path, str]], destination: Path) -> None:
+def _move_aside(entries: list[tuple[Path, str]], destination: Path, kind: str = "incomplete") -> None:
     """Moves incomplete step dirs out of orbax's sight (process 0), then syncs processes.
 
     Moved, not deleted: the step can then be saved again, does not count towards
@@ -378,7 +475,7 @@ def _move_aside(entries: list[tuple[Path, str]], destination: Path) -> None:
                 break
             moved = destination / f"{path.name}.{stamp}-{n}"
         warnings.warn(
-            f"skipping incomplete checkpoint '{path}': {why}; moved it to '{moved}'", stacklevel=3
+            f"skipping {kind} checkpoint '{path}': {why}; moved it to '{moved}'", stacklevel=3
         )
         if jax.process_index() == 0:
             destination.mkdir(parents=True, exist_ok=True)

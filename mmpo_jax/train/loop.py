@@ -32,7 +32,7 @@ from mmpo_jax.config_schema import RunConfig
 from mmpo_jax.errors import UserError
 from mmpo_jax.eval.preference import evaluate
 from mmpo_jax.files import write_text_atomic
-from mmpo_jax.train.checkpoint import CHECKPOINTS_DIR, Checkpointer, saved_config_text
+from mmpo_jax.train.checkpoint import CHECKPOINTS_DIR, INCOMPLETE_DIR, Checkpointer, saved_config_text
 from mmpo_jax.train.metrics import MetricsWriter, Progress, Throughput
 from mmpo_jax.train.trackers import TrackerSet, check_installed, make_trackers, report_to
 from mmpo_jax.train.preflight import check_batch_fits, check_paths
@@ -227,6 +227,12 @@ def _run(trainer: Trainer, data: RunData, config_yaml: str, stages: Stages,
     with Checkpointer(out, keep=tc.keep_checkpoints) as ckpt, _Interrupt() as interrupt:
         state = trainer.state
         start = ckpt.latest_step() or 0
+        if not start and ckpt.moved_corrupt:
+            raise UserError(
+                f"every checkpoint of {out} was corrupt and is moved to {out / INCOMPLETE_DIR} "
+                f"({', '.join(p.name for p in ckpt.moved_corrupt)}; the warnings above say which file): "
+                "nothing is left to resume from. Run the same command again to start over from step 0."
+            )
         changes: list[str] = []
         if start:
             state, saved_yaml = ckpt.restore(start, abstract_state(state))
@@ -308,12 +314,15 @@ def record_config_change(out: Path, step: int, changes: list[str]) -> None:
 
 
 def latest_complete_step(output_dir: Path) -> int | None:
-    """The newest complete checkpoint step of a run directory, read from its files only."""
-    from mmpo_jax.train.checkpoint import incomplete_reason
+    """The newest complete, uncorrupted checkpoint step of a run directory, read from its files only."""
+    from mmpo_jax.train.checkpoint import corruption_reason, incomplete_reason
 
     root = output_dir / CHECKPOINTS_DIR
     steps = [int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir()] if root.is_dir() else []
-    return max((s for s in steps if incomplete_reason(root / str(s)) is None), default=None)
+    for step in sorted(steps, reverse=True):
+        if incomplete_reason(root / str(step)) is None and corruption_reason(root / str(step)) is None:
+            return step
+    return None
 
 
 def _say_finished(out: Path, step: int, max_steps: int, say: Callable[[str], None]) -> None:
