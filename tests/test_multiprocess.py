@@ -3,8 +3,10 @@ configs/tiny.yaml (jax.distributed on 127.0.0.1, 4 CPU devices each) against one
 process with 8 devices, then resumed in one process."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -66,13 +68,20 @@ def _losses(run_dir):
 COMMON = ["optim.schedule=constant", "optim.warmup_steps=0", "data.test_files=null", "train.save_every=5"]
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_and_resume_in_one(tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
+@pytest.fixture(scope="module")
+def one_process_losses(tmp_path_factory):
+    """The losses of a 15-step one-process run (8 devices): the reference of both tests."""
+    one = tmp_path_factory.mktemp("one")
     _run(["train", "configs/tiny.yaml", f"train.output_dir={one}", "train.max_steps=15", *COMMON], 8)
+    return _losses(one)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_and_resume_in_one(tmp_path, one_process_losses):
+    two = tmp_path / "two"
     _run(["launch", "--local-processes", "2", "configs/tiny.yaml", f"train.output_dir={two}",
           "train.max_steps=10", *COMMON], 8)
-    a, b = _losses(one), _losses(two)
+    a, b = one_process_losses, _losses(two)
     assert sorted(b) == list(range(1, 11))
     for step in range(1, 11):
         assert b[step] == pytest.approx(a[step], rel=1e-5), step
@@ -83,3 +92,52 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path):
     c = _losses(two)
     for step in range(11, 16):
         assert c[step] == pytest.approx(a[step], rel=1e-5), step
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_one_step_and_the_resume_is_exact(tmp_path, one_process_losses):
+    """A preemption notice to process 1 only: JAX's preemption service makes both
+    processes stop after the same step, save one checkpoint there together and exit
+    143; resumed (in two processes again), the run's losses equal an uninterrupted
+    one-process run's."""
+    from mmpo_jax.commands.launch import free_port
+
+    two = tmp_path / "two"
+    args = ["configs/tiny.yaml", f"train.output_dir={two}", "train.max_steps=12", *COMMON]
+    envs = process_envs(2, free_port(), cli_env(8), [])
+    procs = [subprocess.Popen([sys.executable, "-m", "mmpo_jax.cli", "train", *args], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for env in envs]
+    try:
+        deadline = time.time() + 600
+        while not (two / "metrics.jsonl").exists() or max(_losses(two), default=0) < 2:
+            assert time.time() < deadline and all(p.poll() is None for p in procs), "the run ended early"
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [143, 143], [o[-1500:] for o in outputs]
+    stopped = max(_losses(two))
+    assert 2 <= stopped < 12 and (two / "checkpoints" / str(stopped) / "commit_success.txt").exists()
+    _run(["launch", "--local-processes", "2", *args], 8)
+    a, b = one_process_losses, _losses(two)  # a constant learning rate: 12 of 15 steps are the same
+    assert sorted(b) == list(range(1, 13))
+    for step in range(1, 13):
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+
+
+def test_launch_waits_for_processes_that_stop_on_a_signal(tmp_path, capsys):
+    """Processes that exit 143 (or 130) stopped on a signal after their save: the
+    launcher waits for the others to stop too and exits with that status; a process
+    that fails meanwhile is reported as a failure."""
+    from mmpo_jax.commands.launch import _wait
+
+    def proc(code, delay):
+        return subprocess.Popen([sys.executable, "-c", f"import sys, time; time.sleep({delay}); sys.exit({code})"])
+
+    assert _wait([proc(143, 0.1), proc(143, 1.5)], tmp_path) == 143
+    assert capsys.readouterr().err == ""
+    assert _wait([proc(143, 0.1), proc(3, 1.0)], tmp_path) == 3
+    assert "process 1 exited with status 3" in capsys.readouterr().err

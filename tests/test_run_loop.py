@@ -194,6 +194,43 @@ def test_sigint_saves_a_checkpoint_and_exits(tmp_path):
     assert "interrupted" in output and "Traceback" not in output
 
 
+@pytest.mark.slow
+def test_sigterm_saves_where_it_stopped_and_the_resume_is_exact(straight_run, tmp_path):
+    """A preemption notice (SIGTERM) mid-run: the step in flight finishes, a checkpoint
+    of that step is saved, the process exits 143; the resumed run's records equal the
+    uninterrupted run's."""
+    ref, _ = straight_run
+    out = tmp_path / "preempted"
+    at = int(np.random.default_rng().integers(2, 8))  # the step to signal at, different each run
+    proc = subprocess.Popen(_cli("train", TINY, f"train.output_dir={out}"), env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def reached():
+            try:
+                return max(_train_records(out)) >= at
+            except (FileNotFoundError, ValueError, json.JSONDecodeError):
+                return False
+
+        _wait_for(reached, proc, 600)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, output[-2000:]
+    stopped = max(_train_records(out))
+    assert stopped < 20 and (out / "checkpoints" / str(stopped) / "commit_success.txt").exists(), output[-2000:]
+    assert "stopped by SIGTERM" in output and "Traceback" not in output
+    done = subprocess.run(_cli("train", TINY, f"train.output_dir={out}"), env=_env(), capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0 and f"step {stopped} of 20" in done.stdout, done.stderr[-3000:]
+    want, got = _train_records(ref), _train_records(out)
+    assert sorted(got) == list(range(1, 21))
+    for step in range(1, 21):
+        assert {k: v for k, v in got[step].items() if k not in TIMING} == \
+            {k: v for k, v in want[step].items() if k not in TIMING}, step
+
+
 def test_eval_of_a_run_directory(straight_run, capsys):
     from mmpo_jax.cli import main
 

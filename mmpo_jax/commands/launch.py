@@ -97,24 +97,46 @@ def run(args: argparse.Namespace) -> int:
             f = open(logs / f"process_{i}.log", "w")
             files.append(f)
             procs.append(subprocess.Popen(command, env=env, stdout=f, stderr=subprocess.STDOUT))
-    def forward(*_: Any) -> None:
+    def forward(signum: int, _frame: Any) -> None:
         for p in procs:
             if p.poll() is None:
-                p.send_signal(signal.SIGINT)
+                p.send_signal(signum)
 
-    previous = signal.signal(signal.SIGINT, forward)
+    # Ctrl-C and a preemption notice reach every process: each saves at the same step
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return _wait(procs, logs)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         for f in files:
             f.close()
+
+
+# exit statuses of a run that saved and stopped on a signal: SIGINT (130), SIGTERM (143)
+STOPPED = (128 + signal.SIGINT, 128 + signal.SIGTERM)
+STOP_GRACE_S = 120.0  # how long the other processes may take to finish their save
+
+
+def _wait_for_exit(p: subprocess.Popen, timeout: float) -> int | None:
+    try:
+        return p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return None
 
 
 def _wait(procs: list[subprocess.Popen], logs: Path) -> int:
     while True:
         codes = [p.poll() for p in procs]
         failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+        if failed and all(c in STOPPED for _, c in failed):
+            # stopped by a signal: the others stop at the same step once their save is done
+            ended = [_wait_for_exit(p, STOP_GRACE_S) for p in procs]
+            # a process that hung (counted as status 1) or failed: the rest are stopped below
+            failed = [(i, 1 if c is None else c) for i, c in enumerate(ended)
+                      if c is None or (c not in STOPPED and c != 0)]
+            if not failed:
+                return next(c for c in ended if c in STOPPED)
         if failed:
             i, code = failed[0]
             for p in procs:

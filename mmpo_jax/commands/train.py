@@ -2,7 +2,8 @@
 
 Writes to `train.output_dir`: `config.yaml` (the resolved config), `metrics.jsonl`,
 `tensorboard/`, `checkpoints/<step>/`. Running the same command again resumes from
-the latest complete checkpoint. Ctrl-C saves a checkpoint and exits (status 130).
+the latest complete checkpoint. Ctrl-C saves a checkpoint and exits (status 130); so
+does SIGTERM, a preemption notice (status 143).
 A resume that changes the objective, the optimizer or the data (anything but how long,
 how often and where the run logs, evaluates and saves, the mesh, and how the same
 numbers are computed) is refused unless `--allow-config-change`, which records the
@@ -56,4 +57,4 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_from_items(args.items)  # config errors before any process waits on another
     start_processes(args)
     result = train(cfg, allow_config_change=args.allow_config_change)
-    return INTERRUPTED_EXIT if result.status == "interrupted" else 0
+    return (result.exit_status or INTERRUPTED_EXIT) if result.status == "interrupted" else 0

@@ -9,7 +9,8 @@ record is step 1; the eval before training is step 0).
 A step whose loss, gradient or updated weights are not finite leaves the state unchanged (the step
 decides that on device); the loop then stops with `NonFiniteStep`, naming the step
 and the last good checkpoint, and writes neither its metrics nor a checkpoint.
-SIGINT (Ctrl-C) finishes the step in flight, saves a checkpoint and returns.
+SIGINT (Ctrl-C) and SIGTERM (preemption) finish the step in flight, save a checkpoint and
+return (every process of a multi-process run at the same step).
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ class RunResult:
     last_checkpoint: int | None
     eval: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    # an interrupted run's process exit status: 130 after SIGINT, 143 after SIGTERM
+    exit_status: int = 0
 
 
 def load_data(cfg: RunConfig, log: Callable[[str], None] | None = None) -> RunData:
@@ -119,38 +122,54 @@ def _tokens(batch: PreferenceBatch) -> int:
 
 
 class _Interrupt:
-    """SIGINT sets a flag the loop reads between steps (a second Ctrl-C aborts at once)."""
+    """SIGINT (Ctrl-C) and SIGTERM (a preemption notice: a Spot VM's shutdown, SLURM's
+    or Kubernetes' stop) set a flag the loop reads between steps; a second signal of the
+    same kind aborts at once. In a multi-process run, SIGTERM is left to JAX's
+    preemption service (`jax.distributed.initialize` starts it and it takes SIGTERM as
+    its notice: a Python handler would take the signal from it), which the loop asks
+    at every step."""
 
     def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
+        self.requested: int | None = None  # the signal that asked for the stop
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "_Interrupt":
         def handler(signum, frame):
-            if self.requested:
+            if self.requested == signum:
                 raise KeyboardInterrupt
-            self.requested = True
+            self.requested = signum
 
-        try:
-            self._previous = signal.signal(signal.SIGINT, handler)
-        except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
-            self._previous = None
+        signals = [signal.SIGINT] + ([signal.SIGTERM] if jax.process_count() == 1 else [])
+        for sig in signals:
+            try:
+                self._previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread: no handler, signals behave as usual
+                pass
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
-    def stop_now(self) -> bool:
-        """Whether the run stops after this step. In a multi-process run every process
+    def stop_now(self, step: int) -> bool:
+        """Whether the run stops after `step`. In a multi-process run every process
         must stop at the same step (the checkpoint save is collective: a process that
         stops alone leaves the others waiting in it), so a Ctrl-C on any process stops
-        them all; the flag travels with one small all-gather per step."""
+        them all (the flag travels with one small all-gather per step), and a SIGTERM
+        to any of them stops all at the step the preemption service agrees on."""
         if jax.process_count() == 1:
-            return self.requested
+            return self.requested is not None
         from jax.experimental import multihost_utils
 
-        return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
+        if multihost_utils.reached_preemption_sync_point(step):
+            self.requested = int(signal.SIGTERM)
+        sigint = np.int32(self.requested == signal.SIGINT)
+        return bool(np.any(multihost_utils.process_allgather(sigint))) or self.requested is not None
+
+    @property
+    def exit_status(self) -> int:
+        """128 + the signal number, as a shell reports a process the signal ended."""
+        return 128 + int(self.requested or signal.SIGINT)
 
 
 def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None,
@@ -206,7 +225,9 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None,
         result = _run(trainer, data, config_yaml, stages, say, lock)
     result.seconds = time.time() - start_time
     if result.status == "interrupted":
-        say(f"interrupted: checkpoint of step {result.step} saved in {out / 'checkpoints' / str(result.step)}; "
+        why = "stopped by SIGTERM (a preemption notice)" if result.exit_status == 128 + signal.SIGTERM \
+            else "interrupted"
+        say(f"{why}: checkpoint of step {result.step} saved in {out / 'checkpoints' / str(result.step)}; "
             "run the same command again to resume")
     elif result.status == "finished" and result.step > (done or 0):
         say(f"done: {result.step} steps in {result.seconds:.0f} s; checkpoint "
@@ -400,8 +421,9 @@ def _steps(trainer: Trainer, state: TrainState, data: RunData, ckpt: Checkpointe
                 if ckpt.save(step, state, config_yaml):
                     last_ckpt = step
                 throughput.reset()
-            if interrupt.stop_now():
-                return state, RunResult("interrupted", step, last_ckpt, eval_metrics)
+            if interrupt.stop_now(step):
+                return state, RunResult("interrupted", step, last_ckpt, eval_metrics,
+                                        exit_status=interrupt.exit_status)
     return state, RunResult("finished", step, last_ckpt, eval_metrics)
 
 
