@@ -53,7 +53,8 @@ def row(d: dict) -> str:
 
 
 def table(results: list[dict]) -> str:
-    order = ["SmolLM2-135M", "Llama-3.2-1B", "Llama-3-8B", "Llama-3-70B shape"]
+    order = ["SmolLM2-135M", "Llama-3.2-1B", "Llama-3-8B", "Llama-3-70B shape", "Qwen3-8B", "Qwen3-32B",
+             "Gemma-3-27B"]
 
     def key(d: dict):
         label = model_label(d)

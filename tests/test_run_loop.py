@@ -370,13 +370,20 @@ def test_ctrl_c_on_any_process_stops_every_process(monkeypatch):
 
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+    preempted_at: list[int] = []
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", lambda step: step in preempted_at)
     interrupt = loop._Interrupt()
-    assert not interrupt.stop_now()
+    assert not interrupt.stop_now(1)
     others["flag"] = 1  # Ctrl-C on the other process only
-    assert interrupt.stop_now()
-    interrupt.requested, others["flag"] = True, 0  # on this one only
-    assert interrupt.stop_now()
+    assert interrupt.stop_now(2)
+    interrupt.requested, others["flag"] = signal.SIGINT, 0  # on this one only
+    assert interrupt.stop_now(3) and interrupt.exit_status == 130
     assert sent == [0, 0, 1]
+    # a SIGTERM anywhere: the preemption service says when every process has reached the step
+    interrupt = loop._Interrupt()
+    preempted_at.append(5)
+    assert not interrupt.stop_now(4)
+    assert interrupt.stop_now(5) and interrupt.exit_status == 143
 
 
 def test_eval_with_precomputed_reference_computes_the_test_split_only(tmp_path, capsys, monkeypatch):

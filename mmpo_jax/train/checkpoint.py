@@ -198,6 +198,9 @@ class Checkpointer:
         """
         if self.read_only:
             raise ValueError(f"Checkpointer on '{self.directory}' is read-only: cannot save step {step}")
+        if self._unsummed:
+            # orbax would wait for the previous async save here anyway; its checksums go first
+            self.wait()
         if step in self._manager.all_steps():
             if wait:
                 self.wait()

@@ -245,7 +245,9 @@ def _run(trainer: Trainer, data: RunData, config_yaml: str, stages: Stages,
     cfg, tc = trainer.cfg, trainer.cfg.train
     out = Path(tc.output_dir)
     lead = jax.process_index() == 0
-    with Checkpointer(out, keep=tc.keep_checkpoints) as ckpt, _Interrupt() as interrupt:
+    # periodic saves in the background (the arrays copied to host memory first): the steps
+    # go on while the files are written; the final and the interrupted save wait for theirs
+    with Checkpointer(out, keep=tc.keep_checkpoints, async_save=True) as ckpt, _Interrupt() as interrupt:
         state = trainer.state
         start = ckpt.latest_step() or 0
         if not start and ckpt.moved_corrupt:
@@ -395,6 +397,7 @@ def _steps(trainer: Trainer, state: TrainState, data: RunData, ckpt: Checkpointe
             state, metrics = trainer.train_step(state, device_batch(host, trainer.mesh, data.train_ref))
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             if metrics.pop("nonfinite"):
+                ckpt.wait()  # name only a checkpoint that is complete on disk
                 where = (f"the last good checkpoint is {Path(tc.output_dir) / 'checkpoints' / str(last_ckpt or ckpt.latest_step())}"
                          if (last_ckpt or ckpt.latest_step()) else "no checkpoint was saved yet")
                 raise NonFiniteStep(
