@@ -21,6 +21,8 @@ from mmpo_jax.errors import UserError
 if TYPE_CHECKING:
     import grain
 
+    from mmpo_jax.data.prefetch import BatchTimes
+
 
 
 SMALLEST_BUCKET = 16
@@ -116,11 +118,13 @@ def train_batches(
     seed: int,
     process_index: int | None = None,
     process_count: int | None = None,
+    times: BatchTimes | None = None,
 ) -> grain.MapDataset:
     """Element `step` is this process's `PreferenceBatch` of global batch `step`.
 
-    Index it (`ds[step]`) or iterate from a step (`ds.slice(slice(step, None))`,
-    `.to_iter_dataset()` for prefetching); it never ends.
+    Index it (`ds[step]`) or iterate from a step (`mmpo_jax.data.prefetch.prefetched`,
+    which builds them ahead on a thread); it never ends. `times` counts the time each
+    batch takes to build.
     """
     import grain
 
@@ -139,7 +143,7 @@ def train_batches(
         mine = rows[local]
         return collate([data.pair(int(i)) for i in mine], mine, seq_len, data.special.pad)
 
-    return grain.MapDataset.range(_UNBOUNDED).map(make)
+    return grain.MapDataset.range(_UNBOUNDED).map(make if times is None else times.timed(make))
 
 
 def eval_batches(

@@ -383,17 +383,20 @@ def _eval_pairs(rows: int, batch_size: int, max_batches: int) -> int:
 def _steps(trainer: Trainer, state: TrainState, data: RunData, ckpt: Checkpointer, writer: MetricsWriter,
            interrupt: _Interrupt, start: int, config_yaml: str, say: Callable[[str], None]) -> tuple[TrainState, RunResult]:
     from mmpo_jax.data.batches import train_batches
+    from mmpo_jax.data.prefetch import BatchTimes, prefetched
 
     cfg = trainer.cfg
     tc = cfg.train
-    batches = train_batches(data.train, cfg.data.batch_size, cfg.data.seed)
+    times = BatchTimes()
+    # the next batches are built on a thread while the device runs the step
+    feed = prefetched(train_batches(data.train, cfg.data.batch_size, cfg.data.seed, times=times), start, times)
     throughput = Throughput()
     last_ckpt: int | None = None
     eval_metrics: dict[str, float] = {}
     step = start
     with Progress(tc.max_steps, start_step=start, enabled=jax.process_index() == 0) as progress:
         while step < tc.max_steps:
-            host = batches[step]
+            host = next(feed)
             state, metrics = trainer.train_step(state, device_batch(host, trainer.mesh, data.train_ref))
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             if metrics.pop("nonfinite"):
@@ -425,8 +428,11 @@ def _steps(trainer: Trainer, state: TrainState, data: RunData, ckpt: Checkpointe
                     last_ckpt = step
                 throughput.reset()
             if interrupt.stop_now(step):
+                progress.message(times.summary())
                 return state, RunResult("interrupted", step, last_ckpt, eval_metrics,
                                         exit_status=interrupt.exit_status)
+    if step > start:
+        say(times.summary())
     return state, RunResult("finished", step, last_ckpt, eval_metrics)
 
 
