@@ -23,8 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmpo_jax.errors import UserError
+from mmpo_jax.models.options import ATTENTION_CHOICES
 
-IMPLEMENTATIONS = ("xla", "cudnn")
+# the kernels `jax.nn.dot_product_attention` runs: the `model.attention` choices but `auto`
+IMPLEMENTATIONS = tuple(c for c in ATTENTION_CHOICES if c != "auto")
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
@@ -102,7 +104,7 @@ def sequence_mask(spec: MaskSpec, length: int, segment_ids: jax.Array | None = N
     if spec.causal:
         allowed &= j <= i
     if spec.sliding_window is not None:
-        allowed &= i - j < spec.sliding_window
+        allowed &= window_mask(jnp.arange(length), length, spec.sliding_window)
     allowed = allowed[None]
     if segment_ids is not None:
         allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
