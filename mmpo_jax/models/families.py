@@ -33,6 +33,9 @@ class Family:
     - `window_pattern`: per-layer sliding windows (Gemma): `layer_types` says which
       layers have one; without it every `window_pattern`-th layer is a full one and the
       rest slide (transformers' default). None: one window for every layer, or none.
+    - `local_rope_theta`: the sliding layers' own RoPE base when a config leaves
+      `rope_local_base_freq` out (Gemma 3; transformers' default). None: the sliding
+      layers share the full layers' RoPE, and a per-layer-type RoPE is refused.
     """
 
     architecture: str
@@ -42,6 +45,7 @@ class Family:
     gemma_norms: bool = False
     activation: str = "silu"
     window_pattern: int | None = None
+    local_rope_theta: float | None = None
     always_bias: bool = False  # Qwen2: q/k/v biases whatever attention_bias says
 
 
@@ -53,7 +57,7 @@ FAMILIES: dict[str, Family] = {
     "gemma2": Family("Gemma2ForCausalLM", "gemma2", o_bias=True, gemma_norms=True,
                      activation="gelu_pytorch_tanh", window_pattern=2),
     "gemma3": Family("Gemma3ForCausalLM", "gemma3_text", qk_norm=True, o_bias=True, gemma_norms=True,
-                     activation="gelu_pytorch_tanh", window_pattern=6),
+                     activation="gelu_pytorch_tanh", window_pattern=6, local_rope_theta=10000.0),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 

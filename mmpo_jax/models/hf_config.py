@@ -25,7 +25,7 @@ _GEMMA_DEFAULTS: dict[str, dict[str, Any]] = {
     "gemma2": {"sliding_window": 4096, "query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0,
                "final_logit_softcapping": 30.0, "rope_theta": 10000.0},
     "gemma3": {"sliding_window": 4096, "query_pre_attn_scalar": 256, "attn_logit_softcapping": None,
-               "final_logit_softcapping": None, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10000.0},
+               "final_logit_softcapping": None, "rope_theta": 1_000_000.0},
 }
 
 
@@ -62,7 +62,8 @@ def read_hf_config(d: dict[str, Any]) -> dict[str, Any]:
     ):
         raise UserError(f"{model_type} with use_sliding_window=true (per-layer windows) is not supported")
 
-    theta, scaling, local_theta = _read_rope(d, model_type, defaults)
+    theta, scaling, local_theta = _read_rope(d, model_type, defaults.get("rope_theta", 10000.0),
+                                             family.local_rope_theta)
     sliding = d.get("sliding_window", defaults.get("sliding_window"))
     if model_type in ("qwen2", "qwen3") and not d.get("use_sliding_window", False):
         sliding = None
@@ -107,8 +108,8 @@ def read_hf_config(d: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def _read_rope(d: dict[str, Any], model_type: str,
-               defaults: dict[str, Any]) -> tuple[float, dict[str, Any] | None, float | None]:
+def _read_rope(d: dict[str, Any], model_type: str, default_theta: float,
+               default_local_theta: float | None) -> tuple[float, dict[str, Any] | None, float | None]:
     """(rope_theta, rope_scaling or None, the sliding layers' own base or None) from
     transformers 5's `rope_parameters` {rope_type, rope_theta, ...} (for Gemma 3 one per
     layer type) or transformers 4's `rope_theta` + `rope_scaling` {rope_type|type, ...}
@@ -119,9 +120,9 @@ def _read_rope(d: dict[str, Any], model_type: str,
     params = d.get("rope_parameters")
     if params is not None and not isinstance(params, dict):
         raise UserError(f"rope_parameters must be a mapping, got {params!r}")
-    local_theta = d.get("rope_local_base_freq", defaults.get("rope_local_base_freq"))
+    local_theta = d.get("rope_local_base_freq", default_local_theta)
     if params and any(isinstance(v, dict) for v in params.values()):
-        if "rope_local_base_freq" not in defaults:
+        if default_local_theta is None:
             raise UserError(f"per-layer-type rope_parameters are not supported for {model_type}")
         local = dict(params.get("sliding_attention") or {})
         if rope_type(local, check=False) != "default":
@@ -135,7 +136,7 @@ def _read_rope(d: dict[str, Any], model_type: str,
         theta = params.pop("rope_theta", None)
         scaling = params
     if theta is None:
-        theta = d.get("rope_theta", defaults.get("rope_theta", 10000.0))
+        theta = d.get("rope_theta", default_theta)
     if not scaling or rope_type(scaling, check=False) == "default":
         legacy = d.get("rope_scaling")
         scaling = dict(legacy) if legacy else scaling
@@ -207,8 +208,8 @@ def write_hf_config(cfg: LlamaConfig) -> dict[str, Any]:
             "attn_logit_softcapping": cfg.attn_logit_softcapping,
             "final_logit_softcapping": cfg.final_logit_softcapping,
         })
-        if cfg.model_type == "gemma3":
-            local = cfg.rope_local_base_freq if cfg.rope_local_base_freq is not None else cfg.rope_theta
+        if cfg.family.local_rope_theta is not None:  # LlamaConfig sets rope_local_base_freq then
+            local = cfg.rope_local_base_freq
             d["rope_local_base_freq"] = local
             d["rope_parameters"] = {"full_attention": rope_params,
                                     "sliding_attention": {"rope_type": "default", "rope_theta": local}}

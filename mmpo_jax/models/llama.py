@@ -11,8 +11,8 @@ The rest of the model package: `llama_config.LlamaConfig` (the architecture, wit
 transformers' names, from and to a `config.json`), `options.ModelOptions` (how the
 model runs: dtypes, attention kernel, scan, remat, dropout, LoRA), `attention` (the
 one attention entry point and its mask spec), `layers` (parameters with logical axes,
-RMSNorm, applying RoPE), `rope` (its frequencies), `lora` (the adapters), `hf_weights` (transformers' tensor names and
-layouts, `iter_hf_weights`), `build.build_model` (random init or a checkpoint, straight
+RMSNorm, applying RoPE), `rope` (its frequencies), `lora` (the adapters), `hf_weights`
+(transformers' tensor names and layouts, `iter_hf_weights`), `build.build_model` (random init or a checkpoint, straight
 onto the mesh), `checkpoints` / `gguf` (reading HF directories and GGUF files).
 
 Layout. Our kernels are `[in, out]` (torch Linear weights are `[out, in]`), with the
@@ -99,8 +99,7 @@ class Attention(nnx.Module):
         # indexed by "this layer is a sliding one": (full attention, the window)
         cap = cfg.attn_logit_softcapping
         self.masks = (MaskSpec(causal=True, soft_cap=cap),
-                      MaskSpec(causal=True, sliding_window=cfg.sliding_window, soft_cap=cap)
-                      if cfg.sliding_window is not None else MaskSpec(causal=True, soft_cap=cap))
+                      MaskSpec(causal=True, sliding_window=cfg.sliding_window, soft_cap=cap))
         self.compute_dtype = options.compute_dtype
         self.implementation = options.attention_implementation(hd, soft_cap=cap is not None)
 
@@ -340,13 +339,11 @@ class Llama(nnx.Module):
             return full, full
         return full, table(cfg.rope_local_base_freq, None)
 
-    def _layer_kinds(self) -> tuple[Sliding, jax.Array | None]:
-        """(the static kind when every layer is alike, else None; then the per-layer
-        kinds `[layers]` bool for the scan, or None)."""
+    def _scanned_kinds(self) -> jax.Array | None:
+        """The layers' kinds `[layers]` bool (sliding or not) as a scanned input, or None
+        when every layer is alike (its kind then stays static: `cfg.layer_sliding[0]`)."""
         kinds = self.cfg.layer_sliding
-        if all(k == kinds[0] for k in kinds):
-            return kinds[0], None
-        return None, jnp.asarray(kinds, bool)  # type: ignore[return-value]
+        return None if len(set(kinds)) == 1 else jnp.asarray(kinds, bool)
 
     def _constrain(self, x: jax.Array) -> jax.Array:
         if self.mesh is None:
@@ -380,7 +377,7 @@ class Llama(nnx.Module):
         n = cfg.num_hidden_layers
         use_dropout = dropout_key is not None and options.uses_dropout
         keys = jax.random.split(dropout_key, n) if dropout_key is not None and use_dropout else None
-        static, kinds = self._layer_kinds()
+        kinds = self._scanned_kinds()
         if options.scan_layers:
             # mixed layer kinds (Gemma): each layer's kind is a scanned input, and the
             # attention picks its branch with lax.cond (see Attention.__call__)
@@ -389,7 +386,8 @@ class Llama(nnx.Module):
             @nnx.scan(in_axes=(nnx.Carry, 0, None, 0 if kinds is not None else None, 0 if use_dropout else None),
                       out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def body(h, layer, ropes, sliding, key):
-                return self._constrain(layer_fn(layer, h, ropes, static if kinds is None else sliding, key))
+                return self._constrain(layer_fn(layer, h, ropes, cfg.layer_sliding[0] if kinds is None else sliding,
+                                                key))
 
             x = body(x, self.layers, ropes, kinds, keys)
         else:
@@ -409,8 +407,9 @@ class Llama(nnx.Module):
         own: a left-padded row starts at position 0 after its padding); cache `(k, v)`,
         each `[layers, B, kv_heads, S, head_dim]`; mask `[B, T, S]` bool, True where a
         query may see a key slot (causality and padding: each layer adds its own
-        sliding window, slot distances being position distances). Returns `(hidden [B, T, D] after the final norm, cache)`
-        with this chunk's keys and values written into the cache.
+        sliding window, slot distances being position distances). Returns
+        `(hidden [B, T, D] after the final norm, cache)` with this chunk's keys and
+        values written into the cache.
         """
         cfg = self.cfg
         x = self._embed(input_ids)
@@ -420,13 +419,14 @@ class Llama(nnx.Module):
             slots = slot + jnp.arange(input_ids.shape[1])
             masks = (mask, mask & window_mask(slots, mask.shape[-1], cfg.sliding_window)[None])
         cache_k, cache_v = cache
-        static, kinds = self._layer_kinds()
+        kinds = self._scanned_kinds()
         if self.options.scan_layers:
 
             @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0, 0 if kinds is not None else None), out_axes=(nnx.Carry, 0),
                       transform_metadata={nnx.PARTITION_NAME: "layers"})
             def body(h, layer, ck, cv, sliding):
-                h, ck, cv = layer.decode(h, ropes, static if kinds is None else sliding, ck, cv, slot, masks)
+                h, ck, cv = layer.decode(h, ropes, cfg.layer_sliding[0] if kinds is None else sliding, ck, cv,
+                                         slot, masks)
                 return self._constrain(h), (ck, cv)
 
             x, (cache_k, cache_v) = body(x, self.layers, cache_k, cache_v, kinds)

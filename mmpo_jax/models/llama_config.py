@@ -87,8 +87,8 @@ class LlamaConfig:
         elif self.family.window_pattern is not None and self.sliding_window is not None:
             object.__setattr__(self, "layer_types",
                                pattern_layer_types(self.num_hidden_layers, self.family.window_pattern))
-        if self.model_type == "gemma3" and self.rope_local_base_freq is None:
-            object.__setattr__(self, "rope_local_base_freq", 10000.0)  # transformers' default
+        if self.rope_local_base_freq is None and self.family.local_rope_theta is not None:
+            object.__setattr__(self, "rope_local_base_freq", self.family.local_rope_theta)
         if self.num_attention_heads % self.num_key_value_heads:
             raise UserError(
                 f"num_key_value_heads={self.num_key_value_heads} must divide "

@@ -411,8 +411,8 @@ def corruption_reason(step_dir: Path) -> str | None:
     manifest = step_dir / CHECKSUMS_FILE
     if not manifest.is_file():
         return None
-    stamp = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(step_dir.rglob("*")) if p.is_file())
-    return _corruption_reason(step_dir, stamp)
+    stats = ((p, p.stat()) for p in sorted(step_dir.rglob("*")) if p.is_file())
+    return _corruption_reason(step_dir, tuple((str(p), st.st_size, st.st_mtime_ns) for p, st in stats))
 
 
 @functools.lru_cache(maxsize=64)
