@@ -249,3 +249,17 @@ def jax_token_logps(model: Any, ids: np.ndarray) -> np.ndarray:
     with jax.default_matmul_precision("highest"):
         logps = nnx.jit(lambda m, x: model_token_logps(m, x, chunk=16))(model, jnp.asarray(ids, dtype=jnp.int32))
     return np.asarray(logps, dtype=np.float64)
+
+
+def largest_array_file(step_dir: Path) -> Path:
+    """The largest array data file of an orbax step's `state` item (not its metadata)."""
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and "METADATA" not in p.name
+             and "manifest" not in p.name]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def flip_a_byte(path: Path) -> None:
+    """One bit of the file's middle byte flipped in place: the size stays, the data does not."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))

@@ -144,6 +144,48 @@ def compare_grads(ours: dict, theirs: dict, tied: bool) -> float:
     return worst
 
 
+def check_torch_weights_into_ours(cfg: LlamaConfig, seed: int) -> tuple[float, float]:
+    """transformers' model with large random weights (`seed`) -> build_model(get_tensor=its
+    state dict, scanned layers): the log-probs within TOKEN_TOL and every gradient within
+    GRAD_TOL of transformers'. Returns (max |dlogp|, max relative gradient difference)."""
+    from mmpo_jax.models.build import build_model
+    from mmpo_jax.models.options import ModelOptions
+
+    tmodel = hf_model(cfg)
+    randomize_torch(tmodel, seed=seed)
+    model = build_model(cfg, ModelOptions(scan_layers=True), get_tensor=torch_state(tmodel).__getitem__)
+    return _compare(model, tmodel, cfg, seed=1, chunk=5)
+
+
+def check_our_weights_into_torch(cfg: LlamaConfig, scale: float, **options) -> tuple[float, float]:
+    """Our random weights (`init_scale` `scale`, unscanned layers and `options`; norms and
+    biases made non-trivial) -> iter_hf_weights -> transformers' load_state_dict(strict):
+    the same checks as `check_torch_weights_into_ours`."""
+    from mmpo_jax.models.build import build_model
+    from mmpo_jax.models.options import ModelOptions
+
+    model = build_model(cfg, ModelOptions(scan_layers=False, **options), seed=3, init_scale=scale)
+    # norms and biases start at 1 (Gemma's at 0) and 0: make them non-trivial too
+    rng = np.random.default_rng(0)
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if path[-1] in ("weight", "q_bias", "k_bias", "v_bias", "o_bias"):
+            var.set_value(var.get_value() + 0.3 * rng.standard_normal(var.shape).astype(np.float32))
+    tmodel = hf_model(cfg)
+    load_ours_into_torch(model, tmodel)
+    return _compare(model, tmodel, cfg, seed=2, chunk=16)
+
+
+def _compare(model: Llama, tmodel, cfg: LlamaConfig, seed: int, chunk: int) -> tuple[float, float]:
+    ids, mask = batch(cfg.vocab_size, seed=seed)
+    lp_t, g_t = torch_grads(tmodel, ids, mask)
+    lp_o, g_o = our_logps_and_grads(model, ids, mask, chunk=chunk)
+    tm = target_mask(mask).astype(bool)
+    assert_far_from_uniform(tmodel, ids, mask)
+    diff = float(np.max(np.abs(lp_o - lp_t)[tm]))
+    assert diff < TOKEN_TOL, diff
+    return diff, compare_grads(g_o, g_t, cfg.tie_word_embeddings)
+
+
 def random_hf_weights(arch: LlamaConfig, seed: int = 0) -> dict[str, np.ndarray]:
     """transformers-layout weights: matrices at 1.5x the variance-preserving scale,
     norms near 1 (Gemma's `1 + w` near 1), a smaller tied embedding (as `randomize_torch`)."""

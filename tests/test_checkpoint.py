@@ -20,6 +20,8 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
+from checkpoint_helpers import flip_a_byte, largest_array_file
+
 from mmpo_jax.errors import UserError
 from mmpo_jax.train.checkpoint import (
     CHECKPOINTS_DIR,
@@ -221,12 +223,6 @@ def test_incomplete_latest_is_skipped_for_the_one_before(saved_run, tmp_path, sa
         assert ckpt.all_steps() == [1, 2, 3]
 
 
-def _largest_array_file(step_dir: Path) -> Path:
-    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and "METADATA" not in p.name
-             and "manifest" not in p.name]
-    return max(files, key=lambda p: p.stat().st_size)
-
-
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
@@ -235,15 +231,9 @@ def _zero(path: Path) -> None:
     path.write_bytes(bytes(path.stat().st_size))
 
 
-def _flip_a_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    path.write_bytes(bytes(data))
-
-
 @pytest.mark.parametrize("damage,reason", [
     (_truncate, "truncated or overwritten"), (_zero, "SHA-256 does not match"),
-    (Path.unlink, "missing"), (_flip_a_byte, "SHA-256 does not match"),
+    (Path.unlink, "missing"), (flip_a_byte, "SHA-256 does not match"),
 ], ids=["truncated", "zeroed", "deleted", "one-flipped-byte"])
 def test_a_corrupt_latest_is_moved_aside_and_the_one_before_restored(saved_run, tmp_path, damage, reason):
     """Damage to an array file of the latest step (which its metadata checks cannot see):
@@ -252,7 +242,7 @@ def test_a_corrupt_latest_is_moved_aside_and_the_one_before_restored(saved_run, 
     out = copy_run(saved_run, tmp_path)
     ckdir = out / CHECKPOINTS_DIR
     assert (ckdir / "2" / CHECKSUMS_FILE).is_file() and corruption_reason(ckdir / "2") is None
-    target = _largest_array_file(ckdir / "2")
+    target = largest_array_file(ckdir / "2")
     damage(target)
     assert incomplete_reason(ckdir / "2") is None  # the marker and metadata are intact
     assert reason in corruption_reason(ckdir / "2")

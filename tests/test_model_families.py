@@ -20,7 +20,6 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -28,18 +27,15 @@ transformers = pytest.importorskip("transformers")
 from model_parity import (  # noqa: E402
     MIN_GAP,
     TOKEN_TOL,
-    assert_far_from_uniform,
     batch,
-    compare_grads,
+    check_our_weights_into_torch,
+    check_torch_weights_into_ours,
     hf_model,
     load_ours_into_torch,
-    our_logps_and_grads,
     random_hf_weights,
     randomize_torch,
     reference_greedy,
     target_mask,
-    torch_grads,
-    torch_state,
     torch_token_logps,
 )
 
@@ -149,19 +145,8 @@ def test_unsupported_family_options_are_named(change, needle):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_torch_weights_into_ours(name):
     """torch's random weights -> build_model (scanned layers): log-probs and gradients."""
-    cfg = CONFIGS[name]
-    tmodel = hf_model(cfg)
-    randomize_torch(tmodel, seed=zlib.crc32(name.encode()) % 1000)
-    model = build_model(cfg, ModelOptions(scan_layers=True), get_tensor=torch_state(tmodel).__getitem__)
-    ids, mask = batch(cfg.vocab_size)
-    lp_t, g_t = torch_grads(tmodel, ids, mask)
-    lp_o, g_o = our_logps_and_grads(model, ids, mask)
-    tm = target_mask(mask).astype(bool)
-    assert_far_from_uniform(tmodel, ids, mask)
-    token_diff = float(np.max(np.abs(lp_o - lp_t)[tm]))
-    assert token_diff < TOKEN_TOL, token_diff
-    worst = compare_grads(g_o, g_t, cfg.tie_word_embeddings)
-    print(f"{name}: max |dlogp| {token_diff:.2e}, max rel grad diff {worst:.2e}")
+    diff, worst = check_torch_weights_into_ours(CONFIGS[name], seed=zlib.crc32(name.encode()) % 1000)
+    print(f"{name}: max |dlogp| {diff:.2e}, max rel grad diff {worst:.2e}")
 
 
 def test_gemma2_soft_caps_and_window_bite():
@@ -177,43 +162,30 @@ def test_gemma2_soft_caps_and_window_bite():
         base = torch_token_logps(tmodel, ids, mask).numpy()
         for key, value in [("final_logit_softcapping", None), ("attn_logit_softcapping", None),
                            ("sliding_window", 64)]:
-            old = getattr(tmodel.config, key)
-            setattr(tmodel.config, key, value)
-            for layer in tmodel.model.layers:
-                if key == "attn_logit_softcapping":
-                    layer.self_attn.attn_logit_softcapping = value
-                if key == "sliding_window" and layer.self_attn.sliding_window is not None:
-                    layer.self_attn.sliding_window = value
+            old = _set_option(tmodel, key, value)
             changed = torch_token_logps(tmodel, ids, mask).numpy()
             assert np.max(np.abs(changed - base)[tm]) > 1e-2, key
-            setattr(tmodel.config, key, old)
-            for layer in tmodel.model.layers:
-                if key == "attn_logit_softcapping":
-                    layer.self_attn.attn_logit_softcapping = old
-                if key == "sliding_window" and layer.self_attn.sliding_window is not None:
-                    layer.self_attn.sliding_window = old
+            _set_option(tmodel, key, old)
+
+
+def _set_option(tmodel, key: str, value):
+    """Sets `key` on transformers' Gemma 2 config and on the layers that copied it at
+    build (the attention soft-cap; the sliding layers' window); returns the old value."""
+    old = getattr(tmodel.config, key)
+    setattr(tmodel.config, key, value)
+    for layer in tmodel.model.layers:
+        if key == "attn_logit_softcapping":
+            layer.self_attn.attn_logit_softcapping = value
+        if key == "sliding_window" and layer.self_attn.sliding_window is not None:
+            layer.self_attn.sliding_window = value
+    return old
 
 
 @pytest.mark.parametrize("name", ["gemma2", "gemma3"])
 def test_our_weights_into_torch(name):
     """Our random weights (unscanned layers, remat) -> iter_hf_weights -> transformers'
     load_state_dict(strict): log-probs and gradients."""
-    cfg = CONFIGS[name]
-    model = build_model(cfg, ModelOptions(scan_layers=False, remat="full"), seed=3, init_scale=0.25)
-    rng = np.random.default_rng(0)
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        if path[-1] == "weight":  # Gemma's norms start at 0 (scale 1): make them non-trivial
-            var.set_value(var.get_value() + 0.3 * rng.standard_normal(var.shape).astype(np.float32))
-    tmodel = hf_model(cfg)
-    load_ours_into_torch(model, tmodel)
-    ids, mask = batch(cfg.vocab_size, seed=2)
-    lp_t, g_t = torch_grads(tmodel, ids, mask)
-    lp_o, g_o = our_logps_and_grads(model, ids, mask, chunk=16)
-    tm = target_mask(mask).astype(bool)
-    assert_far_from_uniform(tmodel, ids, mask)
-    diff = float(np.max(np.abs(lp_o - lp_t)[tm]))
-    assert diff < TOKEN_TOL, diff
-    worst = compare_grads(g_o, g_t, cfg.tie_word_embeddings)
+    diff, worst = check_our_weights_into_torch(CONFIGS[name], 0.25, remat="full")
     print(f"ours->torch {name}: max |dlogp| {diff:.2e}, max rel grad diff {worst:.2e}")
 
 
@@ -250,8 +222,7 @@ def test_gemma3_text_tower_of_a_multimodal_checkpoint(tmp_path, modern_names):
                                       pad_token_id=cfg.pad_token_id)
     ids, mask = batch(text.vocab_size)
     with torch.no_grad():
-        out = tmodel(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
-    lp = torch.log_softmax(out[:, :-1].float(), -1).gather(-1, torch.tensor(ids[:, 1:])[..., None])[..., 0].numpy()
+        lp = torch_token_logps(tmodel, ids, mask).numpy()[:, 1:]
     ours = np.asarray(model_token_logps(model, jnp.asarray(ids, jnp.int32), chunk=8))[:, 1:]
     tm = target_mask(mask)[:, 1:].astype(bool)
     assert float(np.max(np.abs(ours - lp)[tm])) < TOKEN_TOL
@@ -264,9 +235,8 @@ def test_gemma3_text_tower_of_a_multimodal_checkpoint(tmp_path, modern_names):
     back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert type(back).__name__ == "Gemma3ForCausalLM"
     with torch.no_grad():
-        logits = back(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
-    again = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, torch.tensor(ids[:, 1:])[..., None])[..., 0]
-    assert float(np.max(np.abs(again.numpy() - lp)[tm])) < TOKEN_TOL
+        again = torch_token_logps(back, ids, mask).numpy()[:, 1:]
+    assert float(np.max(np.abs(again - lp)[tm])) < TOKEN_TOL
 
 
 # --------------------------------------------------------------------------- #

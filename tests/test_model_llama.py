@@ -32,17 +32,14 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from model_parity import (  # noqa: E402
-    TOKEN_TOL,
-    assert_far_from_uniform,
     batch,
-    compare_grads,
+    check_our_weights_into_torch,
+    check_torch_weights_into_ours,
     hf_model,
-    load_ours_into_torch,
     max_rel,
     our_logps_and_grads,
     randomize_torch,
     target_mask,
-    torch_grads,
     torch_state,
 )
 
@@ -167,43 +164,14 @@ def test_from_hf_dict_unsupported(change, needle):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_torch_weights_into_ours(name):
     """torch's random weights -> build_model(get_tensor=state_dict): log-probs and grads."""
-    cfg = CONFIGS[name]
-    tmodel = hf_model(cfg)
-    randomize_torch(tmodel, seed=zlib.crc32(name.encode()) % 1000)
-    state = torch_state(tmodel)
-    model = build_model(cfg, ModelOptions(scan_layers=True), get_tensor=state.__getitem__)
-
-    ids, mask = batch(cfg.vocab_size)
-    lp_t, g_t = torch_grads(tmodel, ids, mask)
-    lp_o, g_o = our_logps_and_grads(model, ids, mask)
-    tm = target_mask(mask).astype(bool)
-    token_diff = float(np.max(np.abs(lp_o - lp_t)[tm]))
-    assert_far_from_uniform(tmodel, ids, mask)
-    assert token_diff < TOKEN_TOL, token_diff
-    worst = compare_grads(g_o, g_t, cfg.tie_word_embeddings)
-    print(f"{name}: max |dlogp| {token_diff:.2e}, max rel grad diff {worst:.2e}")
+    diff, worst = check_torch_weights_into_ours(CONFIGS[name], seed=zlib.crc32(name.encode()) % 1000)
+    print(f"{name}: max |dlogp| {diff:.2e}, max rel grad diff {worst:.2e}")
 
 
 @pytest.mark.parametrize("name,scale", [("llama", 0.15), ("qwen2_bias", 0.25), ("qwen3_qk_norm", 0.25)])
 def test_our_weights_into_torch(name, scale):
     """Our random weights -> iter_hf_weights -> transformers' load_state_dict(strict)."""
-    cfg = CONFIGS[name]
-    model = build_model(cfg, ModelOptions(scan_layers=False), seed=3, init_scale=scale)
-    # norms and biases start at 1 and 0: make them non-trivial too
-    rng = np.random.default_rng(0)
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        if path[-1] in ("weight", "q_bias", "k_bias", "v_bias", "o_bias"):
-            var.set_value(var.get_value() + 0.3 * rng.standard_normal(var.shape).astype(np.float32))
-    tmodel = hf_model(cfg)
-    load_ours_into_torch(model, tmodel)
-    ids, mask = batch(cfg.vocab_size, seed=2)
-    lp_t, g_t = torch_grads(tmodel, ids, mask)
-    lp_o, g_o = our_logps_and_grads(model, ids, mask, chunk=16)
-    tm = target_mask(mask).astype(bool)
-    assert_far_from_uniform(tmodel, ids, mask)
-    diff = float(np.max(np.abs(lp_o - lp_t)[tm]))
-    assert diff < TOKEN_TOL, diff
-    worst = compare_grads(g_o, g_t, cfg.tie_word_embeddings)
+    diff, worst = check_our_weights_into_torch(CONFIGS[name], scale)
     print(f"ours->torch {name}: max |dlogp| {diff:.2e}, max rel grad diff {worst:.2e}")
 
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from checkpoint_helpers import flip_a_byte, largest_array_file
 from cpu_env import cli_env
 from mmpo_jax.config import load_config
 from mmpo_jax.train import loop
@@ -111,14 +112,6 @@ def test_resume_after_sigkill_reproduces_the_straight_run(straight_run, tmp_path
     assert evals[20] == ref_evals[20]
 
 
-def _flip_a_byte_of_the_largest_array(step_dir: Path) -> None:
-    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and "METADATA" not in p.name]
-    path = max(files, key=lambda p: p.stat().st_size)
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    path.write_bytes(bytes(data))
-
-
 @pytest.mark.slow
 def test_a_corrupt_latest_checkpoint_resumes_from_the_one_before(straight_run, tmp_path):
     """One flipped byte in the final checkpoint's arrays: the run moves it aside, resumes
@@ -127,7 +120,7 @@ def test_a_corrupt_latest_checkpoint_resumes_from_the_one_before(straight_run, t
     ref, _ = straight_run
     out = tmp_path / "corrupt"
     shutil.copytree(ref, out)
-    _flip_a_byte_of_the_largest_array(out / "checkpoints" / "20")
+    flip_a_byte(largest_array_file(out / "checkpoints" / "20"))
     done = subprocess.run(_cli("train", TINY, f"train.output_dir={out}"), env=_env(), capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -140,7 +133,7 @@ def test_a_corrupt_latest_checkpoint_resumes_from_the_one_before(straight_run, t
             {k: v for k, v in want[step].items() if k not in TIMING}, step
 
     for step in ("10", "20"):
-        _flip_a_byte_of_the_largest_array(out / "checkpoints" / step)
+        flip_a_byte(largest_array_file(out / "checkpoints" / step))
     stopped = subprocess.run(_cli("train", TINY, f"train.output_dir={out}"), env=_env(), capture_output=True,
                              text=True, timeout=900)
     assert stopped.returncode == 2, stopped.stderr[-3000:]
@@ -169,26 +162,33 @@ def test_nonfinite_step_stops_the_run(tmp_path, capsys):
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [2]
 
 
-@pytest.mark.slow
-def test_sigint_saves_a_checkpoint_and_exits(tmp_path):
-    out = tmp_path / "run"
-    proc = subprocess.Popen(_cli("train", TINY, f"train.output_dir={out}", "train.max_steps=1000",
-                                 "train.eval_every=0", "train.save_every=0"), env=_env(),
+def _signal_after(out: Path, step: int, sig: int, *overrides: str) -> tuple[int, str]:
+    """`mmpo-jax train` of the tiny config into `out`, sent `sig` once it has logged
+    `step`: (its exit status, its output)."""
+    proc = subprocess.Popen(_cli("train", TINY, f"train.output_dir={out}", *overrides), env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        def training():
+        def reached():
             try:
-                return max(_train_records(out)) >= 2
+                return max(_train_records(out)) >= step
             except (FileNotFoundError, ValueError, json.JSONDecodeError):
                 return False
 
-        _wait_for(training, proc, 600)
-        proc.send_signal(signal.SIGINT)
+        _wait_for(reached, proc, 600)
+        proc.send_signal(sig)
         output, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, output[-2000:]
+    return proc.returncode, output
+
+
+@pytest.mark.slow
+def test_sigint_saves_a_checkpoint_and_exits(tmp_path):
+    out = tmp_path / "run"
+    code, output = _signal_after(out, 2, signal.SIGINT, "train.max_steps=1000", "train.eval_every=0",
+                                 "train.save_every=0")
+    assert code == 130, output[-2000:]
     last = max(_train_records(out))
     assert (out / "checkpoints" / str(last) / "commit_success.txt").exists()
     assert "interrupted" in output and "Traceback" not in output
@@ -202,22 +202,8 @@ def test_sigterm_saves_where_it_stopped_and_the_resume_is_exact(straight_run, tm
     ref, _ = straight_run
     out = tmp_path / "preempted"
     at = int(np.random.default_rng().integers(2, 8))  # the step to signal at, different each run
-    proc = subprocess.Popen(_cli("train", TINY, f"train.output_dir={out}"), env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        def reached():
-            try:
-                return max(_train_records(out)) >= at
-            except (FileNotFoundError, ValueError, json.JSONDecodeError):
-                return False
-
-        _wait_for(reached, proc, 600)
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 143, output[-2000:]
+    code, output = _signal_after(out, at, signal.SIGTERM)
+    assert code == 143, output[-2000:]
     stopped = max(_train_records(out))
     assert stopped < 20 and (out / "checkpoints" / str(stopped) / "commit_success.txt").exists(), output[-2000:]
     assert "stopped by SIGTERM" in output and "Traceback" not in output
