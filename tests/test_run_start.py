@@ -127,7 +127,7 @@ def test_the_end_summary_compares_the_first_and_last_eval(tmp_path):
         '{"step": 1, "loss": 14.5}\n'
         '{"step": 6, "eval/loss": 12.11, "eval/rewards/accuracies": 0.8125, "eval/logps/chosen": -12.92}\n'
     )
-    lines = report.end_summary(tmp_path, lora=True, has_test=True)
+    lines = report.end_summary(tmp_path, tmp_path, lora=True, has_test=True)
     assert lines[:4] == ["eval, step 0 -> step 6:", "  rewards/accuracies 0 -> 0.8125",
                          "  logps/chosen -19.58 -> -12.92", "  loss 18.77 -> 12.11"]
     text = "\n".join(lines)
@@ -137,7 +137,7 @@ def test_the_end_summary_compares_the_first_and_last_eval(tmp_path):
         assert command in text, command
     # no test data: no eval to compare and no `eval` command to suggest
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 14.5}\n')
-    lines = report.end_summary(tmp_path, lora=False, has_test=False)
+    lines = report.end_summary(tmp_path, tmp_path, lora=False, has_test=False)
     assert lines[0] == "next:" and not any("mmpo-jax eval" in line or "--adapter" in line for line in lines)
 
 

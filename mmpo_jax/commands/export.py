@@ -15,15 +15,21 @@ fine) or the run's model.path or model.reference_path, nor a directory holding
 them. The export is written to a hidden directory beside OUT_DIR and renamed into
 place when complete, so a failure (an error, a full disk, Ctrl-C) leaves OUT_DIR as
 it was: absent, or the earlier export.
+
+OUT_DIR and RUN_DIR may be gs:// URLs. A bucket destination follows the same rules
+(checked by listing it); the export is written into a local temporary directory and
+then copied up, its `mmpo_export.json` last.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from mmpo_jax import storage
 from mmpo_jax.errors import UserError
 
 if TYPE_CHECKING:
@@ -49,6 +55,11 @@ def _real(path: str | os.PathLike) -> Path:
     return Path(os.path.realpath(Path(path).expanduser()))
 
 
+def _where(location: str | os.PathLike) -> str:
+    """A location in one spelling: a URL without its trailing '/', a local path resolved."""
+    return str(location).rstrip("/") if storage.is_url(location) else str(_real(location))
+
+
 def check_not_a_source(out_dir: str | os.PathLike, run_dir: str | os.PathLike, cfg: RunConfig) -> None:
     """A UserError when OUT_DIR is, or holds, the run directory or a checkpoint the run reads
     (`model.path`, `model.reference_path`; a file such as a .gguf is held by its directory).
@@ -59,21 +70,24 @@ def check_not_a_source(out_dir: str | os.PathLike, run_dir: str | os.PathLike, c
     """
     from mmpo_jax.paths import resolve
 
-    out = _real(out_dir)
-    protected: list[tuple[str, Path, str | None]] = [
-        ("the run directory", _real(run_dir), str(Path(run_dir) / "export"))]
+    out = _where(out_dir)
+    protected: list[tuple[str, str, str | None]] = [
+        ("the run directory", _where(run_dir), str(storage.join(run_dir, "export")))]
     for key in ("path", "reference_path"):
         spec = getattr(cfg.model, key, "") or ""
         if not spec:
+            continue
+        if storage.is_url(spec):
+            protected.append((f"the run's model.{key} ('{spec}')", _where(spec), None))
             continue
         try:
             local = Path(resolve(spec)).expanduser()
         except UserError:  # an uninstalled pkg: spec, so nothing local to protect
             continue
         if local.exists():
-            protected.append((f"the run's model.{key} ('{spec}')", _real(local), None))
+            protected.append((f"the run's model.{key} ('{spec}')", _where(local), None))
     for what, path, instead in protected:
-        if out == path or out in path.parents:
+        if out == path or path.startswith(out.rstrip("/") + "/"):
             relation = "is" if out == path else "holds"
             hint = f", e.g. '{instead}'" if instead else ""
             raise UserError(f"'{out_dir}' {relation} {what}, which the export must not write into; "
@@ -84,29 +98,47 @@ def run(args: argparse.Namespace) -> int:
     import jax
 
     from mmpo_jax.data.tokenizers import load_tokenizer
-    from mmpo_jax.models.export_dir import check_export_target
-    from mmpo_jax.models.hf_export import export_hf
-    from mmpo_jax.models.lora_export import export_peft_adapter
+    from mmpo_jax.models.export_dir import bucket_export, check_bucket_target, check_export_target
     from mmpo_jax.train.loop import restore_run, saved_run_config
 
     # Before the (slow) restore: a refused destination is told at once. What the run
     # reads first, since --overwrite could not help there.
     check_not_a_source(args.out_dir, args.run_dir, saved_run_config(args.run_dir)[0])
-    check_export_target(args.out_dir, overwrite=args.overwrite)
+    to_bucket = storage.is_url(args.out_dir)
+    if to_bucket:
+        storage.check_url(args.out_dir, "OUT_DIR")
+        check_bucket_target(args.out_dir, overwrite=args.overwrite)
+    else:
+        check_export_target(args.out_dir, overwrite=args.overwrite)
     trainer, step = restore_run(args.run_dir)
+    tokenizer = load_tokenizer(trainer.cfg.data.tokenizer)
+    about = {"run_dir": str(args.run_dir if storage.is_url(args.run_dir) else _real(args.run_dir)), "step": int(step)}
+    with contextlib.ExitStack() as stack:
+        # a bucket destination: the export is written here, then copied there
+        where = stack.enter_context(bucket_export(args.out_dir, overwrite=args.overwrite)) \
+            if to_bucket and jax.process_index() == 0 else args.out_dir
+        out = _write(args, trainer, tokenizer, where, about, overwrite=args.overwrite and not to_bucket)
+    if out is not None:
+        print(f"exported step {step} of {args.run_dir} to {args.out_dir if to_bucket else out}"
+              + (" (LoRA adapter)" if args.adapter else ""))
+    return 0
+
+
+def _write(args: argparse.Namespace, trainer: Any, tokenizer: Any, out_dir: str | os.PathLike,
+           about: dict[str, Any], overwrite: bool) -> Path | None:
+    """Writes the export of `trainer`'s policy to the local `out_dir` on process 0 (None elsewhere)."""
+    import jax
+
+    from mmpo_jax.models.hf_export import export_hf
+    from mmpo_jax.models.lora_export import export_peft_adapter
+
     cfg = trainer.cfg
     policy = trainer.sdef.policy(trainer.state)
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    about = {"run_dir": str(_real(args.run_dir)), "step": int(step)}
     if args.adapter:
         if not cfg.model.path:
             raise UserError("--adapter needs a base model others can load (model.path); this run starts "
                             "from a random init: export the full model instead")
-        out = export_peft_adapter(policy, args.out_dir, cfg.model.path, tokenizer, overwrite=args.overwrite,
-                                  about=about) if jax.process_index() == 0 else None
-    else:
-        out = export_hf(policy, trainer.arch, tokenizer, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
-                        about=about) if jax.process_index() == 0 else None
-    if out is not None:
-        print(f"exported step {step} of {args.run_dir} to {out}" + (" (LoRA adapter)" if args.adapter else ""))
-    return 0
+        return export_peft_adapter(policy, out_dir, cfg.model.path, tokenizer, overwrite=overwrite,
+                                   about=about) if jax.process_index() == 0 else None
+    return export_hf(policy, trainer.arch, tokenizer, out_dir, dtype=args.dtype, overwrite=overwrite,
+                     about=about) if jax.process_index() == 0 else None

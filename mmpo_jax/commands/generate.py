@@ -107,13 +107,14 @@ def load_policy(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
     """`(model, architecture, run config, description)` of CONFIG or RUN_DIR."""
     from mmpo_jax.config import load_config, split_config_and_overrides
 
-    target = Path(args.target)
-    if target.is_dir():
+    from mmpo_jax.train.loop import names_a_run
+
+    if names_a_run(args.target):
         from mmpo_jax.train.loop import restore_run
 
-        trainer, step = restore_run(target, args.overrides)
-        return trainer.sdef.policy(trainer.state), trainer.arch, trainer.cfg, f"{target} (step {step})"
-    if not target.exists():
+        trainer, step = restore_run(args.target, args.overrides)
+        return trainer.sdef.policy(trainer.state), trainer.arch, trainer.cfg, f"{args.target} (step {step})"
+    if not Path(args.target).exists():
         raise UserError(f"no such config file or run directory '{args.target}'")
     from mmpo_jax.train.setup import build_policy
 

@@ -84,7 +84,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.items:
         raise UserError("give a config file: mmpo-jax launch --local-processes 2 configs/tiny.yaml")
     cfg = load_from_items(args.items)
-    logs = Path(cfg.train.output_dir) / "logs"
+    from mmpo_jax.train.run_mirror import RunFiles
+
+    logs = RunFiles(cfg.train.output_dir).local / "logs"  # a bucket run's: in its local mirror
     logs.mkdir(parents=True, exist_ok=True)
     envs = process_envs(n, free_port(), dict(os.environ), local_gpus())
     command = [sys.executable, "-m", "mmpo_jax.cli", "train", *args.items]

@@ -54,10 +54,16 @@ def source_specs(cfg: DataConfig, which: Split) -> list[SourceSpec]:
 def local_data_file(src: SourceSpec) -> Path | None:
     """The file a `.json`/`.jsonl`/`.parquet` source names (None: another kind of source);
     a UserError naming `src.key` when it is missing or not a file. Cheap: a run checks
-    every source with it before loading anything."""
+    every source with it before loading anything (a gs:// file is copied here first)."""
+    from mmpo_jax import storage
+
     path = Path(src.spec).expanduser()
     if path.suffix.lower() not in JSON_SUFFIXES + PARQUET_SUFFIXES:
+        if storage.is_url(src.spec):
+            raise UserError(f"{src.key}: '{src.spec}': a file in a bucket must be .json, .jsonl or .parquet")
         return None
+    if storage.is_url(src.spec):
+        return Path(storage.fetched(src.spec, src.key))
     if not path.exists():
         raise UserError(f"{src.key}: no such file '{src.spec}' (looked in {path.absolute().parent})")
     if not path.is_file():

@@ -37,7 +37,9 @@ def load_tokenizer(spec: str, key: str = "data.tokenizer") -> Any:
 
     from mmpo_jax.paths import resolve
 
-    spec = resolve(spec)
+    from mmpo_jax import storage
+
+    spec = storage.fetched(resolve(spec), key)
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from mmpo_jax.errors import UserError
@@ -156,13 +155,12 @@ def load_target(target_text: str, overrides: list[str]) -> tuple[Trainer, int, s
     """`(trainer, step, description)` of a run directory (its latest checkpoint) or a
     config (its initial model)."""
     from mmpo_jax.config import load_config, split_config_and_overrides
-    from mmpo_jax.train.loop import restore_run
+    from mmpo_jax.train.loop import names_a_run, restore_run
     from mmpo_jax.train.setup import build_trainer
 
-    target = Path(target_text)
-    if target.is_dir():
-        trainer, step = restore_run(target, overrides)
-        return trainer, step, f"{target} (step {step})"
+    if names_a_run(target_text):
+        trainer, step = restore_run(target_text, overrides)
+        return trainer, step, f"{target_text} (step {step})"
     path, rest = split_config_and_overrides([target_text, *overrides])
     cfg = load_config(path, rest)
     return build_trainer(cfg), 0, f"{target_text} (initial model)"

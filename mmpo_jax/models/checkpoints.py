@@ -112,9 +112,10 @@ def open_checkpoint(path_or_hub_id: str | os.PathLike) -> CheckpointSource:
 
 def resolve_checkpoint_path(path_or_hub_id: str | os.PathLike) -> Path:
     """A local path for a local path, or the downloaded snapshot for a hub id."""
+    from mmpo_jax import storage
     from mmpo_jax.paths import resolve
 
-    text = resolve(os.fspath(path_or_hub_id))
+    text = storage.fetched(resolve(os.fspath(path_or_hub_id)), "the model")
     if not text:
         raise UserError("no model path given; pass an HF directory, a .gguf file or a hub id")
     local = Path(text).expanduser()

@@ -17,7 +17,9 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
+
+from mmpo_jax import storage
 
 from mmpo_jax.errors import UserError
 from mmpo_jax.files import fsync_dir
@@ -47,8 +49,14 @@ def _read_marker(out: Path) -> list[str] | None:
     marker = out / EXPORT_MARKER
     if not marker.is_file():
         return None
+    return _marker_files(marker.read_text, marker, out)
+
+
+def _marker_files(read: Callable[[], str], marker: object, out: object) -> list[str]:
+    """The files an export record lists (`read()` gives its text), or a UserError naming
+    `marker` when it is not a record an export wrote."""
     try:
-        record = json.loads(marker.read_text())
+        record = json.loads(read())
         files = record["files"] if isinstance(record, dict) and record.get("written_by") == _EXPORT_WRITER else None
     except (OSError, ValueError, KeyError) as err:
         files, reason = None, f" ({err})"
@@ -228,3 +236,46 @@ def _remove_previous(old: Path, previous: list[str]) -> None:
         warnings.warn(f"the earlier export was replaced, but '{old}' (where it was moved aside) could not "
                       f"be removed ({err.strerror}): it holds files the export did not write; move them "
                       "where they belong")
+
+
+def check_bucket_target(url: str, *, overwrite: bool = False) -> list[str] | None:
+    """`check_export_target` for a gs:// destination: nothing stored under it (None), or
+    an earlier export with nothing but its files and `overwrite` (its files, returned)."""
+    stored = set(storage.file_stats(url))
+    if not stored:
+        return None
+    if EXPORT_MARKER not in stored:
+        raise UserError(f"'{url}' is not empty ({_shown_names(stored)}) and is not an earlier export "
+                        f"(no {EXPORT_MARKER}); nothing was changed: export to a new or empty location")
+    marker = storage.join(url, EXPORT_MARKER)
+    listed = _marker_files(lambda: storage.read_text(marker), marker, url)
+    foreign = stored - set(listed) - {EXPORT_MARKER}
+    if foreign:
+        raise UserError(f"'{url}' holds an earlier export and files it did not write ({_shown_names(foreign)}); "
+                        "an export replaces only its own files: move those, or export to a new location")
+    if not overwrite:
+        raise UserError(f"'{url}' holds an earlier export; pass --overwrite to replace it "
+                        "(only the files that export wrote), or export to a new location")
+    return listed
+
+
+@contextlib.contextmanager
+def bucket_export(url: str, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a local path (not yet existing) to export into, then copies that export to
+    the gs:// `url`. Its `mmpo_export.json` goes last, after the old one is deleted, so a
+    copy cut off midway leaves no record: a reader takes it for no export, and a second
+    try refuses it unless it is cleared. Files of the earlier export that the new one
+    does not have are deleted."""
+    import tempfile
+
+    check_bucket_target(url, overwrite=overwrite)
+    with tempfile.TemporaryDirectory(prefix="mmpo-export-") as staging:
+        local = Path(staging) / "export"
+        yield local
+        previous = check_bucket_target(url, overwrite=overwrite)  # unchanged meanwhile?
+        if previous is not None:
+            storage.remove_tree(storage.join(url, EXPORT_MARKER))
+        sent = storage.upload(local, url, only=lambda rel: rel != EXPORT_MARKER)
+        for rel in set(previous or ()) - set(sent):
+            storage.remove_tree(storage.join(url, *rel.split("/")))
+        storage.upload(local / EXPORT_MARKER, storage.join(url, EXPORT_MARKER))  # type: ignore[arg-type]

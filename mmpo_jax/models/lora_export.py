@@ -8,6 +8,8 @@ stacked on a leading `layers` axis. `peft.PeftModel.from_pretrained(base, dir)` 
 
 from __future__ import annotations
 
+import os
+
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -60,7 +62,7 @@ def _value(var: Any) -> Any:
 
 def export_peft_adapter(
     model: Llama,
-    out_dir: str | Path,
+    out_dir: str | os.PathLike,
     base_model: str,
     tokenizer: Any = None,
     *,

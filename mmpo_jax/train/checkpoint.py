@@ -20,7 +20,8 @@ cost a checkpoint), so that the step can be saved again and does not count
 towards `keep`.
 
 Corruption. After a step is saved, process 0 writes `mmpo_checksums.json` into it:
-each file's size and SHA-256. A run resuming from the latest step first checks its
+each file's size and SHA-256 (in a bucket: the CRC32C that Cloud Storage computed when
+the object was written, read from the listing, so nothing is downloaded). A run resuming from the latest step first checks its
 files against it (a missing, truncated, zeroed or altered file), and a step that
 fails is moved aside like an incomplete one, with the reason, and the one before it
 tried; eval, export and generate (read-only) refuse a corrupt step naming the
@@ -30,6 +31,10 @@ Restoring takes an abstract target (a pytree of `jax.ShapeDtypeStruct` with
 `.sharding`, or of arrays) and puts every array on the target's sharding, so a
 checkpoint written on one mesh (or number of processes) resumes on another.
 
+`output_dir` may be a `gs://` URL: orbax writes the arrays there through tensorstore,
+and this module reads and moves files through `mmpo_jax.storage` (a move on GCS is a
+copy and a delete).
+
 Only orbax APIs present in orbax-checkpoint 0.12.4 are used.
 """
 
@@ -37,21 +42,21 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import itertools
 import json
 import logging
 import time
 import warnings
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
+from mmpo_jax import storage
 from mmpo_jax.errors import UserError
-from mmpo_jax.files import write_text_atomic
+from mmpo_jax.storage import Location
 
 if TYPE_CHECKING:
     from mmpo_jax.train.state import TrainState
@@ -119,7 +124,7 @@ class Checkpointer:
 
     def __init__(
         self,
-        output_dir: str | Path,
+        output_dir: Location,
         keep: int,
         *,
         async_save: bool = False,
@@ -127,28 +132,29 @@ class Checkpointer:
     ) -> None:
         if keep < 1:
             raise UserError(f"train.keep_checkpoints={keep}: must be >= 1 (the checkpoints to keep)")
-        self.output_dir = Path(output_dir).absolute()
-        self.directory = self.output_dir / CHECKPOINTS_DIR
+        storage.check_url(output_dir, "train.output_dir")
+        self.output_dir = storage.absolute(output_dir)
+        self.directory = storage.join(self.output_dir, CHECKPOINTS_DIR)
         self.read_only = read_only
         self._async = async_save
         self._unsummed: list[int] = []  # saved steps whose checksums are not written yet
-        self.moved_corrupt: list[Path] = []  # corrupt steps this Checkpointer moved aside
+        self.moved_corrupt: list[Location] = []  # corrupt steps this Checkpointer moved aside
         skipped = _incomplete_entries(self.directory)
         # Read-only: orbax still lists the incomplete (non-tmp) step dirs; hide them.
         self._skipped_steps: set[int] = set()
         if read_only:
             for path, why in skipped:
                 warnings.warn(f"skipping incomplete checkpoint '{path}': {why}", stacklevel=2)
-                step = _step_of(path)
-                if _TMP_MARKER not in path.name and step is not None:
+                step = _step_of(storage.name(path))
+                if _TMP_MARKER not in storage.name(path) and step is not None:
                     self._skipped_steps.add(step)
         else:
             # Called on every process even with nothing to move: it ends in a barrier.
-            _move_aside(skipped, self.output_dir / INCOMPLETE_DIR)
+            _move_aside(skipped, storage.join(self.output_dir, INCOMPLETE_DIR))
             # then the newest complete steps whose files changed since their save
             corrupt = _corrupt_latest(self.directory)
             self.moved_corrupt = [path for path, _ in corrupt]
-            _move_aside(corrupt, self.output_dir / INCOMPLETE_DIR, kind="corrupt")
+            _move_aside(corrupt, storage.join(self.output_dir, INCOMPLETE_DIR), kind="corrupt")
         options = ocp.CheckpointManagerOptions(
             # read-only: orbax would reset these itself, logging a warning each.
             save_interval_steps=0 if read_only else 1,
@@ -159,7 +165,7 @@ class Checkpointer:
         )
         with _quiet_read_only_notice(read_only):
             self._manager = ocp.CheckpointManager(
-                self.directory,
+                epath.Path(self.directory),
                 item_names=(STATE_ITEM, CONFIG_ITEM),
                 # Registered up front so that metadata can be read before any
                 # save or restore of this manager.
@@ -224,7 +230,7 @@ class Checkpointer:
         raises its error if it failed."""
         self._manager.wait_until_finished()
         for step in self._unsummed:
-            if jax.process_index() == 0 and self._step_dir(step).is_dir():
+            if jax.process_index() == 0 and storage.is_dir(self._step_dir(step)):
                 write_checksums(self._step_dir(step))
         self._unsummed = []
 
@@ -279,8 +285,8 @@ class Checkpointer:
             )
         return step
 
-    def _step_dir(self, step: int) -> Path:
-        return self.directory / str(step)
+    def _step_dir(self, step: int) -> Location:
+        return storage.join(self.directory, str(step))
 
     def _check_matches(self, step: int, target: Any) -> None:
         metadata = self._manager.metadata(step).item_metadata[STATE_ITEM]
@@ -296,7 +302,7 @@ class Checkpointer:
                 f"({len(problems)} difference(s), checkpoint vs this run):\n  {listed}{more}\n"
                 "The model, LoRA, reference or optimizer settings changed since it was saved: "
                 f"resume with the config it was saved with (its text is in "
-                f"'{self._step_dir(step) / CONFIG_ITEM / 'metadata'}'), or start this config "
+                f"'{storage.join(self._step_dir(step), CONFIG_ITEM, 'metadata')}'), or start this config "
                 "in a new train.output_dir."
             )
 
@@ -357,114 +363,112 @@ def _check_shardings(target: Any) -> None:
             )
 
 
-def _config_text(payload: Any, step_dir: Path) -> str:
+def _config_text(payload: Any, step_dir: Location) -> str:
     if not isinstance(payload, dict) or not isinstance(payload.get("config_yaml"), str):
         raise UserError(f"checkpoint '{step_dir}': its config item holds no `config_yaml` text")
     return payload["config_yaml"]
 
 
-def _step_of(path: Path) -> int | None:
+def _step_of(name: str) -> int | None:
     """The step of a step directory or orbax tmp directory name (None if neither)."""
-    name = path.name.split(_TMP_MARKER)[0]
+    name = name.split(_TMP_MARKER)[0]
     return int(name) if name.isdigit() else None
 
 
-def incomplete_reason(step_dir: Path) -> str | None:
+def incomplete_reason(step_dir: Location) -> str | None:
     """Why `step_dir` is not a complete checkpoint, or None when it is."""
-    if _TMP_MARKER in step_dir.name:
+    if _TMP_MARKER in storage.name(step_dir):
         return "an orbax temporary directory (a save cut off before it finished)"
-    if not (step_dir / _COMMIT_MARKER).is_file():
+    if not storage.is_file(storage.join(step_dir, _COMMIT_MARKER)):
         return f"no '{_COMMIT_MARKER}' (the save never finished)"
     for rel in _JSON_FILES:
-        path = step_dir / rel
-        if not path.is_file():
-            return f"'{rel}' is missing"
         try:
-            json.loads(path.read_text())
+            json.loads(storage.read_text(storage.join(step_dir, *rel.split("/"))))
+        except FileNotFoundError:
+            return f"'{rel}' is missing"
         except (ValueError, UnicodeDecodeError):
             return f"'{rel}' is truncated or corrupt"
     return None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
+def write_checksums(step_dir: Location) -> None:
+    """Writes `step_dir/mmpo_checksums.json`: every file's size and SHA-256 (in a bucket:
+    the CRC32C GCS keeps for each object), by relative path."""
+    stats = storage.file_stats(step_dir)
+    files: dict[str, dict[str, Any]] = {}
+    for rel, st in stats.items():
+        if rel == CHECKSUMS_FILE:
+            continue
+        digest = {"crc32c": st.crc32c} if storage.is_url(step_dir) else \
+            {"sha256": storage.sha256(storage.join(step_dir, *rel.split("/")))}
+        files[rel] = {"bytes": st.size, **digest}
+    storage.write_text(storage.join(step_dir, CHECKSUMS_FILE), json.dumps({"files": files}, indent=1) + "\n")
 
 
-def write_checksums(step_dir: Path) -> None:
-    """Writes `step_dir/mmpo_checksums.json`: every file's size and SHA-256 (relative paths)."""
-    files = {
-        str(path.relative_to(step_dir)): {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-        for path in sorted(step_dir.rglob("*")) if path.is_file() and path.name != CHECKSUMS_FILE
-    }
-    write_text_atomic(step_dir / CHECKSUMS_FILE, json.dumps({"files": files}, indent=1) + "\n")
-
-
-def corruption_reason(step_dir: Path) -> str | None:
+def corruption_reason(step_dir: Location) -> str | None:
     """How the files of a complete step differ from what its save wrote, or None when
     they match (or it has no checksums: saved before they existed). A verdict is kept
-    while no file of the step changes its size or modification time, so a run's start
-    reads a checkpoint once."""
-    manifest = step_dir / CHECKSUMS_FILE
-    if not manifest.is_file():
+    while no file of the step changes its size or version (modification time, or GCS
+    generation), so a run's start reads a checkpoint once."""
+    stats = storage.file_stats(step_dir)
+    if CHECKSUMS_FILE not in stats:
         return None
-    stats = ((p, p.stat()) for p in sorted(step_dir.rglob("*")) if p.is_file())
-    return _corruption_reason(step_dir, tuple((str(p), st.st_size, st.st_mtime_ns) for p, st in stats))
+    return _corruption_reason(str(step_dir), tuple(sorted(stats.items())))
 
 
 @functools.lru_cache(maxsize=64)
-def _corruption_reason(step_dir: Path, stamp: tuple) -> str | None:
-    manifest = step_dir / CHECKSUMS_FILE
+def _corruption_reason(step_dir: str, stamp: tuple[tuple[str, storage.FileStat], ...]) -> str | None:
+    stats = dict(stamp)
     try:
-        files = json.loads(manifest.read_text())["files"]
-        want = {rel: (int(f["bytes"]), str(f["sha256"])) for rel, f in files.items()}
+        files = json.loads(storage.read_text(storage.join(step_dir, CHECKSUMS_FILE)))["files"]
+        want = {rel: (int(f["bytes"]), f.get("sha256"), f.get("crc32c")) for rel, f in files.items()}
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
         return f"'{CHECKSUMS_FILE}' is truncated or corrupt"
-    for rel, (size, digest) in want.items():
-        path = step_dir / rel
-        if not path.is_file():
+    for rel, (size, sha, crc) in want.items():
+        st = stats.get(rel)
+        if st is None:
             return f"'{rel}' is missing (deleted after the save)"
-        if path.stat().st_size != size:
-            return f"'{rel}' has {path.stat().st_size} bytes, {size} when saved (truncated or overwritten)"
-        if _sha256(path) != digest:
+        if st.size != size:
+            return f"'{rel}' has {st.size} bytes, {size} when saved (truncated or overwritten)"
+        if crc is not None and st.crc32c != crc:
+            return f"'{rel}' differs from what the save wrote (its CRC32C does not match)"
+        if sha is not None and storage.sha256(storage.join(step_dir, *rel.split("/"))) != sha:
             return f"'{rel}' differs from what the save wrote (its SHA-256 does not match)"
     return None
 
 
-def _corrupt_latest(directory: Path) -> list[tuple[Path, str]]:
+def step_dirs(directory: Location) -> list[int]:
+    """The steps of the step directories of a checkpoints directory (not orbax's temporary
+    ones), newest first."""
+    return sorted((s for name, is_dir in storage.entries(directory) if is_dir and _TMP_MARKER not in name
+                   and (s := _step_of(name)) is not None), reverse=True)
+
+
+def _corrupt_latest(directory: Location) -> list[tuple[Location, str]]:
     """`(path, reason)` of the newest complete steps that fail `corruption_reason`, down to
     the first that passes (only the step a run resumes from is read in full)."""
-    if not directory.is_dir():
-        return []
-    steps = sorted((s for e in directory.iterdir() if e.is_dir() and _TMP_MARKER not in e.name
-                    and (s := _step_of(e)) is not None), reverse=True)
     found = []
-    for step in steps:
-        reason = corruption_reason(directory / str(step))
+    for step in step_dirs(directory):
+        reason = corruption_reason(storage.join(directory, str(step)))
         if reason is None:
             break
-        found.append((directory / str(step), reason))
+        found.append((storage.join(directory, str(step)), reason))
     return found
 
 
-def _incomplete_entries(directory: Path) -> list[tuple[Path, str]]:
+def _incomplete_entries(directory: Location) -> list[tuple[Location, str]]:
     """`(path, reason)` of each step-like entry of `directory` that is not complete, by step."""
-    if not directory.is_dir():
-        return []
     found = []
-    for entry in directory.iterdir():
-        if not entry.is_dir() or _step_of(entry) is None:
+    for name, is_dir in storage.entries(directory):
+        if not is_dir or _step_of(name) is None:
             continue  # not a step: orbax's root metadata files and the like
-        reason = incomplete_reason(entry)
+        reason = incomplete_reason(storage.join(directory, name))
         if reason is not None:
-            found.append((entry, reason))
-    return sorted(found, key=lambda pr: (_step_of(pr[0]), pr[0].name))
+            found.append((storage.join(directory, name), reason))
+    return sorted(found, key=lambda pr: (_step_of(storage.name(pr[0])), storage.name(pr[0])))
 
 
-def _move_aside(entries: list[tuple[Path, str]], destination: Path, kind: str = "incomplete") -> None:
+def _move_aside(entries: list[tuple[Location, str]], destination: Location, kind: str = "incomplete") -> None:
     """Moves incomplete step dirs out of orbax's sight (process 0), then syncs processes.
 
     Moved, not deleted: the step can then be saved again, does not count towards
@@ -472,17 +476,16 @@ def _move_aside(entries: list[tuple[Path, str]], destination: Path, kind: str = 
     """
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for path, why in entries:
-        moved = destination / f"{path.name}.{stamp}"
+        moved = storage.join(destination, f"{storage.name(path)}.{stamp}")
         for n in itertools.count(1):  # the same step cut off twice within a second
-            if not moved.exists():
+            if not storage.exists(moved):
                 break
-            moved = destination / f"{path.name}.{stamp}-{n}"
+            moved = storage.join(destination, f"{storage.name(path)}.{stamp}-{n}")
         warnings.warn(
             f"skipping {kind} checkpoint '{path}': {why}; moved it to '{moved}'", stacklevel=3
         )
         if jax.process_index() == 0:
-            destination.mkdir(parents=True, exist_ok=True)
-            path.rename(moved)
+            storage.move(path, moved)
     if jax.process_count() > 1:
         # Every process must see the moved directories before orbax lists the steps.
         from jax.experimental import multihost_utils
@@ -490,12 +493,12 @@ def _move_aside(entries: list[tuple[Path, str]], destination: Path, kind: str = 
         multihost_utils.sync_global_devices("mmpo_jax_checkpoint_move_incomplete")
 
 
-def saved_config_text(step_dir: Path) -> str:
+def saved_config_text(step_dir: Location) -> str:
     """The config YAML stored in a complete step directory, read from its file (no orbax
     manager, no state): what a run needs to know about its checkpoint before loading."""
-    path = step_dir / _JSON_FILES[2]
+    path = storage.join(step_dir, *_JSON_FILES[2].split("/"))
     try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
+        payload = json.loads(storage.read_text(path))
     except (OSError, ValueError) as err:
         raise UserError(f"checkpoint '{step_dir}': cannot read its config ({path}: {err})") from None
     return _config_text(payload, step_dir)

@@ -28,17 +28,21 @@ from typing import TYPE_CHECKING, Any, Callable
 import jax
 import numpy as np
 
+from mmpo_jax import storage
 from mmpo_jax.config import config_to_dict, config_to_yaml
 from mmpo_jax.config_schema import RunConfig
 from mmpo_jax.errors import UserError
 from mmpo_jax.eval.preference import evaluate
 from mmpo_jax.files import write_text_atomic
-from mmpo_jax.train.checkpoint import CHECKPOINTS_DIR, INCOMPLETE_DIR, Checkpointer, saved_config_text
+from mmpo_jax.storage import Location
+from mmpo_jax.train.checkpoint import CHECKPOINTS_DIR, INCOMPLETE_DIR, Checkpointer, saved_config_text, step_dirs
 from mmpo_jax.train.metrics import MetricsWriter, Progress, Throughput
 from mmpo_jax.train.trackers import TrackerSet, check_installed, make_trackers, report_to
 from mmpo_jax.train.preflight import check_batch_fits, check_paths
 from mmpo_jax.train.report import Stages, count_text, end_summary
+from mmpo_jax.train.run_files import METRICS_FILE
 from mmpo_jax.train.run_lock import RunLock
+from mmpo_jax.train.run_mirror import RunFiles
 from mmpo_jax.train.setup import (
     Trainer,
     build_trainer,
@@ -185,7 +189,8 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None,
     """
     start_time = time.time()
     lead = jax.process_index() == 0
-    out = Path(cfg.train.output_dir)
+    out = storage.absolute(cfg.train.output_dir)
+    files = RunFiles(out)
     say = log or (lambda text: print(text, flush=True) if lead else None)
     config_yaml = config_to_yaml(cfg)
     from mmpo_jax.distributed import check_same_run
@@ -193,17 +198,17 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None,
     check_same_run(config_yaml)
     tc = cfg.train
     check_installed(report_to(tc.report_to))
-    done = latest_complete_step(out) if out.is_dir() else None
+    done = latest_complete_step(out)
     if trainer is None and done is not None and done >= tc.max_steps:
         # a finished run is known from its checkpoint directory: no model to load for that
         _say_finished(out, done, tc.max_steps, say)
         return RunResult("finished", done, done, {}, time.time() - start_time)
     with contextlib.ExitStack() as held:
         lock: RunLock | None = None
-        if lead and out.is_dir():  # a run directory in use: refused before anything is loaded
-            lock = held.enter_context(RunLock(out, say))
+        if lead and files.local.is_dir():  # a run directory in use: refused before anything is loaded
+            lock = held.enter_context(RunLock(files.local, say))
         if done is not None:
-            check_resume_config(saved_config_text(out / CHECKPOINTS_DIR / str(done)), config_yaml,
+            check_resume_config(saved_config_text(storage.join(out, CHECKPOINTS_DIR, str(done))), config_yaml,
                                 allow_config_change)
         stages = Stages(say)
         if data is None or trainer is None:
@@ -220,30 +225,31 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None,
         check_vocab(data.tokenizer, trainer.arch, cfg)
         attach_reference_tables(cfg, trainer, data, say)
         if lead and lock is None:
-            out.mkdir(parents=True, exist_ok=True)
-            lock = held.enter_context(RunLock(out, say))
-        result = _run(trainer, data, config_yaml, stages, say, lock)
+            files.local.mkdir(parents=True, exist_ok=True)
+            lock = held.enter_context(RunLock(files.local, say))
+        result = _run(trainer, data, config_yaml, stages, say, lock, files)
     result.seconds = time.time() - start_time
     if result.status == "interrupted":
         why = "stopped by SIGTERM (a preemption notice)" if result.exit_status == 128 + signal.SIGTERM \
             else "interrupted"
-        say(f"{why}: checkpoint of step {result.step} saved in {out / 'checkpoints' / str(result.step)}; "
+        say(f"{why}: checkpoint of step {result.step} saved in {storage.join(out, CHECKPOINTS_DIR, str(result.step))}; "
             "run the same command again to resume")
     elif result.status == "finished" and result.step > (done or 0):
         say(f"done: {result.step} steps in {result.seconds:.0f} s; checkpoint "
-            f"{out / 'checkpoints' / str(result.step)}, metrics {out / 'metrics.jsonl'}")
+            f"{storage.join(out, CHECKPOINTS_DIR, str(result.step))}, metrics {storage.join(out, METRICS_FILE)}")
         if lead:
-            for line in end_summary(out, lora=trainer.options.lora is not None, has_test=data.test is not None):
+            for line in end_summary(out, files.local, lora=trainer.options.lora is not None,
+                                    has_test=data.test is not None):
                 say(line)
     return result
 
 
 def _run(trainer: Trainer, data: RunData, config_yaml: str, stages: Stages,
-         say: Callable[[str], None], lock: RunLock | None) -> RunResult:
+         say: Callable[[str], None], lock: RunLock | None, files: RunFiles) -> RunResult:
     """The run once everything is loaded: restore, the evals, the steps, the final save
-    (`lock`: the output directory's, held by process 0)."""
+    (`lock`: the output directory's, held by process 0; `files`: where its files go)."""
     cfg, tc = trainer.cfg, trainer.cfg.train
-    out = Path(tc.output_dir)
+    out, local = files.location, files.local
     lead = jax.process_index() == 0
     # periodic saves in the background (the arrays copied to host memory first): the steps
     # go on while the files are written; the final and the interrupted save wait for theirs
@@ -252,8 +258,8 @@ def _run(trainer: Trainer, data: RunData, config_yaml: str, stages: Stages,
         start = ckpt.latest_step() or 0
         if not start and ckpt.moved_corrupt:
             raise UserError(
-                f"every checkpoint of {out} was corrupt and is moved to {out / INCOMPLETE_DIR} "
-                f"({', '.join(p.name for p in ckpt.moved_corrupt)}; the warnings above say which file): "
+                f"every checkpoint of {out} was corrupt and is moved to {storage.join(out, INCOMPLETE_DIR)} "
+                f"({', '.join(storage.name(p) for p in ckpt.moved_corrupt)}; the warnings above say which file): "
                 "nothing is left to resume from. Run the same command again to start over from step 0."
             )
         changes: list[str] = []
@@ -262,27 +268,29 @@ def _run(trainer: Trainer, data: RunData, config_yaml: str, stages: Stages,
             changes = config_differences(saved_yaml, config_yaml)
             if changes:
                 say("warning: the config differs from the checkpoint's in " + ", ".join(changes))
-                if lead:
-                    record_config_change(out, start, changes)
-            say(f"resuming from {out / 'checkpoints' / str(start)} (step {start} of {tc.max_steps})")
+            say(f"resuming from {storage.join(out, CHECKPOINTS_DIR, str(start))} (step {start} of {tc.max_steps})")
         if start >= tc.max_steps:
             _say_finished(out, start, tc.max_steps, say)
             trainer.state = state  # the caller's trainer holds the finished run, not its initial weights
             return RunResult("finished", start, start)
         if lock is not None:
             lock.claim()
-            write_text_atomic(out / "config.yaml", config_yaml)
-        trackers = _trackers(cfg, out, changes, start, say) if lead else None
+            files.pull(say)  # a bucket's log files, then this start's record among them
+            if changes:
+                record_config_change(local, start, changes)
+            write_text_atomic(local / "config.yaml", config_yaml)
+        trackers = _trackers(cfg, local, changes, start, say) if lead else None
         tags: dict[str, str] = {}
         try:
-            with MetricsWriter(out, resume_step=start, enabled=lead, trackers=trackers,
+            with MetricsWriter(local, resume_step=start, enabled=lead, trackers=trackers,
                                tensorboard="tensorboard" in report_to(tc.report_to)) as writer:
                 eval_metrics: dict[str, float] = {}
                 if data.test is not None and start == 0:
                     eval_metrics = _timed_eval(trainer, state, data, 0, writer, stages)
                 say(f"training steps {start + 1}-{tc.max_steps}, {cfg.data.batch_size} pairs each "
                     "(the first step compiles the train step)")
-                state, result = _steps(trainer, state, data, ckpt, writer, interrupt, start, config_yaml, say)
+                state, result = _steps(trainer, state, data, ckpt, writer, interrupt, start, config_yaml, say,
+                                       files.push if lead else lambda: None)
                 last_ckpt = result.last_checkpoint or start or None
                 step = result.step
                 if result.status == "finished":
@@ -293,12 +301,14 @@ def _run(trainer: Trainer, data: RunData, config_yaml: str, stages: Stages,
                 stages.start(f"saving the checkpoint of step {step}")
                 if ckpt.save(step, state, config_yaml, wait=True) or ckpt.latest_step() == step:
                     last_ckpt = step
-                stages.end(f"saved {out / 'checkpoints' / str(step)}")
+                stages.end(f"saved {storage.join(out, CHECKPOINTS_DIR, str(step))}")
                 if last_ckpt:
-                    tags["checkpoint"] = str(out / CHECKPOINTS_DIR / str(last_ckpt))
+                    tags["checkpoint"] = str(storage.join(out, CHECKPOINTS_DIR, str(last_ckpt)))
         finally:
             if trackers is not None:
                 trackers.close(tags)
+            if lead:
+                files.push()
     trainer.state = state
     result.last_checkpoint = last_ckpt
     result.eval = eval_metrics
@@ -336,19 +346,19 @@ def record_config_change(out: Path, step: int, changes: list[str]) -> None:
         f.write(line + "\n")
 
 
-def latest_complete_step(output_dir: Path) -> int | None:
+def latest_complete_step(output_dir: Location) -> int | None:
     """The newest complete, uncorrupted checkpoint step of a run directory, read from its files only."""
     from mmpo_jax.train.checkpoint import corruption_reason, incomplete_reason
 
-    root = output_dir / CHECKPOINTS_DIR
-    steps = [int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir()] if root.is_dir() else []
-    for step in sorted(steps, reverse=True):
-        if incomplete_reason(root / str(step)) is None and corruption_reason(root / str(step)) is None:
+    root = storage.join(output_dir, CHECKPOINTS_DIR)
+    for step in step_dirs(root):
+        step_dir = storage.join(root, str(step))
+        if incomplete_reason(step_dir) is None and corruption_reason(step_dir) is None:
             return step
     return None
 
 
-def _say_finished(out: Path, step: int, max_steps: int, say: Callable[[str], None]) -> None:
+def _say_finished(out: Location, step: int, max_steps: int, say: Callable[[str], None]) -> None:
     say(f"{out} already holds a finished run ({step} of train.max_steps={max_steps} steps); "
         "raise train.max_steps to continue it, or choose another train.output_dir")
 
@@ -381,7 +391,10 @@ def _eval_pairs(rows: int, batch_size: int, max_batches: int) -> int:
 
 
 def _steps(trainer: Trainer, state: TrainState, data: RunData, ckpt: Checkpointer, writer: MetricsWriter,
-           interrupt: _Interrupt, start: int, config_yaml: str, say: Callable[[str], None]) -> tuple[TrainState, RunResult]:
+           interrupt: _Interrupt, start: int, config_yaml: str, say: Callable[[str], None],
+           push: Callable[[], None]) -> tuple[TrainState, RunResult]:
+    """The train steps from `start`, with their logs, evals and periodic saves (`push`:
+    copies the run's log files to a bucket output dir after each save)."""
     from mmpo_jax.data.batches import train_batches
     from mmpo_jax.data.prefetch import BatchTimes, prefetched
 
@@ -401,7 +414,7 @@ def _steps(trainer: Trainer, state: TrainState, data: RunData, ckpt: Checkpointe
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             if metrics.pop("nonfinite"):
                 ckpt.wait()  # name only a checkpoint that is complete on disk
-                where = (f"the last good checkpoint is {Path(tc.output_dir) / 'checkpoints' / str(last_ckpt or ckpt.latest_step())}"
+                where = (f"the last good checkpoint is {storage.join(tc.output_dir, CHECKPOINTS_DIR, str(last_ckpt or ckpt.latest_step()))}"
                          if (last_ckpt or ckpt.latest_step()) else "no checkpoint was saved yet")
                 raise NonFiniteStep(
                     f"step {step + 1}: the loss, a gradient or an updated weight is not finite "
@@ -426,6 +439,7 @@ def _steps(trainer: Trainer, state: TrainState, data: RunData, ckpt: Checkpointe
                 progress.pause()
                 if ckpt.save(step, state, config_yaml):
                     last_ckpt = step
+                push()
                 throughput.reset()
             if interrupt.stop_now(step):
                 progress.message(times.summary())
@@ -478,27 +492,34 @@ def config_differences(saved_yaml: str, current_yaml: str, ignore: Collection[st
     return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in keys]
 
 
-def saved_run_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[RunConfig, int]:
+def saved_run_config(run_dir: Location, overrides: list[str] | tuple[str, ...] = ()) -> tuple[RunConfig, int]:
     """The config saved in a run's latest complete checkpoint (what trained those weights,
     even if a refused or failed start has since been given another one), with `overrides`
     applied, and that checkpoint's step; nothing is loaded. `config.yaml` beside it is for
     people to read."""
     from mmpo_jax.config import config_from_text
 
-    run_dir = Path(run_dir)
+    storage.check_url(run_dir, "the run directory")
+    run_dir = storage.absolute(run_dir) if storage.is_url(run_dir) else Path(run_dir)
     step = latest_complete_step(run_dir)
     if step is None:
-        if not (run_dir / CHECKPOINTS_DIR).is_dir():
+        if not storage.is_dir(storage.join(run_dir, CHECKPOINTS_DIR)):
             raise UserError(f"{run_dir} is not a run directory (no {CHECKPOINTS_DIR}/); "
                             "give the train.output_dir of a run")
-        raise UserError(f"{run_dir} has no complete checkpoint yet (in {run_dir / CHECKPOINTS_DIR})")
-    step_dir = run_dir / CHECKPOINTS_DIR / str(step)
+        raise UserError(f"{run_dir} has no complete checkpoint yet (in {storage.join(run_dir, CHECKPOINTS_DIR)})")
+    step_dir = storage.join(run_dir, CHECKPOINTS_DIR, str(step))
     cfg = config_from_text(saved_config_text(step_dir), list(overrides) + [f"train.output_dir={run_dir}"],
                            where=f"the config saved in {step_dir}")
     return cfg, step
 
 
-def restore_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Trainer, int]:
+def names_a_run(target: str) -> bool:
+    """Whether a CONFIG|RUN_DIR argument names a run: a local directory, or a gs:// URL
+    (a config is a local file)."""
+    return storage.is_url(target) or Path(target).is_dir()
+
+
+def restore_run(run_dir: Location, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Trainer, int]:
     """A finished or running run's trainer with the state of its latest checkpoint, built
     from the config saved in it (`saved_run_config`)."""
     cfg, step = saved_run_config(run_dir, overrides)

@@ -27,7 +27,11 @@ def check_paths(cfg: RunConfig) -> None:
     out = cfg.train.output_dir
     if not out.strip():
         raise UserError("train.output_dir is empty: name the run's directory, e.g. train.output_dir=runs/my-run")
-    if Path(out).expanduser().is_file():
+    from mmpo_jax import storage
+
+    if storage.is_url(out):
+        storage.check_bucket(out, "train.output_dir")
+    elif Path(out).expanduser().is_file():
         raise UserError(f"train.output_dir={out!r} is a file, not a directory: choose another train.output_dir")
     from mmpo_jax.data.sources import local_data_file, source_specs
 

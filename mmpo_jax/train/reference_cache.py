@@ -29,7 +29,8 @@ from jax.sharding import PartitionSpec as P
 
 from mmpo_jax import loss_registry
 from mmpo_jax.config_schema import RunConfig
-from mmpo_jax.files import write_bytes_atomic
+from mmpo_jax import storage
+from mmpo_jax.train.run_mirror import REFERENCE_DIR
 from mmpo_jax.train.pair_logps import pair_logps
 
 if TYPE_CHECKING:
@@ -60,8 +61,9 @@ def cache_key(cfg: RunConfig, data: PreferenceData) -> str:
     if source:
         from mmpo_jax.paths import resolve
 
-        path = Path(resolve(source)).expanduser()
-        if path.exists():  # a local checkpoint: its files' sizes and times stand for its content
+        if storage.is_url(source):  # in a bucket: each object's size and generation
+            described["files"] = [[rel, st.size, st.version] for rel, st in storage.file_stats(source).items()]
+        elif (path := Path(resolve(source)).expanduser()).exists():  # a local checkpoint: its files' sizes and times stand for its content
             files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
             described["files"] = [[str(f.relative_to(path) if path.is_dir() else f.name),
                                    f.stat().st_size, f.stat().st_mtime_ns] for f in files]
@@ -84,20 +86,19 @@ def reference_table(cfg: RunConfig, load_model: Callable[[], Llama], data: Prefe
     """`[rows, 2]` float32 reference sequence log-probs of every row of `data`, from the
     cache when present, else computed (batches of `data.batch_size` pairs) by the model
     `load_model()` returns (called only then) and stored."""
-    path = Path(cfg.train.output_dir) / "reference_logps" / f"{split}-{cache_key(cfg, data)}.npy"
-    if path.is_file():
-        table = np.load(path)
+    path = storage.join(cfg.train.output_dir, REFERENCE_DIR, f"{split}-{cache_key(cfg, data)}.npy")
+    if storage.is_file(path):
+        table = np.load(io.BytesIO(storage.read_bytes(path)))
         if table.shape == (len(data), 2):
             log(f"reference log-probs ({split}): reusing {path}")
             return table
     log(f"reference log-probs ({split}): one pass over {len(data)} rows")
     table = compute_table(cfg, load_model(), data, mesh)
     if jax.process_index() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         np.save(buffer, table)
         # a crash or a full disk never leaves a torn table under the real name, nor a temp file
-        write_bytes_atomic(path, buffer.getvalue())
+        storage.write_bytes(path, buffer.getvalue())
     return table
 
 

@@ -9,12 +9,14 @@ commands to run next.
 
 from __future__ import annotations
 
+import os
 import shlex
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from mmpo_jax.train.metrics import read_metrics
+from mmpo_jax.train.run_files import METRICS_FILE, TENSORBOARD_DIR
 
 # The eval metrics the end compares, in this order (those the loss reports).
 SUMMARY_KEYS = ("rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "loss")
@@ -65,8 +67,9 @@ def change_lines(first: dict[str, Any], last: dict[str, Any]) -> list[str]:
     return lines
 
 
-def next_commands(output_dir: str | Path, lora: bool, has_test: bool) -> list[str]:
-    """The commands a user runs on a finished run, with its directory filled in."""
+def next_commands(output_dir: str | os.PathLike, local_dir: str | Path, lora: bool, has_test: bool) -> list[str]:
+    """The commands a user runs on a finished run, with its directory filled in (`local_dir`:
+    where its log files are on this machine, `output_dir` itself unless that is a bucket)."""
     run = shlex.quote(str(output_dir))
     rows = []
     if has_test:
@@ -74,19 +77,20 @@ def next_commands(output_dir: str | Path, lora: bool, has_test: bool) -> list[st
     rows.append((f"mmpo-jax generate {run} --prompts FILE.jsonl", "answers to your prompts"))
     rows.append((f"mmpo-jax export {run} {shlex.quote(str(output_dir) + '-hf')}",
                  "an HF directory" + (" (LoRA merged; --adapter: PEFT's format)" if lora else "")))
-    rows.append((f"tensorboard --logdir {shlex.quote(str(Path(output_dir) / 'tensorboard'))}", "the curves"))
+    rows.append((f"tensorboard --logdir {shlex.quote(str(Path(local_dir) / TENSORBOARD_DIR))}", "the curves"))
     width = max(len(command) for command, _ in rows)
     return [f"  {command.ljust(width)}   # {what}" for command, what in rows]
 
 
-def end_summary(output_dir: str | Path, lora: bool, has_test: bool) -> list[str]:
-    """What the run changed (first vs last eval in metrics.jsonl) and what to run next."""
+def end_summary(output_dir: str | os.PathLike, local_dir: str | Path, lora: bool, has_test: bool) -> list[str]:
+    """What the run changed (first vs last eval in `local_dir`'s metrics.jsonl) and what to
+    run next."""
     lines: list[str] = []
-    evals = eval_records(Path(output_dir) / "metrics.jsonl")
+    evals = eval_records(Path(local_dir) / METRICS_FILE)
     if len(evals) >= 2:
         first, last = evals[0], evals[-1]
         lines.append(f"eval, step {first.get('step')} -> step {last.get('step')}:")
         lines.extend(change_lines(first, last))
     lines.append("next:")
-    lines.extend(next_commands(output_dir, lora, has_test))
+    lines.extend(next_commands(output_dir, local_dir, lora, has_test))
     return lines

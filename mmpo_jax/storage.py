@@ -1,0 +1,316 @@
+"""Locations that are local paths or Cloud Storage URLs (`gs://bucket/path`).
+
+A TPU slice's hosts share no disk, so a run's checkpoints, its model and its data can
+live in a bucket. This module is the one place that knows the difference: every other
+module passes a location (a `Path`, or a `str` that may be a URL) to the functions
+here. Orbax writes checkpoint arrays through tensorstore, which reaches GCS itself;
+everything else goes through `gcsfs` (fsspec).
+
+Reading a model, a tokenizer or a data file from a bucket copies it into the local
+cache first (`local_copy`), because safetensors, GGUF and tokenizers read local files;
+a file whose size and generation are unchanged since the last copy is not fetched
+again. The cache is `$MMPO_JAX_CACHE` (default `~/.cache/mmpo-jax`).
+
+The emulator of the tests, and any other endpoint: gcsfs reads `STORAGE_EMULATOR_HOST`,
+tensorstore reads `TENSORSTORE_GCS_HTTP_URL` once per process (and needs
+`GOOGLE_AUTH_TOKEN_FOR_TESTING` to skip credential discovery): set all three before the
+first access.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Union
+
+from mmpo_jax.errors import UserError
+from mmpo_jax.files import write_bytes_atomic
+
+GCS_PREFIX = "gs://"
+# A location: a local path, or a str that is a local path or a gs:// URL.
+Location = Union[str, os.PathLike]
+_STAMP_FILE = ".mmpo_source.json"  # beside a local copy: what it was copied from
+
+
+def is_url(location: Location) -> bool:
+    """Whether `location` names an object store (`gs://...`) rather than a local path."""
+    return isinstance(location, str) and "://" in location
+
+
+def check_url(location: Location, key: str) -> None:
+    """A UserError naming `key` for a URL scheme other than gs:// or a URL without a bucket."""
+    if not is_url(location):
+        return
+    text = str(location)
+    if not text.startswith(GCS_PREFIX):
+        raise UserError(f"{key}={text!r}: only gs:// URLs (Cloud Storage) and local paths are supported")
+    if not text[len(GCS_PREFIX):].split("/", 1)[0]:
+        raise UserError(f"{key}={text!r}: name the bucket, e.g. gs://my-bucket/runs/x")
+
+
+@functools.lru_cache(maxsize=1)
+def _gcs() -> Any:
+    try:
+        # the plain filesystem: the extended one asks the control plane for the bucket's
+        # layout, which emulators and most service accounts cannot answer
+        from gcsfs.core import GCSFileSystem
+    except ImportError as err:  # pragma: no cover - a runtime dependency
+        raise UserError("gs:// locations need the gcsfs package: pip install gcsfs") from err
+    return GCSFileSystem()
+
+
+def _key(url: str) -> str:
+    """`bucket/path` of `gs://bucket/path/`, the form gcsfs takes."""
+    return url[len(GCS_PREFIX):].rstrip("/")
+
+
+def join(base: Location, *parts: str) -> Location:
+    """`base / part / ...`: a URL stays a `str`, a local path becomes a `Path`."""
+    if is_url(base):
+        return "/".join([str(base).rstrip("/"), *parts])
+    return Path(base).joinpath(*parts)
+
+
+def name(location: Location) -> str:
+    """The last component of `location`."""
+    return str(location).rstrip("/").rsplit("/", 1)[-1] if is_url(location) else Path(location).name
+
+
+def absolute(location: Location) -> Location:
+    """A local path made absolute (`~` expanded); a URL as it is."""
+    return location if is_url(location) else Path(location).expanduser().absolute()
+
+
+def exists(location: Location) -> bool:
+    if is_url(location):
+        return bool(_gcs().exists(_key(str(location))))
+    return Path(location).exists()
+
+
+def is_dir(location: Location) -> bool:
+    """A local directory, or a URL with at least one object under it."""
+    if is_url(location):
+        fs = _gcs()
+        fs.invalidate_cache(_key(str(location)))
+        return bool(fs.isdir(_key(str(location))))
+    return Path(location).is_dir()
+
+
+def is_file(location: Location) -> bool:
+    if is_url(location):
+        return bool(_gcs().isfile(_key(str(location))))
+    return Path(location).is_file()
+
+
+def read_bytes(location: Location) -> bytes:
+    if is_url(location):
+        return bytes(_gcs().cat_file(_key(str(location))))
+    return Path(location).read_bytes()
+
+
+def read_text(location: Location) -> str:
+    return read_bytes(location).decode("utf-8")
+
+
+def write_bytes(location: Location, data: bytes) -> None:
+    """Replaces the file at `location` whole: readers see the old content or the new
+    (one object upload on GCS, `files.write_bytes_atomic` locally, parents created)."""
+    if is_url(location):
+        _gcs().pipe_file(_key(str(location)), data)
+        return
+    Path(location).parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(location, data)
+
+
+def write_text(location: Location, text: str) -> None:
+    write_bytes(location, text.encode("utf-8"))
+
+
+def entries(directory: Location) -> list[tuple[str, bool]]:
+    """`(name, is_dir)` of each entry of `directory` (empty when it does not exist)."""
+    if is_url(directory):
+        fs = _gcs()
+        key = _key(str(directory))
+        fs.invalidate_cache(key)
+        try:
+            listed = fs.ls(key, detail=True)
+        except FileNotFoundError:
+            return []
+        return [(str(e["name"]).rstrip("/").rsplit("/", 1)[-1], e["type"] == "directory")
+                for e in listed if str(e["name"]).rstrip("/") != key]
+    path = Path(directory)
+    if not path.is_dir():
+        return []
+    return [(e.name, e.is_dir()) for e in path.iterdir()]
+
+
+@dataclass(frozen=True)
+class FileStat:
+    """What identifies one version of a file without reading it."""
+
+    size: int
+    version: str  # local: the modification time in ns; GCS: the object's generation
+    crc32c: str | None = None  # GCS only: the checksum GCS computed when the object was written
+
+
+def file_stats(directory: Location) -> dict[str, FileStat]:
+    """`{relative path: FileStat}` of every file under `directory`, recursively."""
+    if is_url(directory):
+        fs = _gcs()
+        key = _key(str(directory))
+        fs.invalidate_cache(key)
+        found = fs.find(key, detail=True)
+        return {name[len(key) + 1:]: FileStat(int(info["size"]), str(info.get("generation", "")),
+                                              info.get("crc32c"))
+                for name, info in sorted(found.items()) if info.get("type") == "file"}
+    root = Path(directory)
+    if not root.is_dir():
+        return {}
+    out = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            st = path.stat()
+            out[str(path.relative_to(root))] = FileStat(st.st_size, str(st.st_mtime_ns))
+    return out
+
+
+def sha256(location: Location) -> str:
+    """The SHA-256 of a file's content, read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    opener = _gcs().open(_key(str(location)), "rb") if is_url(location) else open(location, "rb")
+    with opener as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def make_dirs(directory: Location) -> None:
+    """Creates a local directory and its parents (object stores have no directories)."""
+    if not is_url(directory):
+        Path(directory).mkdir(parents=True, exist_ok=True)
+
+
+def move(source: Location, destination: Location) -> None:
+    """Moves a file or directory tree: a rename locally, a copy then a delete on GCS
+    (which has no rename); the destination's parent is created."""
+    if is_url(source) != is_url(destination):
+        raise ValueError(f"cannot move {source} to {destination}: one is local, one is not")
+    if is_url(source):
+        _gcs().mv(_key(str(source)), _key(str(destination)), recursive=True)
+        return
+    Path(destination).parent.mkdir(parents=True, exist_ok=True)
+    Path(source).rename(destination)
+
+
+def remove_tree(location: Location) -> None:
+    """Deletes a file or a directory tree (nothing when it does not exist)."""
+    if is_url(location):
+        fs = _gcs()
+        if fs.exists(_key(str(location))):
+            fs.rm(_key(str(location)), recursive=True)
+        return
+    path = Path(location)
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def check_bucket(url: str, key: str) -> None:
+    """A UserError naming `key` when the bucket of `url` does not exist or cannot be reached."""
+    check_url(url, key)
+    bucket = _key(url).split("/", 1)[0]
+    try:
+        found = _gcs().exists(bucket)
+    except Exception as err:  # no credentials, no network: all fixable by the user
+        raise UserError(f"{key}={url!r}: cannot reach the bucket '{bucket}': {type(err).__name__}: {err}") from None
+    if not found:
+        raise UserError(f"{key}={url!r}: no bucket '{bucket}' (create it, e.g. gcloud storage buckets create gs://{bucket})")
+
+
+def cache_root() -> Path:
+    """Where local copies of remote files go: `$MMPO_JAX_CACHE`, default `~/.cache/mmpo-jax`."""
+    return Path(os.environ.get("MMPO_JAX_CACHE") or "~/.cache/mmpo-jax").expanduser()
+
+
+def local_copy(url: str, key: str, say: Callable[[str], None] | None = None) -> Path:
+    """A local copy of the file or directory tree at `url`, in `cache_root()/gcs/`.
+
+    Files whose size and generation match the last copy are not fetched again; files
+    gone from the bucket are removed from the copy. A UserError naming `key` when
+    nothing is at `url`."""
+    check_url(url, key)
+    fs = _gcs()
+    remote = _key(url)
+    local = cache_root() / "gcs" / remote
+    fs.invalidate_cache(remote)
+    if fs.isfile(remote):
+        info = fs.info(remote)
+        stats = {"": FileStat(int(info["size"]), str(info.get("generation", "")))}
+    else:
+        stats = file_stats(url)
+    if not stats:
+        raise UserError(f"{key}={url!r}: nothing is stored there (no such object or folder in the bucket)")
+    stamp_file = (local.parent / f"{local.name}{_STAMP_FILE}") if "" in stats else local / _STAMP_FILE
+    try:
+        had = json.loads(stamp_file.read_text())
+    except (OSError, ValueError):
+        had = {}
+    want = {rel: [st.size, st.version] for rel, st in stats.items()}
+    fetch = [rel for rel in want if had.get(rel) != want[rel] or not (local / rel).is_file()]
+    if fetch:
+        total = sum(stats[rel].size for rel in fetch)
+        if say is not None:
+            say(f"copying {len(fetch)} file(s), {total / 2**20:.1f} MiB, from {url} to {local}")
+        for rel in fetch:
+            target = local / rel if rel else local
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # into a file of this process's own, then renamed: the processes of one machine
+            # fetch the same model at once, and none may read another's half-written file
+            partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+            fs.get_file(f"{remote}/{rel}" if rel else remote, str(partial))
+            os.replace(partial, target)
+    if "" not in stats and local.is_dir():
+        for path in local.rglob("*"):
+            rel = str(path.relative_to(local))
+            if path.is_file() and rel not in want and path.name != _STAMP_FILE and not path.name.endswith(".partial"):
+                path.unlink()
+    stamp_file.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(stamp_file, json.dumps(want).encode())
+    return local
+
+
+def upload(local: Location, url: str, only: Callable[[str], bool] | None = None) -> list[str]:
+    """Copies a local file, or every file of a local directory (those whose relative
+    path passes `only`), to `url`; returns the relative paths copied."""
+    source = Path(local)
+    fs = _gcs()
+    if source.is_file():
+        fs.put_file(str(source), _key(url))
+        return [source.name]
+    sent = []
+    for path in sorted(source.rglob("*")):
+        rel = str(path.relative_to(source))
+        if path.is_file() and (only is None or only(rel)):
+            fs.put_file(str(path), f"{_key(url)}/{rel}")
+            sent.append(rel)
+    return sent
+
+
+def fetched(spec: str, key: str) -> str:
+    """`spec` as it is, or for a gs:// URL the path of its local copy (`local_copy`; the
+    copy is announced on stderr, where `--json` output is not, by process 0 only, though
+    every host makes its own)."""
+    if not is_url(spec):
+        return spec
+    import sys
+
+    import jax
+
+    say = (lambda text: print(text, file=sys.stderr, flush=True)) if jax.process_index() == 0 else None
+    return str(local_copy(spec, key, say))
