@@ -21,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tpu_scripts"
-ALL_SCRIPTS = ["create.sh", "setup.sh", "launch.sh", "teardown.sh", "lib.sh", "slurm/train.sbatch"]
+ALL_SCRIPTS = ["create.sh", "setup.sh", "launch.sh", "teardown.sh", "relaunch.sh", "lib.sh", "slurm/train.sbatch"]
 TARGET = {"PROJECT": "my-proj", "ZONE": "us-west4-a", "TPU_NAME": "mmpo-v5e-16"}
 GCLOUD_TARGET = "--project=my-proj --zone=us-west4-a"
 METADATA = "curl -sSf -H Metadata-Flavor:Google http://metadata.google.internal/computeMetadata/v1/instance/attributes"
@@ -90,13 +90,14 @@ def test_shellcheck():
     assert res.returncode == 0 and res.stdout == "", res.stdout + res.stderr
 
 
-@pytest.mark.parametrize("script", ["create.sh", "setup.sh", "launch.sh", "teardown.sh", "slurm/train.sbatch"])
+@pytest.mark.parametrize("script", ["create.sh", "setup.sh", "launch.sh", "teardown.sh", "relaunch.sh",
+                                    "slurm/train.sbatch"])
 def test_executable(script):
     assert os.access(SCRIPTS / script, os.X_OK)
 
 
 @pytest.mark.parametrize("script,missing,how", [
-    *[("create.sh", v, "unset") for v in ("PROJECT", "ZONE", "TPU_NAME", "ACCELERATOR")],
+    *[(s, v, "unset") for s in ("create.sh", "relaunch.sh") for v in ("PROJECT", "ZONE", "TPU_NAME", "ACCELERATOR")],
     *[(s, v, "unset") for s in ("setup.sh", "launch.sh", "teardown.sh") for v in ("PROJECT", "ZONE", "TPU_NAME")],
     ("create.sh", "ACCELERATOR", "empty"), ("launch.sh", "PROJECT", "empty"),  # VAR= counts as missing
 ])
@@ -113,7 +114,8 @@ def test_missing_variable_is_named(tmp_path, script, missing, how):
     assert res.stdout == "" and calls(tmp_path) == []
 
 
-@pytest.mark.parametrize("script", ["create.sh", "setup.sh", "launch.sh", "teardown.sh", "slurm/train.sbatch"])
+@pytest.mark.parametrize("script", ["create.sh", "setup.sh", "launch.sh", "teardown.sh", "relaunch.sh",
+                                    "slurm/train.sbatch"])
 def test_bad_dry_run_value(tmp_path, script):
     env = {**TARGET, "ACCELERATOR": "v5litepod-16", "DRY_RUN": "yes"}
     res = run_script(script, "configs/tiny.yaml", env=env, tmp_path=tmp_path)
@@ -366,6 +368,130 @@ def test_launch_usage(tmp_path):
     res = run_script("launch.sh", "configs/tiny.yaml", env={**TARGET, "DRY_RUN": "1", "RUN_ID": "a b"},
                      tmp_path=tmp_path)
     assert res.returncode == 2 and "RUN_ID=a b" in res.stderr and res.stdout == ""
+
+
+# --- relaunch.sh ------------------------------------------------------------------
+
+RELAUNCH_ENV = {**TARGET, "ACCELERATOR": "v5p-64", "RUN_ID": "r1", "POLL_S": "0"}
+RUN_ARGS = ["configs/tiny.yaml", "train.output_dir=gs://bkt/runs/a b"]
+
+
+def scripted_gcloud(tmp_path: Path, requests: list[str], vms: list[str], launches: list[int]) -> str:
+    """A bin directory (for PATH) whose `gcloud` records its argv like fake_bin's and
+    answers from scripts: each `queued-resources describe` with the next of `requests`
+    (NONE: gcloud's NOT_FOUND error; DENIED: a permission error), each `tpu-vm describe`
+    with the next of `vms`, each launch (an ssh running `mmpo-jax train`) exits with the
+    next of `launches`. A call past the end of its script fails the run (status 99)."""
+    bin_dir = tmp_path / "scripted"
+    bin_dir.mkdir(parents=True)
+    for name, lines in (("requests", requests), ("vms", vms), ("launches", launches)):
+        (tmp_path / name).write_text("".join(f"{x}\n" for x in lines))
+    exe = bin_dir / "gcloud"
+    exe.write_text(f"""#!/usr/bin/env bash
+printf "%s\\0" gcloud "$@" >> {tmp_path}/calls.log; echo >> {tmp_path}/calls.log
+pop() {{ local f={tmp_path}/$1 first; first=$(head -n 1 "$f"); tail -n +2 "$f" > "$f.x"; mv "$f.x" "$f"
+  [[ -n $first ]] || {{ echo "the script of $1 ran out" >&2; exit 99; }}; echo "$first"; }}
+case "$*" in
+  "compute tpus queued-resources describe "*) s=$(pop requests) || exit 99
+    [[ $s == NONE ]] && {{ echo "ERROR: (gcloud.compute.tpus.queued-resources.describe) NOT_FOUND: not found" >&2; exit 1; }}
+    [[ $s == DENIED ]] && {{ echo "ERROR: (gcloud) PERMISSION_DENIED: no access" >&2; exit 1; }}
+    echo "$s" ;;
+  "compute tpus tpu-vm describe "*) s=$(pop vms) || exit 99; echo "$s" ;;
+  "compute tpus tpu-vm ssh "*"mmpo-jax train"*) s=$(pop launches) || exit 99; exit "$s" ;;
+esac
+""")
+    exe.chmod(0o755)
+    return f"{bin_dir}:{os.environ['PATH']}"
+
+
+def kind(call: list[str]) -> str:
+    """What a recorded gcloud call is, in a word."""
+    what = " ".join(call[1:5])
+    if what.startswith("compute tpus queued-resources"):
+        return call[4]  # describe / create / delete
+    if what.startswith("compute tpus tpu-vm ssh"):
+        command = call[-1]
+        return "launch" if "mmpo-jax train" in command else "setup" if "mmpo-jax --help" in command else "worker"
+    return {"compute tpus tpu-vm scp": "scp", "compute tpus tpu-vm describe": "vm"}[what]
+
+
+def relaunch(tmp_path: Path, requests: list[str], vms: list[str], launches: list[int], **env: str):
+    path = scripted_gcloud(tmp_path, requests, vms, launches)
+    res = run_script("relaunch.sh", *RUN_ARGS, env={**RELAUNCH_ENV, "PATH": path, **env}, tmp_path=tmp_path)
+    return res, calls(tmp_path)
+
+
+def test_relaunch_asks_again_after_a_preemption_and_runs_the_same_launch(tmp_path):
+    res, done = relaunch(tmp_path, ["NONE", "WAITING_FOR_RESOURCES", "ACTIVE", "DELETING", "NONE", "ACTIVE"],
+                         ["PREEMPTED"], [143, 0])
+    assert res.returncode == 0, res.stderr
+    assert [kind(c) for c in done] == ["describe", "create", "describe", "describe", "scp", "setup", "launch", "vm",
+                                       "delete", "describe", "describe", "create", "describe", "scp", "setup", "launch"]
+    creates = [c for c in done if kind(c) == "create"]
+    assert creates[0] == creates[1] and "--spot" in creates[0] and "--accelerator-type=v5p-64" in creates[0]
+    assert [c for c in done if kind(c) == "delete"] == [
+        ["gcloud", "compute", "tpus", "queued-resources", "delete", "mmpo-v5e-16", "--project=my-proj",
+         "--zone=us-west4-a", "--force", "--quiet"]]
+    # both rounds run exactly launch.sh's command, not detached: the second resumes the first
+    launches = [c for c in done if kind(c) == "launch"]
+    (tmp_path / "dry").mkdir()
+    assert launches == [shlex.split(launch_line(tmp_path / "dry", *RUN_ARGS))] * 2
+    assert "round 1 ended by a preemption (run status 143, TPU VM PREEMPTED)" in res.stderr
+    assert "the run finished (round 2)" in res.stderr
+
+
+@pytest.mark.parametrize("status, vm, words", [
+    (1, "READY", "failed with status 1 on a slice that is still up: not a preemption"),
+    (130, None, "stopped with SIGINT"),
+])
+def test_relaunch_stops_on_a_failure_that_is_not_a_preemption(tmp_path, status, vm, words):
+    res, done = relaunch(tmp_path, ["ACTIVE", "ACTIVE"], [vm] if vm else [], [status])
+    assert res.returncode == status and words in res.stderr
+    assert "delete" not in [kind(c) for c in done] and [kind(c) for c in done].count("launch") == 1
+
+
+def test_relaunch_treats_a_crash_on_a_preempted_slice_as_a_preemption_and_gives_up_after_max_rounds(tmp_path):
+    # status 255: the ssh connection died with the VM, before any notice reached the run
+    res, done = relaunch(tmp_path, ["ACTIVE", "SUSPENDED", "NONE", "ACTIVE"], ["PREEMPTED"], [255], MAX_ROUNDS="1")
+    assert res.returncode == 2 and "gave up after MAX_ROUNDS=1 runs" in res.stderr
+    assert [kind(c) for c in done] == ["describe", "scp", "setup", "launch", "vm", "delete", "describe", "delete",
+                                       "describe", "create", "describe"]
+
+
+def test_relaunch_runs_worker_setup_each_round_and_stops_on_gcloud_errors(tmp_path):
+    mount = "sudo mount -t nfs 10.0.0.2:/share /mnt/shared"
+    res, done = relaunch(tmp_path, ["ACTIVE"], [], [0], WORKER_SETUP=mount)
+    assert res.returncode == 0, res.stderr
+    assert [kind(c) for c in done] == ["describe", "scp", "setup", "worker", "launch"]
+    assert done[3][-2:] == ["--command", mount] and "--worker=all" in done[3]
+    res, done = relaunch(tmp_path / "denied", ["DENIED"], [], [])
+    assert res.returncode == 2 and "PERMISSION_DENIED" in res.stderr and "cannot read the state" in res.stderr
+    assert [kind(c) for c in done] == ["describe"]
+
+
+def test_relaunch_dry_run_prints_each_command_of_a_round(tmp_path):
+    lines = dry("relaunch.sh", *RUN_ARGS, tmp_path=tmp_path, **RELAUNCH_ENV, WORKER_SETUP="mount x")
+    of = {s: dry(s, *args, tmp_path=tmp_path, **RELAUNCH_ENV, **env) for s, args, env in (
+        ("create.sh", (), {"QUEUED": "1", "SPOT": "1"}), ("setup.sh", (), {}), ("launch.sh", RUN_ARGS, {}),
+        ("teardown.sh", (), {"QUEUED": "1", "YES": "1"}))}
+    where = f"{GCLOUD_TARGET}"
+    assert lines == [
+        f"gcloud compute tpus queued-resources describe mmpo-v5e-16 {where} '--format=value(state.state)'",
+        *of["create.sh"], *of["setup.sh"],
+        f"gcloud compute tpus tpu-vm ssh mmpo-v5e-16 {where} --worker=all --command 'mount x'",
+        *of["launch.sh"],
+        f"gcloud compute tpus tpu-vm describe mmpo-v5e-16 {where} '--format=value(state)'",
+        *of["teardown.sh"],
+    ]
+
+
+def test_relaunch_usage(tmp_path):
+    res = run_script("relaunch.sh", env={**RELAUNCH_ENV, "DRY_RUN": "1"}, tmp_path=tmp_path)
+    assert res.returncode == 2 and "usage: relaunch.sh CONFIG" in res.stderr
+    for bad in ({"POLL_S": "soon"}, {"MAX_ROUNDS": "0"}):
+        res = run_script("relaunch.sh", *RUN_ARGS, env={**RELAUNCH_ENV, "DRY_RUN": "1", **bad}, tmp_path=tmp_path)
+        (key, value), = bad.items()
+        assert res.returncode == 2 and f"{key}={value}" in res.stderr and res.stdout == ""
 
 
 # --- slurm/train.sbatch -----------------------------------------------------------
