@@ -169,6 +169,10 @@ def test_two_processes_share_one_bucket(gcs, bucket_run, tmp_path):
     _cli(gcs, tmp_path / "machine", "launch", "--local-processes", "2", "configs/tiny.yaml",
          f"train.output_dir={run}", "train.max_steps=3", *COMMON)
     assert fs.isfile(f"{BUCKET}/two/checkpoints/3/commit_success.txt")
+    # process 1's log stays on this machine, in the run's local mirror, whole
+    log = tmp_path / "machine" / "runs" / BUCKET / "two" / "logs" / "process_1.log"
+    assert "Traceback" not in log.read_text() and log.stat().st_size > 0
+    assert not fs.exists(f"{BUCKET}/two/logs")
     one, two = _losses(records), _losses(_records(fs, run))
     assert sorted(two) == [1, 2, 3]
     for step in two:

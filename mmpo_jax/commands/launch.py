@@ -84,9 +84,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.items:
         raise UserError("give a config file: mmpo-jax launch --local-processes 2 configs/tiny.yaml")
     cfg = load_from_items(args.items)
+    from mmpo_jax.train.run_files import LAUNCH_LOGS_DIR
     from mmpo_jax.train.run_mirror import RunFiles
 
-    logs = RunFiles(cfg.train.output_dir).local / "logs"  # a bucket run's: in its local mirror
+    logs = RunFiles(cfg.train.output_dir).local / LAUNCH_LOGS_DIR  # a bucket run's: in its local mirror
     logs.mkdir(parents=True, exist_ok=True)
     envs = process_envs(n, free_port(), dict(os.environ), local_gpus())
     command = [sys.executable, "-m", "mmpo_jax.cli", "train", *args.items]

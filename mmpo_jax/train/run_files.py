@@ -4,4 +4,5 @@ imports nothing, so the config's light modules can read them."""
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+LAUNCH_LOGS_DIR = "logs"  # `mmpo-jax launch`'s per-process logs: this machine's own
 EVAL_PREFIX = "eval/"  # an eval record's keys: eval/<metric>

@@ -21,11 +21,15 @@ from typing import Callable
 from mmpo_jax import storage
 from mmpo_jax.storage import Location
 from mmpo_jax.train.checkpoint import CHECKPOINTS_DIR, INCOMPLETE_DIR
+from mmpo_jax.train.run_files import LAUNCH_LOGS_DIR
 from mmpo_jax.train.run_lock import HOLDER_FILE
 
 REFERENCE_DIR = "reference_logps"  # read by every process: kept in the bucket itself
 # what the mirror never holds
 _BUCKET_ONLY = (CHECKPOINTS_DIR, INCOMPLETE_DIR, REFERENCE_DIR)
+# what stays on this machine: the lock, and `launch`'s logs, which its other processes
+# are writing while process 0 pulls
+_LOCAL_ONLY = (HOLDER_FILE, LAUNCH_LOGS_DIR)
 
 
 def mirror_dir(url: str) -> Path:
@@ -35,7 +39,7 @@ def mirror_dir(url: str) -> Path:
 
 def _mirrored(rel: str) -> bool:
     top = rel.split("/", 1)[0]
-    return top not in _BUCKET_ONLY and rel != HOLDER_FILE
+    return top not in _BUCKET_ONLY and top not in _LOCAL_ONLY
 
 
 class RunFiles:
@@ -55,7 +59,7 @@ class RunFiles:
             return
         kept = [rel for rel in storage.file_stats(self.location) if _mirrored(rel)]
         for path in sorted(self.local.rglob("*"), reverse=True) if self.local.is_dir() else []:
-            if path.is_file() and path.name != HOLDER_FILE:
+            if path.is_file() and _mirrored(str(path.relative_to(self.local))):
                 path.unlink()
         if kept:
             say(f"copying the run's {len(kept)} log file(s) from {self.location} to {self.local}")
