@@ -176,7 +176,7 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
     this can change what was validated; a variant is `dataclasses.replace` of a section
     and goes through `config_from_dict(config_to_dict(...))` to be checked again."""
     cfg = _build(RunConfig, raw, "")
-    cfg = dataclasses.replace(cfg, loss=cfg.loss.settled())
+    cfg = dataclasses.replace(cfg, loss=cfg.loss.settled(), data=cfg.data.settled())
     for f in dataclasses.fields(cfg):
         section = getattr(cfg, f.name)
         if hasattr(section, "validate"):

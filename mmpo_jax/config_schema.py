@@ -257,9 +257,24 @@ class DataConfig:
     seed: int = 0
     # None: datasets' cache (HF_DATASETS_CACHE); tokenized data goes to mmpo_jax_tokenized/ in it
     cache_dir: str | None = None
+    # none: each sequence in its own row, padded to the batch's bucket; packed: the
+    # sequences of several pairs share rows of pack_length tokens (mmpo_jax/data/packing.py)
+    packing: Literal["none", "packed"] = "none"
+    # tokens per packed row; None: 2 x max_length, the longest pair the truncation allows
+    pack_length: int | None = None
+
+    def settled(self) -> DataConfig:
+        """This config with `pack_length` at its default when unset."""
+        return dataclasses.replace(self, pack_length=2 * self.max_length if self.pack_length is None
+                                   else self.pack_length)
 
     def validate(self, prefix: str) -> None:
         _check(self.max_length >= 2, prefix, "max_length", self.max_length, "must be >= 2")
+        assert self.pack_length is not None, "validate a settled() DataConfig"
+        _check(self.pack_length >= 2 * self.max_length, prefix, "pack_length", self.pack_length,
+               f"must hold the longest pair data.max_length={self.max_length} allows (prompt + chosen "
+               f"plus prompt + rejected: {2 * self.max_length} tokens); set data.pack_length >= "
+               f"{2 * self.max_length} or lower data.max_length")
         if self.max_prompt_length is not None:
             _check(
                 1 <= self.max_prompt_length < self.max_length,

@@ -247,6 +247,8 @@ def model_token_logps(
     with_entropy: bool = False,
     with_log_sum_sq: bool = False,
     dropout_key: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, ...]:
     """Per-token log-probs `[B, T]` of `input_ids` under `model` (a `Llama`), aligned
     with `input_ids` (see the module docstring): `logps[:, t] = log p(input_ids[:, t]
@@ -256,9 +258,11 @@ def model_token_logps(
     `chunk`: sequence positions per chunk of the LM head (`model.logprob_chunk`);
     None = the naive full-logits path (tests). With `with_entropy`, also the entropy
     `[B, T]` of the distribution each token was drawn from; with `with_log_sum_sq`, then
-    its `log sum_v p_v^2` `[B, T]` (WPO's weights; no gradient).
+    its `log sum_v p_v^2` `[B, T]` (WPO's weights; no gradient). Packed rows pass
+    `positions` and `segment_ids` `[B, T]` (see `Llama.__call__`); the value at a
+    segment's first token then comes from the segment before it, and the caller masks it.
     """
-    hidden = model(input_ids, dropout_key=dropout_key)
+    hidden = model(input_ids, dropout_key=dropout_key, positions=positions, segment_ids=segment_ids)
     return shifted_token_logps(
         hidden, model.lm_head_kernel(), input_ids, chunk=chunk, with_entropy=with_entropy,
         with_log_sum_sq=with_log_sum_sq, soft_cap=model.logit_soft_cap,

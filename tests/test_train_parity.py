@@ -22,6 +22,8 @@ from mmpo_jax.train.reference_cache import reference_table
 from mmpo_jax.train.setup import build_trainer, device_batch, initial_reference
 from mmpo_jax.train.step import loss_and_grads
 
+from step_compare import assert_same_history
+
 STEPS = 5
 # a higher learning rate than tiny.yaml's so that 5 steps move the policy visibly
 BASE = ["optim.learning_rate=3e-3", "optim.warmup_steps=0", "train.max_steps=10"]
@@ -47,27 +49,6 @@ def _run(overrides, data, tmp_path, devices=None, steps=STEPS):
     return history
 
 
-def _assert_same(got, want, label, beta=0.1):
-    """Losses and log-probs to 1e-5 relative. Rewards are beta * (policy - reference) of
-    log-probs around -50: their float32 noise is set by the log-probs' size, so they are
-    compared to 1e-5 of beta * |log-prob|; `rewards/accuracies` (near-equal rewards while the
-    policy is close to the reference) to within one pair; `grad_norm` (a sum over every
-    parameter) to 1e-4 relative."""
-    for step, (a, b) in enumerate(zip(got, want)):
-        scale = beta * max(abs(b["logps/chosen"]), abs(b["logps/rejected"]))
-        for key in b:
-            if key in ("rewards/accuracies", "mmpo/score_accuracy"):  # may flip one pair of 8
-                assert abs(a[key] - b[key]) <= 1 / 8 + 1e-6, (label, step, key, a[key], b[key])
-                continue
-            if key.startswith(("rewards/", "mmpo/")):
-                tol = dict(rtol=1e-5, atol=1e-5 * scale)
-            elif key == "grad_norm":
-                tol = dict(rtol=1e-4)
-            else:
-                tol = dict(rtol=1e-5, atol=1e-6)
-            np.testing.assert_allclose(a[key], b[key], **tol, err_msg=f"{label}: {key} at step {step}")
-
-
 @pytest.fixture(scope="module")
 def one_device(train_data, tmp_path_factory):
     return _run(["mesh.data=1"], train_data, tmp_path_factory.mktemp("one"), devices=jax.devices()[:1])
@@ -86,13 +67,13 @@ def test_training_moves_the_policy(one_device):
 def test_meshes_match_one_device(shape, one_device, train_data, tmp_path):
     d, f, t = shape
     got = _run([f"mesh.data={d}", f"mesh.fsdp={f}", f"mesh.tensor={t}"], train_data, tmp_path)
-    _assert_same(got, one_device, f"mesh {shape}")
+    assert_same_history(got, one_device, f"mesh {shape}")
 
 
 @pytest.mark.slow
 def test_precomputed_reference_matches_separate(one_device, train_data, tmp_path):
     got = _run(["mesh.data=1", "model.reference=precomputed"], train_data, tmp_path, devices=jax.devices()[:1])
-    _assert_same(got, one_device, "precomputed")
+    assert_same_history(got, one_device, "precomputed")
     # the table is cached: a second pass reads the file instead of recomputing
     assert len(list((tmp_path / "reference_logps").glob("train-*.npy"))) == 1
 
@@ -105,7 +86,7 @@ def test_lora_reference_modes_agree(train_data, tmp_path):
     assert abs(base[-1]["rewards/margins"]) > 1e-4  # the adapters moved the policy
     for mode in ("separate", "precomputed"):
         got = _run(lora + [f"model.reference={mode}"], train_data, tmp_path / mode, devices=one)
-        _assert_same(got, base, f"lora {mode}")
+        assert_same_history(got, base, f"lora {mode}")
 
 
 def _first_batch(cfg, data, trainer):
@@ -118,9 +99,9 @@ def _micro_logps(trainer, batch, n):
     state, sdef = trainer.state, trainer.sdef
     out = []
     for a in range(n):
-        ids, mask = batch["input_ids"][a::n], batch["loss_mask"][a::n]
-        pol = pair_logps(sdef.policy(state), ids, mask, average=False, chunk=64).logps
-        ref = pair_logps(sdef.reference(state), ids, mask, average=False, chunk=64).logps
+        micro = {"input_ids": batch["input_ids"][a::n], "loss_mask": batch["loss_mask"][a::n]}
+        pol = pair_logps(sdef.policy(state), micro, average=False, chunk=64).logps
+        ref = pair_logps(sdef.reference(state), micro, average=False, chunk=64).logps
         out.append((pol, ref))
     return out
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from mmpo_jax.buckets import bucket_for, bucket_lengths
 from mmpo_jax.data import formats
+from mmpo_jax.data.packing import PackedBatch, collate_packed, pack_plan, pair_tokens
 from mmpo_jax.data.pipeline import PreferenceData
 from mmpo_jax.errors import UserError
 
@@ -27,6 +28,33 @@ if TYPE_CHECKING:
 
 SMALLEST_BUCKET = 16
 _UNBOUNDED = sys.maxsize  # the train batches are indexed by step, without end
+
+
+@dataclass(frozen=True)
+class PackSpec:
+    """How a run packs its batches (`data.packing: packed`): rows of `pack_length` tokens,
+    a step cut into `shards` x `micro` blocks, the pair-major view `width` wide."""
+
+    pack_length: int
+    shards: int  # batch shards of the mesh (mesh.data x mesh.fsdp)
+    micro: int  # micro-batches of a step (optim.grad_accum; 1 for eval)
+    width: int  # data.max_length
+
+    def for_eval(self) -> PackSpec:
+        """The eval step runs a batch whole: one micro-batch."""
+        return PackSpec(self.pack_length, self.shards, 1, self.width)
+
+    def collate(self, data: PreferenceData, rows: np.ndarray, mine: np.ndarray,
+                process_index: int, process_count: int) -> PackedBatch:
+        """This process's packed batch of the global batch `rows` `[pairs]` (-1: a padding
+        pair), whose own pairs are `mine`."""
+        if self.shards % process_count:
+            raise UserError(f"the mesh's {self.shards} batch shards do not split over {process_count} processes")
+        tokens = np.where(rows >= 0, pair_tokens(data.lengths[np.maximum(rows, 0)]), 0)
+        plan = pack_plan(tokens, self.shards, self.micro, self.pack_length)
+        first_block = process_index * (plan.blocks // process_count)
+        pairs = [data.pair(int(i)) if i >= 0 else None for i in mine]
+        return collate_packed(plan, pairs, mine, first_block, self.pack_length, self.width, data.special.pad)
 
 
 # Batches
@@ -67,6 +95,17 @@ def collate(
     index = np.full(n, -1, dtype=np.int32)
     index[: len(pairs)] = np.asarray(example_index, dtype=np.int32)
     return PreferenceBatch(input_ids, attention, completion, pair_mask, index)
+
+
+def real_tokens(batch: PreferenceBatch | PackedBatch) -> int:
+    """The batch's real tokens, the same for every layout: prompt + chosen plus prompt +
+    rejected without padding (`2p + c + r` per pair; `packing.pair_tokens`)."""
+    return int(np.asarray(batch.attention_mask).sum())
+
+
+def computed_tokens(batch: PreferenceBatch | PackedBatch) -> int:
+    """The tokens the model runs on: every position of `input_ids`, padding included."""
+    return int(np.asarray(batch.input_ids).size)
 
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -119,8 +158,10 @@ def train_batches(
     process_index: int | None = None,
     process_count: int | None = None,
     times: BatchTimes | None = None,
+    packing: PackSpec | None = None,
 ) -> grain.MapDataset:
-    """Element `step` is this process's `PreferenceBatch` of global batch `step`.
+    """Element `step` is this process's `PreferenceBatch` of global batch `step` (with
+    `packing`, its `PackedBatch`).
 
     Index it (`ds[step]`) or iterate from a step (`mmpo_jax.data.prefetch.prefetched`,
     which builds them ahead on a thread); it never ends. `times` counts the time each
@@ -137,10 +178,12 @@ def train_batches(
     seq = data.seq_lengths
     buckets = bucket_lengths(data.max_length, SMALLEST_BUCKET)
 
-    def make(step: int) -> PreferenceBatch:
+    def make(step: int) -> PreferenceBatch | PackedBatch:
         rows = global_batch_rows(order, n, batch_size, step)
-        seq_len = bucket_for(int(seq[rows].max()), buckets)
         mine = rows[local]
+        if packing is not None:
+            return packing.collate(data, rows, mine, process_index, process_count)
+        seq_len = bucket_for(int(seq[rows].max()), buckets)
         return collate([data.pair(int(i)) for i in mine], mine, seq_len, data.special.pad)
 
     return grain.MapDataset.range(_UNBOUNDED).map(make if times is None else times.timed(make))
@@ -151,8 +194,10 @@ def eval_batches(
     batch_size: int,
     process_index: int | None = None,
     process_count: int | None = None,
+    packing: PackSpec | None = None,
 ) -> grain.MapDataset:
-    """Every row once, in order; the last global batch is filled with padding pairs."""
+    """Every row once, in order; the last global batch is filled with padding pairs
+    (with `packing`, packed batches of one micro-batch: `PackSpec.for_eval`)."""
     import grain
 
     process_index, process_count = _process(process_index, process_count)
@@ -161,10 +206,14 @@ def eval_batches(
     seq = data.seq_lengths
     buckets = bucket_lengths(data.max_length, SMALLEST_BUCKET)
 
-    def make(b: int) -> PreferenceBatch:
+    def make(b: int) -> PreferenceBatch | PackedBatch:
         rows = np.arange(b * batch_size, min((b + 1) * batch_size, n))
-        seq_len = bucket_for(int(seq[rows].max()), buckets)
         mine = rows[local]  # may be short, or empty, on the last batch
+        if packing is not None:
+            full = np.full(batch_size, -1, np.int64)
+            full[: len(rows)] = rows
+            return packing.for_eval().collate(data, full, full[local], process_index, process_count)
+        seq_len = bucket_for(int(seq[rows].max()), buckets)
         return collate(
             [data.pair(int(i)) for i in mine],
             mine,

@@ -21,7 +21,7 @@ def evaluate(trainer: Trainer, state: TrainState, data: PreferenceData, ref_tabl
     batch's metrics weighted by its number of real pairs)."""
     from mmpo_jax.data.batches import eval_batches
 
-    batches = eval_batches(data, trainer.cfg.data.batch_size)
+    batches = eval_batches(data, trainer.cfg.data.batch_size, packing=trainer.packing)
     n = len(batches) if max_batches <= 0 else min(max_batches, len(batches))
     totals: dict[str, float] = {}
     weight = 0.0

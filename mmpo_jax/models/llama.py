@@ -125,16 +125,19 @@ class Attention(nnx.Module):
         return y if self.o_bias is None else y + self.o_bias[...].astype(cd)
 
     def __call__(self, x: jax.Array, ropes: Ropes, sliding: Sliding,
-                 lora_key: jax.Array | None = None) -> jax.Array:
-        """x `[B, T, D]`; ropes: `(cos, sin)` `[T, head_dim]` for full and for sliding
-        layers; sliding: whether this layer is a sliding one, a Python bool or (scanned
-        layers of mixed kinds) a traced bool that picks the branch at run time."""
+                 lora_key: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+        """x `[B, T, D]`; ropes: `(cos, sin)` `[T, head_dim]` (or `[B, T, head_dim]`, each
+        row at its own positions: packed rows) for full and for sliding layers; sliding:
+        whether this layer is a sliding one, a Python bool or (scanned layers of mixed
+        kinds) a traced bool that picks the branch at run time; segment_ids `[B, T]`:
+        packed rows, a token attends only within its segment."""
         q, k, v = self._project(x, lora_key)
 
         def run(local: bool) -> jax.Array:
             cos, sin = ropes[local]
-            return attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, self.masks[local],
-                             scale=self.scale, implementation=self.implementation)
+            rope = apply_rope if cos.ndim == 2 else apply_rope_rows
+            return attention(rope(q, cos, sin), rope(k, cos, sin), v, self.masks[local],
+                             scale=self.scale, implementation=self.implementation, segment_ids=segment_ids)
 
         if isinstance(sliding, bool):
             out = run(sliding)
@@ -222,11 +225,11 @@ class DecoderLayer(nnx.Module):
         return self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), key))
 
     def __call__(self, x: jax.Array, ropes: Ropes, sliding: Sliding,
-                 dropout_key: jax.Array | None = None) -> jax.Array:
+                 dropout_key: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
         k1 = k2 = k3 = k4 = None
         if dropout_key is not None:
             k1, k2, k3, k4 = jax.random.split(dropout_key, 4)
-        a = self._attention_out(self.self_attn(self.input_layernorm(x), ropes, sliding, k3))
+        a = self._attention_out(self.self_attn(self.input_layernorm(x), ropes, sliding, k3, segment_ids))
         if k1 is not None and self.dropout > 0:
             a = dropout(a, self.dropout, k1)
         x = x + a
@@ -253,11 +256,11 @@ def _remat_policy(name: str) -> Callable | None:
 
 
 def _layer_fn(remat: str, static_sliding: bool) -> Callable:
-    """`(layer, x, ropes, sliding, key) -> x`, rematerialised per `remat`;
+    """`(layer, x, ropes, sliding, key, segment_ids) -> x`, rematerialised per `remat`;
     `static_sliding`: `sliding` is a Python bool (kept static through the remat)."""
 
-    def run(layer: DecoderLayer, x, ropes, sliding, key):
-        return layer(x, ropes, sliding, key)
+    def run(layer: DecoderLayer, x, ropes, sliding, key, segment_ids):
+        return layer(x, ropes, sliding, key, segment_ids)
 
     if remat == "none":
         return run
@@ -369,11 +372,16 @@ class Llama(nnx.Module):
             x = x * jnp.asarray(self.cfg.hidden_size**0.5, x.dtype)
         return self._constrain(x)
 
-    def __call__(self, input_ids: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
-        """Final hidden states `[B, T, D]`; `dropout_key` turns dropout on (training)."""
+    def __call__(self, input_ids: jax.Array, *, dropout_key: jax.Array | None = None,
+                 positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+        """Final hidden states `[B, T, D]`; `dropout_key` turns dropout on (training).
+
+        Packed rows (`mmpo_jax.data.packing`): positions `[B, T]` int32, each token's
+        RoPE position (restarting at 0 per sequence), and segment_ids `[B, T]` int32
+        (a token attends only to earlier tokens of its own segment)."""
         cfg, options = self.cfg, self.options
         x = self._embed(input_ids)
-        ropes = self.rope(input_ids.shape[1])
+        ropes = self.rope(input_ids.shape[1]) if positions is None else self.rope_at(positions)
         n = cfg.num_hidden_layers
         use_dropout = dropout_key is not None and options.uses_dropout
         keys = jax.random.split(dropout_key, n) if dropout_key is not None and use_dropout else None
@@ -383,19 +391,20 @@ class Llama(nnx.Module):
             # attention picks its branch with lax.cond (see Attention.__call__)
             layer_fn = _layer_fn(options.remat, static_sliding=kinds is None)
 
-            @nnx.scan(in_axes=(nnx.Carry, 0, None, 0 if kinds is not None else None, 0 if use_dropout else None),
+            @nnx.scan(in_axes=(nnx.Carry, 0, None, 0 if kinds is not None else None, 0 if use_dropout else None,
+                               None),
                       out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
-            def body(h, layer, ropes, sliding, key):
+            def body(h, layer, ropes, sliding, key, segments):
                 return self._constrain(layer_fn(layer, h, ropes, cfg.layer_sliding[0] if kinds is None else sliding,
-                                                key))
+                                                key, segments))
 
-            x = body(x, self.layers, ropes, kinds, keys)
+            x = body(x, self.layers, ropes, kinds, keys, segment_ids)
         else:
             assert isinstance(self.layers, nnx.List)
             layer_fn = _layer_fn(options.remat, static_sliding=True)
             for i, layer in enumerate(self.layers):
                 x = self._constrain(layer_fn(layer, x, ropes, cfg.layer_sliding[i],
-                                             keys[i] if keys is not None else None))
+                                             keys[i] if keys is not None else None, segment_ids))
         return self._constrain(self.norm(x))
 
     def decode(self, input_ids: jax.Array, positions: jax.Array, cache: tuple[jax.Array, jax.Array],

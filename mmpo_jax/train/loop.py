@@ -53,6 +53,7 @@ from mmpo_jax.train.setup import (
 
 if TYPE_CHECKING:
     from mmpo_jax.data.batches import PreferenceBatch
+    from mmpo_jax.data.packing import PackedBatch
     from mmpo_jax.data.pipeline import PreferenceData
     from mmpo_jax.train.state import TrainState
 
@@ -120,9 +121,11 @@ def abstract_state(state: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
 
-def _tokens(batch: PreferenceBatch) -> int:
-    """Real (non-padding) tokens of the global batch, from this process's share."""
-    return int(np.asarray(batch.attention_mask).sum()) * jax.process_count()
+def _tokens(batch: PreferenceBatch | PackedBatch) -> int:
+    """Real tokens (`batches.real_tokens`) of the global batch, from this process's share."""
+    from mmpo_jax.data.batches import real_tokens
+
+    return real_tokens(batch) * jax.process_count()
 
 
 class _Interrupt:
@@ -402,7 +405,8 @@ def _steps(trainer: Trainer, state: TrainState, data: RunData, ckpt: Checkpointe
     tc = cfg.train
     times = BatchTimes()
     # the next batches are built on a thread while the device runs the step
-    feed = prefetched(train_batches(data.train, cfg.data.batch_size, cfg.data.seed, times=times), start, times)
+    feed = prefetched(train_batches(data.train, cfg.data.batch_size, cfg.data.seed, times=times,
+                                    packing=trainer.packing), start, times)
     throughput = Throughput()
     last_ckpt: int | None = None
     eval_metrics: dict[str, float] = {}

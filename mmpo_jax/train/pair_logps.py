@@ -5,10 +5,17 @@ at 1), with `loss_mask [pairs, 2, seq]` aligned with `input_ids` (1 on the
 completion tokens whose log-prob counts). Chosen and rejected run through the
 model in ONE forward of `2 * pairs` rows, so a pair never straddles devices
 when the pairs axis is split over the batch mesh axes.
+
+A packed batch (`mmpo_jax.data.packing`: `segment_ids` in the batch) runs its rows
+`[rows, pack]` through the model instead, and `token_outputs` gathers each token's
+values back into the pair-major layout by `token_index`, so every reduction below
+reads the same `[pairs * 2, seq]` arrays for either layout.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from functools import partial
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import jax
@@ -58,10 +65,30 @@ def sequence_mask(loss_mask: jax.Array) -> jax.Array:
     return (upto_last & predicted).astype(jnp.float32)
 
 
+def token_outputs(model: Llama, batch: Mapping[str, jax.Array], *, chunk: int | None, with_entropy: bool,
+                  with_log_sum_sq: bool, dropout_key: jax.Array | None) -> list[jax.Array]:
+    """Per-token log-probs (then entropies, then `log sum_v p_v^2`, as asked) `[pairs * 2,
+    seq]` aligned with the pair-major `loss_mask`, for a pair-major or a packed batch."""
+    run = partial(model_token_logps, model, chunk=chunk, with_entropy=with_entropy,
+                  with_log_sum_sq=with_log_sum_sq, dropout_key=dropout_key)
+    if "segment_ids" not in batch:
+        ids = batch["input_ids"]
+        out = run(ids.reshape(-1, ids.shape[-1]))
+        return list(out) if isinstance(out, tuple) else [out]
+    out = run(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+    index = batch["token_index"]  # [pairs, 2, seq] into the rows, flattened
+    # off a sequence (and at its first token, which the previous segment "predicts")
+    # the pair-major values are 0, as the unpacked layout's
+    predicted = (batch["attention_mask"] > 0) & (jnp.arange(index.shape[-1]) >= 1)
+    flat = index.reshape(-1, index.shape[-1])
+    keep = predicted.reshape(flat.shape)
+    return [jnp.where(keep, jnp.take(x.reshape(-1), flat, axis=0), 0.0).astype(x.dtype)
+            for x in (out if isinstance(out, tuple) else (out,))]
+
+
 def pair_logps(
     model: Llama,
-    input_ids: jax.Array,
-    loss_mask: jax.Array,
+    batch: Mapping[str, jax.Array],
     *,
     average: bool,
     chunk: int | None,
@@ -71,7 +98,8 @@ def pair_logps(
     ld_alpha: float | None = None,
     weighting: bool = False,
 ) -> PairLogps:
-    """Sequence log-probs `[pairs, 2]` (float32) and, with an estimator, the per-pair
+    """Sequence log-probs `[pairs, 2]` (float32) of `batch` (its `loss_mask` `[pairs, 2,
+    seq]`, pair-major or packed: see the module docstring) and, with an estimator, the per-pair
     entropy bonus `E_i` `[pairs]` of the contract (the mean over the two completions);
     with `chosen_sequence`, the chosen rows' log-prob sums and token counts over
     `sequence_mask` (ORPO's NLL covers the prompt). With `ld_alpha`, the sequence
@@ -84,14 +112,11 @@ def pair_logps(
       of the completion prefix up to and including token t; its value is not the
       entropy, its gradient adds the score-function part of the sequence entropy's.
     """
-    pairs, two, seq = input_ids.shape
-    ids = input_ids.reshape(pairs * two, seq)
+    loss_mask = batch["loss_mask"]
+    pairs, two, seq = loss_mask.shape
     mask = loss_mask.reshape(pairs * two, seq).astype(jnp.float32)
-    out = model_token_logps(
-        model, ids, chunk=chunk, with_entropy=entropy_estimator is not None, with_log_sum_sq=weighting,
-        dropout_key=dropout_key,
-    )
-    parts = list(out) if isinstance(out, tuple) else [out]
+    parts = token_outputs(model, batch, chunk=chunk, with_entropy=entropy_estimator is not None,
+                          with_log_sum_sq=weighting, dropout_key=dropout_key)
     token_logps = parts.pop(0)
     entropy = None
     if entropy_estimator is not None:

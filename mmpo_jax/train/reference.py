@@ -111,7 +111,7 @@ class ReferenceMode:
         model = self.model(sdef, state)
         if model is None:
             return None
-        logps = pair_logps(model, batch["input_ids"], batch["loss_mask"], average=average, chunk=chunk,
+        logps = pair_logps(model, batch, average=average, chunk=chunk,
                            ld_alpha=ld_alpha).logps
         return jax.lax.stop_gradient(logps)
 

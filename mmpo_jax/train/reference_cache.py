@@ -104,24 +104,24 @@ def reference_table(cfg: RunConfig, load_model: Callable[[], Llama], data: Prefe
 
 def compute_table(cfg: RunConfig, model: Llama, data: PreferenceData, mesh: jax.sharding.Mesh) -> np.ndarray:
     from mmpo_jax.data.batches import eval_batches
-    from mmpo_jax.train.setup import device_batch
+    from mmpo_jax.train.setup import device_batch, pack_spec
 
     graphdef, state = nnx.split(model)
     replicated = NamedSharding(mesh, P())
 
     @jax.jit
-    def logps(state, ids, mask):
-        out = pair_logps(nnx.merge(graphdef, state), ids, mask, chunk=cfg.model.logprob_chunk,
+    def logps(state, batch):
+        out = pair_logps(nnx.merge(graphdef, state), batch, chunk=cfg.model.logprob_chunk,
                          **loss_registry.reduction(cfg.loss)).logps
         return jax.lax.with_sharding_constraint(out, replicated)
 
     bs = cfg.data.batch_size
     table = np.zeros((len(data), 2), np.float32)
-    batches = eval_batches(data, bs)
+    batches = eval_batches(data, bs, packing=pack_spec(cfg, mesh))
     for b in range(len(batches)):
         batch = device_batch(batches[b], mesh)
         # replicated: every process reads the whole batch's result from its own device
-        out = np.asarray(logps(state, batch["input_ids"], batch["loss_mask"]).addressable_data(0))
+        out = np.asarray(logps(state, batch).addressable_data(0))
         # eval batches hold the rows in order, padding pairs (pair_mask 0) last
         rows = np.arange(b * bs, min((b + 1) * bs, len(data)))
         table[rows] = out[: len(rows)]

@@ -20,6 +20,8 @@ import numpy as np
 import optax
 
 from mmpo_jax.config_schema import RunConfig
+from mmpo_jax.data.batches import PackSpec
+from mmpo_jax.data.packing import PackedBatch
 from mmpo_jax.errors import UserError
 from mmpo_jax.models.build import build_model
 from mmpo_jax.models.llama_config import LlamaConfig, model_config_from_init
@@ -121,6 +123,7 @@ class Trainer:
     scfg: StepConfig
     train_step: Callable
     eval_step: Callable
+    packing: PackSpec | None = None  # `pack_spec(cfg, mesh)`: how the batches are packed
 
 
 def build_trainer(cfg: RunConfig, mesh: jax.sharding.Mesh | None = None,
@@ -147,7 +150,7 @@ def build_trainer(cfg: RunConfig, mesh: jax.sharding.Mesh | None = None,
     return Trainer(
         cfg=cfg, mesh=mesh, arch=arch, options=options, sdef=sdef, state=state, optimizer=optimizer,
         scfg=scfg, train_step=make_train_step(sdef, scfg, optimizer, mesh, shardings, example, n),
-        eval_step=make_eval_step(sdef, scfg, mesh, shardings, example, n),
+        eval_step=make_eval_step(sdef, scfg, mesh, shardings, example, n), packing=pack_spec(cfg, mesh),
     )
 
 
@@ -169,6 +172,17 @@ def initial_reference(trainer: Trainer) -> Llama:
 
 
 BATCH_KEYS = ("input_ids", "loss_mask", "pair_mask")
+# a packed batch's rows and the map back to its pairs (mmpo_jax/data/packing.py)
+PACKED_KEYS = (*BATCH_KEYS, "segment_ids", "positions", "token_index", "attention_mask")
+
+
+def pack_spec(cfg: RunConfig, mesh: jax.sharding.Mesh) -> PackSpec | None:
+    """How `cfg`'s batches are packed on `mesh` (None: `data.packing: none`)."""
+    if cfg.data.packing == "none":
+        return None
+    assert cfg.data.pack_length is not None, "a settled config"
+    return PackSpec(cfg.data.pack_length, mesh.shape["data"] * mesh.shape["fsdp"], cfg.optim.grad_accum,
+                    cfg.data.max_length)
 
 
 def run_reference(trainer: Trainer) -> Llama | None:
@@ -183,15 +197,22 @@ def run_reference(trainer: Trainer) -> Llama | None:
     return held
 
 
-def batch_shapes(pairs: int, seq: int, mode: str) -> dict[str, tuple[tuple[int, ...], Any]]:
+def batch_shapes(pairs: int, seq: int, mode: str, packed: tuple[int, int] | None = None
+                 ) -> dict[str, tuple[tuple[int, ...], Any]]:
     """The step's batch, key -> (shape, dtype): `input_ids`, `loss_mask` `[pairs, 2, seq]`
     int32, `pair_mask` `[pairs]` int32, and the keys of reference mode `mode`
-    (`precomputed`: `ref_logps` `[pairs, 2]` float32), as `device_batch` builds them."""
+    (`precomputed`: `ref_logps` `[pairs, 2]` float32), as `device_batch` builds them.
+    `packed` `(rows, pack_length)`: a packed batch (`PACKED_KEYS`), its rows
+    `[rows, pack_length]` and its pair-major arrays `seq` wide."""
     shapes: dict[str, tuple[tuple[int, ...], Any]] = {
         "input_ids": ((pairs, 2, seq), np.int32),
         "loss_mask": ((pairs, 2, seq), np.int32),
         "pair_mask": ((pairs,), np.int32),
     }
+    if packed is not None:
+        shapes["input_ids"] = (packed, np.int32)
+        shapes.update({"segment_ids": (packed, np.int32), "positions": (packed, np.int32),
+                       "token_index": ((pairs, 2, seq), np.int32), "attention_mask": ((pairs, 2, seq), np.int32)})
     for key in reference_mode(mode).batch_keys:
         shapes[key] = ((pairs, 2), np.float32)
     return shapes
@@ -199,13 +220,16 @@ def batch_shapes(pairs: int, seq: int, mode: str) -> dict[str, tuple[tuple[int, 
 
 def example_batch(cfg: RunConfig, mode: str) -> dict[str, np.ndarray]:
     """The keys and dtypes of the step's batch (shapes do not matter: only the shardings are read)."""
-    return {k: np.zeros(shape, dtype) for k, (shape, dtype) in batch_shapes(cfg.data.batch_size, 16, mode).items()}
+    packed = None if cfg.data.packing == "none" else (cfg.data.batch_size, 16)
+    return {k: np.zeros(shape, dtype)
+            for k, (shape, dtype) in batch_shapes(cfg.data.batch_size, 16, mode, packed).items()}
 
 
-def abstract_batch(pairs: int, seq: int, mesh: jax.sharding.Mesh, mode: str) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(pairs: int, seq: int, mesh: jax.sharding.Mesh, mode: str,
+                   packed: tuple[int, int] | None = None) -> dict[str, jax.ShapeDtypeStruct]:
     """`batch_shapes` as ShapeDtypeStructs split over the mesh's batch axes (what an
     ahead-of-time compile lowers the step with)."""
-    shapes = batch_shapes(pairs, seq, mode)
+    shapes = batch_shapes(pairs, seq, mode, packed)
     shardings = batch_shardings(mesh, shapes)
     return {k: jax.ShapeDtypeStruct(s, d, sharding=shardings[k]) for k, (s, d) in shapes.items()}
 
@@ -229,13 +253,16 @@ def abstract_train_state(arch: LlamaConfig, options: ModelOptions, optimizer: op
     return made["sdef"], place_abstract_state(shapes, optimizer, mesh)
 
 
-def device_batch(batch: PreferenceBatch, mesh: jax.sharding.Mesh, ref_table: np.ndarray | None = None) -> dict[str, jax.Array]:
-    """A `PreferenceBatch` (this process's pairs) as the step's global arrays on `mesh`.
+def device_batch(batch: PreferenceBatch | PackedBatch, mesh: jax.sharding.Mesh,
+                 ref_table: np.ndarray | None = None) -> dict[str, jax.Array]:
+    """A `PreferenceBatch` or `PackedBatch` (this process's pairs) as the step's global
+    arrays on `mesh`.
 
     `ref_table` `[rows, 2]` (model.reference=precomputed): the reference log-probs of
     every example, looked up by `example_index` (padding pairs get 0; they are masked).
     """
-    host = {k: np.asarray(getattr(batch, k)) for k in BATCH_KEYS}
+    keys = PACKED_KEYS if isinstance(batch, PackedBatch) else BATCH_KEYS
+    host = {k: np.asarray(getattr(batch, k)) for k in keys}
     if ref_table is not None:
         index = np.asarray(batch.example_index)
         host["ref_logps"] = np.where((index >= 0)[:, None], ref_table[np.maximum(index, 0)], 0.0).astype(np.float32)

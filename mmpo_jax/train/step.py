@@ -108,7 +108,7 @@ def _forward_loss(
     assert lc.average_logps is not None, "the step reads a settled LossConfig"
     policy = sdef.policy(state, trainable)
     out = pair_logps(
-        policy, batch["input_ids"], batch["loss_mask"], **loss_registry.reduction(lc),
+        policy, batch, **loss_registry.reduction(lc),
         chunk=scfg.logprob_chunk, entropy_estimator=loss_registry.entropy_estimator(lc), dropout_key=dropout_key,
         chosen_sequence=loss_registry.spec_of(lc.name).sequence_nll, weighting=loss_registry.weighting(lc),
     )

@@ -1,0 +1,192 @@
+"""Packed batches (`data.packing: packed`): the prompt + chosen and prompt + rejected
+sequences of several pairs share rows of `data.pack_length` tokens, with no padding
+between them.
+
+A step's pairs are cut into blocks, one per (batch shard, micro-batch): `blocks =
+shards x optim.grad_accum`, `P = pairs / blocks` pairs each. Each block's pairs are
+packed on their own into `R` rows, both sequences of a pair in one row (the pair's
+`2p + c + r` tokens fit: `data.pack_length >= 2 x data.max_length`), first-fit by
+decreasing length. `R` is the same for every block of the step: the smallest of
+`row_buckets(P)` that holds the fullest block, so an epoch compiles a few shapes.
+
+`PackedBatch` (numpy; this process's pairs and rows, `rows = local blocks x R`):
+
+    input_ids     int32 [rows, pack]        the packed tokens, `pad` after the last sequence
+    segment_ids   int32 [rows, pack]        1, 2, ... per sequence of a row, 0 on padding
+    positions     int32 [rows, pack]        each token's position in its own sequence
+    token_index   int32 [pairs, 2, width]   where token t of a pair's chosen ([:, 0]) or
+                                            rejected ([:, 1]) sequence lies in the rows of
+                                            its micro-batch, flattened (row * pack + column;
+                                            0 off the sequence)
+    attention_mask, loss_mask, pair_mask, example_index: as `PreferenceBatch`'s
+                                            (pair-major, right-padded to `width`)
+
+Order. The step splits a batch into micro-batches by stride (micro-batch `a` holds
+pairs `a, a+n, ...` and rows `a, a+n, ...`), and the batch shards take contiguous
+slices, so block (shard d, micro-batch a) holds pairs `d*n*P + a + k*n` and rows
+`d*n*R + a + r*n`; in micro-batch `a` that row sits at `d*R + r`, the row `token_index`
+counts in. A pair's tokens therefore stay on the device that holds the pair.
+
+Every process computes the plan of the whole global batch (it holds every row's
+lengths), so all agree on `R` and on where their rows go.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import flax.struct
+import numpy as np
+
+from mmpo_jax.data import formats
+
+
+@flax.struct.dataclass
+class PackedBatch:
+    """Packed rows plus the pair-major view; shapes in the module docstring."""
+
+    input_ids: np.ndarray  # int32 [rows, pack]
+    segment_ids: np.ndarray  # int32 [rows, pack]
+    positions: np.ndarray  # int32 [rows, pack]
+    token_index: np.ndarray  # int32 [pairs, 2, width]
+    attention_mask: np.ndarray  # int32 [pairs, 2, width]
+    loss_mask: np.ndarray  # int32 [pairs, 2, width]
+    pair_mask: np.ndarray  # int32 [pairs]
+    example_index: np.ndarray  # int32 [pairs]
+
+
+def row_buckets(pairs_per_block: int) -> tuple[int, ...]:
+    """Row counts a block may take: 1, 2, 3, 4, 6, 8, 12, ... (at most 1/3 more rows than
+    needed), capped by `pairs_per_block` (a row per pair always suffices)."""
+    out, k = [], 1
+    while k < pairs_per_block:
+        out.append(k)
+        if k >= 2 and k + k // 2 < pairs_per_block:
+            out.append(k + k // 2)
+        k *= 2
+    return (*sorted(set(out)), pairs_per_block)
+
+
+def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Rows of item indices: each item (a pair, `lengths[i]` tokens) goes into the first
+    row with room, longest items first (ties by index: deterministic)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        need = int(lengths[i])
+        if need > capacity:
+            raise ValueError(f"a pair of {need} tokens does not fit a row of {capacity}")
+        for r, free in enumerate(room):
+            if need <= free:
+                rows[r].append(i)
+                room[r] -= need
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - need)
+    return rows
+
+
+@dataclass(frozen=True)
+class PackPlan:
+    """Which of a step's pairs share which row; see the module docstring."""
+
+    blocks: int  # shards x micro-batches
+    micro: int  # micro-batches (optim.grad_accum)
+    pairs_per_block: int
+    rows_per_block: int  # R, from row_buckets
+    # per block (d * micro + a): its rows, each a list of pair slots k (pair d*n*P + a + k*n)
+    block_rows: tuple[tuple[tuple[int, ...], ...], ...]
+
+    @property
+    def rows(self) -> int:
+        return self.blocks * self.rows_per_block
+
+    def block_pairs(self, block: int) -> np.ndarray:
+        """The global pair positions `[P]` of `block`, by slot k."""
+        d, a = divmod(block, self.micro)
+        n, p = self.micro, self.pairs_per_block
+        return d * n * p + a + n * np.arange(p)
+
+
+def pack_plan(pair_tokens: np.ndarray, shards: int, micro: int, pack_length: int) -> PackPlan:
+    """The plan of a step whose pairs have `pair_tokens` `[pairs]` real tokens each
+    (`2p + c + r`; 0 for a padding pair), over `shards` batch shards and `micro`
+    micro-batches."""
+    pairs = len(pair_tokens)
+    blocks = shards * micro
+    if pairs % blocks:
+        raise ValueError(f"{pairs} pairs do not split into {shards} shards x {micro} micro-batches")
+    per = pairs // blocks
+    plan = PackPlan(blocks, micro, per, 0, ())
+    block_rows = []
+    for b in range(blocks):
+        lengths = pair_tokens[plan.block_pairs(b)]
+        real = [k for k in range(per) if lengths[k] > 0]
+        rows = first_fit([int(lengths[k]) for k in real], pack_length)
+        block_rows.append(tuple(tuple(real[i] for i in row) for row in rows))
+    needed = max((len(r) for r in block_rows), default=0)
+    buckets = row_buckets(per)
+    rows_per_block = next(b for b in buckets if b >= max(needed, 1))
+    return PackPlan(blocks, micro, per, rows_per_block, tuple(block_rows))
+
+
+def collate_packed(
+    plan: PackPlan,
+    pairs: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]] | None],
+    example_index: np.ndarray,
+    first_block: int,
+    pack_length: int,
+    width: int,
+    pad_id: int,
+) -> PackedBatch:
+    """This process's `PackedBatch`: blocks `first_block ..` of `plan`, whose pairs are
+    `pairs` (`(prompt, chosen, rejected)` ids in global pair order from the first pair
+    of `first_block`; None for a padding pair) with `example_index` (-1: padding)."""
+    n, per, r_blk = plan.micro, plan.pairs_per_block, plan.rows_per_block
+    local_pairs = len(pairs)
+    local_blocks = local_pairs // per
+    shard0 = first_block // n
+    base_pair = shard0 * n * per
+    ids = np.full((local_blocks * r_blk, pack_length), pad_id, np.int32)
+    segments = np.zeros_like(ids)
+    positions = np.zeros_like(ids)
+    token_index = np.zeros((local_pairs, 2, width), np.int32)
+    attention = np.zeros((local_pairs, 2, width), np.int32)
+    completion = np.zeros((local_pairs, 2, width), np.int32)
+    for b in range(first_block, first_block + local_blocks):
+        d, a = divmod(b, n)
+        global_pairs = plan.block_pairs(b)
+        for r, row in enumerate(plan.block_rows[b]):
+            local_row = (d - shard0) * n * r_blk + a + r * n
+            micro_row = d * r_blk + r  # its position in micro-batch a
+            col, seg = 0, 0
+            for k in row:
+                q = int(global_pairs[k]) - base_pair
+                pair = pairs[q]
+                assert pair is not None, "a padding pair has no tokens to pack"
+                seqs, masks = formats.pair_sequences(*pair)
+                for side in (0, 1):
+                    t = len(seqs[side])
+                    seg += 1
+                    ids[local_row, col:col + t] = seqs[side]
+                    segments[local_row, col:col + t] = seg
+                    positions[local_row, col:col + t] = np.arange(t)
+                    token_index[q, side, :t] = micro_row * pack_length + col + np.arange(t)
+                    attention[q, side, :t] = 1
+                    completion[q, side, :t] = masks[side]
+                    col += t
+    completion[:, :, 0] = 0  # nothing predicts a sequence's first token
+    pair_mask = np.array([p is not None for p in pairs], np.int32)
+    return PackedBatch(ids, segments, positions, token_index, attention, completion, pair_mask,
+                       np.asarray(example_index, np.int32))
+
+
+def pair_tokens(lengths: np.ndarray) -> np.ndarray:
+    """Real tokens `[rows]` of each pair from its `(p, c, r)` lengths `[rows, 3]`: the
+    prompt twice and both answers, `2p + c + r` (`mmpo_jax.data.batches.real_tokens`
+    counts the same from a batch)."""
+    lengths = np.asarray(lengths, np.int64)
+    return 2 * lengths[:, 0] + lengths[:, 1] + lengths[:, 2]
