@@ -26,8 +26,8 @@ def data():
 
 def test_row_buckets_and_first_fit():
     assert row_buckets(1) == (1,)
-    assert row_buckets(8) == (1, 2, 3, 4, 6, 8)
-    assert row_buckets(20) == (1, 2, 3, 4, 6, 8, 12, 16, 20)
+    assert row_buckets(8) == (1, 2, 3, 4, 5, 6, 7, 8)
+    assert row_buckets(40) == (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 40)
     rows = first_fit([60, 50, 40, 30, 20, 10], 100)
     assert rows == [[0, 2], [1, 3, 4], [5]]  # longest first, each into the first row with room
     assert sorted(i for r in rows for i in r) == list(range(6))
@@ -125,3 +125,85 @@ def test_packed_training_equals_padded(data, overrides, devices):
     assert abs(want_train[-1]["rewards/margins"]) > 1e-4  # the policy moved: the steps mean something
     assert_same_history(got_train, want_train, f"packed {overrides}")
     assert_same_history(got_eval, want_eval, f"packed eval {overrides}")
+
+
+def test_packed_log_probs_equal_padded_ones_and_a_wrong_mask_is_caught(data):
+    """Every per-pair output the losses read (sequence log-probs summed and averaged,
+    both entropy estimators, LD-DPO's weights, WPO's weights, ORPO's whole-row NLL) from
+    packed rows equals the padded layout's; packed rows whose tokens see the other
+    sequences of their row (one segment per row) give other log-probs."""
+    import jax.numpy as jnp
+
+    from mmpo_jax.train.pair_logps import pair_logps
+
+    # weights large enough that a token's log-prob depends on its context
+    cfg = load_config("configs/tiny.yaml", ["mesh.data=1", "model.init.init_scale=0.3"])
+    trainer = build_trainer(cfg, devices=jax.devices()[:1])
+    model = trainer.sdef.policy(trainer.state)
+    spec = PackSpec(pack_length=128, shards=1, micro=1, width=64)
+    padded = device_batch(train_batches(data, 8, 0, process_index=0, process_count=1)[0], trainer.mesh)
+    packed = device_batch(train_batches(data, 8, 0, process_index=0, process_count=1, packing=spec)[0],
+                          trainer.mesh)
+
+    def outputs(batch, **kw):
+        out = pair_logps(model, batch, chunk=32, **kw)
+        return [np.asarray(x) for x in jax.tree.leaves(out)]
+
+    for kw in (dict(average=False, entropy_estimator="score_function", chosen_sequence=True, weighting=True),
+               dict(average=True, entropy_estimator="token"),
+               dict(average=False, ld_alpha=0.5)):
+        want, got = outputs(padded, **kw), outputs(packed, **kw)
+        assert len(want) == len(got) >= 2
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=str(kw))
+    logps = outputs(packed, average=False)[0]
+    # (positions that run on across a row would not be caught: RoPE sees only offsets
+    # within a segment, which a constant shift keeps)
+    one_segment = dict(packed, segment_ids=jnp.where(packed["segment_ids"] > 0, 1, 0))
+    assert np.abs(outputs(one_segment, average=False)[0] - logps).max() > 1.0
+
+
+def test_inspect_data_reports_real_and_computed_tokens_of_each_layout(data, capsys, tmp_path):
+    """`inspect-data`'s real and computed tokens equal the sums over the epoch's own
+    batches (built by `train_batches`, not by the plan), for both layouts."""
+    import json
+
+    from mmpo_jax import cli
+    from mmpo_jax.data.batches import steps_per_epoch
+
+    per_epoch = steps_per_epoch(len(data), 8)
+    spec = PackSpec(pack_length=128, shards=1, micro=1, width=64)
+    reports = {}
+    for packing in ("none", "packed"):
+        code = cli.main(["inspect-data", "configs/tiny.yaml", f"data.packing={packing}", "--json"])
+        assert code == 0
+        reports[packing] = json.loads(capsys.readouterr().out)["train"]["batches"]
+        built = train_batches(data, 8, 0, process_index=0, process_count=1,
+                              packing=spec if packing == "packed" else None)
+        batches = [built[s] for s in range(per_epoch)]
+        assert reports[packing]["real_tokens"] == sum(real_tokens(b) for b in batches)
+        assert reports[packing]["computed_tokens"] == sum(computed_tokens(b) for b in batches)
+    assert reports["none"]["real_tokens"] == reports["packed"]["real_tokens"]
+    rows = reports["packed"]["steps_per_row_count"]
+    assert sum(rows.values()) == per_epoch and len(rows) <= 8
+    cli.main(["inspect-data", "configs/tiny.yaml", "data.packing=packed"])
+    out = capsys.readouterr().out
+    assert "data.packing=packed: packed into rows of 128 tokens" in out and "fill 0." in out
+
+
+def test_precomputed_reference_table_is_the_same_from_packed_batches():
+    """`model.reference=precomputed`: the table of reference log-probs computed over
+    packed eval batches (the last one part padding) equals the padded layout's."""
+    from mmpo_jax.train.reference_cache import compute_table
+    from mmpo_jax.train.setup import initial_reference
+
+    tables = []
+    for packing in ("none", "packed"):
+        cfg = load_config("configs/tiny.yaml", ["mesh.data=2", "model.reference=precomputed",
+                                                 "model.init.init_scale=0.3", f"data.packing={packing}"])
+        test = load_preference_data(cfg.data, "test")
+        assert len(test) % cfg.data.batch_size  # a last batch with padding pairs
+        trainer = build_trainer(cfg, devices=jax.devices()[:2])
+        tables.append(compute_table(cfg, initial_reference(trainer), test, trainer.mesh))
+    assert np.all(tables[0] < 0)
+    np.testing.assert_allclose(tables[1], tables[0], rtol=1e-5)

@@ -56,7 +56,11 @@ def run(args: argparse.Namespace) -> int:
     from mmpo_jax.data import batches, pipeline
     from mmpo_jax.data.tokenizers import load_tokenizer
 
-    cfg = config_from_items(args.items).data
+    run_cfg = config_from_items(args.items)
+    cfg = run_cfg.data
+    # a run packs each batch shard's pairs apart; here: one shard (the fill of one device)
+    packing = None if cfg.packing == "none" else batches.PackSpec(
+        cfg.pack_length or 2 * cfg.max_length, 1, run_cfg.optim.grad_accum, cfg.max_length)
     datasets.disable_progress_bars()
     tokenizer = load_tokenizer(cfg.tokenizer)
     result: dict[str, Any] = {"tokenizer": _tokenizer_info(cfg.tokenizer, tokenizer)}
@@ -66,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
             continue
         entry: dict[str, Any] = data.report.to_dict()
         if which == "train":
-            entry["batches"] = batches.batch_plan(data, cfg.batch_size, cfg.seed).to_dict()
+            plan = batches.batch_plan(data, cfg.batch_size, cfg.seed, packing)
+            entry["batches"] = {**plan.to_dict(), "fill": plan.fill}
         else:
             entry["eval_batches"] = -(-len(data) // cfg.batch_size)
         entry["example"] = _example(data, cfg.batch_size, cfg.seed, shuffled=which == "train")
@@ -231,6 +236,16 @@ def _split_text(which: str, rep: dict[str, Any], cfg: Any) -> list[str]:
         lines.append(
             f"  {title:<28}" + "".join(f"{b['batches_per_bucket'][x]:>7}" for x in b["buckets"])
         )
+        layout = "padded to each batch's bucket" if b["packing"] == "none" else (
+            f"packed into rows of {cfg.pack_length or 2 * cfg.max_length} tokens (one batch shard)")
+        lines.append(
+            f"tokens (epoch 0, data.packing={b['packing']}: {layout}): {b['real_tokens']} real "
+            f"(prompt + chosen plus prompt + rejected), {b['computed_tokens']} computed, "
+            f"fill {b['fill']:.2f}"
+        )
+        if b["steps_per_row_count"]:
+            counts = ", ".join(f"{rows} rows: {k}" for rows, k in b["steps_per_row_count"].items())
+            lines.append(f"  packed rows per step ({len(b['steps_per_row_count'])} shapes): {counts}")
     else:
         padding = rep["eval_batches"] * cfg.batch_size - rep["kept"]
         lines.append(

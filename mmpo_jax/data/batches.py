@@ -236,24 +236,49 @@ class BatchPlan:
     buckets: list[int]
     rows_per_bucket: dict[int, int]  # by each row's own length
     batches_per_bucket: dict[int, int]  # by each global batch's padded length
+    packing: str = "none"
+    # over the epoch: `real_tokens` (2p + c + r per pair) and what the configured layout
+    # computes (`computed_tokens`: padding included)
+    real_tokens: int = 0
+    computed_tokens: int = 0
+    # packed: rows per step (shards x micro-batches x rows per block) -> steps
+    steps_per_row_count: dict[int, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def fill(self) -> float:
+        """Real tokens per computed token (1: no padding)."""
+        return self.real_tokens / self.computed_tokens if self.computed_tokens else 0.0
 
-def batch_plan(data: PreferenceData, batch_size: int, seed: int) -> BatchPlan:
+
+def batch_plan(data: PreferenceData, batch_size: int, seed: int, packing: PackSpec | None = None) -> BatchPlan:
     n = len(data)
     per_epoch = steps_per_epoch(n, batch_size)
     buckets = bucket_lengths(data.max_length, SMALLEST_BUCKET)
     seq = data.seq_lengths
+    tokens = pair_tokens(data.lengths)
     rows = {b: 0 for b in buckets}
     for length in seq:
         rows[bucket_for(int(length), buckets)] += 1
     batches = {b: 0 for b in buckets}
+    row_counts: dict[int, int] = {}
+    real = computed = 0
     order = epoch_order(n, seed) if per_epoch else None
     for step in range(per_epoch):
         idx = global_batch_rows(order, n, batch_size, step)
-        batches[bucket_for(int(seq[idx].max()), buckets)] += 1
+        bucket = bucket_for(int(seq[idx].max()), buckets)
+        batches[bucket] += 1
+        real += int(tokens[idx].sum())
+        if packing is None:
+            computed += 2 * batch_size * bucket
+        else:
+            plan = pack_plan(tokens[idx], packing.shards, packing.micro, packing.pack_length)
+            row_counts[plan.rows] = row_counts.get(plan.rows, 0) + 1
+            computed += plan.rows * packing.pack_length
     return BatchPlan(
-        batch_size, seed, per_epoch, n - per_epoch * batch_size, list(buckets), rows, batches
+        batch_size, seed, per_epoch, n - per_epoch * batch_size, list(buckets), rows, batches,
+        "none" if packing is None else "packed", real, computed,
+        None if packing is None else dict(sorted(row_counts.items())),
     )

@@ -7,7 +7,8 @@ shards x optim.grad_accum`, `P = pairs / blocks` pairs each. Each block's pairs 
 packed on their own into `R` rows, both sequences of a pair in one row (the pair's
 `2p + c + r` tokens fit: `data.pack_length >= 2 x data.max_length`), first-fit by
 decreasing length. `R` is the same for every block of the step: the smallest of
-`row_buckets(P)` that holds the fullest block, so an epoch compiles a few shapes.
+`row_buckets(P)` that holds the fullest block, so an epoch compiles a few shapes
+(at most `EXACT_ROWS` for the usual few pairs per block).
 
 `PackedBatch` (numpy; this process's pairs and rows, `rows = local blocks x R`):
 
@@ -56,16 +57,20 @@ class PackedBatch:
     example_index: np.ndarray  # int32 [pairs]
 
 
+EXACT_ROWS = 8  # up to this many rows a block takes exactly the rows it needs
+
+
 def row_buckets(pairs_per_block: int) -> tuple[int, ...]:
-    """Row counts a block may take: 1, 2, 3, 4, 6, 8, 12, ... (at most 1/3 more rows than
-    needed), capped by `pairs_per_block` (a row per pair always suffices)."""
-    out, k = [], 1
+    """Row counts a block may take: 1 .. EXACT_ROWS, then 12, 16, 24, 32, ... (at most
+    half as many rows again as needed), capped by `pairs_per_block` (a row per pair
+    always suffices). Exact small counts matter: a block of 8 pairs of ~1.2k tokens
+    needs 3-7 rows of 2048, and rounding 5 up to 6 wastes a sixth of the step."""
+    out = list(range(1, min(EXACT_ROWS, pairs_per_block) + 1))
+    k = EXACT_ROWS
     while k < pairs_per_block:
-        out.append(k)
-        if k >= 2 and k + k // 2 < pairs_per_block:
-            out.append(k + k // 2)
+        out += [k + k // 2, 2 * k]
         k *= 2
-    return (*sorted(set(out)), pairs_per_block)
+    return (*sorted(x for x in set(out) if x < pairs_per_block), pairs_per_block)
 
 
 def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
