@@ -370,7 +370,8 @@ def aot_check(cfg: RunConfig, topology: str) -> AotResult:
     """Compiles `cfg`'s train step for the TPU slice `topology` and reads its memory plan.
 
     The batch is `data.batch_size` pairs x 2 x `data.max_length` tokens (the largest
-    bucket a run pads to), split over `mesh.data` x `mesh.fsdp`. It fits when XLA
+    bucket a run pads to; packed: a row of `data.pack_length` per pair, the largest row
+    bucket), split over `mesh.data` x `mesh.fsdp`. It fits when XLA
     compiles it and its plan's total is at most `FIT_FRACTION` of HBM.
     """
     import jax
@@ -393,7 +394,9 @@ def aot_check(cfg: RunConfig, topology: str) -> AotResult:
     mode = cfg.model.reference
     sdef, state = abstract_train_state(arch, options, optimizer, mesh, reference_mode=mode,
                                        seed=cfg.train.seed, init_scale=cfg.model.init.init_scale)
-    batch = abstract_batch(cfg.data.batch_size, cfg.data.max_length, mesh, mode)
+    # packed: the largest row bucket, a row per pair (every block's pairs in rows of their own)
+    packed = None if cfg.data.packing == "none" else (cfg.data.batch_size, cfg.data.pack_length or 0)
+    batch = abstract_batch(cfg.data.batch_size, cfg.data.max_length, mesh, mode, packed)
     step = make_train_step(sdef, scfg, optimizer, mesh, state_shardings(state), batch)
     t0 = time.perf_counter()
     lowered = step.lower(state, batch)
@@ -414,9 +417,14 @@ def aot_check(cfg: RunConfig, topology: str) -> AotResult:
             "lora_rank": cfg.model.lora.rank, "reference": mode,
             "param_dtype": np.dtype(options.param_dtype).name,
             "compute_dtype": np.dtype(options.compute_dtype).name, "remat": options.remat,
+            "attention": options.attention_implementation(
+                arch.head_dim, soft_cap=arch.attn_logit_softcapping is not None),
+            # Pallas kernels in the program (splash attention's forward and backward)
+            "pallas_calls": lowered.as_text().count("tpu_custom_call"),
         },
         batch={
             "pairs": cfg.data.batch_size, "seq": cfg.data.max_length, "grad_accum": cfg.optim.grad_accum,
+            "packing": cfg.data.packing, "pack_length": cfg.data.pack_length,
             "pairs_per_device_per_micro_batch": cfg.data.batch_size // cfg.optim.grad_accum // shards,
         },
         per_device_bytes=plan, state_bytes_per_device=per_device_array_bytes((state, batch)),
@@ -441,7 +449,8 @@ def format_table(r: AotResult) -> str:
         f"aot-check: {r.topology} ({r.chips} x {r.device_kind}), mesh "
         + " x ".join(f"{k}={v}" for k, v in r.mesh.items()),
         f"  model: {m['params'] / 1e6:,.1f}M params ({m['trainable_params'] / 1e6:,.2f}M trained, {kind}), "
-        f"{m['param_dtype']} params, {m['compute_dtype']} compute, remat {m['remat']}, reference {m['reference']}",
+        f"{m['param_dtype']} params, {m['compute_dtype']} compute, remat {m['remat']}, reference {m['reference']}, "
+        f"attention {m.get('attention', '?')}",
         f"  batch: {r.batch['pairs']} pairs x 2 x {r.batch['seq']} tokens, grad_accum {r.batch['grad_accum']} "
         f"({r.batch['pairs_per_device_per_micro_batch']} pairs per device per micro-batch)",
     ]

@@ -180,7 +180,7 @@ class ModelConfig:
     # Log-softmax, RMSNorm statistics and the losses are float32 whatever this says.
     compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # auto = cudnn on GPU with a bfloat16 compute dtype (and a head_dim it takes), else xla.
-    attention: Literal["auto", "xla", "cudnn"] = "auto"
+    attention: Literal["auto", "xla", "cudnn", "splash"] = "auto"
     # Scan the layers (nnx.scan): compile time independent of depth.
     scan_layers: bool = True
     # Per-layer rematerialisation: none (keep all activations), full (keep only each

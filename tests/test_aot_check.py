@@ -169,19 +169,35 @@ def test_tiny_on_v5e_2x2_fits(capsys):
     assert out["topology"] == "v5e:2x2" and out["chips"] == 4 and out["device_kind"].startswith("TPU v5")
     assert out["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
     assert out["model"]["compute_dtype"] == "bfloat16" and out["model"]["reference"] == "separate"
-    assert out["batch"] == {"pairs": 8, "seq": 64, "grad_accum": 1, "pairs_per_device_per_micro_batch": 2}
+    assert out["batch"] == {"pairs": 8, "seq": 64, "grad_accum": 1, "packing": "none", "pack_length": 128,
+                            "pairs_per_device_per_micro_batch": 2}
+    # auto on TPU: the splash kernel, forward and backward, in policy and reference passes
+    assert out["model"]["attention"] == "splash" and out["model"]["pallas_calls"] >= 3
     assert out["compile_seconds"] > 0 and out["xla_refused"] is None
     assert 0 < out["state_bytes_per_device"] <= p["arguments"]  # XLA pads small arrays to TPU tiles
 
 
 @needs_libtpu
+def test_packed_tiny_with_splash_compiles_for_v5e_2x2(capsys):
+    """Packed rows (segment ids) through the splash kernel, compiled for TPU; a row of
+    pack_length (256, a multiple of the kernel's 128 block) per pair."""
+    assert main(["aot-check", "configs/tiny.yaml", "--topology", "v5e:2x2", "--json", "data.packing=packed",
+                 "data.max_length=128", "data.max_prompt_length=64"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["batch"]["packing"] == "packed" and out["batch"]["pack_length"] == 256
+    assert out["model"]["attention"] == "splash" and out["model"]["pallas_calls"] >= 3
+    assert out["fits"] is True
+
+
+@needs_libtpu
 def test_not_fitting_exits_3(capsys):
     """LoRA, precomputed reference log-probs, FSDP on a 3-D v5p slice, and a batch whose
-    [B, H, T, T] attention scores (XLA attention) cannot fit one chip: XLA:TPU refuses
+    [B, H, T, T] attention scores (XLA attention; splash, the TPU default, never
+    materialises them) cannot fit one chip: XLA:TPU refuses
     to compile it, and aot-check says so with XLA's own figures."""
     code = main(["aot-check", "configs/tiny.yaml", "--topology", "v5p:2x2x1", "--json", "model.lora.rank=4",
                  "model.reference=precomputed", "mesh.fsdp=-1", "mesh.data=1", "data.batch_size=512",
-                 "data.max_length=8192", "data.max_prompt_length=100"])
+                 "data.max_length=8192", "data.max_prompt_length=100", "model.attention=xla"])
     out = json.loads(capsys.readouterr().out)
     assert code == aot.EXIT_DOES_NOT_FIT
     assert out["fits"] is False and out["per_device_bytes"] is None

@@ -35,6 +35,7 @@ permutation (GGUF's llama.cpp permutation is undone by the GGUF reader).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -63,7 +64,8 @@ def _pick(sliding: Sliding, pair: tuple) -> Any:
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, options: ModelOptions, scale: float, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: LlamaConfig, options: ModelOptions, scale: float, *, rngs: nnx.Rngs,
+                 mesh: jax.sharding.Mesh | None = None):
         d, h, k, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         pd = options.param_dtype
         self.q_kernel = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), pd, "normal", scale)
@@ -102,6 +104,11 @@ class Attention(nnx.Module):
                       MaskSpec(causal=True, sliding_window=cfg.sliding_window, soft_cap=cap))
         self.compute_dtype = options.compute_dtype
         self.implementation = options.attention_implementation(hd, soft_cap=cap is not None)
+        # `auto` chose cuDNN, which takes no segment ids: packed rows then go to xla, said aloud
+        self.segments_to_xla = options.attention == "auto" and self.implementation == "cudnn"
+        # splash: a Pallas kernel runs in shard_map over the mesh, interpreted off TPU
+        self.mesh = mesh
+        self.interpret = not options.on_tpu
 
     def _project(self, x: jax.Array, lora_key: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """q `[B, T, heads, head_dim]`, k, v `[B, T, kv_heads, head_dim]` of x `[B, T, D]`, before RoPE."""
@@ -133,11 +140,19 @@ class Attention(nnx.Module):
         packed rows, a token attends only within its segment."""
         q, k, v = self._project(x, lora_key)
 
+        implementation = self.implementation
+        if segment_ids is not None and self.segments_to_xla:
+            implementation = "xla"
+            warnings.warn("packed rows on GPU: the cuDNN attention here takes no segment ids, so the "
+                          "attention is XLA's with a dense [T, T] mask per row (model.attention=xla "
+                          "says so without this warning)", stacklevel=2)
+
         def run(local: bool) -> jax.Array:
             cos, sin = ropes[local]
             rope = apply_rope if cos.ndim == 2 else apply_rope_rows
             return attention(rope(q, cos, sin), rope(k, cos, sin), v, self.masks[local],
-                             scale=self.scale, implementation=self.implementation, segment_ids=segment_ids)
+                             scale=self.scale, implementation=implementation, segment_ids=segment_ids,
+                             mesh=self.mesh, interpret=self.interpret)
 
         if isinstance(sliding, bool):
             out = run(sliding)
@@ -202,14 +217,15 @@ class DecoderLayer(nnx.Module):
     each block's output: `x + post_attention_layernorm(attn(input_layernorm(x)))`, then
     `x + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x)))`."""
 
-    def __init__(self, cfg: LlamaConfig, options: ModelOptions, scale: float, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: LlamaConfig, options: ModelOptions, scale: float, *, rngs: nnx.Rngs,
+                 mesh: jax.sharding.Mesh | None = None):
         sandwich = cfg.family.gemma_norms
 
         def norm() -> RMSNorm:
             return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, options.param_dtype, rngs=rngs, offset=sandwich)
 
         self.input_layernorm = norm()
-        self.self_attn = Attention(cfg, options, scale, rngs=rngs)
+        self.self_attn = Attention(cfg, options, scale, rngs=rngs, mesh=mesh)
         self.post_attention_layernorm = norm()
         self.pre_feedforward_layernorm: RMSNorm | None = norm() if sandwich else None
         self.post_feedforward_layernorm: RMSNorm | None = norm() if sandwich else None
@@ -295,12 +311,12 @@ class Llama(nnx.Module):
             @nnx.split_rngs(splits=n)
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def make(r: nnx.Rngs) -> DecoderLayer:
-                return DecoderLayer(cfg, options, s, rngs=r)
+                return DecoderLayer(cfg, options, s, rngs=r, mesh=mesh)
 
             self.layers = make(rngs)
         else:
             self.layers = nnx.List(
-                [DecoderLayer(cfg, options, s, rngs=rngs) for _ in range(cfg.num_hidden_layers)]
+                [DecoderLayer(cfg, options, s, rngs=rngs, mesh=mesh) for _ in range(cfg.num_hidden_layers)]
             )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, rngs=rngs, offset=cfg.family.gemma_norms)
         if cfg.tie_word_embeddings:

@@ -82,7 +82,7 @@ class ModelOptions:
 
     param_dtype: Any = jnp.float32
     compute_dtype: Any = jnp.float32
-    attention: Literal["auto", "xla", "cudnn"] = "auto"
+    attention: Literal["auto", "xla", "cudnn", "splash"] = "auto"
     scan_layers: bool = True
     remat: Literal["none", "full", "dots"] = "none"
     dropout: float = 0.0
@@ -128,23 +128,32 @@ class ModelOptions:
         )
 
     @property
+    def on_tpu(self) -> bool:
+        """The model runs (or is compiled ahead of time) for a TPU."""
+        return (self.backend or jax.default_backend()) == "tpu"
+
+    @property
     def uses_dropout(self) -> bool:
         """Whether training draws dropout masks (residual or LoRA dropout)."""
         return self.dropout > 0 or (self.lora is not None and self.lora.dropout > 0)
 
-    def attention_implementation(self, head_dim: int, soft_cap: bool = False) -> Literal["xla", "cudnn"]:
-        """The `implementation=` passed to `jax.nn.dot_product_attention` ('xla' or 'cudnn').
+    def attention_implementation(self, head_dim: int, soft_cap: bool = False
+                                 ) -> Literal["xla", "cudnn", "splash"]:
+        """The attention kernel: 'xla' or 'cudnn' (`jax.nn.dot_product_attention`'s) or
+        'splash' (the Pallas TPU kernel, `mmpo_jax.models.splash`; `auto` on TPU).
 
         `soft_cap`: the model caps its attention scores (Gemma 2), which
-        `jax.nn.dot_product_attention` has no argument for: `auto` is then xla (the
-        explicit-scores path) and `cudnn` a `UserError`."""
+        `jax.nn.dot_product_attention` has no argument for: `auto` is then splash on TPU,
+        else xla (the explicit-scores path), and `cudnn` a `UserError`."""
         if soft_cap and self.attention == "cudnn":
             raise UserError("model.attention=cudnn: cuDNN attention takes no attention logit soft-cap "
                             "(Gemma 2's attn_logit_softcapping); set model.attention to auto or xla")
-        if soft_cap:
-            return "xla"
         if self.attention != "auto":
             return self.attention
+        if self.on_tpu:
+            return "splash"
+        if soft_cap:
+            return "xla"
         low_precision = jnp.dtype(self.compute_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
         on_gpu = (self.backend or jax.default_backend()) == "gpu"
         if on_gpu and low_precision and head_dim % 8 == 0 and head_dim <= 128:
