@@ -240,3 +240,24 @@ def test_layout_flops_benchmark_on_a_tiny_shape(tmp_path, capsys):
         padded += 16 * next(b for b in (16, 32, 64) if b >= longest)
         real += sum(2 * q + a + b for q, a, b in zip(p, c, j))
     assert out["none_computed_per_real_token"] == pytest.approx(padded / real)
+
+
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_two_processes_build_the_halves_of_one_packed_batch(data, split):
+    """Each of 2 processes builds only its own shards' rows and pairs; side by side they
+    are the one-process batch (the global arrays `make_array_from_process_local_data`
+    assembles), the row count agreed without talking."""
+    spec = PackSpec(pack_length=128, shards=4, micro=2 if split == "train" else 1, width=64)
+
+    def batch(index, count):
+        if split == "train":
+            return train_batches(data, 8, 0, process_index=index, process_count=count, packing=spec)[3]
+        return eval_batches(data, 8, process_index=index, process_count=count, packing=spec)[len(data) // 8]
+
+    whole, halves = batch(0, 1), [batch(i, 2) for i in (0, 1)]
+    for key in ("input_ids", "segment_ids", "positions", "token_index", "attention_mask", "loss_mask",
+                "pair_mask", "example_index"):
+        np.testing.assert_array_equal(np.concatenate([getattr(h, key) for h in halves]), getattr(whole, key),
+                                      err_msg=key)
+    if split == "eval":
+        assert 0 < whole.pair_mask.sum() < 8  # the last eval batch: padding pairs too
