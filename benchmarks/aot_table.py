@@ -47,8 +47,10 @@ def row(d: dict) -> str:
     state = f"{state / GIB:.2f} GiB" if state is not None else "-"
     tensor = d["mesh"].get("tensor", 1)
     chips = f"{d['chips']}; tensor {tensor}" if tensor > 1 else f"{d['chips']}"
+    # results from before aot-check reported the kernel were all XLA attention
+    attention = d["model"].get("attention", "xla")
     return (f"| {model_label(d)} | {tuning_label(d)} | {d['model']['remat']} | `{d['topology']}` ({chips}) | "
-            f"{d['batch']['pairs']} | {memory_cell(d)} | {state} | {verdict} | "
+            f"{d['batch']['pairs']} | {d['batch']['seq']} | {attention} | {memory_cell(d)} | {state} | {verdict} | "
             f"{d['compile_seconds']:.0f} s |")
 
 
@@ -59,11 +61,12 @@ def table(results: list[dict]) -> str:
     def key(d: dict):
         label = model_label(d)
         return (order.index(label) if label in order else len(order), label, bool(d["model"]["lora_rank"]) is False,
-                d["topology"].split(":")[0], not d["fits"], d["chips"], d["mesh"].get("tensor", 1))
+                d["batch"]["seq"], d["topology"].split(":")[0], not d["fits"], d["chips"], d["mesh"].get("tensor", 1),
+                d["model"].get("attention", "xla"))
 
-    lines = ["| model | fine-tuning | remat | topology (chips) | pairs | per-chip total (of HBM) | "
+    lines = ["| model | fine-tuning | remat | topology (chips) | pairs | seq | attention | per-chip total (of HBM) | "
              "state per chip | verdict | compile |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [row(d) for d in sorted(results, key=key)]
     return "\n".join(lines)
 

@@ -153,3 +153,17 @@ def test_splash_negative_control_segments_matter():
     got = attention(q, k, v, MaskSpec(), scale=0.2, implementation="splash", interpret=True)
     want = attention(q, k, v, MaskSpec(), scale=0.2, implementation="xla", segment_ids=seg)
     assert np.abs(np.asarray(got) - np.asarray(want)).max() > 1e-2
+
+
+def test_auto_picks_splash_on_tpu_and_splash_is_refused_on_gpu():
+    from mmpo_jax.models.options import ModelOptions
+
+    def pick(attention, backend, soft_cap=False):
+        options = ModelOptions(param_dtype="float32", compute_dtype="bfloat16", attention=attention, backend=backend)
+        return options.attention_implementation(64, soft_cap=soft_cap)
+
+    assert pick("auto", "tpu") == "splash" and pick("auto", "tpu", soft_cap=True) == "splash"
+    assert pick("auto", "gpu") == "cudnn" and pick("auto", "gpu", soft_cap=True) == "xla"
+    assert pick("auto", "cpu") == "xla" and pick("splash", "cpu") == "splash"
+    with pytest.raises(UserError, match="splash is a TPU kernel"):
+        pick("splash", "gpu")

@@ -148,6 +148,9 @@ class ModelOptions:
         if soft_cap and self.attention == "cudnn":
             raise UserError("model.attention=cudnn: cuDNN attention takes no attention logit soft-cap "
                             "(Gemma 2's attn_logit_softcapping); set model.attention to auto or xla")
+        if self.attention == "splash" and (self.backend or jax.default_backend()) == "gpu":
+            raise UserError("model.attention=splash is a TPU kernel (on a GPU it would run in Pallas "
+                            "interpret mode, far too slow); set model.attention to auto, cudnn or xla")
         if self.attention != "auto":
             return self.attention
         if self.on_tpu:
