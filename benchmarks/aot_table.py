@@ -41,6 +41,12 @@ def memory_cell(d: dict) -> str:
     return f"{p['total'] / GIB:.2f} GiB ({p['total'] / d['device_memory_bytes']:.0%})"
 
 
+def seq_cell(d: dict) -> str:
+    """The sequence length, or a packed batch's row length (a row per pair)."""
+    b = d["batch"]
+    return f"{b['pack_length']} (packed)" if b.get("packing", "none") == "packed" else f"{b['seq']}"
+
+
 def row(d: dict) -> str:
     verdict = "**fits**" if d["fits"] else "does not fit"
     state = d.get("state_bytes_per_device")  # absent from results of aot-check before it reported it
@@ -50,7 +56,7 @@ def row(d: dict) -> str:
     # results from before aot-check reported the kernel were all XLA attention
     attention = d["model"].get("attention", "xla")
     return (f"| {model_label(d)} | {tuning_label(d)} | {d['model']['remat']} | `{d['topology']}` ({chips}) | "
-            f"{d['batch']['pairs']} | {d['batch']['seq']} | {attention} | {memory_cell(d)} | {state} | {verdict} | "
+            f"{d['batch']['pairs']} | {seq_cell(d)} | {attention} | {memory_cell(d)} | {state} | {verdict} | "
             f"{d['compile_seconds']:.0f} s |")
 
 
