@@ -260,18 +260,21 @@ class DataConfig:
     # none: each sequence in its own row, padded to the batch's bucket; packed: the
     # sequences of several pairs share rows of pack_length tokens (mmpo_jax/data/packing.py)
     packing: Literal["none", "packed"] = "none"
-    # tokens per packed row; None: 2 x max_length, the longest pair the truncation allows
+    # tokens per packed row; None: 2 x max_length when packed (the longest pair the
+    # truncation allows), and unused by packing none
     pack_length: int | None = None
 
     def settled(self) -> DataConfig:
-        """This config with `pack_length` at its default when unset."""
-        return dataclasses.replace(self, pack_length=2 * self.max_length if self.pack_length is None
-                                   else self.pack_length)
+        """This config with `pack_length` at its default when packed and unset (it stays
+        None under packing none, so a run saved before packing existed reads the same)."""
+        if self.packing != "packed" or self.pack_length is not None:
+            return self
+        return dataclasses.replace(self, pack_length=2 * self.max_length)
 
     def validate(self, prefix: str) -> None:
         _check(self.max_length >= 2, prefix, "max_length", self.max_length, "must be >= 2")
-        assert self.pack_length is not None, "validate a settled() DataConfig"
-        _check(self.pack_length >= 2 * self.max_length, prefix, "pack_length", self.pack_length,
+        assert self.packing != "packed" or self.pack_length is not None, "validate a settled() DataConfig"
+        _check(self.pack_length is None or self.pack_length >= 2 * self.max_length, prefix, "pack_length", self.pack_length,
                f"must hold the longest pair data.max_length={self.max_length} allows (prompt + chosen "
                f"plus prompt + rejected: {2 * self.max_length} tokens); set data.pack_length >= "
                f"{2 * self.max_length} or lower data.max_length")

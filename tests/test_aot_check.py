@@ -169,7 +169,7 @@ def test_tiny_on_v5e_2x2_fits(capsys):
     assert out["topology"] == "v5e:2x2" and out["chips"] == 4 and out["device_kind"].startswith("TPU v5")
     assert out["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
     assert out["model"]["compute_dtype"] == "bfloat16" and out["model"]["reference"] == "separate"
-    assert out["batch"] == {"pairs": 8, "seq": 64, "grad_accum": 1, "packing": "none", "pack_length": 128,
+    assert out["batch"] == {"pairs": 8, "seq": 64, "grad_accum": 1, "packing": "none", "pack_length": None,
                             "pairs_per_device_per_micro_batch": 2}
     # auto on TPU: the splash kernel, forward and backward, in policy and reference passes
     assert out["model"]["attention"] == "splash" and out["model"]["pallas_calls"] >= 3

@@ -278,11 +278,11 @@ def test_options_from_config():
 def test_auto_is_settled_for_a_named_backend():
     """`auto` resolves as it would on the named backend, whatever this machine is (what an
     ahead-of-time compile for another backend needs): bfloat16 compute off CPU, cuDNN
-    attention only on a GPU."""
+    attention only on a GPU, splash only on a TPU."""
     from mmpo_jax.config import load_config
 
     model = load_config(None).model  # compute_dtype auto, attention auto
-    expected = {"cpu": (jnp.float32, "xla"), "gpu": (jnp.bfloat16, "cudnn"), "tpu": (jnp.bfloat16, "xla")}
+    expected = {"cpu": (jnp.float32, "xla"), "gpu": (jnp.bfloat16, "cudnn"), "tpu": (jnp.bfloat16, "splash")}
     for backend, (compute, attention) in expected.items():
         o = ModelOptions.from_config(model, backend)
         assert (o.compute_dtype, o.attention_implementation(64)) == (compute, attention), backend

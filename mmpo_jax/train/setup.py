@@ -20,8 +20,6 @@ import numpy as np
 import optax
 
 from mmpo_jax.config_schema import RunConfig
-from mmpo_jax.data.batches import PackSpec
-from mmpo_jax.data.packing import PackedBatch
 from mmpo_jax.errors import UserError
 from mmpo_jax.models.build import build_model
 from mmpo_jax.models.llama_config import LlamaConfig, model_config_from_init
@@ -35,7 +33,8 @@ from mmpo_jax.train.step import (StepConfig, batch_shardings, check_batch_divisi
 
 if TYPE_CHECKING:
     from mmpo_jax.models.llama import Llama
-    from mmpo_jax.data.batches import PreferenceBatch
+    from mmpo_jax.data.batches import PackSpec, PreferenceBatch
+    from mmpo_jax.data.packing import PackedBatch
 
 
 def model_options(cfg: RunConfig, backend: str | None = None) -> ModelOptions:
@@ -180,6 +179,9 @@ def pack_spec(cfg: RunConfig, mesh: jax.sharding.Mesh) -> PackSpec | None:
     """How `cfg`'s batches are packed on `mesh` (None: `data.packing: none`)."""
     if cfg.data.packing == "none":
         return None
+    # imported here: a step built on arrays of its own (benchmarks/, the GPU image) loads no data code
+    from mmpo_jax.data.batches import PackSpec
+
     assert cfg.data.pack_length is not None, "a settled config"
     return PackSpec(cfg.data.pack_length, mesh.shape["data"] * mesh.shape["fsdp"], cfg.optim.grad_accum,
                     cfg.data.max_length)
@@ -261,6 +263,8 @@ def device_batch(batch: PreferenceBatch | PackedBatch, mesh: jax.sharding.Mesh,
     `ref_table` `[rows, 2]` (model.reference=precomputed): the reference log-probs of
     every example, looked up by `example_index` (padding pairs get 0; they are masked).
     """
+    from mmpo_jax.data.packing import PackedBatch  # as in `pack_spec`
+
     keys = PACKED_KEYS if isinstance(batch, PackedBatch) else BATCH_KEYS
     host = {k: np.asarray(getattr(batch, k)) for k in keys}
     if ref_table is not None:
