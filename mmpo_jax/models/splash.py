@@ -8,15 +8,10 @@ attention runs the kernel's multi-query form once per kv head over its group of 
 heads. Scores are scaled by scaling q first (the kernel applies no scale) and soft-capped
 by the kernel itself (Gemma 2).
 
-Its sequence length must be a multiple of its block size: rows are padded at the end up
-to a multiple of `BLOCK` (128, the smallest TPU bucket) inside this call. The padding is
-invisible to real tokens: they come first and attention is causal. A padded query sees
-only padding, never nothing, so no row is fully masked (the kernel returns garbage for
-those).
-
-Under a mesh the kernel runs in `shard_map` (a Pallas call cannot be split by XLA): rows
-over the batch axes, heads over `tensor` when the kv heads divide evenly. Off TPU it runs
-in Pallas interpret mode: exact, slow, for tests.
+Its sequence length must be a multiple of its block size: rows are padded up to a
+multiple of `BLOCK` (128, the smallest TPU bucket) inside this call, and it runs per
+device under a mesh (`mmpo_jax.models.kernel_rows`). Off TPU it runs in Pallas
+interpret mode: exact, slow, for tests.
 """
 
 from __future__ import annotations
@@ -26,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
+
+from mmpo_jax.models.kernel_rows import pad_rows, per_device
 
 if TYPE_CHECKING:
     from mmpo_jax.models.attention import MaskSpec
@@ -66,14 +63,10 @@ def _local(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | No
     """Splash attention on one device's rows: q `[B, T, N, H]`, k/v `[B, T, K, H]`."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
-    b, t, n, h = q.shape
+    t = q.shape[1]
+    q, k, v, segment_ids = pad_rows(q, k, v, segment_ids, BLOCK)
+    b, padded, n, h = q.shape
     kv = k.shape[2]
-    padded = -(-t // BLOCK) * BLOCK
-    pad = padded - t
-    if pad:
-        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
-        if segment_ids is not None:
-            segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
     kernel = _kernel(spec, padded, n // kv, interpret)
     # [B, K, G, T, H] queries against [B, K, T, H] keys and values
     qg = (q * jnp.asarray(scale, q.dtype)).reshape(b, padded, kv, n // kv, h).transpose(0, 2, 3, 1, 4)
@@ -96,20 +89,4 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, *
                      interpret: bool) -> jax.Array:
     """q `[B, T, N, H]` over k, v `[B, T, K, H]` (see the module docstring); returns
     `[B, T, N, H]` in v's dtype."""
-    fn = partial(_local, spec=spec, scale=scale, interpret=interpret)
-    if mesh is None:
-        return fn(q, k, v, segment_ids)
-    from jax.sharding import PartitionSpec as P
-
-    from mmpo_jax.sharding import BATCH_AXES
-
-    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    rows = BATCH_AXES if q.shape[0] % batch_shards == 0 else None
-    heads = "tensor" if k.shape[2] % mesh.shape["tensor"] == 0 and mesh.shape["tensor"] > 1 else None
-    qkv = P(rows, None, heads, None)
-    seg = P(rows, None)
-    if segment_ids is None:
-        return jax.shard_map(lambda a, b_, c: fn(a, b_, c, None), mesh=mesh, in_specs=(qkv, qkv, qkv),
-                             out_specs=qkv, check_vma=False)(q, k, v)
-    return jax.shard_map(fn, mesh=mesh, in_specs=(qkv, qkv, qkv, seg), out_specs=qkv,
-                         check_vma=False)(q, k, v, segment_ids)
+    return per_device(partial(_local, spec=spec, scale=scale, interpret=interpret), q, k, v, segment_ids, mesh)
