@@ -5,6 +5,9 @@
 #
 # Within GPU_ALL_BUDGET_S (default 540 s), in this order:
 #   1. nvidia-smi, versions (no torch/transformers import: metadata only);
+#   1b. packed attention (benchmarks/gpu_attention_check.py, at most ATTN_S = 90 s): the Pallas
+#      GPU kernel with segment ids against XLA's dense mask, numerics and fwd+bwd time
+#      -> $OUT/attention.json;
 #   2. step throughput, Llama-3.2-1B (the hardest targets): the matmul peak, our step as is
 #      (the config's defaults: remat=dots), remat=none, bf16 params, the peer eager and compiled
 #      -> $OUT/throughput_1b.json (+ .log);
@@ -15,7 +18,7 @@
 #      2048, 8 pairs, 4 if 8 does not fit; then, time allowing, 2 real steps with the measured
 #      peak) with the last FIT_RESERVE_S seconds -> $OUT/memory_fit_8b.json;
 #   5. the summary tables (benchmarks/gpu_summary.py) -> $OUT/table.md, printed last.
-# Everything printed also goes to $OUT/gpu_all.log. At most 7 files under $OUT.
+# Everything printed also goes to $OUT/gpu_all.log. At most 8 files under $OUT.
 #
 # CPU smoke test of the whole script (tiny shapes, minutes):
 #   GPU_ALL_SMOKE=1 JAX_PLATFORMS=cpu OUT=/tmp/gpu_all_smoke bash benchmarks/gpu_all.sh
@@ -32,10 +35,12 @@ if [ "${GPU_ALL_SMOKE:-0}" = 1 ]; then
     M1=tiny; MSMALL=tiny
     SHAPE=(--seq 64 --pairs 2 --steps 2 --warmup 1 --peak-size 256)
     FIT=(--model tiny --seq 64 --pairs 2 --run-min-s 5)
+    ATTN=(--smoke)
 else
     M1=llama3.2-1b; MSMALL=smollm2-360m,smollm2-135m
     SHAPE=(--seq 1024 --pairs 8 --steps 8 --warmup 3)
     FIT=()
+    ATTN=()
 fi
 
 exec > >(tee "$OUT/gpu_all.log") 2>&1
@@ -52,6 +57,11 @@ for p in ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "numpy"):
         v[p] = "absent"
 print("python", sys.version.split()[0], " ".join(f"{k} {x}" for k, x in v.items()))
 EOF
+
+# 1b. packed attention: numerics first (exit code 1 says they failed), then the times
+echo "== packed attention check (t=$(( $(date +%s) - START )) s)"
+timeout -k 5 "${ATTN_S:-90}" "$PY" benchmarks/gpu_attention_check.py "${ATTN[@]}" | tee "$OUT/attention.json"
+echo "gpu_attention_check exit code ${PIPESTATUS[0]}"
 
 # 2. Llama-3.2-1B
 a=$(( $(left) - FIT_RESERVE )); [ "$a" -gt "$A_BUDGET" ] && a=$A_BUDGET

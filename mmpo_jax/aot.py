@@ -418,7 +418,8 @@ def aot_check(cfg: RunConfig, topology: str) -> AotResult:
             "param_dtype": np.dtype(options.param_dtype).name,
             "compute_dtype": np.dtype(options.compute_dtype).name, "remat": options.remat,
             "attention": options.attention_implementation(
-                arch.head_dim, soft_cap=arch.attn_logit_softcapping is not None),
+                arch.head_dim, soft_cap=arch.attn_logit_softcapping is not None,
+                sliding_window=arch.sliding_window is not None),
             # Pallas kernels in the program (splash attention's forward and backward)
             "pallas_calls": lowered.as_text().count("tpu_custom_call"),
         },

@@ -179,8 +179,9 @@ class ModelConfig:
     # dtype of matmuls and activations; auto = bfloat16 on GPU/TPU, float32 on CPU.
     # Log-softmax, RMSNorm statistics and the losses are float32 whatever this says.
     compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    # auto = cudnn on GPU with a bfloat16 compute dtype (and a head_dim it takes), else xla.
-    attention: Literal["auto", "xla", "cudnn", "splash"] = "auto"
+    # auto = splash on TPU; cudnn on GPU with a bfloat16 compute dtype (and a head_dim it
+    # takes), xla there for packed rows; else xla. pallas_gpu: the Pallas GPU kernel (segments).
+    attention: Literal["auto", "xla", "cudnn", "splash", "pallas_gpu"] = "auto"
     # Scan the layers (nnx.scan): compile time independent of depth.
     scan_layers: bool = True
     # Per-layer rematerialisation: none (keep all activations), full (keep only each

@@ -102,9 +102,9 @@ def test_bad_specs_and_unsupported_backends_are_refused():
         attention(q, k, v, MaskSpec(), scale=0.3, implementation="flash")
 
 
-# The TPU splash kernel in Pallas interpret mode (slow: T <= 512, few heads), against the
-# xla backend (itself checked against numpy above).
-def _splash_vs_xla(spec, segments=None, *, t=200, n=2, kv=1, mesh=None, grads=False):
+# The Pallas kernels (TPU splash, the GPU flash kernel) in interpret mode (slow: T <= 512,
+# few heads), against the xla backend (itself checked against numpy above).
+def _kernel_vs_xla(impl, spec, segments=None, *, t=200, n=2, kv=1, mesh=None, grads=False):
     q, k, v = (jnp.asarray(a) for a in qkv(b=2, t=t, n=n, kv=kv, h=32, seed=3))
     seg = None if segments is None else jnp.asarray(segments)
 
@@ -117,7 +117,7 @@ def _splash_vs_xla(spec, segments=None, *, t=200, n=2, kv=1, mesh=None, grads=Fa
         weights = jnp.cos(jnp.arange(32.0))  # a loss that reads every output feature differently
         return [f(q, k, v), *jax.grad(lambda *a: jnp.sum(f(*a) * weights), argnums=(0, 1, 2))(q, k, v)]
 
-    for got, want in zip(run("splash"), run("xla")):
+    for got, want in zip(run(impl), run("xla")):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
 
 
@@ -131,11 +131,11 @@ def _two_segments(t, first):
 
 def test_splash_equals_xla_on_packed_rows_with_grouped_heads_forward_and_backward():
     # T = 200 is padded to 256 inside the call; 4 query heads on 2 kv heads
-    _splash_vs_xla(MaskSpec(), _two_segments(200, 70), n=4, kv=2, grads=True)
+    _kernel_vs_xla("splash", MaskSpec(), _two_segments(200, 70), n=4, kv=2, grads=True)
 
 
 def test_splash_window_and_soft_cap_equal_xla():
-    _splash_vs_xla(MaskSpec(sliding_window=50, soft_cap=3.0), _two_segments(256, 90), t=256)
+    _kernel_vs_xla("splash", MaskSpec(sliding_window=50, soft_cap=3.0), _two_segments(256, 90), t=256)
 
 
 def test_splash_under_a_mesh_equals_xla():
@@ -143,7 +143,7 @@ def test_splash_under_a_mesh_equals_xla():
     from mmpo_jax.sharding import make_mesh
 
     mesh = make_mesh(MeshConfig(data=2, fsdp=1, tensor=2), devices=jax.devices()[:4])
-    _splash_vs_xla(MaskSpec(), _two_segments(128, 40), t=128, n=4, kv=2, mesh=mesh)
+    _kernel_vs_xla("splash", MaskSpec(), _two_segments(128, 40), t=128, n=4, kv=2, mesh=mesh)
 
 
 def test_splash_negative_control_segments_matter():
@@ -167,3 +167,64 @@ def test_auto_picks_splash_on_tpu_and_splash_is_refused_on_gpu():
     assert pick("auto", "cpu") == "xla" and pick("splash", "cpu") == "splash"
     with pytest.raises(UserError, match="splash is a TPU kernel"):
         pick("splash", "gpu")
+
+
+def test_pallas_gpu_equals_xla_on_packed_rows_with_grouped_heads_forward_and_backward():
+    # T = 200 is padded to 256 inside the call; 4 query heads on 2 kv heads, repeated for it
+    _kernel_vs_xla("pallas_gpu", MaskSpec(), _two_segments(200, 70), n=4, kv=2, grads=True)
+
+
+def test_pallas_gpu_on_padded_rows_and_under_a_mesh_equals_xla():
+    from mmpo_jax.config_schema import MeshConfig
+    from mmpo_jax.sharding import make_mesh
+
+    _kernel_vs_xla("pallas_gpu", MaskSpec(), None, t=100, grads=True)  # packing none: causal only
+    mesh = make_mesh(MeshConfig(data=2, fsdp=1, tensor=2), devices=jax.devices()[:4])
+    _kernel_vs_xla("pallas_gpu", MaskSpec(), _two_segments(128, 40), t=128, n=4, kv=2, mesh=mesh)
+
+
+def test_pallas_gpu_negative_control_segments_matter():
+    q, k, v = (jnp.asarray(a) for a in qkv(b=2, t=128, n=2, kv=1, h=32, seed=3))
+    seg = jnp.asarray(_two_segments(128, 40))
+    got = attention(q, k, v, MaskSpec(), scale=0.2, implementation="pallas_gpu", interpret=True)
+    want = attention(q, k, v, MaskSpec(), scale=0.2, implementation="xla", segment_ids=seg)
+    assert np.abs(np.asarray(got) - np.asarray(want)).max() > 1e-2
+
+
+def test_pallas_gpu_is_opt_in_and_refuses_what_it_cannot_do():
+    from mmpo_jax.models.options import ModelOptions
+
+    def options(attention, backend):
+        return ModelOptions(param_dtype="float32", compute_dtype="bfloat16", attention=attention, backend=backend)
+
+    gpu = options("pallas_gpu", "gpu")
+    assert gpu.attention_implementation(64) == "pallas_gpu" and not gpu.interprets("pallas_gpu")
+    assert options("pallas_gpu", "cpu").interprets("pallas_gpu")  # the tests' interpret mode
+    assert options("auto", "gpu").attention_implementation(64) == "cudnn"  # not auto's pick
+    for soft_cap, sliding, what in ((True, False, "soft-cap"), (False, True, "sliding window")):
+        with pytest.raises(UserError, match=f"pallas_gpu.*{what}"):
+            gpu.attention_implementation(64, soft_cap=soft_cap, sliding_window=sliding)
+    with pytest.raises(UserError, match="pallas_gpu is a GPU"):
+        options("pallas_gpu", "tpu").attention_implementation(64)
+    q, k, v = (jnp.asarray(a) for a in qkv())
+    with pytest.raises(UserError, match="sliding window"):
+        attention(q, k, v, MaskSpec(sliding_window=3), scale=0.3, implementation="pallas_gpu", interpret=True)
+
+
+@pytest.mark.parametrize("kernel", ["pallas_gpu", "splash"])
+def test_the_device_attention_check_passes_interpreted_and_fails_without_segments(kernel, capsys):
+    """benchmarks/gpu_attention_check.py (run on the device for real) on its smoke shape:
+    the kernel's numerics pass, and the same kernel blind to the segments fails."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_attention_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_attention_check", path)
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    assert check.main(["--smoke", "--kernel", kernel]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["numerics_ok"] and out[f"{kernel}_ms"] > 0 and 0.5 < out["fill"] < 1.0
+    assert check.main(["--smoke", "--kernel", kernel, "--negative-control"]) == 1
+    assert json.loads(capsys.readouterr().out)["max_abs_err"]["kernel"]["out"] > 0.1

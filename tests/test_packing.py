@@ -129,6 +129,17 @@ def test_packed_training_equals_padded(data, overrides, devices):
     assert_same_history(got_eval, want_eval, f"packed eval {overrides}")
 
 
+def test_packed_training_through_the_pallas_gpu_kernel_equals_padded_xla(data):
+    """The Pallas GPU kernel (interpreted here) on packed rows, in shard_map over two
+    devices, trains as XLA attention on padded rows does."""
+    devs, base = jax.devices()[:2], ["loss.name=dpo", "mesh.data=2"]
+    want_train, want_eval = _history(base, data, devs, steps=3)
+    got_train, got_eval = _history(base + ["data.packing=packed", "model.attention=pallas_gpu"], data, devs,
+                                   steps=3)
+    assert_same_history(got_train, want_train, "packed pallas_gpu")
+    assert_same_history(got_eval, want_eval, "packed pallas_gpu eval")
+
+
 def test_packed_log_probs_equal_padded_ones_and_a_wrong_mask_is_caught(data):
     """Every per-pair output the losses read (sequence log-probs summed and averaged,
     both entropy estimators, LD-DPO's weights, WPO's weights, ORPO's whole-row NLL) from

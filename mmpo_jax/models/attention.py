@@ -8,10 +8,11 @@ segment); `cached_attention` attends over a KV cache (generation), where the cal
 
 Backends. `xla` and `cudnn` are `jax.nn.dot_product_attention`'s (cuDNN's fused
 kernel on GPU), `splash` the Pallas TPU kernel (`mmpo_jax.models.splash`: segment ids,
-windows and the soft-cap inside the kernel). Otherwise a soft-cap, which
+windows and the soft-cap inside the kernel), `pallas_gpu` the Pallas GPU flash kernel
+(`mmpo_jax.models.pallas_gpu`: causal, segment ids). Otherwise a soft-cap, which
 `jax.nn.dot_product_attention` does not take, and the KV cache use the explicit-scores
-path here (float32 scores and softmax, as the xla backend). With segment ids on GPU the
-xla backend masks a dense `[T, T]` score matrix: `auto` says so when it picks it.
+path here (float32 scores and softmax, as the xla backend). With segment ids the xla
+backend masks a dense `[T, T]` score matrix: on GPU `auto` says so when it picks it.
 Masked scores are a large finite negative rather than -inf, so a query that sees no
 key (a padding position) gets uniform weights instead of NaN.
 """
@@ -56,15 +57,16 @@ class MaskSpec:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, *, scale: float,
-              implementation: Literal["xla", "cudnn", "splash"], segment_ids: jax.Array | None = None,
+              implementation: Literal["xla", "cudnn", "splash", "pallas_gpu"], segment_ids: jax.Array | None = None,
               mesh: jax.sharding.Mesh | None = None, interpret: bool = False) -> jax.Array:
     """Grouped-query attention of q `[B, T, N, H]` over k, v `[B, T, K, H]` (K kv heads
     divide the N query heads: query head n reads kv head n // (N // K)).
 
     segment_ids `[B, T]` int: packed sequences, a query sees only keys of its own
-    segment. `implementation`: 'xla', 'cudnn' or 'splash' (`ModelOptions.attention_implementation`);
-    splash runs under `mesh`'s shard_map when given, in Pallas interpret mode with
-    `interpret` (off TPU). Returns `[B, T, N, H]` in v's dtype.
+    segment. `implementation`: 'xla', 'cudnn', 'splash' or 'pallas_gpu'
+    (`ModelOptions.attention_implementation`); the Pallas kernels run under `mesh`'s
+    shard_map when given, in Pallas interpret mode with `interpret` (off their backend).
+    Returns `[B, T, N, H]` in v's dtype.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r}: one of {IMPLEMENTATIONS}")
@@ -73,6 +75,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, *, scale
 
         return splash_attention(q, k, v, spec, scale=scale, segment_ids=segment_ids, mesh=mesh,
                                 interpret=interpret)
+    if implementation == "pallas_gpu":
+        if spec.sliding_window is not None or spec.soft_cap is not None or not spec.causal:
+            raise UserError("model.attention=pallas_gpu: the Pallas GPU kernel is causal without a "
+                            "sliding window or logit soft-cap; set model.attention to auto or xla")
+        from mmpo_jax.models.pallas_gpu import pallas_gpu_attention
+
+        return pallas_gpu_attention(q, k, v, scale=scale, segment_ids=segment_ids, mesh=mesh,
+                                    interpret=interpret)
     if implementation == "cudnn" and (spec.soft_cap is not None or segment_ids is not None):
         what = "a logit soft-cap" if spec.soft_cap is not None else "segment ids (packed sequences)"
         raise UserError(f"the cuDNN attention here takes no {what}: set model.attention=xla")

@@ -103,12 +103,13 @@ class Attention(nnx.Module):
         self.masks = (MaskSpec(causal=True, soft_cap=cap),
                       MaskSpec(causal=True, sliding_window=cfg.sliding_window, soft_cap=cap))
         self.compute_dtype = options.compute_dtype
-        self.implementation = options.attention_implementation(hd, soft_cap=cap is not None)
+        self.implementation = options.attention_implementation(hd, soft_cap=cap is not None,
+                                                               sliding_window=cfg.sliding_window is not None)
         # `auto` chose cuDNN, which takes no segment ids: packed rows then go to xla, said aloud
         self.segments_to_xla = options.attention == "auto" and self.implementation == "cudnn"
-        # splash: a Pallas kernel runs in shard_map over the mesh, interpreted off TPU
+        # the Pallas kernels run in shard_map over the mesh, interpreted off their backend
         self.mesh = mesh
-        self.interpret = not options.on_tpu
+        self.interpret = options.interprets(self.implementation)
 
     def _project(self, x: jax.Array, lora_key: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """q `[B, T, heads, head_dim]`, k, v `[B, T, kv_heads, head_dim]` of x `[B, T, D]`, before RoPE."""
@@ -144,8 +145,9 @@ class Attention(nnx.Module):
         if segment_ids is not None and self.segments_to_xla:
             implementation = "xla"
             warnings.warn("packed rows on GPU: the cuDNN attention here takes no segment ids, so the "
-                          "attention is XLA's with a dense [T, T] mask per row (model.attention=xla "
-                          "says so without this warning)", stacklevel=2)
+                          "attention is XLA's with a dense [T, T] mask per row; model.attention="
+                          "pallas_gpu runs the fused Pallas kernel with segment ids instead "
+                          "(model.attention=xla keeps XLA's without this warning)", stacklevel=2)
 
         def run(local: bool) -> jax.Array:
             cos, sin = ropes[local]

@@ -82,7 +82,7 @@ class ModelOptions:
 
     param_dtype: Any = jnp.float32
     compute_dtype: Any = jnp.float32
-    attention: Literal["auto", "xla", "cudnn", "splash"] = "auto"
+    attention: Literal["auto", "xla", "cudnn", "splash", "pallas_gpu"] = "auto"
     scan_layers: bool = True
     remat: Literal["none", "full", "dots"] = "none"
     dropout: float = 0.0
@@ -132,25 +132,43 @@ class ModelOptions:
         """The model runs (or is compiled ahead of time) for a TPU."""
         return (self.backend or jax.default_backend()) == "tpu"
 
+    def interprets(self, implementation: str) -> bool:
+        """Whether a Pallas kernel runs in interpret mode: off the backend it is written
+        for (splash: TPU, pallas_gpu: GPU), exact and slow, as the tests run it."""
+        backend = self.backend or jax.default_backend()
+        return {"splash": backend != "tpu", "pallas_gpu": backend != "gpu"}.get(implementation, False)
+
     @property
     def uses_dropout(self) -> bool:
         """Whether training draws dropout masks (residual or LoRA dropout)."""
         return self.dropout > 0 or (self.lora is not None and self.lora.dropout > 0)
 
-    def attention_implementation(self, head_dim: int, soft_cap: bool = False
-                                 ) -> Literal["xla", "cudnn", "splash"]:
-        """The attention kernel: 'xla' or 'cudnn' (`jax.nn.dot_product_attention`'s) or
-        'splash' (the Pallas TPU kernel, `mmpo_jax.models.splash`; `auto` on TPU).
+    def attention_implementation(self, head_dim: int, soft_cap: bool = False, sliding_window: bool = False
+                                 ) -> Literal["xla", "cudnn", "splash", "pallas_gpu"]:
+        """The attention kernel: 'xla' or 'cudnn' (`jax.nn.dot_product_attention`'s),
+        'splash' (the Pallas TPU kernel, `mmpo_jax.models.splash`; `auto` on TPU) or
+        'pallas_gpu' (the Pallas GPU kernel, `mmpo_jax.models.pallas_gpu`; opt-in).
 
         `soft_cap`: the model caps its attention scores (Gemma 2), which
         `jax.nn.dot_product_attention` has no argument for: `auto` is then splash on TPU,
-        else xla (the explicit-scores path), and `cudnn` a `UserError`."""
+        else xla (the explicit-scores path), and `cudnn` a `UserError`. `sliding_window`:
+        some layers attend within a window, which the Pallas GPU kernel does not take."""
+        backend = self.backend or jax.default_backend()
         if soft_cap and self.attention == "cudnn":
             raise UserError("model.attention=cudnn: cuDNN attention takes no attention logit soft-cap "
                             "(Gemma 2's attn_logit_softcapping); set model.attention to auto or xla")
-        if self.attention == "splash" and (self.backend or jax.default_backend()) == "gpu":
+        if self.attention == "splash" and backend == "gpu":
             raise UserError("model.attention=splash is a TPU kernel (on a GPU it would run in Pallas "
-                            "interpret mode, far too slow); set model.attention to auto, cudnn or xla")
+                            "interpret mode, far too slow); set model.attention to auto, pallas_gpu, "
+                            "cudnn or xla")
+        if self.attention == "pallas_gpu":
+            if backend == "tpu":
+                raise UserError("model.attention=pallas_gpu is a GPU (Triton) kernel; on TPU set "
+                                "model.attention to auto or splash")
+            if soft_cap or sliding_window:
+                what = "an attention logit soft-cap" if soft_cap else "a sliding window"
+                raise UserError(f"model.attention=pallas_gpu: the Pallas GPU kernel takes no {what} "
+                                f"(this model has one); set model.attention to auto or xla")
         if self.attention != "auto":
             return self.attention
         if self.on_tpu:
