@@ -44,7 +44,8 @@ def memory_cell(d: dict) -> str:
 def seq_cell(d: dict) -> str:
     """The sequence length, or a packed batch's row length (a row per pair)."""
     b = d["batch"]
-    return f"{b['pack_length']} (packed)" if b.get("packing", "none") == "packed" else f"{b['seq']}"
+    packing = b.get("packing", "none")
+    return f"{b['seq']}" if packing == "none" else f"{b['pack_length']} ({packing.replace('_', ' ')})"
 
 
 def row(d: dict) -> str:

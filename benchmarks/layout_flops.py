@@ -1,4 +1,5 @@
-"""Compute per pair of `data.packing: none` against `packed`, from XLA's own FLOP count.
+"""Compute per pair of `data.packing: none` against `packed` and `shared_prompt`, from
+XLA's own FLOP count.
 
 For a model shape (default: Llama-3.2-1B) it builds our real train step (MMPO, full
 fine-tuning, reference `separate`) entirely abstractly (`abstract_train_state`: nothing
@@ -12,15 +13,19 @@ of `--lengths` (JSON lines of untruncated `prompt`, `chosen`, `rejected` token c
 truncated as the data pipeline truncates (`data.max_length`, `data.max_prompt_length`),
 and laid out as a run lays them out: `none` pads every sequence of a batch to its bucket
 (`mmpo_jax.data.batches`), `packed` packs a batch's pairs into rows of `--pack-length`
-(`mmpo_jax.data.packing`, one device, one micro-batch).
+(`mmpo_jax.data.packing`, one device, one micro-batch), `shared_prompt` the same with
+each pair one sequence `p + c + r` long (XLA attention: one dense call under the
+branched mask; the Pallas kernels: two segment calls,
+`mmpo_jax.models.attention.branched_segments`).
 
 It checks the `none` count against the analytic count of the step's matmuls (within
 5%), and reports attention FLOPs two ways: as XLA counts them (dense `[T, T]` scores per
 row, what `jax.nn.dot_product_attention`'s XLA path computes) and segment-aware (only
 the `[s, s]` blocks of each sequence's own tokens, what a kernel that skips other
-segments' blocks computes). The last line is one JSON object:
-`{"none_flops_per_pair", "packed_flops_per_pair", "ratio", ...}` (ratio = packed / none,
-both with XLA's dense attention count) plus computed tokens per real token for each.
+segments' blocks computes; for shared_prompt the blocks of both calls). The last line
+is one JSON object: `{"none_flops_per_pair", "packed_flops_per_pair", "ratio",
+"shared_prompt_flops_per_pair", "shared_prompt_ratio", ...}` (ratios over none, all with
+XLA's dense attention count) plus computed tokens per real token for each.
 
     JAX_PLATFORMS=cpu python benchmarks/layout_flops.py \
         --lengths ../shared/bench/lengths_ultrafeedback_like.jsonl
@@ -64,11 +69,13 @@ def read_lengths(path: str, pairs: int, max_length: int, max_prompt_length: int 
 
 
 def layouts(lengths: np.ndarray, batch: int, max_length: int, pack_length: int) -> list[dict]:
-    """Per batch: its `none` bucket, its `packed` row count, real tokens and the
-    sequences' lengths (for the attention counts)."""
+    """Per batch: its `none` bucket, its `packed` and `shared_prompt` row counts, real
+    tokens, the sequences' lengths and the shared layout's attention segments (both
+    calls: prompt + chosen and the rejected answer alone, prompt + rejected and the
+    chosen answer alone), for the attention counts."""
     from mmpo_jax.buckets import bucket_for, bucket_lengths
     from mmpo_jax.data.batches import SMALLEST_BUCKET
-    from mmpo_jax.data.packing import pack_plan, pair_tokens
+    from mmpo_jax.data.packing import pack_plan, pair_tokens, row_tokens
 
     buckets = bucket_lengths(max_length, SMALLEST_BUCKET)
     out = []
@@ -76,8 +83,10 @@ def layouts(lengths: np.ndarray, batch: int, max_length: int, pack_length: int) 
         part = lengths[start:start + batch]
         seqs = np.concatenate([part[:, 0] + part[:, 1], part[:, 0] + part[:, 2]])
         plan = pack_plan(pair_tokens(part), shards=1, micro=1, pack_length=pack_length)
-        out.append(dict(bucket=bucket_for(int(seqs.max()), buckets), rows=plan.rows,
-                        real=int(pair_tokens(part).sum()), seqs=seqs))
+        shared = pack_plan(row_tokens(part, True), shards=1, micro=1, pack_length=pack_length)
+        out.append(dict(bucket=bucket_for(int(seqs.max()), buckets), rows=plan.rows, shared_rows=shared.rows,
+                        real=int(pair_tokens(part).sum()), seqs=seqs,
+                        shared_segments=np.concatenate([seqs, part[:, 1], part[:, 2]])))
     return out
 
 
@@ -149,20 +158,24 @@ def main(argv: list[str] | None = None) -> dict:
             if key[0] == "none":
                 batch = abstract_batch(args.batch, key[1], mesh, "separate")
             else:
-                batch = abstract_batch(args.batch, args.max_length, mesh, "separate", packed=(key[1], pack))
+                batch = abstract_batch(args.batch, args.max_length, mesh, "separate", packed=(key[1], pack),
+                                       shared=key[0] == "shared_prompt")
             step = make_train_step(sdef, scfg, optimizer, mesh, state_shardings(state), batch)
             cache[key] = lowered_flops(step, state, batch)
             print(f"  lowered {key[0]} {key[1]}: {cache[key]:.4g} FLOPs ({time.perf_counter() - t0:.1f} s)",
                   file=sys.stderr, flush=True)
         return cache[key]
 
-    total = {"none": 0.0, "packed": 0.0, "none_tokens": 0, "packed_tokens": 0, "real": 0,
-             "none_dense_attention": 0.0, "packed_dense_attention": 0.0, "segment_attention": 0.0,
+    total = {"none": 0.0, "packed": 0.0, "shared": 0.0, "none_tokens": 0, "packed_tokens": 0,
+             "shared_tokens": 0, "real": 0, "none_dense_attention": 0.0, "packed_dense_attention": 0.0,
+             "shared_dense_attention": 0.0, "segment_attention": 0.0, "shared_segment_attention": 0.0,
              "none_analytic": 0.0}
     for b in plan:
         rows_none = 2 * args.batch
         total["none"] += flops(("none", b["bucket"]))
         total["packed"] += flops(("packed", b["rows"]))
+        total["shared"] += flops(("shared_prompt", b["shared_rows"]))
+        total["shared_tokens"] += b["shared_rows"] * pack
         total["none_tokens"] += rows_none * b["bucket"]
         total["packed_tokens"] += b["rows"] * pack
         total["real"] += b["real"]
@@ -171,6 +184,13 @@ def main(argv: list[str] | None = None) -> dict:
         total["none_dense_attention"] += a_none["attention"]
         total["packed_dense_attention"] += analytic_flops(arch, b["rows"], pack, b["rows"] * pack**2)["attention"]
         total["segment_attention"] += analytic_flops(arch, 0, 0, int((b["seqs"] ** 2).sum()))["attention"]
+        # XLA: one dense call with both views' mask; the segment-aware count is the Pallas
+        # kernels' two segment calls (prompt + chosen with the rejected answer alone, and
+        # prompt + rejected with the chosen answer alone)
+        total["shared_dense_attention"] += analytic_flops(arch, b["shared_rows"], pack,
+                                                          b["shared_rows"] * pack**2)["attention"]
+        total["shared_segment_attention"] += analytic_flops(
+            arch, 0, 0, int((b["shared_segments"] ** 2).sum()))["attention"]
     pairs = len(plan) * args.batch
     off = total["none"] / total["none_analytic"] - 1
     ok = abs(off) <= 0.05
@@ -178,21 +198,29 @@ def main(argv: list[str] | None = None) -> dict:
           f"({off:+.1%}{'' if ok else ': MORE THAN 5% OFF'})", file=sys.stderr)
     segment_none = total["none"] - total["none_dense_attention"] + total["segment_attention"]
     segment_packed = total["packed"] - total["packed_dense_attention"] + total["segment_attention"]
+    segment_shared = total["shared"] - total["shared_dense_attention"] + total["shared_segment_attention"]
     result = {
         "model": args.model, "pairs": pairs, "batch": args.batch, "max_length": args.max_length,
         "pack_length": pack, "shapes": {"none": sorted({b["bucket"] for b in plan}),
-                                        "packed_rows": sorted({b["rows"] for b in plan})},
+                                        "packed_rows": sorted({b["rows"] for b in plan}),
+                                        "shared_prompt_rows": sorted({b["shared_rows"] for b in plan})},
         "none_flops_per_pair": total["none"] / pairs,
         "packed_flops_per_pair": total["packed"] / pairs,
         "ratio": total["packed"] / total["none"],
         "none_computed_per_real_token": total["none_tokens"] / total["real"],
         "packed_computed_per_real_token": total["packed_tokens"] / total["real"],
+        "shared_prompt_flops_per_pair": total["shared"] / pairs,
+        "shared_prompt_ratio": total["shared"] / total["none"],
+        "shared_prompt_computed_per_real_token": total["shared_tokens"] / total["real"],
         "attention_flops_per_pair": {
             "none_dense": total["none_dense_attention"] / pairs,
             "packed_dense": total["packed_dense_attention"] / pairs,
             "segment_aware": total["segment_attention"] / pairs,
+            "shared_prompt_dense": total["shared_dense_attention"] / pairs,
+            "shared_prompt_segment_aware": total["shared_segment_attention"] / pairs,
         },
         "segment_aware_ratio": segment_packed / segment_none,
+        "shared_prompt_segment_aware_ratio": segment_shared / segment_none,
         "none_vs_analytic": off,
     }
     print(json.dumps(result))

@@ -396,7 +396,8 @@ def aot_check(cfg: RunConfig, topology: str) -> AotResult:
                                        seed=cfg.train.seed, init_scale=cfg.model.init.init_scale)
     # packed: the largest row bucket, a row per pair (every block's pairs in rows of their own)
     packed = None if cfg.data.packing == "none" else (cfg.data.batch_size, cfg.data.pack_length or 0)
-    batch = abstract_batch(cfg.data.batch_size, cfg.data.max_length, mesh, mode, packed)
+    batch = abstract_batch(cfg.data.batch_size, cfg.data.max_length, mesh, mode, packed,
+                           cfg.data.packing == "shared_prompt")
     step = make_train_step(sdef, scfg, optimizer, mesh, state_shardings(state), batch)
     t0 = time.perf_counter()
     lowered = step.lower(state, batch)

@@ -259,25 +259,26 @@ class DataConfig:
     # None: datasets' cache (HF_DATASETS_CACHE); tokenized data goes to mmpo_jax_tokenized/ in it
     cache_dir: str | None = None
     # none: each sequence in its own row, padded to the batch's bucket; packed: the
-    # sequences of several pairs share rows of pack_length tokens (mmpo_jax/data/packing.py)
-    packing: Literal["none", "packed"] = "none"
-    # tokens per packed row; None: 2 x max_length when packed (the longest pair the
-    # truncation allows), and unused by packing none
+    # sequences of several pairs share rows of pack_length tokens; shared_prompt: as packed,
+    # each pair one sequence prompt | chosen | rejected (mmpo_jax/data/packing.py)
+    packing: Literal["none", "packed", "shared_prompt"] = "none"
+    # tokens per packed row; None: 2 x max_length when packed or shared_prompt (the longest
+    # pair the truncation allows), and unused by packing none
     pack_length: int | None = None
 
     def settled(self) -> DataConfig:
-        """This config with `pack_length` at its default when packed and unset (it stays
+        """This config with `pack_length` at its default when packing and unset (it stays
         None under packing none, so a run saved before packing existed reads the same)."""
-        if self.packing != "packed" or self.pack_length is not None:
+        if self.packing == "none" or self.pack_length is not None:
             return self
         return dataclasses.replace(self, pack_length=2 * self.max_length)
 
     def validate(self, prefix: str) -> None:
         _check(self.max_length >= 2, prefix, "max_length", self.max_length, "must be >= 2")
-        assert self.packing != "packed" or self.pack_length is not None, "validate a settled() DataConfig"
+        assert self.packing == "none" or self.pack_length is not None, "validate a settled() DataConfig"
         _check(self.pack_length is None or self.pack_length >= 2 * self.max_length, prefix, "pack_length", self.pack_length,
-               f"must hold the longest pair data.max_length={self.max_length} allows (prompt + chosen "
-               f"plus prompt + rejected: {2 * self.max_length} tokens); set data.pack_length >= "
+               f"must hold the longest pair data.max_length={self.max_length} allows ({2 * self.max_length} "
+               f"tokens: prompt + chosen and prompt + rejected, each up to max_length); set data.pack_length >= "
                f"{2 * self.max_length} or lower data.max_length")
         if self.max_prompt_length is not None:
             _check(

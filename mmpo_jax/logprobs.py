@@ -249,6 +249,7 @@ def model_token_logps(
     dropout_key: jax.Array | None = None,
     positions: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
+    sources: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, ...]:
     """Per-token log-probs `[B, T]` of `input_ids` under `model` (a `Llama`), aligned
     with `input_ids` (see the module docstring): `logps[:, t] = log p(input_ids[:, t]
@@ -259,10 +260,18 @@ def model_token_logps(
     None = the naive full-logits path (tests). With `with_entropy`, also the entropy
     `[B, T]` of the distribution each token was drawn from; with `with_log_sum_sq`, then
     its `log sum_v p_v^2` `[B, T]` (WPO's weights; no gradient). Packed rows pass
-    `positions` and `segment_ids` `[B, T]` (see `Llama.__call__`); the value at a
-    segment's first token then comes from the segment before it, and the caller masks it.
+    `positions` and `segment_ids` (see `Llama.__call__`) and `sources` `[B, T]`: the
+    position whose hidden state predicts each token (the shift made explicit, so a
+    shared prompt can predict both answers' first tokens); `logps[:, t] = log p(
+    input_ids[:, t] | hidden[:, sources[:, t]])`, and the caller masks the tokens
+    nothing predicts.
     """
     hidden = model(input_ids, dropout_key=dropout_key, positions=positions, segment_ids=segment_ids)
+    if sources is not None:
+        predictors = jnp.take_along_axis(hidden, sources[:, :, None], axis=1)
+        head = token_logps_naive if chunk is None else partial(token_logps_chunked, chunk=chunk)
+        return head(predictors, model.lm_head_kernel(), input_ids, with_entropy=with_entropy,
+                    with_log_sum_sq=with_log_sum_sq, soft_cap=model.logit_soft_cap)
     return shifted_token_logps(
         hidden, model.lm_head_kernel(), input_ids, chunk=chunk, with_entropy=with_entropy,
         with_log_sum_sq=with_log_sum_sq, soft_cap=model.logit_soft_cap,

@@ -228,3 +228,43 @@ def test_the_device_attention_check_passes_interpreted_and_fails_without_segment
     assert out["numerics_ok"] and out[f"{kernel}_ms"] > 0 and 0.5 < out["fill"] < 1.0
     assert check.main(["--smoke", "--kernel", kernel, "--negative-control"]) == 1
     assert json.loads(capsys.readouterr().out)["max_abs_err"]["kernel"]["out"] > 0.1
+
+
+def _branched_row(t=256, lengths=((30, 1, 60), (5, 40, 2), (70, 20, 20))):
+    """One row of pairs prompt | chosen | rejected (then padding): `[2, 1, T]` views and,
+    per pair, the row columns of its prompt + chosen and prompt + rejected sequences."""
+    from mmpo_jax.models.attention import branched_segments
+
+    seg, branch = np.zeros((1, t), np.int32), np.zeros((1, t), np.int32)
+    sequences, col = [], 0
+    for s, (p, c, r) in enumerate(lengths, start=1):
+        seg[0, col:col + p + c + r] = s
+        branch[0, col + p:col + p + c], branch[0, col + p + c:col + p + c + r] = 1, 2
+        prompt = np.arange(col, col + p)
+        sequences += [np.concatenate([prompt, col + p + np.arange(c)]),
+                      np.concatenate([prompt, col + p + c + np.arange(r)])]
+        col += p + c + r
+    return branched_segments(jnp.asarray(seg), jnp.asarray(branch)), sequences
+
+
+def test_branched_attention_is_each_answer_after_its_prompt_alone():
+    """The shared-prompt row's attention, at each answer's tokens, equals causal attention
+    over that answer's own prompt + answer sequence cut out of the row (an independent
+    construction: no segment ids at all); the prompt sees only itself."""
+    views, sequences = _branched_row()
+    q, k, v = (jnp.asarray(a) for a in qkv(b=1, t=256, n=4, kv=2, h=16, seed=5))
+    got = np.asarray(attention(q, k, v, MaskSpec(), scale=0.25, implementation="xla", segment_ids=views))
+    for cols in sequences:
+        want = attention(q[:, cols], k[:, cols], v[:, cols], MaskSpec(), scale=0.25, implementation="xla")
+        np.testing.assert_allclose(got[:, cols], np.asarray(want), atol=1e-5, rtol=1e-5)
+    # negative control: one view (the rejected answers see the chosen ones) differs there
+    blind = np.asarray(attention(q, k, v, MaskSpec(), scale=0.25, implementation="xla", segment_ids=views[0] // 2))
+    assert np.abs(blind[:, sequences[1]] - got[:, sequences[1]]).max() > 1e-2
+
+
+@pytest.mark.parametrize("kernel", ["splash", "pallas_gpu"])
+def test_branched_rows_through_the_pallas_kernels_equal_xla(kernel):
+    """The two segment calls of the Pallas kernels against XLA's one union mask, forward
+    and backward, grouped heads."""
+    views, _ = _branched_row()
+    _kernel_vs_xla(kernel, MaskSpec(), np.asarray(views).repeat(2, axis=1), t=256, n=4, kv=2, grads=True)

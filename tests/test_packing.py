@@ -113,17 +113,19 @@ def _history(overrides, data, devices, steps=STEPS):
     return history, evals
 
 
-@pytest.mark.parametrize("overrides,devices", [
-    (["loss.name=mmpo", "mesh.data=2", "mesh.fsdp=2", "optim.grad_accum=2"], 4),
-    (["loss.name=dpo", "model.lora.rank=4", "optim.learning_rate=1e-2", "mesh.data=1"], 1),
-    (["loss.name=simpo", "mesh.data=1"], 1),
-], ids=["mmpo-full-2x2-accum2", "dpo-lora", "simpo-full"])
-def test_packed_training_equals_padded(data, overrides, devices):
-    """5 steps and then an eval on packed batches equal the same on padded batches
-    (benchmarks/packing_exactness.py runs every loss x LoRA/full)."""
+@pytest.mark.parametrize("overrides,devices,layout", [
+    (["loss.name=mmpo", "mesh.data=2", "mesh.fsdp=2", "optim.grad_accum=2"], 4, "packed"),
+    (["loss.name=dpo", "model.lora.rank=4", "optim.learning_rate=1e-2", "mesh.data=1"], 1, "packed"),
+    (["loss.name=simpo", "mesh.data=1"], 1, "packed"),
+    (["loss.name=mmpo", "mesh.data=2", "mesh.fsdp=2", "optim.grad_accum=2"], 4, "shared_prompt"),
+    (["loss.name=simpo", "model.lora.rank=4", "optim.learning_rate=1e-2", "mesh.data=1"], 1, "shared_prompt"),
+], ids=["mmpo-full-2x2-accum2", "dpo-lora", "simpo-full", "shared-mmpo-full-2x2-accum2", "shared-simpo-lora"])
+def test_packed_training_equals_padded(data, overrides, devices, layout):
+    """5 steps and then an eval on packed (or shared-prompt) batches equal the same on
+    padded batches (benchmarks/packing_exactness.py runs every loss x LoRA/full)."""
     devs = jax.devices()[:devices]
     want_train, want_eval = _history(overrides, data, devs)
-    got_train, got_eval = _history(overrides + ["data.packing=packed"], data, devs)
+    got_train, got_eval = _history(overrides + [f"data.packing={layout}"], data, devs)
     assert abs(want_train[-1]["rewards/margins"]) > 1e-4  # the policy moved: the steps mean something
     assert_same_history(got_train, want_train, f"packed {overrides}")
     assert_same_history(got_eval, want_eval, f"packed eval {overrides}")
@@ -253,6 +255,9 @@ def test_layout_flops_benchmark_on_a_tiny_shape(tmp_path, capsys):
         padded += 16 * next(b for b in (16, 32, 64) if b >= longest)
         real += sum(2 * q + a + b for q, a, b in zip(p, c, j))
     assert out["none_computed_per_real_token"] == pytest.approx(padded / real)
+    # sharing the prompt computes fewer tokens again
+    assert out["shared_prompt_computed_per_real_token"] < out["packed_computed_per_real_token"]
+    assert out["shared_prompt_ratio"] < out["ratio"]
 
 
 @pytest.mark.parametrize("split", ["train", "eval"])
@@ -274,3 +279,91 @@ def test_two_processes_build_the_halves_of_one_packed_batch(data, split):
                                       err_msg=key)
     if split == "eval":
         assert 0 < whole.pair_mask.sum() < 8  # the last eval batch: padding pairs too
+
+
+# --------------------------------------------------------------------------- #
+# data.packing: shared_prompt
+# --------------------------------------------------------------------------- #
+# (prompt, chosen, rejected) lengths that stress the layout: one-token answers, prompts
+# longer than both answers, a one-token prompt, an answer far longer than the prompt
+CRAFTED = [(40, 1, 1), (1, 1, 30), (30, 5, 2), (50, 1, 13), (2, 30, 1), (20, 10, 10), (35, 3, 29), (12, 12, 12)]
+
+
+def _crafted(shared, shards=1):
+    """The crafted pairs padded by `collate` (the reference) and packed (or shared)."""
+    from mmpo_jax.data.batches import collate
+    from mmpo_jax.data.packing import collate_packed, row_tokens
+
+    rng = np.random.default_rng(7)
+    pairs = [tuple(rng.integers(3, 2048, n).tolist() for n in lens) for lens in CRAFTED]
+    padded = collate(pairs, np.arange(8), 64, 0)
+    plan = pack_plan(row_tokens(np.array(CRAFTED), shared), shards, 1, 128)
+    return padded, collate_packed(plan, pairs, np.arange(8), 0, 128, 64, 0, shared)
+
+
+def test_shared_prompt_rows_hold_the_padded_sequences_with_one_prompt(data):
+    padded, got = _crafted(shared=True)
+    _, packed = _crafted(shared=False)
+    real = got.attention_mask == 1
+    index = got.token_index
+    ids, positions, branches = (x.reshape(-1)[index] for x in (got.input_ids, got.positions, got.branches))
+    np.testing.assert_array_equal(np.where(real, ids, -1), np.where(padded.attention_mask == 1, padded.input_ids, -1))
+    assert (np.where(real, positions, 0) == np.where(real, np.arange(64), 0)).all()  # the unpacked positions
+    np.testing.assert_array_equal(got.loss_mask, padded.loss_mask)
+    assert real_tokens(got) == real_tokens(padded) == real_tokens(packed)
+    tokens = np.array(CRAFTED)
+    assert (got.segment_ids > 0).sum() == tokens.sum()  # each prompt once: p + c + r per pair
+    assert computed_tokens(got) < computed_tokens(packed)
+    for q, (p, c, r) in enumerate(CRAFTED):
+        np.testing.assert_array_equal(index[q, 0, :p], index[q, 1, :p])  # one prompt serves both
+        assert (branches[q, 0, :p] == 0).all() and (branches[q, 1, :p] == 0).all()
+        assert (branches[q, 0, p:p + c] == 1).all() and (branches[q, 1, p:p + r] == 2).all()
+        # the rejected answer's first token is predicted from the prompt's last, not the
+        # chosen answer's last token before it in the row
+        first = index[q, 1, p] % 128
+        assert got.sources.reshape(-1)[index[q, 1, p]] == index[q, 0, p - 1] % 128 != first - 1
+    # the same pairs in the same rows from a second shard split: still a function of the pairs
+    assert _crafted(shared=True, shards=2)[1].input_ids.shape[0] >= 2
+
+
+@pytest.mark.parametrize("layout", ["packed", "shared_prompt"])
+def test_crafted_pairs_log_probs_and_a_step_equal_padded(layout):
+    """On pairs of every length shape (CRAFTED): every per-pair output the losses read and
+    one DPO step (loss, log-probs, rewards, grad norm) equal the padded layout's; for
+    shared_prompt, a mask that lets the rejected answer see the chosen one, or the row's
+    one-step shift in place of the explicit sources, gives other log-probs."""
+    import jax.numpy as jnp
+
+    from mmpo_jax.train.pair_logps import pair_logps
+
+    base = ["mesh.data=1", "model.init.init_scale=0.3", "loss.name=dpo", "optim.warmup_steps=0"]
+    # the same initial weights (seeded); each step compiled for its own layout
+    trainers = [build_trainer(load_config("configs/tiny.yaml", base + more), devices=jax.devices()[:1])
+                for more in ([f"data.packing={layout}", "data.pack_length=128"], [])]
+    model = trainers[1].sdef.policy(trainers[1].state)
+    host_padded, host_packed = _crafted(shared=layout == "shared_prompt")
+    padded, packed = (device_batch(b, trainers[1].mesh) for b in (host_padded, host_packed))
+
+    def outputs(batch, **kw):
+        return [np.asarray(x) for x in jax.tree.leaves(pair_logps(model, batch, chunk=32, **kw))]
+
+    for kw in (dict(average=False, entropy_estimator="score_function", chosen_sequence=True, weighting=True),
+               dict(average=True, entropy_estimator="token"),
+               dict(average=False, ld_alpha=0.5)):
+        want, got = outputs(padded, **kw), outputs(packed, **kw)
+        assert len(want) == len(got) >= 2
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=str(kw))
+    if layout == "shared_prompt":
+        logps = outputs(packed, average=False)[0]
+        sees_chosen = dict(packed, branches=jnp.zeros_like(packed["branches"]))
+        cols = jnp.arange(128)
+        shifted = dict(packed, sources=jnp.broadcast_to(jnp.maximum(cols - 1, 0), packed["sources"].shape))
+        for wrong in (sees_chosen, shifted):
+            bad = outputs(wrong, average=False)[0]
+            assert np.abs(bad[:, 1] - logps[:, 1]).max() > 1e-2  # the rejected answers move
+            np.testing.assert_allclose(bad[:, 0], logps[:, 0], rtol=1e-5)  # the chosen ones do not
+    # last: a step donates the state the model above reads
+    steps = [t.train_step(t.state, b)[1] for t, b in zip(trainers, (packed, padded))]
+    got, want = ({k: float(v) for k, v in jax.device_get(m).items()} for m in steps)
+    assert_same_history([got], [want], f"{layout} crafted step")

@@ -109,3 +109,15 @@ def test_cli_json_keys(capsys):
 def test_cli_rejects_half_a_step_comparison(capsys):
     assert main(["compare", "--step"]) == 2
     assert "--config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides", [
+    ["data.packing=shared_prompt", "loss.name=orpo", "loss.beta=0.5"],  # ORPO's NLL reads the prompt too
+    ["data.packing=shared_prompt", "optim.grad_accum=2", "data.batch_size=16", "model.reference=precomputed",
+     "loss.entropy_weight=0.1"],
+    ["data.packing=packed", "loss.name=dpo"],
+], ids=["shared-orpo", "shared-accum2-precomputed-entropy", "packed-dpo"])
+def test_packed_layouts_step_matches_torch_on_padded_rows(overrides):
+    """Our step on packed or shared-prompt rows against the PyTorch step on the same pairs
+    padded (compare's peer reads the padded layout)."""
+    _check(compare_step("configs/tiny.yaml", overrides, 0.0, 0), lora=False)

@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = run_cfg.data
     # a run packs each batch shard's pairs apart; here: one shard (the fill of one device)
     packing = None if cfg.packing == "none" else batches.PackSpec(
-        cfg.pack_length or 2 * cfg.max_length, 1, run_cfg.optim.grad_accum, cfg.max_length)
+        cfg.pack_length or 2 * cfg.max_length, 1, run_cfg.optim.grad_accum, cfg.max_length,
+        cfg.packing == "shared_prompt")
     datasets.disable_progress_bars()
     tokenizer = load_tokenizer(cfg.tokenizer)
     result: dict[str, Any] = {"tokenizer": _tokenizer_info(cfg.tokenizer, tokenizer)}
@@ -237,11 +238,13 @@ def _split_text(which: str, rep: dict[str, Any], cfg: Any) -> list[str]:
             f"  {title:<28}" + "".join(f"{b['batches_per_bucket'][x]:>7}" for x in b["buckets"])
         )
         layout = "padded to each batch's bucket" if b["packing"] == "none" else (
-            f"packed into rows of {cfg.pack_length or 2 * cfg.max_length} tokens (one batch shard)")
+            f"packed into rows of {cfg.pack_length or 2 * cfg.max_length} tokens (one batch shard"
+            f"{'; each prompt once' if b['packing'] == 'shared_prompt' else ''})")
         lines.append(
             f"tokens (epoch 0, data.packing={b['packing']}: {layout}): {b['real_tokens']} real "
             f"(prompt + chosen plus prompt + rejected), {b['computed_tokens']} computed, "
-            f"fill {b['fill']:.2f}"
+            f"fill {b['fill']:.2f}" + (" (above 1: real tokens count each prompt twice, the rows once)"
+                                       if b["fill"] > 1 else "")
         )
         if b["steps_per_row_count"]:
             counts = ", ".join(f"{rows} rows: {k}" for rows, k in b["steps_per_row_count"].items())

@@ -15,7 +15,7 @@ import numpy as np
 
 from mmpo_jax.buckets import bucket_for, bucket_lengths
 from mmpo_jax.data import formats
-from mmpo_jax.data.packing import PackedBatch, collate_packed, pack_plan, pair_tokens
+from mmpo_jax.data.packing import PackedBatch, collate_packed, pack_plan, pair_tokens, row_tokens
 from mmpo_jax.data.pipeline import PreferenceData
 from mmpo_jax.errors import UserError
 
@@ -32,17 +32,24 @@ _UNBOUNDED = sys.maxsize  # the train batches are indexed by step, without end
 
 @dataclass(frozen=True)
 class PackSpec:
-    """How a run packs its batches (`data.packing: packed`): rows of `pack_length` tokens,
-    a step cut into `shards` x `micro` blocks, the pair-major view `width` wide."""
+    """How a run packs its batches (`data.packing: packed` or `shared_prompt`): rows of
+    `pack_length` tokens, a step cut into `shards` x `micro` blocks, the pair-major view
+    `width` wide; `shared`: each pair one sequence, its prompt computed once."""
 
     pack_length: int
     shards: int  # batch shards of the mesh (mesh.data x mesh.fsdp)
     micro: int  # micro-batches of a step (optim.grad_accum; 1 for eval)
     width: int  # data.max_length
+    shared: bool = False
+
+    @property
+    def layout(self) -> str:
+        """The `data.packing` value this spec stands for."""
+        return "shared_prompt" if self.shared else "packed"
 
     def for_eval(self) -> PackSpec:
         """The eval step runs a batch whole: one micro-batch."""
-        return PackSpec(self.pack_length, self.shards, 1, self.width)
+        return PackSpec(self.pack_length, self.shards, 1, self.width, self.shared)
 
     def collate(self, data: PreferenceData, rows: np.ndarray, mine: np.ndarray,
                 process_index: int, process_count: int) -> PackedBatch:
@@ -50,11 +57,12 @@ class PackSpec:
         pair), whose own pairs are `mine`."""
         if self.shards % process_count:
             raise UserError(f"the mesh's {self.shards} batch shards do not split over {process_count} processes")
-        tokens = np.where(rows >= 0, pair_tokens(data.lengths[np.maximum(rows, 0)]), 0)
+        tokens = np.where(rows >= 0, row_tokens(data.lengths[np.maximum(rows, 0)], self.shared), 0)
         plan = pack_plan(tokens, self.shards, self.micro, self.pack_length)
         first_block = process_index * (plan.blocks // process_count)
         pairs = [data.pair(int(i)) if i >= 0 else None for i in mine]
-        return collate_packed(plan, pairs, mine, first_block, self.pack_length, self.width, data.special.pad)
+        return collate_packed(plan, pairs, mine, first_block, self.pack_length, self.width, data.special.pad,
+                              self.shared)
 
 
 # Batches
@@ -259,6 +267,7 @@ def batch_plan(data: PreferenceData, batch_size: int, seed: int, packing: PackSp
     buckets = bucket_lengths(data.max_length, SMALLEST_BUCKET)
     seq = data.seq_lengths
     tokens = pair_tokens(data.lengths)
+    in_rows = tokens if packing is None else row_tokens(data.lengths, packing.shared)
     rows = {b: 0 for b in buckets}
     for length in seq:
         rows[bucket_for(int(length), buckets)] += 1
@@ -274,11 +283,11 @@ def batch_plan(data: PreferenceData, batch_size: int, seed: int, packing: PackSp
         if packing is None:
             computed += 2 * batch_size * bucket
         else:
-            plan = pack_plan(tokens[idx], packing.shards, packing.micro, packing.pack_length)
+            plan = pack_plan(in_rows[idx], packing.shards, packing.micro, packing.pack_length)
             row_counts[plan.rows] = row_counts.get(plan.rows, 0) + 1
             computed += plan.rows * packing.pack_length
     return BatchPlan(
         batch_size, seed, per_epoch, n - per_epoch * batch_size, list(buckets), rows, batches,
-        "none" if packing is None else "packed", real, computed,
+        "none" if packing is None else packing.layout, real, computed,
         None if packing is None else dict(sorted(row_counts.items())),
     )

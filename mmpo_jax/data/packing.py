@@ -1,11 +1,17 @@
 """Packed batches (`data.packing: packed`): the prompt + chosen and prompt + rejected
 sequences of several pairs share rows of `data.pack_length` tokens, with no padding
-between them.
+between them. `data.packing: shared_prompt` packs each pair as ONE sequence, prompt |
+chosen answer | rejected answer (`p + c + r` tokens), computing the prompt once: the
+rejected answer's positions continue from the prompt's end (each token keeps its
+position of the unpacked layout), its first token is predicted from the prompt's last
+one (`sources`), and it never attends to the chosen answer (`branches`;
+`mmpo_jax.models.attention.branched_segments`).
 
 A step's pairs are cut into blocks, one per (batch shard, micro-batch): `blocks =
 shards x optim.grad_accum`, `P = pairs / blocks` pairs each. Each block's pairs are
 packed on their own into `R` rows, both sequences of a pair in one row (the pair's
-`2p + c + r` tokens fit: `data.pack_length >= 2 x data.max_length`), first-fit by
+`2p + c + r` tokens, or `p + c + r` shared, fit: `data.pack_length >= 2 x
+data.max_length`), first-fit by
 decreasing length. `R` is the same for every block of the step: the smallest of
 `row_buckets(P)` that holds the fullest block, so an epoch compiles a few shapes
 (at most `EXACT_ROWS` for the usual few pairs per block).
@@ -15,10 +21,16 @@ decreasing length. `R` is the same for every block of the step: the smallest of
     input_ids     int32 [rows, pack]        the packed tokens, `pad` after the last sequence
     segment_ids   int32 [rows, pack]        1, 2, ... per sequence of a row, 0 on padding
     positions     int32 [rows, pack]        each token's position in its own sequence
+    sources       int32 [rows, pack]        the column whose hidden state predicts each
+                                            token: the one before it, but the prompt's
+                                            last for a shared row's rejected answer
+    branches      int32 [rows, pack] | None shared_prompt: 0 prompt and padding, 1 chosen
+                                            answer, 2 rejected answer; None for packed
     token_index   int32 [pairs, 2, width]   where token t of a pair's chosen ([:, 0]) or
                                             rejected ([:, 1]) sequence lies in the rows of
                                             its micro-batch, flattened (row * pack + column;
-                                            0 off the sequence)
+                                            0 off the sequence; a shared row's prompt
+                                            serves both)
     attention_mask, loss_mask, pair_mask, example_index: as `PreferenceBatch`'s
                                             (pair-major, right-padded to `width`)
 
@@ -50,11 +62,13 @@ class PackedBatch:
     input_ids: np.ndarray  # int32 [rows, pack]
     segment_ids: np.ndarray  # int32 [rows, pack]
     positions: np.ndarray  # int32 [rows, pack]
+    sources: np.ndarray  # int32 [rows, pack]
     token_index: np.ndarray  # int32 [pairs, 2, width]
     attention_mask: np.ndarray  # int32 [pairs, 2, width]
     loss_mask: np.ndarray  # int32 [pairs, 2, width]
     pair_mask: np.ndarray  # int32 [pairs]
     example_index: np.ndarray  # int32 [pairs]
+    branches: np.ndarray | None = None  # int32 [rows, pack]: shared_prompt only
 
 
 EXACT_ROWS = 8  # up to this many rows a block takes exactly the rows it needs
@@ -116,11 +130,11 @@ class PackPlan:
         return d * n * p + a + n * np.arange(p)
 
 
-def pack_plan(pair_tokens: np.ndarray, shards: int, micro: int, pack_length: int) -> PackPlan:
+def pack_plan(tokens: np.ndarray, shards: int, micro: int, pack_length: int) -> PackPlan:
     """The plan of a step whose pairs have `pair_tokens` `[pairs]` real tokens each
-    (`2p + c + r`; 0 for a padding pair), over `shards` batch shards and `micro`
+    (`row_tokens`; 0 for a padding pair), over `shards` batch shards and `micro`
     micro-batches."""
-    pairs = len(pair_tokens)
+    pairs = len(tokens)
     blocks = shards * micro
     if pairs % blocks:
         raise ValueError(f"{pairs} pairs do not split into {shards} shards x {micro} micro-batches")
@@ -128,7 +142,7 @@ def pack_plan(pair_tokens: np.ndarray, shards: int, micro: int, pack_length: int
     plan = PackPlan(blocks, micro, per, 0, ())
     block_rows = []
     for b in range(blocks):
-        lengths = pair_tokens[plan.block_pairs(b)]
+        lengths = tokens[plan.block_pairs(b)]
         real = [k for k in range(per) if lengths[k] > 0]
         rows = first_fit([int(lengths[k]) for k in real], pack_length)
         block_rows.append(tuple(tuple(real[i] for i in row) for row in rows))
@@ -146,10 +160,12 @@ def collate_packed(
     pack_length: int,
     width: int,
     pad_id: int,
+    shared: bool = False,
 ) -> PackedBatch:
     """This process's `PackedBatch`: blocks `first_block ..` of `plan`, whose pairs are
     `pairs` (`(prompt, chosen, rejected)` ids in global pair order from the first pair
-    of `first_block`; None for a padding pair) with `example_index` (-1: padding)."""
+    of `first_block`; None for a padding pair) with `example_index` (-1: padding);
+    `shared`: the shared-prompt layout."""
     n, per, r_blk = plan.micro, plan.pairs_per_block, plan.rows_per_block
     local_pairs = len(pairs)
     local_blocks = local_pairs // per
@@ -158,6 +174,8 @@ def collate_packed(
     ids = np.full((local_blocks * r_blk, pack_length), pad_id, np.int32)
     segments = np.zeros_like(ids)
     positions = np.zeros_like(ids)
+    sources = np.zeros_like(ids)
+    branches = np.zeros_like(ids)
     token_index = np.zeros((local_pairs, 2, width), np.int32)
     attention = np.zeros((local_pairs, 2, width), np.int32)
     completion = np.zeros((local_pairs, 2, width), np.int32)
@@ -166,27 +184,46 @@ def collate_packed(
         global_pairs = plan.block_pairs(b)
         for r, row in enumerate(plan.block_rows[b]):
             local_row = (d - shard0) * n * r_blk + a + r * n
-            micro_row = d * r_blk + r  # its position in micro-batch a
+            at = (d * r_blk + r) * pack_length  # the row's start in micro-batch a, flattened
             col, seg = 0, 0
             for k in row:
                 q = int(global_pairs[k]) - base_pair
                 pair = pairs[q]
                 assert pair is not None, "a padding pair has no tokens to pack"
                 seqs, masks = formats.pair_sequences(*pair)
+                p, c = len(pair[0]), len(seqs[0])
+                chosen = col + np.arange(c)
+                if shared:  # prompt | chosen | rejected: the rejected side reads the chosen side's prompt
+                    spans = (chosen, np.concatenate([chosen[:p], col + c + np.arange(len(seqs[1]) - p)]))
+                    segs, seg = (seg + 1, seg + 1), seg + 1
+                else:
+                    spans = (chosen, col + c + np.arange(len(seqs[1])))
+                    segs, seg = (seg + 1, seg + 2), seg + 2
                 for side in (0, 1):
-                    t = len(seqs[side])
-                    seg += 1
-                    ids[local_row, col:col + t] = seqs[side]
-                    segments[local_row, col:col + t] = seg
-                    positions[local_row, col:col + t] = np.arange(t)
-                    token_index[q, side, :t] = micro_row * pack_length + col + np.arange(t)
+                    cols, t = spans[side], len(seqs[side])
+                    ids[local_row, cols] = seqs[side]
+                    segments[local_row, cols] = segs[side]
+                    positions[local_row, cols] = np.arange(t)
+                    # each token is predicted from the one before it in its own sequence
+                    sources[local_row, cols[1:]] = cols[:-1]
+                    sources[local_row, cols[0]] = cols[0]  # nothing predicts a first token
+                    if shared:
+                        branches[local_row, cols[p:]] = side + 1
+                    token_index[q, side, :t] = at + cols
                     attention[q, side, :t] = 1
                     completion[q, side, :t] = masks[side]
-                    col += t
+                col = int(max(spans[0][-1], spans[1][-1])) + 1
     completion[:, :, 0] = 0  # nothing predicts a sequence's first token
     pair_mask = np.array([p is not None for p in pairs], np.int32)
-    return PackedBatch(ids, segments, positions, token_index, attention, completion, pair_mask,
-                       np.asarray(example_index, np.int32))
+    return PackedBatch(ids, segments, positions, sources, token_index, attention, completion, pair_mask,
+                       np.asarray(example_index, np.int32), branches if shared else None)
+
+
+def row_tokens(lengths: np.ndarray, shared: bool) -> np.ndarray:
+    """Tokens `[rows]` a pair takes in a packed row from its `(p, c, r)` lengths `[rows,
+    3]`: `2p + c + r`, or `p + c + r` with the prompt shared."""
+    lengths = np.asarray(lengths, np.int64)
+    return pair_tokens(lengths) - (lengths[:, 0] if shared else 0)
 
 
 def pair_tokens(lengths: np.ndarray) -> np.ndarray:

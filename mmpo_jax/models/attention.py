@@ -3,7 +3,8 @@
 `MaskSpec` says which keys a query sees and how its scores are shaped: causal,
 a sliding window, a logit soft-cap. `attention` attends over whole sequences
 (training, eval), optionally packed (`segment_ids`: a query sees only its own
-segment); `cached_attention` attends over a KV cache (generation), where the caller's
+segment) or branched (the shared-prompt layout, `branched_segments`: a pair's rejected
+answer follows its chosen one in the row and must not see it); `cached_attention` attends over a KV cache (generation), where the caller's
 `allowed` mask holds what the cache layout knows (causality, padding, the window).
 
 Backends. `xla` and `cudnn` are `jax.nn.dot_product_attention`'s (cuDNN's fused
@@ -56,6 +57,23 @@ class MaskSpec:
             raise ValueError(f"soft_cap={self.soft_cap} must be > 0")
 
 
+def branched_segments(segment_ids: jax.Array, branches: jax.Array) -> jax.Array:
+    """`[2, B, T]` segment ids for the shared-prompt layout, from segment_ids `[B, T]` (a
+    pair per segment) and branches `[B, T]` (0 prompt or padding, 1 chosen answer, 2
+    rejected answer).
+
+    Two ordinary causal segment attentions give the exact mask: view 0 splits each
+    rejected answer into a segment of its own (the prompt and the chosen answer attend
+    as one sequence), view 1 the chosen answer (the prompt and the rejected answer attend
+    as one, and nothing of the chosen answer is seen). A rejected-answer token (odd in
+    view 0) takes view 1's output, every other token view 0's. Any segment-id kernel runs
+    it (the Pallas kernels here: the prompt's attention is computed twice, every
+    projection once); XLA's dense path takes the union of both views' masks in one call
+    (`same_segment`)."""
+    twice = 2 * segment_ids
+    return jnp.stack([twice + (branches == 2), twice + (branches == 1)]).astype(segment_ids.dtype)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, *, scale: float,
               implementation: Literal["xla", "cudnn", "splash", "pallas_gpu"], segment_ids: jax.Array | None = None,
               mesh: jax.sharding.Mesh | None = None, interpret: bool = False) -> jax.Array:
@@ -63,13 +81,18 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, *, scale
     divide the N query heads: query head n reads kv head n // (N // K)).
 
     segment_ids `[B, T]` int: packed sequences, a query sees only keys of its own
-    segment. `implementation`: 'xla', 'cudnn', 'splash' or 'pallas_gpu'
+    segment; `[2, B, T]`: the two views of `branched_segments`. `implementation`: 'xla', 'cudnn', 'splash' or 'pallas_gpu'
     (`ModelOptions.attention_implementation`); the Pallas kernels run under `mesh`'s
     shard_map when given, in Pallas interpret mode with `interpret` (off their backend).
     Returns `[B, T, N, H]` in v's dtype.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r}: one of {IMPLEMENTATIONS}")
+    if segment_ids is not None and segment_ids.ndim == 3 and implementation in ("splash", "pallas_gpu"):
+        views = [attention(q, k, v, spec, scale=scale, implementation=implementation, segment_ids=ids,
+                           mesh=mesh, interpret=interpret) for ids in segment_ids]
+        rejected = (segment_ids[0] % 2 == 1)[:, :, None, None]
+        return jnp.where(rejected, views[1], views[0])
     if implementation == "splash":
         from mmpo_jax.models.splash import splash_attention
 
@@ -90,9 +113,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, *, scale
         allowed = sequence_mask(spec, q.shape[1], segment_ids)
         return _scores_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), allowed, scale,
                                  spec.soft_cap)
-    mask = None
-    if segment_ids is not None:
-        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, T, T]
+    mask = None if segment_ids is None else same_segment(segment_ids)[:, None]  # [B, 1, T, T]
     window = None if spec.sliding_window is None else (spec.sliding_window - 1, 0)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=spec.causal,
                                         local_window_size=window, implementation=implementation)
@@ -117,7 +138,7 @@ def window_mask(query_slots: jax.Array, num_slots: int, window: int) -> jax.Arra
 
 def sequence_mask(spec: MaskSpec, length: int, segment_ids: jax.Array | None = None) -> jax.Array:
     """`[B or 1, T, T]` bool, True where query i may see key j under `spec` (and, with
-    segment_ids `[B, T]`, only within its segment)."""
+    segment_ids `[B, T]` or `[2, B, T]`, only as `same_segment` allows)."""
     i = jnp.arange(length)[:, None]
     j = jnp.arange(length)[None, :]
     allowed = jnp.ones((length, length), bool)
@@ -127,8 +148,19 @@ def sequence_mask(spec: MaskSpec, length: int, segment_ids: jax.Array | None = N
         allowed &= window_mask(jnp.arange(length), length, spec.sliding_window)
     allowed = allowed[None]
     if segment_ids is not None:
-        allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        allowed = allowed & same_segment(segment_ids)
     return allowed
+
+
+def same_segment(segment_ids: jax.Array) -> jax.Array:
+    """`[B, T, T]` bool: query i and key j share a segment (segment_ids `[B, T]`), or, for
+    the two views of `branched_segments` `[2, B, T]`, share one in either view: the whole
+    branched mask in one dense call (the prompt sees itself, each answer the prompt and
+    itself; causality hides a later answer from the chosen one)."""
+    def same(ids: jax.Array) -> jax.Array:
+        return ids[:, :, None] == ids[:, None, :]
+
+    return same(segment_ids) if segment_ids.ndim == 2 else same(segment_ids[0]) | same(segment_ids[1])
 
 
 def _scores_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, scale: float,

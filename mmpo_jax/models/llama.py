@@ -138,7 +138,8 @@ class Attention(nnx.Module):
         row at its own positions: packed rows) for full and for sliding layers; sliding:
         whether this layer is a sliding one, a Python bool or (scanned layers of mixed
         kinds) a traced bool that picks the branch at run time; segment_ids `[B, T]`:
-        packed rows, a token attends only within its segment."""
+        packed rows, a token attends only within its segment (`[2, B, T]`: shared-prompt
+        rows, see `mmpo_jax.models.attention.branched_segments`)."""
         q, k, v = self._project(x, lora_key)
 
         implementation = self.implementation
@@ -396,7 +397,8 @@ class Llama(nnx.Module):
 
         Packed rows (`mmpo_jax.data.packing`): positions `[B, T]` int32, each token's
         RoPE position (restarting at 0 per sequence), and segment_ids `[B, T]` int32
-        (a token attends only to earlier tokens of its own segment)."""
+        (a token attends only to earlier tokens of its own segment), or `[2, B, T]`
+        for shared-prompt rows (`mmpo_jax.models.attention.branched_segments`)."""
         cfg, options = self.cfg, self.options
         x = self._embed(input_ids)
         ropes = self.rope(input_ids.shape[1]) if positions is None else self.rope_at(positions)

@@ -120,8 +120,12 @@ def compare_step(config: str | None, overrides: list[str], lora_b_std: float, se
         if lora and lora_b_std > 0:
             _perturb_lora_b(trainer, lora_b_std, seed)
             notes.append(f"LoRA B matrices set to normal(0, {lora_b_std}) (B = 0 hides A's gradient)")
+        # the peer reads padded rows; ours the configured layout of the same pairs (packed
+        # or shared-prompt rows go through the segment masks and the explicit sources)
         host = train_batches(data.train, cfg.data.batch_size, cfg.data.seed)[0]
-        batch = device_batch(host, trainer.mesh, data.train_ref)
+        ours = host if trainer.packing is None else train_batches(
+            data.train, cfg.data.batch_size, cfg.data.seed, packing=trainer.packing)[0]
+        batch = device_batch(ours, trainer.mesh, data.train_ref)
 
         with jax.default_matmul_precision("highest"):
             grads, metrics = jax.jit(

@@ -6,10 +6,11 @@ completion tokens whose log-prob counts). Chosen and rejected run through the
 model in ONE forward of `2 * pairs` rows, so a pair never straddles devices
 when the pairs axis is split over the batch mesh axes.
 
-A packed batch (`mmpo_jax.data.packing`: `segment_ids` in the batch) runs its rows
-`[rows, pack]` through the model instead, and `token_outputs` gathers each token's
-values back into the pair-major layout by `token_index`, so every reduction below
-reads the same `[pairs * 2, seq]` arrays for either layout.
+A packed batch (`mmpo_jax.data.packing`: `segment_ids` in the batch; `branches` too
+for the shared-prompt layout) runs its rows `[rows, pack]` through the model instead,
+each token predicted from its `sources` position, and `token_outputs` gathers each
+token's values back into the pair-major layout by `token_index`, so every reduction
+below reads the same `[pairs * 2, seq]` arrays for every layout.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from mmpo_jax.logprobs import model_token_logps, sequence_logps
+from mmpo_jax.models.attention import branched_segments
 
 if TYPE_CHECKING:
     from mmpo_jax.models.llama import Llama
@@ -75,10 +77,13 @@ def token_outputs(model: Llama, batch: Mapping[str, jax.Array], *, chunk: int | 
         ids = batch["input_ids"]
         out = run(ids.reshape(-1, ids.shape[-1]))
         return list(out) if isinstance(out, tuple) else [out]
-    out = run(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+    segments = batch["segment_ids"]
+    if "branches" in batch:
+        segments = branched_segments(segments, batch["branches"])
+    out = run(batch["input_ids"], positions=batch["positions"], segment_ids=segments, sources=batch["sources"])
     index = batch["token_index"]  # [pairs, 2, seq] into the rows, flattened
-    # off a sequence (and at its first token, which the previous segment "predicts")
-    # the pair-major values are 0, as the unpacked layout's
+    # off a sequence (and at its first token, which nothing predicts) the pair-major
+    # values are 0, as the unpacked layout's
     predicted = (batch["attention_mask"] > 0) & (jnp.arange(index.shape[-1]) >= 1)
     flat = index.reshape(-1, index.shape[-1])
     keep = predicted.reshape(flat.shape)

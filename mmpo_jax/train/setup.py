@@ -172,7 +172,8 @@ def initial_reference(trainer: Trainer) -> Llama:
 
 BATCH_KEYS = ("input_ids", "loss_mask", "pair_mask")
 # a packed batch's rows and the map back to its pairs (mmpo_jax/data/packing.py)
-PACKED_KEYS = (*BATCH_KEYS, "segment_ids", "positions", "token_index", "attention_mask")
+PACKED_KEYS = (*BATCH_KEYS, "segment_ids", "positions", "sources", "token_index", "attention_mask")
+SHARED_KEYS = (*PACKED_KEYS, "branches")  # data.packing: shared_prompt
 
 
 def pack_spec(cfg: RunConfig, mesh: jax.sharding.Mesh) -> PackSpec | None:
@@ -184,7 +185,7 @@ def pack_spec(cfg: RunConfig, mesh: jax.sharding.Mesh) -> PackSpec | None:
 
     assert cfg.data.pack_length is not None, "a settled config"
     return PackSpec(cfg.data.pack_length, mesh.shape["data"] * mesh.shape["fsdp"], cfg.optim.grad_accum,
-                    cfg.data.max_length)
+                    cfg.data.max_length, cfg.data.packing == "shared_prompt")
 
 
 def run_reference(trainer: Trainer) -> Llama | None:
@@ -199,13 +200,14 @@ def run_reference(trainer: Trainer) -> Llama | None:
     return held
 
 
-def batch_shapes(pairs: int, seq: int, mode: str, packed: tuple[int, int] | None = None
-                 ) -> dict[str, tuple[tuple[int, ...], Any]]:
+def batch_shapes(pairs: int, seq: int, mode: str, packed: tuple[int, int] | None = None,
+                 shared: bool = False) -> dict[str, tuple[tuple[int, ...], Any]]:
     """The step's batch, key -> (shape, dtype): `input_ids`, `loss_mask` `[pairs, 2, seq]`
     int32, `pair_mask` `[pairs]` int32, and the keys of reference mode `mode`
     (`precomputed`: `ref_logps` `[pairs, 2]` float32), as `device_batch` builds them.
     `packed` `(rows, pack_length)`: a packed batch (`PACKED_KEYS`), its rows
-    `[rows, pack_length]` and its pair-major arrays `seq` wide."""
+    `[rows, pack_length]` and its pair-major arrays `seq` wide; `shared`: a shared-prompt
+    one (`SHARED_KEYS`)."""
     shapes: dict[str, tuple[tuple[int, ...], Any]] = {
         "input_ids": ((pairs, 2, seq), np.int32),
         "loss_mask": ((pairs, 2, seq), np.int32),
@@ -214,7 +216,10 @@ def batch_shapes(pairs: int, seq: int, mode: str, packed: tuple[int, int] | None
     if packed is not None:
         shapes["input_ids"] = (packed, np.int32)
         shapes.update({"segment_ids": (packed, np.int32), "positions": (packed, np.int32),
-                       "token_index": ((pairs, 2, seq), np.int32), "attention_mask": ((pairs, 2, seq), np.int32)})
+                       "sources": (packed, np.int32), "token_index": ((pairs, 2, seq), np.int32),
+                       "attention_mask": ((pairs, 2, seq), np.int32)})
+        if shared:
+            shapes["branches"] = (packed, np.int32)
     for key in reference_mode(mode).batch_keys:
         shapes[key] = ((pairs, 2), np.float32)
     return shapes
@@ -223,15 +228,16 @@ def batch_shapes(pairs: int, seq: int, mode: str, packed: tuple[int, int] | None
 def example_batch(cfg: RunConfig, mode: str) -> dict[str, np.ndarray]:
     """The keys and dtypes of the step's batch (shapes do not matter: only the shardings are read)."""
     packed = None if cfg.data.packing == "none" else (cfg.data.batch_size, 16)
-    return {k: np.zeros(shape, dtype)
-            for k, (shape, dtype) in batch_shapes(cfg.data.batch_size, 16, mode, packed).items()}
+    shapes = batch_shapes(cfg.data.batch_size, 16, mode, packed, cfg.data.packing == "shared_prompt")
+    return {k: np.zeros(shape, dtype) for k, (shape, dtype) in shapes.items()}
 
 
 def abstract_batch(pairs: int, seq: int, mesh: jax.sharding.Mesh, mode: str,
-                   packed: tuple[int, int] | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+                   packed: tuple[int, int] | None = None, shared: bool = False
+                   ) -> dict[str, jax.ShapeDtypeStruct]:
     """`batch_shapes` as ShapeDtypeStructs split over the mesh's batch axes (what an
     ahead-of-time compile lowers the step with)."""
-    shapes = batch_shapes(pairs, seq, mode, packed)
+    shapes = batch_shapes(pairs, seq, mode, packed, shared)
     shardings = batch_shardings(mesh, shapes)
     return {k: jax.ShapeDtypeStruct(s, d, sharding=shardings[k]) for k, (s, d) in shapes.items()}
 
@@ -265,7 +271,9 @@ def device_batch(batch: PreferenceBatch | PackedBatch, mesh: jax.sharding.Mesh,
     """
     from mmpo_jax.data.packing import PackedBatch  # as in `pack_spec`
 
-    keys = PACKED_KEYS if isinstance(batch, PackedBatch) else BATCH_KEYS
+    keys: tuple[str, ...] = BATCH_KEYS
+    if isinstance(batch, PackedBatch):
+        keys = PACKED_KEYS if batch.branches is None else SHARED_KEYS
     host = {k: np.asarray(getattr(batch, k)) for k in keys}
     if ref_table is not None:
         index = np.asarray(batch.example_index)
