@@ -178,13 +178,15 @@ def test_tiny_on_v5e_2x2_fits(capsys):
 
 
 @needs_libtpu
-def test_packed_tiny_with_splash_compiles_for_v5e_2x2(capsys):
-    """Packed rows (segment ids) through the splash kernel, compiled for TPU; a row of
-    pack_length (256, a multiple of the kernel's 128 block) per pair."""
-    assert main(["aot-check", "configs/tiny.yaml", "--topology", "v5e:2x2", "--json", "data.packing=packed",
+@pytest.mark.parametrize("layout", ["packed", "shared_prompt"])
+def test_packed_tiny_with_splash_compiles_for_v5e_2x2(capsys, layout):
+    """Packed rows (segment ids; shared_prompt: the two segment calls) through the splash
+    kernel, compiled for TPU; a row of pack_length (256, a multiple of the kernel's 128
+    block) per pair."""
+    assert main(["aot-check", "configs/tiny.yaml", "--topology", "v5e:2x2", "--json", f"data.packing={layout}",
                  "data.max_length=128", "data.max_prompt_length=64"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["batch"]["packing"] == "packed" and out["batch"]["pack_length"] == 256
+    assert out["batch"]["packing"] == layout and out["batch"]["pack_length"] == 256
     assert out["model"]["attention"] == "splash" and out["model"]["pallas_calls"] >= 3
     assert out["fits"] is True
 
