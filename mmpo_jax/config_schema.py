@@ -276,10 +276,11 @@ class DataConfig:
     def validate(self, prefix: str) -> None:
         _check(self.max_length >= 2, prefix, "max_length", self.max_length, "must be >= 2")
         assert self.packing == "none" or self.pack_length is not None, "validate a settled() DataConfig"
-        _check(self.pack_length is None or self.pack_length >= 2 * self.max_length, prefix, "pack_length", self.pack_length,
+        _check(self.pack_length is None or self.pack_length >= 2 * self.max_length, prefix, "pack_length",
+               self.pack_length,
                f"must hold the longest pair data.max_length={self.max_length} allows ({2 * self.max_length} "
-               f"tokens: prompt + chosen and prompt + rejected, each up to max_length); set data.pack_length >= "
-               f"{2 * self.max_length} or lower data.max_length")
+               f"tokens: prompt + chosen and prompt + rejected, each up to max_length); set "
+               f"data.pack_length >= {2 * self.max_length} or lower data.max_length")
         if self.max_prompt_length is not None:
             _check(
                 1 <= self.max_prompt_length < self.max_length,

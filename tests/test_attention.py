@@ -146,11 +146,12 @@ def test_splash_under_a_mesh_equals_xla():
     _kernel_vs_xla("splash", MaskSpec(), _two_segments(128, 40), t=128, n=4, kv=2, mesh=mesh)
 
 
-def test_splash_negative_control_segments_matter():
-    """Splash without the segment ids differs from xla with them: the comparison sees masks."""
+@pytest.mark.parametrize("kernel", ["splash", "pallas_gpu"])
+def test_kernel_negative_control_segments_matter(kernel):
+    """A Pallas kernel without the segment ids differs from xla with them: the comparison sees masks."""
     q, k, v = (jnp.asarray(a) for a in qkv(b=2, t=128, n=2, kv=1, h=32, seed=3))
     seg = jnp.asarray(_two_segments(128, 40))
-    got = attention(q, k, v, MaskSpec(), scale=0.2, implementation="splash", interpret=True)
+    got = attention(q, k, v, MaskSpec(), scale=0.2, implementation=kernel, interpret=True)
     want = attention(q, k, v, MaskSpec(), scale=0.2, implementation="xla", segment_ids=seg)
     assert np.abs(np.asarray(got) - np.asarray(want)).max() > 1e-2
 
@@ -181,14 +182,6 @@ def test_pallas_gpu_on_padded_rows_and_under_a_mesh_equals_xla():
     _kernel_vs_xla("pallas_gpu", MaskSpec(), None, t=100, grads=True)  # packing none: causal only
     mesh = make_mesh(MeshConfig(data=2, fsdp=1, tensor=2), devices=jax.devices()[:4])
     _kernel_vs_xla("pallas_gpu", MaskSpec(), _two_segments(128, 40), t=128, n=4, kv=2, mesh=mesh)
-
-
-def test_pallas_gpu_negative_control_segments_matter():
-    q, k, v = (jnp.asarray(a) for a in qkv(b=2, t=128, n=2, kv=1, h=32, seed=3))
-    seg = jnp.asarray(_two_segments(128, 40))
-    got = attention(q, k, v, MaskSpec(), scale=0.2, implementation="pallas_gpu", interpret=True)
-    want = attention(q, k, v, MaskSpec(), scale=0.2, implementation="xla", segment_ids=seg)
-    assert np.abs(np.asarray(got) - np.asarray(want)).max() > 1e-2
 
 
 def test_pallas_gpu_is_opt_in_and_refuses_what_it_cannot_do():

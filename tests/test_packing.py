@@ -142,6 +142,19 @@ def test_packed_training_through_the_pallas_gpu_kernel_equals_padded_xla(data):
     assert_same_history(got_eval, want_eval, "packed pallas_gpu eval")
 
 
+def assert_same_pair_outputs(outputs, got_batch, want_batch):
+    """`outputs(batch, **kw)` (the leaves of `pair_logps`) equal on both batches for every
+    per-pair output the losses read: sequence log-probs summed and averaged, both entropy
+    estimators, LD-DPO's weights, WPO's weights, ORPO's whole-row NLL."""
+    for kw in (dict(average=False, entropy_estimator="score_function", chosen_sequence=True, weighting=True),
+               dict(average=True, entropy_estimator="token"),
+               dict(average=False, ld_alpha=0.5)):
+        want, got = outputs(want_batch, **kw), outputs(got_batch, **kw)
+        assert len(want) == len(got) >= 2
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=str(kw))
+
+
 def test_packed_log_probs_equal_padded_ones_and_a_wrong_mask_is_caught(data):
     """Every per-pair output the losses read (sequence log-probs summed and averaged,
     both entropy estimators, LD-DPO's weights, WPO's weights, ORPO's whole-row NLL) from
@@ -161,16 +174,9 @@ def test_packed_log_probs_equal_padded_ones_and_a_wrong_mask_is_caught(data):
                           trainer.mesh)
 
     def outputs(batch, **kw):
-        out = pair_logps(model, batch, chunk=32, **kw)
-        return [np.asarray(x) for x in jax.tree.leaves(out)]
+        return [np.asarray(x) for x in jax.tree.leaves(pair_logps(model, batch, chunk=32, **kw))]
 
-    for kw in (dict(average=False, entropy_estimator="score_function", chosen_sequence=True, weighting=True),
-               dict(average=True, entropy_estimator="token"),
-               dict(average=False, ld_alpha=0.5)):
-        want, got = outputs(padded, **kw), outputs(packed, **kw)
-        assert len(want) == len(got) >= 2
-        for a, b in zip(got, want):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=str(kw))
+    assert_same_pair_outputs(outputs, packed, padded)
     logps = outputs(packed, average=False)[0]
     # (positions that run on across a row would not be caught: RoPE sees only offsets
     # within a segment, which a constant shift keeps)
@@ -347,13 +353,7 @@ def test_crafted_pairs_log_probs_and_a_step_equal_padded(layout):
     def outputs(batch, **kw):
         return [np.asarray(x) for x in jax.tree.leaves(pair_logps(model, batch, chunk=32, **kw))]
 
-    for kw in (dict(average=False, entropy_estimator="score_function", chosen_sequence=True, weighting=True),
-               dict(average=True, entropy_estimator="token"),
-               dict(average=False, ld_alpha=0.5)):
-        want, got = outputs(padded, **kw), outputs(packed, **kw)
-        assert len(want) == len(got) >= 2
-        for a, b in zip(got, want):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=str(kw))
+    assert_same_pair_outputs(outputs, packed, padded)
     if layout == "shared_prompt":
         logps = outputs(packed, average=False)[0]
         sees_chosen = dict(packed, branches=jnp.zeros_like(packed["branches"]))

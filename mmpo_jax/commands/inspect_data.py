@@ -59,9 +59,7 @@ def run(args: argparse.Namespace) -> int:
     run_cfg = config_from_items(args.items)
     cfg = run_cfg.data
     # a run packs each batch shard's pairs apart; here: one shard (the fill of one device)
-    packing = None if cfg.packing == "none" else batches.PackSpec(
-        cfg.pack_length or 2 * cfg.max_length, 1, run_cfg.optim.grad_accum, cfg.max_length,
-        cfg.packing == "shared_prompt")
+    packing = batches.PackSpec.for_data(cfg, 1, run_cfg.optim.grad_accum)
     datasets.disable_progress_bars()
     tokenizer = load_tokenizer(cfg.tokenizer)
     result: dict[str, Any] = {"tokenizer": _tokenizer_info(cfg.tokenizer, tokenizer)}

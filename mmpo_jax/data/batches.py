@@ -22,6 +22,7 @@ from mmpo_jax.errors import UserError
 if TYPE_CHECKING:
     import grain
 
+    from mmpo_jax.config_schema import DataConfig
     from mmpo_jax.data.prefetch import BatchTimes
 
 
@@ -41,6 +42,15 @@ class PackSpec:
     micro: int  # micro-batches of a step (optim.grad_accum; 1 for eval)
     width: int  # data.max_length
     shared: bool = False
+
+    @classmethod
+    def for_data(cls, data: DataConfig, shards: int, micro: int) -> PackSpec | None:
+        """The spec of the `data` config section (None: `data.packing: none`) over
+        `shards` batch shards and `micro` micro-batches."""
+        if data.packing == "none":
+            return None
+        pack = 2 * data.max_length if data.pack_length is None else data.pack_length  # as settled()
+        return cls(pack, shards, micro, data.max_length, data.packing == "shared_prompt")
 
     @property
     def layout(self) -> str:

@@ -131,7 +131,7 @@ class PackPlan:
 
 
 def pack_plan(tokens: np.ndarray, shards: int, micro: int, pack_length: int) -> PackPlan:
-    """The plan of a step whose pairs have `pair_tokens` `[pairs]` real tokens each
+    """The plan of a step whose pairs take `tokens` `[pairs]` tokens of a row each
     (`row_tokens`; 0 for a padding pair), over `shards` batch shards and `micro`
     micro-batches."""
     pairs = len(tokens)

@@ -4,8 +4,9 @@
 a sliding window, a logit soft-cap. `attention` attends over whole sequences
 (training, eval), optionally packed (`segment_ids`: a query sees only its own
 segment) or branched (the shared-prompt layout, `branched_segments`: a pair's rejected
-answer follows its chosen one in the row and must not see it); `cached_attention` attends over a KV cache (generation), where the caller's
-`allowed` mask holds what the cache layout knows (causality, padding, the window).
+answer follows its chosen one in the row and must not see it); `cached_attention`
+attends over a KV cache (generation), where the caller's `allowed` mask holds what the
+cache layout knows (causality, padding, the window).
 
 Backends. `xla` and `cudnn` are `jax.nn.dot_product_attention`'s (cuDNN's fused
 kernel on GPU), `splash` the Pallas TPU kernel (`mmpo_jax.models.splash`: segment ids,
@@ -75,14 +76,15 @@ def branched_segments(segment_ids: jax.Array, branches: jax.Array) -> jax.Array:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, *, scale: float,
-              implementation: Literal["xla", "cudnn", "splash", "pallas_gpu"], segment_ids: jax.Array | None = None,
-              mesh: jax.sharding.Mesh | None = None, interpret: bool = False) -> jax.Array:
+              implementation: Literal["xla", "cudnn", "splash", "pallas_gpu"],
+              segment_ids: jax.Array | None = None, mesh: jax.sharding.Mesh | None = None,
+              interpret: bool = False) -> jax.Array:
     """Grouped-query attention of q `[B, T, N, H]` over k, v `[B, T, K, H]` (K kv heads
     divide the N query heads: query head n reads kv head n // (N // K)).
 
     segment_ids `[B, T]` int: packed sequences, a query sees only keys of its own
-    segment; `[2, B, T]`: the two views of `branched_segments`. `implementation`: 'xla', 'cudnn', 'splash' or 'pallas_gpu'
-    (`ModelOptions.attention_implementation`); the Pallas kernels run under `mesh`'s
+    segment; `[2, B, T]`: the two views of `branched_segments`. `implementation`: 'xla',
+    'cudnn', 'splash' or 'pallas_gpu' (`ModelOptions.attention_implementation`); the Pallas kernels run under `mesh`'s
     shard_map when given, in Pallas interpret mode with `interpret` (off their backend).
     Returns `[B, T, N, H]` in v's dtype.
     """

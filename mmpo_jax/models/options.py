@@ -128,15 +128,14 @@ class ModelOptions:
         )
 
     @property
-    def on_tpu(self) -> bool:
-        """The model runs (or is compiled ahead of time) for a TPU."""
-        return (self.backend or jax.default_backend()) == "tpu"
+    def target(self) -> str:
+        """The backend the model runs (or is compiled ahead of time) for: "cpu", "gpu", "tpu"."""
+        return self.backend or jax.default_backend()
 
     def interprets(self, implementation: str) -> bool:
         """Whether a Pallas kernel runs in interpret mode: off the backend it is written
         for (splash: TPU, pallas_gpu: GPU), exact and slow, as the tests run it."""
-        backend = self.backend or jax.default_backend()
-        return {"splash": backend != "tpu", "pallas_gpu": backend != "gpu"}.get(implementation, False)
+        return {"splash": self.target != "tpu", "pallas_gpu": self.target != "gpu"}.get(implementation, False)
 
     @property
     def uses_dropout(self) -> bool:
@@ -153,7 +152,7 @@ class ModelOptions:
         `jax.nn.dot_product_attention` has no argument for: `auto` is then splash on TPU,
         else xla (the explicit-scores path), and `cudnn` a `UserError`. `sliding_window`:
         some layers attend within a window, which the Pallas GPU kernel does not take."""
-        backend = self.backend or jax.default_backend()
+        backend = self.target
         if soft_cap and self.attention == "cudnn":
             raise UserError("model.attention=cudnn: cuDNN attention takes no attention logit soft-cap "
                             "(Gemma 2's attn_logit_softcapping); set model.attention to auto or xla")
@@ -171,13 +170,12 @@ class ModelOptions:
                                 f"(this model has one); set model.attention to auto or xla")
         if self.attention != "auto":
             return self.attention
-        if self.on_tpu:
+        if backend == "tpu":
             return "splash"
         if soft_cap:
             return "xla"
         low_precision = jnp.dtype(self.compute_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-        on_gpu = (self.backend or jax.default_backend()) == "gpu"
-        if on_gpu and low_precision and head_dim % 8 == 0 and head_dim <= 128:
+        if backend == "gpu" and low_precision and head_dim % 8 == 0 and head_dim <= 128:
             return "cudnn"
         return "xla"
 

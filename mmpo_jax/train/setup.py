@@ -183,9 +183,7 @@ def pack_spec(cfg: RunConfig, mesh: jax.sharding.Mesh) -> PackSpec | None:
     # imported here: a step built on arrays of its own (benchmarks/, the GPU image) loads no data code
     from mmpo_jax.data.batches import PackSpec
 
-    assert cfg.data.pack_length is not None, "a settled config"
-    return PackSpec(cfg.data.pack_length, mesh.shape["data"] * mesh.shape["fsdp"], cfg.optim.grad_accum,
-                    cfg.data.max_length, cfg.data.packing == "shared_prompt")
+    return PackSpec.for_data(cfg.data, mesh.shape["data"] * mesh.shape["fsdp"], cfg.optim.grad_accum)
 
 
 def run_reference(trainer: Trainer) -> Llama | None:
