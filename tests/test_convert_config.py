@@ -2,7 +2,8 @@
 
 The recipes under tests/fixtures/recipes/ are hand-written in the shapes of
 alignment-handbook's DPO recipes (old `dataset_mixer` and new `dataset_mixture`
-formats), TRL's CPO/SimPO scripts and the MMPO authors' fork of the handbook.
+formats) and its ORPO and SFT recipes, TRL's CPO/SimPO scripts and the MMPO authors'
+fork of the handbook.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def test_authors_recipe_converts_to_a_config_that_loads(run_cli, tmp_path):
         RECIPES / "mmpo_fork_smollm2.yaml", "--devices", 4, "--train-rows", PAPER_ROWS, "--out", out
     )
     assert code == 0 and stdout == ""
-    assert "8 recipe key(s) not carried over" in stderr
+    assert "6 recipe key(s) not carried over" in stderr
     cfg = load_config(out)
     assert cfg.model.path == "HuggingFaceTB/SmolLM2-135M-Instruct" == cfg.data.tokenizer
     assert (cfg.model.param_dtype, cfg.model.compute_dtype, cfg.model.remat) == (
@@ -79,9 +80,10 @@ def test_authors_recipe_converts_to_a_config_that_loads(run_cli, tmp_path):
     assert (cfg.loss.name, cfg.loss.beta, cfg.loss.reward_epsilon) == ("mmpo", 0.1, 1.0)
     assert cfg.loss.average_logps is False  # `average_logps: no`
     assert (cfg.optim.learning_rate, cfg.optim.schedule) == (1e-4, "cosine")
+    assert (cfg.train.report_to, cfg.train.run_name) == (["wandb"], "smollm2-135m-mmpo")
     text = out.read_text()
     header = text.split("\nmodel:")[0]
-    for key in ("attn_implementation", "report_to", "run_name", "preprocessing_num_workers"):
+    for key in ("attn_implementation", "preprocessing_num_workers"):
         assert f"#   - {key}:" in header
     assert "ours picks its attention kernel with model.attention" in header
     assert "  batch_size: 128  # per_device_train_batch_size 4 x gradient_accumulation_steps 8" in text
@@ -98,6 +100,139 @@ def test_output_is_yaml_whose_comments_do_not_change_it(run_cli):
     assert set(report) == {"recipe", "config", "sources", "notes", "not_carried"}
     assert report["sources"]["model.lora.rank"] == "lora_r"
     assert {"key": "optim", "value": "rmsprop", "reason": "ours is AdamW only"} in report["not_carried"]
+
+
+# Every recipe style of the fixtures, with the override its conversion needs.
+RECIPE_STYLES = {
+    "dpo_handbook_lora.yaml": (),  # handbook, dataset_mixer
+    "dpo_mixture.yaml": (),  # handbook, dataset_mixture
+    "orpo_handbook.yaml": ("loss.name=orpo",),  # handbook ORPO: names no loss
+    "sft_handbook.yaml": ("loss.name=sft",),  # handbook SFT: names no loss
+    "mmpo_fork_smollm2.yaml": (),
+    "mmpo_fork_placeholders.yaml": (),
+    "simpo_cpo.yaml": (),  # TRL's CPO script, dataset_name
+    "simpo_ratio.yaml": (),
+    "ipo.yaml": (),  # TRL's DPOConfig
+}
+# The handbook's Zephyr template: line breaks, inside Jinja strings too, and quotes.
+ZEPHYR_TEMPLATE = recipes.read_recipe(RECIPES / "orpo_handbook.yaml")["chat_template"]
+
+
+def _config_cli(path: Path, capsys) -> tuple[int, str, str]:
+    """`mmpo-jax config PATH` through cli.main: (exit code, stdout, stderr)."""
+    code = cli.main(["config", str(path)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("name", list(RECIPE_STYLES))
+def test_each_recipe_style_converts_to_a_file_mmpo_jax_config_loads(name, run_cli, tmp_path, capsys):
+    """The issue's report: a multi-line chat_template broke out of the not-carried comments
+    and `mmpo-jax config` refused the file. Now it is carried, written so it reads back
+    equal, and padding_free / report_to are carried too."""
+    recipe = recipes.read_recipe(RECIPES / name)
+    recipe.update(chat_template=ZEPHYR_TEMPLATE, padding_free=True,
+                  report_to=["tensorboard", "wandb", "comet_ml"])
+    source, out = tmp_path / name, tmp_path / "run.yaml"
+    source.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    code, _, err = run_cli(source, *RECIPE_STYLES[name], "--out", out)
+    assert code == 0, err
+    text = out.read_text()
+    header, body = text.split("\nmodel:")
+    assert all(line.startswith("#") for line in header.splitlines())
+    assert "#   - report_to: [comet_ml]\n#       ours reports to tensorboard, mlflow, wandb" in header
+    assert "chat_template" not in header and "padding_free" not in header
+    assert "  chat_template: |-  # chat_template\n    {% for message in messages %}\n" in body
+    assert "  packing: packed  # padding_free" in body
+    code, shown, err = _config_cli(out, capsys)
+    assert code == 0, err
+    resolved = yaml.safe_load(shown)
+    assert resolved["data"]["chat_template"] == ZEPHYR_TEMPLATE
+    assert resolved["data"]["packing"] == "packed"
+    assert resolved["train"]["report_to"] == ["tensorboard", "wandb"]
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ messages }}\n",  # a trailing line break: `|` keeps one
+        "  {{ messages }}\n{{ eos_token }}",  # leading spaces: needs an indentation indicator
+        "{{ messages }}\n\n\n",  # trailing blank lines: `|+` ends the document with `...`
+        "{{ a }} \n{{ b }}",  # a trailing space, which a block scalar cannot hold
+        "{{ a }}\r\n{{ b }}\r\n",  # Windows line breaks
+        "\t{{ a }}\n{{ b }}",  # a tab
+        "{{ '<\uff5cUser\uff5c>' }}\n{{ a }}\u2028",  # non-ASCII and a Unicode line break
+        "# {{ a }}\n- {{ b }}: c",  # lines that look like YAML
+        "{{ messages }}",  # one line
+    ],
+)
+def test_a_chat_template_reads_back_equal_to_the_recipes(template):
+    conversion = recipes.convert_recipe({"model_name_or_path": "m", "chat_template": template})
+    config, _ = recipes.finalize(conversion)
+    text = recipes.render_yaml(config, conversion, "r.yaml")
+    assert yaml.safe_load(text)["data"]["chat_template"] == template
+    assert conversion.sources["data.chat_template"] == "chat_template"
+
+
+def test_values_in_comments_stay_on_comment_lines(run_cli, tmp_path, capsys):
+    """A line break in a value, key or note would end its `#` line, the rest read as
+    YAML: every kind of break, and the control characters YAML refuses, are escaped."""
+    breaks = "one\ntwo\rthree\x85four\u2028five\u2029six\x07seven"
+    recipe = {
+        "model_name_or_path": "m",
+        "dataset_mixer": {"./local\ndir": 1.0},  # a key in our config, and in a note
+        "dataset_splits": ["train", f"dev{breaks}"],  # not carried, in a list
+        "system_prompt": breaks,  # an unknown key's value
+        f"odd{breaks}": 1,  # an unknown key
+        "tools": [{"description": breaks}],  # a not-carried mapping
+    }
+    source, out = tmp_path / "recipe.yaml", tmp_path / "run.yaml"
+    source.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    code, _, err = run_cli(source, "--out", out)
+    assert code == 0, err
+    text = out.read_text()
+    header, body = text.split("\nmodel:")
+    lines = header.split("\n")  # only \n: YAML also breaks lines at \r, \x85, \u2028, \u2029
+    assert all(line.startswith("#") for line in lines)
+    assert not any(ch in text for ch in "\r\x85\u2028\u2029\x07")
+    assert "#   - system_prompt: \"one\\ntwo\\rthree\\Nfour\\Lfive" in header  # YAML's escapes
+    assert "#   - oddone\\ntwo\\rthree\\x85four\\u2028five" in header  # Python's, in prose
+    assert "#   - dataset ./local\\ndir looks like a local directory" in header
+    loaded = yaml.safe_load(text)
+    assert loaded["data"]["mixture"] == {"./local\ndir": 1.0}
+    code, _, err = _config_cli(out, capsys)
+    assert code == 0, err
+
+
+def test_padding_free_report_to_and_run_name_map_to_ours():
+    def convert(**recipe):
+        conversion = recipes.convert_recipe({"model_name_or_path": "m", **recipe})
+        recipes.finalize(conversion)  # validates
+        return conversion
+
+    packed = convert(padding_free="yes")
+    assert packed.config["data"]["packing"] == "packed"
+    assert packed.sources["data.packing"].startswith("padding_free")
+    off = convert(padding_free=False)
+    assert "packing" not in off.config["data"] and off.skipped == []
+    assert _skipped(convert(padding_free="sometimes"))["padding_free"] == "expected true or false"
+
+    def trackers(value):
+        conversion = convert(report_to=value)
+        return conversion.config.get("train", {}).get("report_to"), _skipped(conversion)
+
+    assert trackers("wandb") == (["wandb"], {})
+    assert trackers(["mlflow", "tensorboard", "mlflow"]) == (["mlflow", "tensorboard"], {})
+    assert trackers("none") == trackers(["none"]) == trackers([]) == ("none", {})
+    assert trackers(None) == (None, {})  # transformers' default, which changed: ours keeps its own
+    value, skipped = trackers(["comet_ml", "wandb"])
+    assert value == ["wandb"] and "ours reports to tensorboard, mlflow, wandb" in skipped["report_to"]
+    value, skipped = trackers("comet_ml")
+    assert value is None and "report_to" in skipped
+    everything = convert(report_to="all")
+    assert everything.config["train"]["report_to"] == ["tensorboard", "mlflow", "wandb"]
+    assert any(note.startswith("report_to all:") for note in everything.notes)
+    assert convert(run_name="zephyr-dpo").config["train"]["run_name"] == "zephyr-dpo"
 
 
 def test_paper_config_agrees_with_the_converted_authors_recipe():

@@ -1,5 +1,5 @@
 """The data rules: the sources (dataset_mixer, dataset_mixture or dataset_name), their
-splits, and the length limits."""
+splits, the chat template, the length limits and padding-free batches."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from mmpo_jax.config_schema import DataConfig
 from mmpo_jax.recipes.part import Part, Recipe, config_rule
-from mmpo_jax.recipes.reading import as_float, as_int, as_str, as_str_list
+from mmpo_jax.recipes.reading import as_bool, as_float, as_int, as_str, as_str_list
 from mmpo_jax.recipes.table import carry
 
 # The handbook's splits when a recipe with dataset_mixer names none.
@@ -16,7 +16,7 @@ HANDBOOK_SPLITS = ["train", "test"]
 
 def data(recipe: Recipe) -> Part:
     """data.* from the recipe's data format (the first of dataset_mixture, dataset_mixer,
-    dataset_name it has), its lengths and data_seed."""
+    dataset_name it has), chat_template, its lengths, padding_free and data_seed."""
     part = Part(recipe)
     formats = [k for k in ("dataset_mixture", "dataset_mixer", "dataset_name") if part.has(k)]
     for extra in formats[1:]:
@@ -27,8 +27,21 @@ def data(recipe: Recipe) -> Part:
         part.add(mixer_old(recipe))
     elif formats:
         part.add(dataset_name(recipe))
+    part.add(carry(recipe, "chat_template"))
     part.add(lengths(recipe))
+    part.add(padding_free(recipe))
     part.add(carry(recipe, "data_seed"))
+    return part
+
+
+def padding_free(recipe: Recipe) -> Part:
+    """TRL's `padding_free: true` as data.packing: packed."""
+    part = Part(recipe)
+    if part.get("padding_free", as_bool):
+        # TRL flattens a batch's sequences into one row told apart by position ids; ours
+        # packs them into rows told apart by segment ids: neither computes padding between
+        # sequences (ours pads only a row's unused tail, to data.pack_length)
+        part.set("data.packing", "packed", "padding_free (packed rows: no padding between sequences)")
     return part
 
 

@@ -4,7 +4,8 @@ YAML (`render_yaml`) or as one JSON object (`to_json`)."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import yaml
@@ -40,10 +41,70 @@ def _pick(node: Any, raw: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+# What PyYAML counts as a line break: in a value it would spread the value over lines,
+# and in a `#` comment it would end the comment, the rest read as YAML.
+_BREAKS = "\n\r\x85\u2028\u2029"
+# The characters a comment line keeps as they are: printable, and no line break (YAML's
+# reader refuses the other control characters anywhere in the file).
+_UNSAFE_IN_COMMENT = re.compile(
+    "[^\t\x20-\x7e\xa0-\u2027\u202a-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]"
+)
+
+
+def _has_break(text: str) -> bool:
+    return any(ch in text for ch in _BREAKS)
+
+
+class _OneLineDumper(yaml.SafeDumper):
+    """Writes a string with a line break double-quoted, each break escaped (`\\n`):
+    PyYAML's own choice, single quotes, writes it over several lines."""
+
+
+class _LiteralDumper(yaml.SafeDumper):
+    """Writes a string with a line break as a block scalar (`|`), for a template to read
+    as it is; PyYAML falls back to double quotes where a block cannot hold it (trailing
+    spaces, tabs, non-ASCII)."""
+
+
+def _string_style(style: str) -> Callable[[yaml.SafeDumper, str], yaml.ScalarNode]:
+    def represent(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+        chosen = style if _has_break(value) else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=chosen)
+
+    return represent
+
+
+_OneLineDumper.add_representer(str, _string_style('"'))
+_LiteralDumper.add_representer(str, _string_style("|"))
+
+
 def flow_yaml(value: Any) -> str:
     """One value as a single line of YAML (flow style), without the document end marker."""
-    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30, sort_keys=False)
+    text = yaml.dump(
+        value, Dumper=_OneLineDumper, default_flow_style=True, width=1 << 30, sort_keys=False
+    )
     return text.removesuffix("\n...\n").rstrip("\n")
+
+
+def _entry_lines(key: str, value: Any) -> list[str]:
+    """`key: value` as YAML lines: a string with line breaks as a block scalar, which
+    reads back equal to it; anything else on one line."""
+    if isinstance(value, str) and _has_break(value):
+        text = yaml.dump({key: value}, Dumper=_LiteralDumper, width=1 << 30, sort_keys=False)
+        # `|+` (trailing blank lines kept) ends the document with `...`, which would end
+        # ours there too: such a string goes on one line
+        if not text.endswith("\n...\n"):
+            return text.rstrip("\n").split("\n")
+    return [f"{flow_yaml(key)}: {flow_yaml(value)}"]
+
+
+def _comment(text: str) -> str:
+    """`text` as one `#` line: line breaks and characters YAML refuses are escaped
+    (`\\n`, `\\x07`), so no recipe value in it can end the comment."""
+    escape = _UNSAFE_IN_COMMENT.sub(
+        lambda m: m.group().encode("unicode_escape").decode("ascii"), text
+    )
+    return f"# {escape}" if escape else "#"
 
 
 def render_yaml(
@@ -53,23 +114,27 @@ def render_yaml(
 ) -> str:
     """Our config as YAML: a header with assumptions and not-carried keys, then each value
     with a comment naming the recipe key it came from."""
-    lines = [
-        f"# Converted from {recipe_name} by `mmpo-jax convert-config`.",
-        "# Each value's comment names the recipe key it came from; keys not set here keep",
-        "# our defaults (`mmpo-jax config FILE` prints them all).",
+    header = [
+        f"Converted from {recipe_name} by `mmpo-jax convert-config`.",
+        "Each value's comment names the recipe key it came from; keys not set here keep",
+        "our defaults (`mmpo-jax config FILE` prints them all).",
     ]
     if conversion.notes:
-        lines += ["#", "# Assumptions and notes:"]
-        lines += [f"#   - {n}" for n in conversion.notes]
+        header += ["", "Assumptions and notes:"]
+        header += [f"  - {n}" for n in conversion.notes]
     n = len(conversion.skipped)
-    lines += ["#", f"# Not carried over ({n} of the recipe's {conversion.keys_read} keys):"]
+    header += ["", f"Not carried over ({n} of the recipe's {conversion.keys_read} keys):"]
     if not conversion.skipped:
-        lines.append("#   (none)")
+        header.append("  (none)")
     for s in conversion.skipped:
-        lines.append(f"#   - {s.key}: {_shorten(flow_yaml(s.value))}")
-        lines.append(f"#       {s.reason}")
+        header.append(f"  - {s.key}: {_shorten(flow_yaml(s.value))}")
+        header.append(f"      {s.reason}")
+    lines = [_comment(line) for line in header]
     lines += _block(config, conversion.sources, "", 0)
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    if yaml.safe_load(text) != config:  # pragma: no cover - a rendering bug, caught here
+        raise AssertionError(f"the rendered config does not read back as converted:\n{text}")
+    return text
 
 
 def _block(
@@ -80,12 +145,15 @@ def _block(
     for key, value in node.items():
         path = f"{prefix}{key}"
         source = sources.get(path)
-        comment = f"  # {source}" if source else ""
+        tail = f"  {_comment(source)}" if source else ""
         if isinstance(value, Mapping) and value:
-            lines.append(f"{indent}{flow_yaml(key)}:{comment}")
+            lines.append(f"{indent}{flow_yaml(key)}:{tail}")
             lines += _block(value, sources, f"{path}.", depth + 1)
         else:
-            lines.append(f"{indent}{flow_yaml(key)}: {flow_yaml(value)}{comment}")
+            # the comment after the first line: after a block scalar's `|` it is still one
+            first, *rest = _entry_lines(key, value)
+            lines.append(f"{indent}{first}{tail}")
+            lines += [f"{indent}{line}" if line else line for line in rest]
     return lines
 
 

@@ -39,6 +39,8 @@ TABLE: dict[str, KeyMap] = {
     "gradient_checkpointing": KeyMap("model.remat", _remat),
     "max_length": KeyMap("data.max_length", as_int, checked=True),
     "data_seed": KeyMap("data.seed", as_int),
+    # the handbook sets it on the tokenizer before tokenizing, as ours does with this key
+    "chat_template": KeyMap("data.chat_template", as_str, nonempty=True),
     "beta": KeyMap(
         "loss.beta",
         as_float,
@@ -70,6 +72,7 @@ TABLE: dict[str, KeyMap] = {
     "adam_beta2": KeyMap("optim.b2", as_float, checked=True),
     "adam_epsilon": KeyMap("optim.eps", as_float, checked=True),
     "output_dir": KeyMap("train.output_dir", as_str, nonempty=True),
+    "run_name": KeyMap("train.run_name", as_str, nonempty=True),
     "sync_ref_model": KeyMap("model.sync_reference", as_bool),
     "ref_model_mixup_alpha": KeyMap("model.reference_mixup_alpha", as_float, checked=True),
     "ref_model_sync_steps": KeyMap("model.reference_sync_steps", as_int, checked=True),
@@ -107,8 +110,6 @@ NOT_CARRIED: dict[str, str] = {
     "hub_private_repo": _NO_HUB,
     "hub_token": _NO_HUB,
     "push_to_hub": _NO_HUB,
-    "report_to": "ours writes metrics to train.output_dir (metrics.jsonl, TensorBoard)",
-    "run_name": "ours names a run by its train.output_dir",
     "logging_dir": "ours writes logs to train.output_dir",
     "log_level": "ours has no log-level setting",
     "log_level_replica": "ours has no log-level setting",
@@ -138,9 +139,8 @@ NOT_CARRIED: dict[str, str] = {
     "dataloader_num_workers": "ours builds batches with grain in the training process",
     "dataloader_pin_memory": "ours builds batches with grain in the training process",
     "dataloader_persistent_workers": "ours builds batches with grain in the training process",
-    "auto_insert_empty_system_msg": "ours renders conversations with the tokenizer's chat "
-    "template as they are (no system message is inserted)",
-    "chat_template": "ours uses the chat template of data.tokenizer",
+    "auto_insert_empty_system_msg": "ours renders conversations with the chat template "
+    "(data.chat_template, else the tokenizer's) as they are (no system message is inserted)",
     "truncation_side": "ours cuts prompts from the left and completions from the right",
     "use_liger_kernel": "ours computes log-probs with its own chunked LM head",
     "use_liger_loss": "ours computes log-probs with its own chunked LM head",
@@ -150,7 +150,6 @@ NOT_CARRIED: dict[str, str] = {
     "resume_from_checkpoint": "ours has no such key",
     "save_only_model": "ours saves the whole train state",
     "save_safetensors": "ours saves orbax checkpoints (and exports HF directories)",
-    "padding_free": "ours pads each batch to a bucket length",
     "padding_value": "ours pads with the tokenizer's pad id",
     "label_pad_token_id": "ours masks padding with loss_mask",
     "model_init_kwargs": "ours loads checkpoints itself",

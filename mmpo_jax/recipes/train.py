@@ -1,4 +1,5 @@
-"""The run rules: seed, output directory, and how often it logs, evaluates and saves."""
+"""The run rules: seed, output directory, run name, trackers, and how often it logs,
+evaluates and saves."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from mmpo_jax.recipes.part import Part, Recipe, config_rule
 from mmpo_jax.recipes.reading import as_int
 from mmpo_jax.recipes.steps import RunLength, step_count
 from mmpo_jax.recipes.table import carry
+from mmpo_jax.train.trackers import TRACKERS
 
 # transformers' defaults a recipe relies on when it omits the key.
 HF_SAVE_STEPS = 500
@@ -28,10 +30,56 @@ def train(recipe: Recipe, length: RunLength, *, data_seeded: bool, test_data: bo
             part.set("data.seed", seed, "seed (the shuffle order)")
     elif seed is not None and rule is not None:
         part.skip("seed", seed, rule)
-    part.add(carry(recipe, "output_dir"))
+    part.add(carry(recipe, "output_dir", "run_name"))
+    part.add(trackers(recipe))
     part.add(logging(recipe, length))
     part.add(evaluation(recipe, length, test_data))
     part.add(saving(recipe, length))
+    return part
+
+
+def _names(value: Any) -> list[str]:
+    # transformers takes one name or a list of them
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    raise ValueError("expected a tracker name or a list of them")
+
+
+def trackers(recipe: Recipe) -> Part:
+    """train.report_to from transformers' report_to: the trackers ours has, in the
+    recipe's order; "all" as all of ours; the others listed."""
+    part = Part(recipe)
+    # null asks for transformers' default, which changed between versions: ours keeps its own
+    names = None if part.raw("report_to") is None else part.get("report_to", _names)
+    if names is None:
+        return part
+    wanted = list(dict.fromkeys(names))
+    if wanted in ([], ["none"]):
+        part.set("train.report_to", "none", "report_to")
+    elif "all" in wanted:
+        # transformers' "all" is every integration installed where it runs, which the
+        # conversion cannot see
+        part.set("train.report_to", list(TRACKERS), "report_to all (every tracker of ours)")
+        part.note(
+            f"report_to all: transformers reports to every integration installed; "
+            f"train.report_to names all of ours ({', '.join(TRACKERS)}), and a run stops at "
+            "start naming the package to install for one that is missing: drop it from "
+            "train.report_to instead"
+        )
+    else:
+        ours = [n for n in wanted if n in TRACKERS]
+        if ours:
+            part.set("train.report_to", ours, "report_to")
+        others = [n for n in wanted if n not in (*TRACKERS, "none")]
+        if others:
+            part.skip(
+                "report_to",
+                others,
+                f"ours reports to {', '.join(TRACKERS)} (train.report_to), besides "
+                "metrics.jsonl in train.output_dir",
+            )
     return part
 
 
