@@ -133,32 +133,54 @@ def export_hf(
     """
     from mmpo_jax.models.hf_weights import iter_hf_weights
 
+    _np_dtype(dtype)  # an unknown dtype is refused before anything is created
+    with export_directory(out_dir, kind="hf", overwrite=overwrite, about={"dtype": dtype, **(about or {})}) as out:
+        write_hf_files(out, cfg, tokenizer, weights if weights is not None else iter_hf_weights(model),
+                       dtype=dtype, max_shard_bytes=max_shard_bytes)
+    return Path(out_dir)
+
+
+def write_hf_files(
+    out: Path,
+    cfg: LlamaConfig,
+    tokenizer: Any,
+    weights: Iterable[tuple[str, np.ndarray]],
+    *,
+    dtype: str = "float32",
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> None:
+    """The files of an HF directory (see `export_hf`) written into `out`, created if absent.
+
+    No export record and no rename into place: this is for a directory inside an export
+    that `export_directory` already guards, such as the base model beside a LoRA adapter.
+    """
+    np_dtype = _np_dtype(dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    writer = _ShardWriter(out, max_shard_bytes)
+    try:
+        for name, array in weights:
+            writer.add(name, np.asarray(array).astype(np_dtype, copy=False))
+        weight_map = writer.close()
+    finally:
+        for tmp in out.glob(".export-shard-*"):
+            tmp.unlink()
+    if len(set(weight_map.values())) > 1:
+        index = {"metadata": {"total_size": writer.total_bytes}, "weight_map": weight_map}
+        (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+    hf = cfg.to_hf_dict()
+    hf["torch_dtype"] = dtype
+    hf["dtype"] = dtype
+    (out / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+
+
+def _np_dtype(dtype: str) -> np.dtype:
     if dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"export dtype '{dtype}' is not supported; choose float32, bfloat16 or float16")
     if dtype == "bfloat16":
         import ml_dtypes
 
-        np_dtype = np.dtype(ml_dtypes.bfloat16)
-    else:
-        np_dtype = np.dtype(dtype)
-
-    with export_directory(out_dir, kind="hf", overwrite=overwrite, about={"dtype": dtype, **(about or {})}) as out:
-        writer = _ShardWriter(out, max_shard_bytes)
-        try:
-            for name, array in weights if weights is not None else iter_hf_weights(model):
-                writer.add(name, np.asarray(array).astype(np_dtype, copy=False))
-            weight_map = writer.close()
-        finally:
-            for tmp in out.glob(".export-shard-*"):
-                tmp.unlink()
-        if len(set(weight_map.values())) > 1:
-            index = {"metadata": {"total_size": writer.total_bytes}, "weight_map": weight_map}
-            (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-
-        hf = cfg.to_hf_dict()
-        hf["torch_dtype"] = dtype
-        hf["dtype"] = dtype
-        (out / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(out))
-    return Path(out_dir)
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(dtype)

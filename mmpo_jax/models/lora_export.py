@@ -4,13 +4,19 @@ PEFT names a Llama adapter `base_model.model.model.layers.{i}.self_attn.q_proj.l
 (`[rank, in]`, torch Linear layout) and `...lora_B.weight` (`[out, rank]`); ours are
 `q_lora_a` `[*in, rank]` and `q_lora_b` `[rank, *out]` (heads split out), per layer or
 stacked on a leading `layers` axis. `peft.PeftModel.from_pretrained(base, dir)` loads it.
+
+`adapter_config.json` names the base (`base_model_name_or_path`) so that
+`peft.AutoPeftModelForCausalLM.from_pretrained(dir)` opens it: a local directory by its
+absolute path, a hub id as given (`peft_base_name`). A base PEFT cannot open (a GGUF
+file, a gs:// URL) is written into the adapter's directory as an HF directory, `base/`
+(its weights as loaded, adapters not merged), and that is the one named.
 """
 
 from __future__ import annotations
 
-import os
-
+import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -25,6 +31,8 @@ MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_p
            "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 PARENT = {"q": "self_attn", "k": "self_attn", "v": "self_attn", "o": "self_attn",
           "gate": "mlp", "up": "mlp", "down": "mlp"}
+# Inside the adapter's directory: the base model, when PEFT could not open `model.path`.
+BASE_DIR = "base"
 
 
 def iter_peft_weights(model: Llama) -> Iterator[tuple[str, np.ndarray]]:
@@ -49,6 +57,45 @@ def iter_peft_weights(model: Llama) -> Iterator[tuple[str, np.ndarray]]:
             yield f"{prefix}.lora_B.weight", b.reshape(b.shape[0], -1).T.copy()
 
 
+def peft_base_name(model_path: str) -> str | None:
+    """What `adapter_config.json` names as the base of a run on `model_path`, or None when
+    PEFT cannot open that base and it must be written beside the adapter (`BASE_DIR`).
+
+    PEFT hands the name to transformers' `from_pretrained` as it is, so a relative path
+    would be looked up from whatever directory the reader runs in, and `pkg:` is ours
+    alone: a local directory is named by its absolute path (symlinks kept, as the user
+    chose them). A GGUF file, local, in a package or on the hub, loads only with
+    `gguf_file=`, which PEFT never passes; transformers reads no gs:// URL.
+    """
+    from mmpo_jax import storage
+    from mmpo_jax.paths import resolve
+
+    if storage.is_url(model_path):
+        return None
+    text = resolve(model_path)
+    local = Path(text).expanduser()
+    if local.suffix.lower() == ".gguf":
+        return None
+    if local.exists():
+        return os.path.abspath(local)
+    return text  # a hub id
+
+
+def iter_base_hf_weights(model: Llama) -> Iterator[tuple[str, np.ndarray]]:
+    """`iter_hf_weights` of the base that `model`'s adapters apply to: its weights as loaded,
+    the adapters not merged in (they are frozen in a LoRA run, so these are the base
+    exactly, in the parameter dtype the adapters were trained against)."""
+    from flax import nnx
+
+    from mmpo_jax.models.hf_weights import iter_hf_weights
+
+    # A second module over the same arrays (no copy) that reads as having no adapters:
+    # iter_hf_weights merges whatever `options.lora` names.
+    base = nnx.merge(*nnx.split(model))
+    base.options = dataclasses.replace(model.options, lora=None)
+    return iter_hf_weights(base)
+
+
 def _value(var: Any) -> Any:
     import jax
 
@@ -66,10 +113,15 @@ def export_peft_adapter(
     base_model: str,
     tokenizer: Any = None,
     *,
+    base_dtype: str | None = None,
     overwrite: bool = False,
     about: dict[str, Any] | None = None,
 ) -> Path:
     """Writes the adapter of `model` (a LoRA policy) for `base_model` (hub id or path).
+
+    With `base_dtype`, the base itself (`iter_base_hf_weights`, in that dtype, with the
+    tokenizer) is written too, as an HF directory `out_dir/base`; `base_model` is then
+    where that directory will be once the export is in place.
 
     `out_dir` is new, empty, or (with `overwrite`) an earlier export and nothing else; it
     is written beside it and renamed into place (`checkpoints.export_directory`), so a
@@ -79,8 +131,14 @@ def export_peft_adapter(
 
     lora = model.options.lora
     tensors = dict(iter_peft_weights(model))
+    if base_dtype is not None:
+        about = {**(about or {}), "base_dir": BASE_DIR, "base_dtype": base_dtype}
     with export_directory(out_dir, kind="peft_adapter", overwrite=overwrite, about=about) as out:
         _write_adapter(out, tensors, lora, base_model, tokenizer)
+        if base_dtype is not None:
+            from mmpo_jax.models.hf_export import write_hf_files
+
+            write_hf_files(out / BASE_DIR, model.cfg, tokenizer, iter_base_hf_weights(model), dtype=base_dtype)
     return Path(out_dir)
 
 
