@@ -169,3 +169,102 @@ def test_help_describes_the_command(capsys):
     out = capsys.readouterr().out
     assert "builtin:demo" in out and "data.train_files=SOURCE" in out
     assert "Loads and tokenizes the train (and test) data" in out
+
+
+# configs/tiny.yaml packed: rows of 2 x data.max_length = 128 tokens; no test split, for speed
+TINY = ["configs/tiny.yaml", "data.test_files=null"]
+LAYOUTS = ("packed", "shared_prompt")
+
+
+@pytest.fixture(scope="module")
+def tiny_reports(cache_dir):
+    """{layout: (--json report, text report)} of configs/tiny.yaml, and its train data."""
+    import contextlib
+    import io
+
+    from mmpo_jax.config import load_config
+    from mmpo_jax.data.pipeline import load_preference_data
+
+    reports = {}
+    for layout in LAYOUTS:
+        outs = []
+        for extra in (["--json"], []):
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf):
+                argv = [*TINY, f"data.packing={layout}", f"data.cache_dir={cache_dir}", *extra]
+                assert cli.main(["inspect-data", *argv]) == 0
+            outs.append(buf.getvalue())
+        reports[layout] = (json.loads(outs[0]), outs[1])
+    cfg = load_config(TINY[0], [*TINY[1:], f"data.cache_dir={cache_dir}"])
+    return reports, load_preference_data(cfg.data, "train")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_packed_row_is_a_row_of_the_first_batch(tiny_reports, layout):
+    """The shown row's segments hold each pair's tokenized prompt, chosen and rejected
+    ids (from the unpacked data), at the columns and segment ids of global batch 0's row,
+    and the row is one with the most pairs."""
+    from mmpo_jax.data.batches import PackSpec, train_batches
+
+    reports, data = tiny_reports
+    row = reports[layout][0]["train"]["packed_row"]
+    spec = PackSpec(pack_length=128, shards=1, micro=1, width=64, shared=layout == "shared_prompt")
+    batch = train_batches(data, 8, 0, process_index=0, process_count=1, packing=spec)[0]
+    ids, segment_ids = batch.input_ids[row["row"]], batch.segment_ids[row["row"]]
+    answers = [["chosen", "rejected"]] if spec.shared else [["chosen"], ["rejected"]]
+    expected_kinds = ["+".join(["prompt", *a]) for a in answers]
+    kinds: dict[int, list[str]] = {}
+    column = 0
+    for seg in row["segments"]:
+        pair = data.pair(seg["pair"])
+        assert seg["pair"] in batch.example_index and seg["origin"] == data.origin(seg["pair"])
+        kinds.setdefault(seg["pair"], []).append(seg["kind"])
+        spans = seg["spans"]
+        assert [s["kind"] for s in spans] == seg["kind"].split("+")
+        lengths = dict(zip(("prompt", "chosen", "rejected"), (int(n) for n in data.lengths[seg["pair"]])))
+        assert [s["length"] for s in spans] == [lengths[s["kind"]] for s in spans]
+        assert seg["start"] == spans[0]["start"] == column  # packed back to back
+        for s in spans:
+            tokens = dict(zip(("prompt", "chosen", "rejected"), pair))[s["kind"]]
+            assert ids[s["start"] : s["start"] + s["length"]].tolist() == tokens
+            assert s["start"] == column
+            column += s["length"]
+        assert seg["length"] == column - seg["start"]
+        assert set(segment_ids[seg["start"] : column].tolist()) == {seg["segment"]}
+        for s in spans[1:]:  # an answer short enough to show whole sits in the loss marks
+            answer = data.tokenizer.decode(dict(zip(("chosen", "rejected"), pair[1:]))[s["kind"]])
+            if len(answer) <= 64:
+                assert f"[[{answer}]]" in seg["text"]
+    assert all(k == expected_kinds for k in kinds.values()) and row["pairs"] == len(kinds) > 1
+    assert row["padding"] == 128 - column and not segment_ids[column:].any()
+    per_seq = 1 if spec.shared else 2
+    most = max(len(set(r[r > 0].tolist())) // per_seq for r in batch.segment_ids)
+    assert row["pairs"] == most and row["rows"] == batch.input_ids.shape[0]
+
+
+def test_packed_row_and_rows_per_step_read_as_words(tiny_reports):
+    reports, _ = tiny_reports
+    for layout in LAYOUTS:
+        rep, out = reports[layout]
+        b = rep["train"]["batches"]
+        counts = sorted((int(k), v) for k, v in b["steps_per_row_count"].items())
+        assert len(counts) > 1
+        steps = b["steps_per_epoch"]
+        shapes = [f"{n} rows in {k} ({round(100 * k / steps)}%)" for n, k in counts]
+        shapes[0] = shapes[0].replace(" (", f" of {steps} steps (")
+        expected = (f"  rows per step: {counts[0][0]} to {counts[-1][0]} rows of 128 tokens, "
+                    f"{len(counts)} shapes (one compile each): " + ", ".join(shapes))
+        assert expected in out.splitlines(), layout
+        row = rep["train"]["packed_row"]
+        segments = row["segments"]
+        assert (f"packed row: row {row['row']} of global batch 0, one of its {row['rows']} rows of 128 "
+                f"tokens: {row['pairs']} pairs in {len(segments)} segments") in out
+        for s in segments:
+            spans = " + ".join(f"{x['kind']} {x['length']}" for x in s["spans"])
+            line = (f"  segment {s['segment']}, columns {s['start']}-{s['start'] + s['length'] - 1}: "
+                    f"pair {s['pair']}")
+            assert any(x.startswith(line) and x.endswith(f"{spans} = {s['length']} tokens")
+                       for x in out.splitlines()), line
+            assert f"    {s['text']!r}" in out.splitlines()
+        if row["padding"]:
+            assert f"  padding, columns {128 - row['padding']}-127: {row['padding']} tokens" in out

@@ -219,6 +219,56 @@ def collate_packed(
                        np.asarray(example_index, np.int32), branches if shared else None)
 
 
+@dataclass(frozen=True)
+class RowSegment:
+    """One segment of a packed row, read back from a `PackedBatch`: pair `pair` (a
+    position of the batch's pairs; `example_index[pair]` is its row of the data) and its
+    `spans`, `(kind, first column, tokens)` in column order, `kind` one of "prompt",
+    "chosen", "rejected" (prompt + chosen or prompt + rejected; all three when shared)."""
+
+    segment: int  # its segment id in the row
+    pair: int
+    spans: tuple[tuple[str, int, int], ...]
+
+    @property
+    def start(self) -> int:
+        return self.spans[0][1]
+
+    @property
+    def length(self) -> int:
+        return sum(n for _, _, n in self.spans)
+
+
+def row_segments(batch: PackedBatch, row: int, micro: int) -> list[RowSegment]:
+    """The segments of row `row` of `batch` (process 0's rows `[rows, pack]`, a step of
+    `micro` micro-batches), in column order, found where `token_index` places each pair's
+    sequences (the inverse of `collate_packed`, so a reader sees what the step computes).
+    Process 0's: `token_index` counts the rows of a micro-batch over all the processes.
+
+    A sequence's prompt is the run before its first loss-masked token; the loss mask is 0
+    at a sequence's first token, so an empty prompt would show as one token."""
+    pack = batch.input_ids.shape[1]
+    at = (row // micro) * pack  # row `a + r*n` of the process is row r of micro-batch a
+    spans: dict[int, dict[str, tuple[int, int]]] = {}
+    pairs: dict[int, int] = {}
+    for q in range(row % micro, len(batch.pair_mask), micro):  # micro-batch a's pairs: a, a+n, ...
+        if not batch.pair_mask[q]:
+            continue
+        for side, answer in enumerate(("chosen", "rejected")):
+            t = int(batch.attention_mask[q, side].sum())
+            cols = batch.token_index[q, side, :t] - at
+            if not 0 <= cols[-1] < pack:
+                continue
+            p = int(np.argmax(batch.loss_mask[q, side, :t]))
+            seg = int(batch.segment_ids[row, cols[-1]])
+            pairs[seg] = q
+            spans.setdefault(seg, {})["prompt"] = (int(cols[0]), p)
+            spans[seg][answer] = (int(cols[p]), t - p)
+    out = [RowSegment(seg, pairs[seg], tuple(sorted(((k, *v) for k, v in s.items()), key=lambda x: x[1])))
+           for seg, s in spans.items()]
+    return sorted(out, key=lambda s: s.start)
+
+
 def row_tokens(lengths: np.ndarray, shared: bool) -> np.ndarray:
     """Tokens `[rows]` a pair takes in a packed row from its `(p, c, r)` lengths `[rows,
     3]`: `2p + c + r`, or `p + c + r` with the prompt shared."""
