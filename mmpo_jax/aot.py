@@ -388,7 +388,9 @@ def aot_check(cfg: RunConfig, topology: str) -> AotResult:
     check_batch_divisible(cfg.data.batch_size, cfg.optim.grad_accum, mesh)
     arch = model_architecture(cfg)
     options = target_options(cfg)
-    total_steps = cfg.train.max_steps
+    # train.num_epochs needs the data's size; the length only scales the learning rate, which
+    # changes no compiled shape or memory
+    total_steps = cfg.train.max_steps or 1
     optimizer = make_optimizer(cfg.optim, total_steps)
     scfg = step_config(cfg, learning_rate_schedule(cfg.optim, total_steps), options)
     mode = cfg.model.reference

@@ -24,6 +24,8 @@ import yaml
 from mmpo_jax.config_schema import ConfigError, RunConfig
 from mmpo_jax.loss_registry import REFERENCE_FREE_LOSSES
 
+BUILTIN_PREFIX = "builtin:"  # `data.tokenizer: builtin:NAME`, a tokenizer shipped with the package
+
 
 # --------------------------------------------------------------------------- #
 # Loading
@@ -99,7 +101,7 @@ def config_from_text(text: str, overrides: Sequence[str] = (), where: str = "the
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: '{path}'")
-    return _parse_yaml(path.read_text(), str(path))
+    return _parse_yaml(path.read_text(encoding="utf-8"), str(path))
 
 
 def _parse_yaml(text: str, where: str) -> dict[str, Any]:
@@ -176,18 +178,18 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
     this can change what was validated; a variant is `dataclasses.replace` of a section
     and goes through `config_from_dict(config_to_dict(...))` to be checked again."""
     cfg = _build(RunConfig, raw, "")
-    cfg = dataclasses.replace(cfg, loss=cfg.loss.settled(), data=cfg.data.settled())
+    cfg = dataclasses.replace(cfg, loss=cfg.loss.settled(), data=cfg.data.settled(), train=cfg.train.settled())
     for f in dataclasses.fields(cfg):
         section = getattr(cfg, f.name)
         if hasattr(section, "validate"):
             section.validate(f.name)
-    return _expand_home(_resolve_reference(cfg))
+    return _expand_home(_resolve_tokenizer(_resolve_reference(cfg)))
 
 
 # The keys that name local files or directories (a hub id or `builtin:`/`pkg:` spec
 # never starts with "~", so expanding those leaves them as they are).
 PATH_KEYS = ("model.path", "model.reference_path", "data.train_files", "data.test_files", "data.mixture",
-             "data.tokenizer", "data.cache_dir", "train.output_dir")
+             "data.tokenizer", "data.chat_template", "data.cache_dir", "train.output_dir")
 
 
 def _expand_home(cfg: RunConfig) -> RunConfig:
@@ -204,6 +206,27 @@ def _expand_home(cfg: RunConfig) -> RunConfig:
         elif isinstance(value, dict):
             value = {os.path.expanduser(k): v for k, v in value.items()}
         cfg = dataclasses.replace(cfg, **{section_name: dataclasses.replace(section, **{name: value})})
+    return cfg
+
+
+def _resolve_tokenizer(cfg: RunConfig) -> RunConfig:
+    """`data.tokenizer` unset becomes the model's own (`model.path`, whose tokenizer files or
+    embedded GGUF tokenizer `load_tokenizer` reads, as TRL takes the model's), or builtin:tiny
+    for a random init; a builtin tokenizer with a checkpoint is an error. Reads no file: the
+    spec is settled here, the tokenizer is loaded by the commands that need it."""
+    data, path = cfg.data, cfg.model.path
+    if not data.tokenizer:
+        spec = path or f"{BUILTIN_PREFIX}tiny"
+        return dataclasses.replace(cfg, data=dataclasses.replace(data, tokenizer=spec))
+    if path and data.tokenizer.startswith(BUILTIN_PREFIX):
+        # builtin:tiny's 2048 ids fit most embeddings, so a checkpoint trained silently on
+        # the wrong tokens (eval log-probs -74 instead of -11) before this was refused
+        raise ConfigError(
+            f"data.tokenizer={data.tokenizer!r} is the tokenizer of a random init (model.path: \"\"), but "
+            f"model.path={path!r} names a checkpoint trained with its own tokens: remove data.tokenizer "
+            "to use the checkpoint's own tokenizer, or name that model's tokenizer (a directory, a hub id "
+            "or a .gguf file)"
+        )
     return cfg
 
 
@@ -239,6 +262,27 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def unused_keys(cfg: RunConfig) -> list[str]:
+    """The dotted keys (a section for a whole block) whose values the run does not read:
+    `model.init` when `model.path` names a checkpoint, the `loss.*` keys its loss does not read
+    (`LossSpec.config_keys`). What is shown to a person (`mmpo-jax config`, trackers' params)
+    leaves them out; the run's config.yaml keeps every key."""
+    from mmpo_jax.loss_registry import LOSSES
+
+    read = set(LOSSES[cfg.loss.name].config_keys)
+    keys = ["model.init"] if cfg.model.path else []
+    return keys + [f"loss.{f.name}" for f in dataclasses.fields(cfg.loss) if f.name not in read]
+
+
+def applicable_dict(cfg: RunConfig) -> dict[str, Any]:
+    """`config_to_dict(cfg)` less `unused_keys(cfg)`."""
+    data = config_to_dict(cfg)
+    for key in unused_keys(cfg):
+        section, name = key.split(".")
+        del data[section][name]
+    return data
+
+
 def config_to_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
@@ -260,12 +304,20 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         if "choices" in f.metadata:
             hints[f.name] = Literal[tuple(f.metadata["choices"])]
     names = _field_names(cls)
+    hint_of = {f.name: f.metadata["hint"] for f in dataclasses.fields(cls) if "hint" in f.metadata}
     kwargs = {}
     for key, value in raw.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
             raise ConfigError(_unknown_key_message(full, str(key), names, prefix))
-        kwargs[key] = _convert(value, hints[key], full)
+        try:
+            kwargs[key] = _convert(value, hints[key], full)
+        except ConfigError:
+            # a value another tool names differently: say what it is called here
+            hint = hint_of[key](str(value)) if key in hint_of else None
+            if hint is None:
+                raise
+            raise ConfigError(f"{full}={_shown(value)}: {hint}") from None
     return cls(**kwargs)
 
 

@@ -20,6 +20,7 @@ from mmpo_jax.loss_registry import (
     LOSSES,
     PER_TOKEN_LOSS_TYPES,
     dpo_type_problem,
+    loss_name_hint,
     mixture,
 )
 
@@ -247,8 +248,13 @@ class DataConfig:
     # {source: fraction of its rows to keep}, instead of train_files
     mixture: dict[str, float] | None = None
     format: Literal["auto", "standard", "conversational"] = "auto"
-    # an HF tokenizer dir or hub id, a .gguf file, or builtin:tiny
-    tokenizer: str = "builtin:tiny"
+    # an HF tokenizer dir or hub id, a .gguf file, or builtin:tiny; "" = the model's own: the
+    # tokenizer of model.path (its directory's tokenizer files, a GGUF file's embedded one), or
+    # builtin:tiny for a random init (settled by `mmpo_jax.config`, which reads no file for it)
+    tokenizer: str = ""
+    # A Jinja chat template (the text, or the path of a file holding it) used instead of the
+    # tokenizer's own, as TRL recipes' `chat_template`; None = the tokenizer's
+    chat_template: str | None = None
     max_length: int = 1024
     # None: the prompt is only limited by max_length
     max_prompt_length: int | None = 512
@@ -360,7 +366,7 @@ class LossConfig:
     `average_logps: true` the mean over pairs of each answer's per-token NLL.
     """
 
-    name: str = field(default="mmpo", metadata={"choices": LOSS_NAMES})
+    name: str = field(default="mmpo", metadata={"choices": LOSS_NAMES, "hint": loss_name_hint})
     # None: the loss's own default (0.1 for mmpo, dpo and sft, 2.0 for simpo); sft
     # uses it only for the rewards/* metrics when it has a reference.
     beta: float | None = None
@@ -486,12 +492,19 @@ class MeshConfig:
             )
 
 
+DEFAULT_MAX_STEPS = 1000
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The run: where it writes, how long it runs, its seed."""
 
     output_dir: str = "runs/default"
-    max_steps: int = 1000
+    # Optimizer steps; None: 1000, or as many as train.num_epochs make (give one of the two).
+    max_steps: int | None = None
+    # Passes over the kept training pairs (TRL's num_train_epochs, fractions too): the run
+    # resolves it to train.max_steps once the data is loaded (`mmpo_jax.train.run_config`)
+    num_epochs: float | None = None
     seed: int = 0
     # Metrics to metrics.jsonl / TensorBoard every this many steps.
     log_every: int = 1
@@ -510,8 +523,26 @@ class TrainConfig:
     # MLflow's tracking URI ("" = MLFLOW_TRACKING_URI, else MLflow's default ./mlruns).
     mlflow_tracking_uri: str = ""
 
+    @property
+    def steps(self) -> int:
+        """The run's length: `max_steps`, which a run resolves from `num_epochs` first."""
+        assert self.max_steps is not None, "resolve train.num_epochs first (run_config.with_run_length)"
+        return self.max_steps
+
+    def settled(self) -> TrainConfig:
+        """`max_steps` at its default when neither it nor `num_epochs` is given."""
+        if self.max_steps is None and self.num_epochs is None:
+            return dataclasses.replace(self, max_steps=DEFAULT_MAX_STEPS)
+        return self
+
     def validate(self, prefix: str) -> None:
-        _check(self.max_steps >= 1, prefix, "max_steps", self.max_steps, "must be >= 1")
+        if self.max_steps is not None and self.num_epochs is not None:
+            raise ConfigError(f"{prefix}: give train.max_steps={self.max_steps} or train.num_epochs="
+                              f"{self.num_epochs:g}, not both (set the other to null)")
+        _check(self.max_steps is None or self.max_steps >= 1, prefix, "max_steps", self.max_steps,
+               "must be >= 1")
+        _check(self.num_epochs is None or self.num_epochs > 0, prefix, "num_epochs", self.num_epochs,
+               "must be > 0")
         _check(self.log_every >= 1, prefix, "log_every", self.log_every, "must be >= 1")
         for key in ("eval_every", "eval_batches", "save_every"):
             _check(getattr(self, key) >= 0, prefix, key, getattr(self, key), "must be >= 0")

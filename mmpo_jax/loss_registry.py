@@ -245,6 +245,18 @@ LOSSES: dict[str, LossSpec] = {
     )
 }
 LOSS_NAMES = tuple(LOSSES)
+
+
+def loss_name_hint(name: str) -> str | None:
+    """The keys that ask for `name` when it is not a loss name but one of TRL's DPO loss types
+    (`loss.name=ipo` is `loss.name=dpo loss.loss_type=ipo`, as TRL's DPOConfig(loss_type=...))."""
+    if name in LOSSES:
+        return None
+    if name in DPO_LOSS_TYPES:
+        return f"{name} is a DPO loss type (TRL's DPOConfig loss_type): set loss.name=dpo loss.loss_type={name}"
+    if name == "rpo":  # TRL's RPO is DPO's sigmoid plus the chosen answers' NLL (rpo_alpha)
+        return "RPO is DPO's sigmoid loss plus the chosen answers' NLL: set loss.name=dpo loss.loss_type=[sigmoid,sft]"
+    return None
 # Losses that run without a reference model (`model.reference: auto` gives none for them).
 REFERENCE_FREE_LOSSES = tuple(name for name, spec in LOSSES.items() if spec.reference_use != "required")
 

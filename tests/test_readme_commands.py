@@ -105,3 +105,17 @@ def test_import_is_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"heavy imports at import time: {out.stdout}"
+
+
+def test_readme_own_data_config_is_a_valid_config(tmp_path):
+    """The "Your own data" config loads as written: DPO, LoRA, the model's own tokenizer,
+    a length in epochs."""
+    from mmpo_jax.config import load_config
+
+    readme = (ROOT / "README.md").read_text()
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", readme, flags=re.S) if b.startswith("# my_run.yaml"))
+    path = tmp_path / "my_run.yaml"
+    path.write_text(block)
+    cfg = load_config(path)
+    assert cfg.loss.name == "dpo" and cfg.model.lora.rank == 16
+    assert cfg.data.tokenizer == cfg.model.path and cfg.train.num_epochs == 1 and cfg.train.max_steps is None

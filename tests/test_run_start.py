@@ -11,7 +11,7 @@ import pytest
 from mmpo_jax import cli
 from mmpo_jax.config import config_to_yaml, load_config
 from mmpo_jax.errors import UserError
-from mmpo_jax.train import loop, report
+from mmpo_jax.train import loop, report, run_config
 from mmpo_jax.train.run_lock import RunLock
 
 TINY = "configs/tiny.yaml"
@@ -101,14 +101,32 @@ def test_a_batch_larger_than_the_data_stops_before_the_model(tmp_path, monkeypat
 
 
 def test_a_finished_run_is_told_from_its_checkpoints_without_loading(tmp_path, monkeypatch, capsys):
-    """A complete checkpoint at train.max_steps: no data, no model, no file touched, even
-    with overrides that would change the config (it used to rewrite config.yaml)."""
+    """A complete checkpoint at train.max_steps saved with this config: no data, no model,
+    no file touched, exit 0; a change a resume may make (how often it logs) passes too."""
     run, files = _old_run(tmp_path)
-    make_complete_step(run / "checkpoints", 20)
+    make_complete_step(run / "checkpoints", 20, config_to_yaml(load_config(TINY, [f"train.output_dir={run}"])))
     _no_loading(monkeypatch)
-    assert cli.main(["train", TINY, f"train.output_dir={run}", "loss.beta=0.7"]) == 0
+    assert cli.main(["train", TINY, f"train.output_dir={run}", "train.log_every=5"]) == 0
     out = capsys.readouterr().out
     assert "already holds a finished run (20 of train.max_steps=20 steps)" in out
+    for path, data in files.items():
+        assert path.read_bytes() == data
+
+
+@pytest.mark.parametrize("change", ["loss.name=dpo", "loss.beta=0.7", "data.train_files=builtin:demo-standard"])
+def test_another_config_into_a_finished_run_is_refused(tmp_path, monkeypatch, capsys, change):
+    """`train X && export` must not ship another config's finished model: a run-defining
+    difference is exit 2 naming the key and --allow-config-change (it used to say
+    "already holds a finished run" and exit 0), and the flag accepts the run as it is."""
+    run, files = _old_run(tmp_path)
+    make_complete_step(run / "checkpoints", 20, config_to_yaml(load_config(TINY, [f"train.output_dir={run}"])))
+    _no_loading(monkeypatch)
+    assert cli.main(["train", TINY, f"train.output_dir={run}", change]) == 2
+    err = capsys.readouterr().err
+    assert "finished run trained with another config" in err and change.split("=")[0] in err, err
+    assert "--allow-config-change" in err
+    assert cli.main(["train", TINY, f"train.output_dir={run}", change, "--allow-config-change"]) == 0
+    assert "already holds a finished run" in capsys.readouterr().out
     for path, data in files.items():
         assert path.read_bytes() == data
 
@@ -166,7 +184,7 @@ def test_a_resume_that_changes_the_objective_or_batch_is_refused(tmp_path, monke
     assert cli.main(["train", TINY, f"train.output_dir={run}", change]) == 2
     err = capsys.readouterr().err
     assert change.split("=")[0] in err and "--allow-config-change" in err, err
-    assert not (run / loop.CONFIG_CHANGES_FILE).exists() and not (run / "config.yaml").exists()
+    assert not (run / run_config.CONFIG_CHANGES_FILE).exists() and not (run / "config.yaml").exists()
 
 
 @pytest.mark.parametrize("argv", [["train.max_steps=30", "train.eval_every=5", "mesh.data=1"],

@@ -60,5 +60,34 @@ def test_random_init_shows_model_init(capsys, tmp_path):
     assert original.model.path == ""
     assert yaml.safe_load(text)["model"]["init"] == config_to_dict(original)["model"]["init"]
     assert INIT_UNUSED_COMMENT not in text
-    assert text == config_to_yaml(original)
+    # config_to_yaml's lines, less the loss keys MMPO does not read (a comment names them)
+    full = config_to_yaml(original).splitlines()
+    shown = [line for line in text.splitlines() if not line.startswith("  # unused by loss.name=mmpo: ")]
+    assert len(shown) == len(text.splitlines()) - 1 and set(shown) <= set(full)
     assert _reloaded(text, tmp_path) == config_to_dict(original)
+
+
+def test_a_dpo_config_shows_no_mmpo_keys(capsys, tmp_path):
+    """`mmpo-jax config` of a DPO run listed MMPO's reward offsets and normalisation, which
+    it never reads; they are left out (the run's config.yaml keeps them) and named once."""
+    from mmpo_jax.loss_registry import LOSSES
+
+    text = _printed(capsys, TINY, "loss.name=dpo")
+    loss = yaml.safe_load(text)["loss"]
+    assert set(loss) == set(LOSSES["dpo"].config_keys)
+    for key in ("reward_epsilon", "rejected_epsilon", "aux_weight", "normalize"):
+        assert key not in loss
+    assert "  # unused by loss.name=dpo: reward_epsilon, rejected_epsilon" in text
+    assert _reloaded(text, tmp_path) == config_to_dict(load_config(TINY, ["loss.name=dpo"]))
+    assert "reward_epsilon" in config_to_yaml(load_config(TINY, ["loss.name=dpo"]))
+
+
+def test_what_a_tracker_is_sent_leaves_out_a_checkpoints_model_init():
+    """MLflow / W&B params (`applicable_dict`, what the loop hands the trackers) listed the
+    random-init shapes of a model read from model.path, which describe nothing."""
+    from mmpo_jax.config import applicable_dict
+    from mmpo_jax.train.trackers import flat_config
+
+    params = flat_config(applicable_dict(load_config(DEMO, [])))
+    assert "model.path" in params and not [k for k in params if k.startswith("model.init")]
+    assert any(k.startswith("model.init.") for k in flat_config(applicable_dict(load_config(TINY, []))))

@@ -21,7 +21,7 @@ mlflow = pytest.importorskip("mlflow")
 wandb = pytest.importorskip("wandb")
 
 from mmpo_jax.cli import main  # noqa: E402
-from mmpo_jax.config import config_to_dict, load_config  # noqa: E402
+from mmpo_jax.config import applicable_dict, load_config  # noqa: E402
 from mmpo_jax.errors import UserError  # noqa: E402
 from mmpo_jax.train import trackers as T  # noqa: E402
 from mmpo_jax.train.metrics import read_metrics  # noqa: E402
@@ -112,8 +112,11 @@ def test_mlflow_holds_every_metric_of_metrics_jsonl_once(tracked_run):
     run_info = mlflow.MlflowClient(tracking_uri=uri).get_run(state["mlflow"]["run_id"])
     params = run_info.data.params
     cfg = load_config(run / "config.yaml")
-    assert params == {k: v[:6000] for k, v in T.flat_config(config_to_dict(cfg)).items()}
+    # the config's values, less those the run does not read (MMPO reads no loss.loss_type)
+    assert params == {k: v[:6000] for k, v in T.flat_config(applicable_dict(cfg)).items()}
     assert params["loss.name"] == "mmpo" and params["train.max_steps"] == "4"
+    assert "loss.aux_weight" in params and "loss.loss_type" not in params and "loss.cpo_alpha" not in params
+    assert "model.init.hidden_size" in params  # a random init: its shapes are the model
     assert run_info.data.tags["checkpoint"] == str(run / "checkpoints" / "4")
     assert run_info.info.run_name == "tiny-run" and run_info.info.status == "FINISHED"
 

@@ -4,7 +4,14 @@ Writes the policy of the run's latest checkpoint as a transformers directory
 (`config.json`, safetensors, the tokenizer of `data.tokenizer`), LoRA adapters
 merged into the weights. With `--adapter`, the LoRA adapter alone in PEFT's format
 (`adapter_config.json`, `adapter_model.safetensors`) for the run's base model
-(`model.path`).
+(`model.path`), which `adapter_config.json` names so that PEFT's
+`AutoPeftModelForCausalLM.from_pretrained(OUT_DIR)` opens it: a local directory by
+its absolute path, a hub id as given. A base PEFT cannot open (a .gguf file, also
+through a pkg: spec or from the hub; a gs:// URL) is written into OUT_DIR/base as an
+HF directory, its weights as the run loaded them (dequantised, adapters not merged,
+in --dtype), and OUT_DIR/base is the base named (by its absolute path: after moving
+OUT_DIR, load with `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(
+"OUT_DIR/base"), "OUT_DIR")`).
 
 OUT_DIR must not exist yet, or be empty, or hold an earlier export (with
 `--overwrite`). Every export writes `mmpo_export.json` listing the files it wrote;
@@ -26,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -97,13 +105,15 @@ def check_not_a_source(out_dir: str | os.PathLike, run_dir: str | os.PathLike, c
 def run(args: argparse.Namespace) -> int:
     import jax
 
-    from mmpo_jax.data.tokenizers import load_tokenizer
+    from mmpo_jax.data.tokenizers import tokenizer_of
     from mmpo_jax.models.export_dir import bucket_export, check_bucket_target, check_export_target
     from mmpo_jax.train.loop import restore_run, saved_run_config
 
     # Before the (slow) restore: a refused destination is told at once. What the run
     # reads first, since --overwrite could not help there.
-    check_not_a_source(args.out_dir, args.run_dir, saved_run_config(args.run_dir)[0])
+    saved = saved_run_config(args.run_dir)[0]
+    check_not_a_source(args.out_dir, args.run_dir, saved)
+    base = _adapter_base(args.out_dir, saved.model.path) if args.adapter else None
     to_bucket = storage.is_url(args.out_dir)
     if to_bucket:
         storage.check_url(args.out_dir, "OUT_DIR")
@@ -111,34 +121,61 @@ def run(args: argparse.Namespace) -> int:
     else:
         check_export_target(args.out_dir, overwrite=args.overwrite)
     trainer, step = restore_run(args.run_dir)
-    tokenizer = load_tokenizer(trainer.cfg.data.tokenizer)
+    tokenizer = tokenizer_of(trainer.cfg.data, trainer.cfg.model.path)
     about = {"run_dir": str(args.run_dir if storage.is_url(args.run_dir) else _real(args.run_dir)), "step": int(step)}
     with contextlib.ExitStack() as stack:
         # a bucket destination: the export is written here, then copied there
         where = stack.enter_context(bucket_export(args.out_dir, overwrite=args.overwrite)) \
             if to_bucket and jax.process_index() == 0 else args.out_dir
-        out = _write(args, trainer, tokenizer, where, about, overwrite=args.overwrite and not to_bucket)
+        out = _write(args, trainer, tokenizer, where, about, base, overwrite=args.overwrite and not to_bucket)
     if out is not None:
         print(f"exported step {step} of {args.run_dir} to {args.out_dir if to_bucket else out}"
               + (" (LoRA adapter)" if args.adapter else ""))
+        if base is not None and base.written:
+            print(f"PEFT cannot open model.path '{saved.model.path}', so the base was written as an HF "
+                  f"directory ({args.dtype}, the weights as loaded, adapters not merged) to {base.name}, "
+                  "which adapter_config.json names as base_model_name_or_path"
+                  + ("; PEFT reads no bucket: after copying the export down, set base_model_name_or_path "
+                     "to the copy's base/" if to_bucket else ""))
     return 0
 
 
+@dataclass(frozen=True)
+class AdapterBase:
+    """The base `adapter_config.json` names (`name`), and whether the export writes it
+    into OUT_DIR/base (`written`) because PEFT could not open `model.path`."""
+
+    name: str
+    written: bool
+
+
+def _adapter_base(out_dir: str | os.PathLike, model_path: str) -> AdapterBase:
+    """The base of an `--adapter` export to `out_dir` of a run on `model_path`."""
+    from mmpo_jax.models.lora_export import BASE_DIR, peft_base_name
+
+    if not model_path:
+        raise UserError("--adapter needs a base model others can load (model.path); this run starts "
+                        "from a random init: export the full model instead")
+    name = peft_base_name(model_path)
+    if name is not None:
+        return AdapterBase(name, written=False)
+    # named where it will be once in place: the export is written elsewhere, then moved or copied there
+    where = storage.join(out_dir, BASE_DIR) if storage.is_url(out_dir) else _real(out_dir) / BASE_DIR
+    return AdapterBase(str(where), written=True)
+
+
 def _write(args: argparse.Namespace, trainer: Any, tokenizer: Any, out_dir: str | os.PathLike,
-           about: dict[str, Any], overwrite: bool) -> Path | None:
+           about: dict[str, Any], base: AdapterBase | None, overwrite: bool) -> Path | None:
     """Writes the export of `trainer`'s policy to the local `out_dir` on process 0 (None elsewhere)."""
     import jax
 
     from mmpo_jax.models.hf_export import export_hf
     from mmpo_jax.models.lora_export import export_peft_adapter
 
-    cfg = trainer.cfg
     policy = trainer.sdef.policy(trainer.state)
-    if args.adapter:
-        if not cfg.model.path:
-            raise UserError("--adapter needs a base model others can load (model.path); this run starts "
-                            "from a random init: export the full model instead")
-        return export_peft_adapter(policy, out_dir, cfg.model.path, tokenizer, overwrite=overwrite,
-                                   about=about) if jax.process_index() == 0 else None
+    if base is not None:
+        return export_peft_adapter(policy, out_dir, base.name, tokenizer, overwrite=overwrite, about=about,
+                                   base_dtype=args.dtype if base.written else None) \
+            if jax.process_index() == 0 else None
     return export_hf(policy, trainer.arch, tokenizer, out_dir, dtype=args.dtype, overwrite=overwrite,
                      about=about) if jax.process_index() == 0 else None

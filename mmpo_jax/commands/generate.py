@@ -128,7 +128,7 @@ def load_policy(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
 def run(args: argparse.Namespace) -> int:
     import jax
 
-    from mmpo_jax.data.tokenizers import load_tokenizer, special_ids
+    from mmpo_jax.data.tokenizers import special_ids, tokenizer_of
     from mmpo_jax.eval.generate import (
         GenerationConfig,
         eos_ids,
@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     check_args(args)
     rows, where = read_prompt_rows(args.prompts)
     model, arch, cfg, what = load_policy(args)
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    tokenizer = tokenizer_of(cfg.data, cfg.model.path)
     check_vocab(tokenizer, arch, cfg)
     if args.prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
         raise UserError(f"--prompt-format chat: data.tokenizer={cfg.data.tokenizer!r} has no chat template; "

@@ -26,6 +26,7 @@ from mmpo_jax.commands.common import load_from_items
 from mmpo_jax.config_schema import RunConfig
 
 if TYPE_CHECKING:
+    from mmpo_jax.data.batches import PackSpec
     from mmpo_jax.data.pipeline import PreferenceData
 
 # The loss-masked (trained) tokens of the example are shown between these marks.
@@ -54,14 +55,14 @@ def run(args: argparse.Namespace) -> int:
     import datasets
 
     from mmpo_jax.data import batches, pipeline
-    from mmpo_jax.data.tokenizers import load_tokenizer
+    from mmpo_jax.data.tokenizers import tokenizer_of
 
     run_cfg = config_from_items(args.items)
     cfg = run_cfg.data
     # a run packs each batch shard's pairs apart; here: one shard (the fill of one device)
     packing = batches.PackSpec.for_data(cfg, 1, run_cfg.optim.grad_accum)
     datasets.disable_progress_bars()
-    tokenizer = load_tokenizer(cfg.tokenizer)
+    tokenizer = tokenizer_of(cfg, run_cfg.model.path)
     result: dict[str, Any] = {"tokenizer": _tokenizer_info(cfg.tokenizer, tokenizer)}
     for which in ("train", "test"):
         data = pipeline.load_preference_data(cfg, which, tokenizer)
@@ -70,7 +71,10 @@ def run(args: argparse.Namespace) -> int:
         entry: dict[str, Any] = data.report.to_dict()
         if which == "train":
             plan = batches.batch_plan(data, cfg.batch_size, cfg.seed, packing)
-            entry["batches"] = {**plan.to_dict(), "fill": plan.fill}
+            entry["batches"] = {**plan.to_dict(), "fill": plan.fill,
+                                "micro_batches": run_cfg.optim.grad_accum}
+            if packing is not None and plan.steps_per_epoch:
+                entry["packed_row"] = _packed_row(data, cfg.batch_size, cfg.seed, packing)
         else:
             entry["eval_batches"] = -(-len(data) // cfg.batch_size)
         entry["example"] = _example(data, cfg.batch_size, cfg.seed, shuffled=which == "train")
@@ -149,15 +153,73 @@ def _example(data: PreferenceData, batch_size: int, seed: int, shuffled: bool) -
     return out
 
 
-def _marked(tokenizer: Any, ids: list[int], mask: list[int]) -> str:
-    """Decoded text with each run of loss-masked tokens between MARK_OPEN and MARK_CLOSE."""
+def _packed_row(data: PreferenceData, batch_size: int, seed: int, packing: PackSpec) -> dict[str, Any]:
+    """The row (of `input_ids` `[rows, pack]`) of global batch 0 with the most pairs, the
+    first of them, as the packed train step sees it: the batch comes from `train_batches`,
+    and its segments are read back from that batch's arrays. Row 0 alone would show one
+    long pair: first-fit places the longest pairs first."""
+    from mmpo_jax.data import batches
+    from mmpo_jax.data.packing import row_segments
+
+    batch = batches.train_batches(data, batch_size, seed, process_index=0, process_count=1,
+                                  packing=packing)[0]
+    rows, pack = batch.input_ids.shape
+    by_row = [row_segments(batch, r, packing.micro) for r in range(rows)]
+    row = max(range(rows), key=lambda r: (len({s.pair for s in by_row[r]}), -r))
+    row_ids = batch.input_ids[row].tolist()
+    segments = []
+    for seg in by_row[row]:
+        index = int(batch.example_index[seg.pair])
+        start, end = seg.start, seg.start + seg.length
+        # 0 on the prompt, 1 + k on answer k: `_marked` puts each answer in its own marks
+        mask = [0] * seg.length
+        for kind, at, n in seg.spans:
+            mask[at - start : at - start + n] = [_SPAN_KINDS.index(kind)] * n
+        segments.append({
+            "segment": seg.segment,
+            "pair": index,
+            "origin": data.origin(index),
+            "kind": "+".join(kind for kind, _, _ in seg.spans),
+            "start": start,
+            "length": seg.length,
+            "spans": [{"kind": kind, "start": at, "length": n} for kind, at, n in seg.spans],
+            "text": _marked(data.tokenizer, row_ids[start:end], mask, SHORT_TEXT),
+        })
+    return {
+        "where": f"row {row} of global batch 0" + (
+            f" (row {row // packing.micro} of micro-batch {row % packing.micro})" if packing.micro > 1 else ""),
+        "row": row,
+        "rows": rows,
+        "pack_length": pack,
+        "pairs": len({s["pair"] for s in segments}),
+        "segments": segments,
+        "padding": int((batch.segment_ids[row] == 0).sum()),
+    }
+
+
+_SPAN_KINDS = ("prompt", "chosen", "rejected")  # by their value in `_packed_row`'s mask
+SHORT_TEXT = 64  # characters a packed row's text keeps of each prompt or answer
+
+
+def _marked(tokenizer: Any, ids: list[int], mask: list[int], limit: int | None = None) -> str:
+    """Decoded text with each run of loss-masked tokens (a run of one nonzero mask value)
+    between MARK_OPEN and MARK_CLOSE; `limit`: each run's text cut to that many characters."""
     parts, start = [], 0
     for t in range(1, len(ids) + 1):
         if t == len(ids) or mask[t] != mask[start]:
-            text = tokenizer.decode(ids[start:t])
+            text = _shortened(tokenizer.decode(ids[start:t]), limit)
             parts.append(f"{MARK_OPEN}{text}{MARK_CLOSE}" if mask[start] else text)
             start = t
     return "".join(parts)
+
+
+def _shortened(text: str, limit: int | None) -> str:
+    """`text`, or its start and its end around "…": a prompt's question and a chat
+    template's generation prompt both sit at its end."""
+    if limit is None or len(text) <= limit:
+        return text
+    head = limit // 5
+    return text[:head] + "…" + text[len(text) - (limit - head - 1):]
 
 
 def _text(result: dict[str, Any], cfg: Any) -> list[str]:
@@ -245,9 +307,11 @@ def _split_text(which: str, rep: dict[str, Any], cfg: Any) -> list[str]:
                                        if b["fill"] > 1 else "")
         )
         if b["steps_per_row_count"]:
-            counts = ", ".join(f"{rows} rows: {k}" for rows, k in b["steps_per_row_count"].items())
-            lines.append(f"  packed rows per step ({len(b['steps_per_row_count'])} shapes): {counts}")
-    else:
+            lines.append("  " + _rows_per_step(b["steps_per_row_count"], b["steps_per_epoch"],
+                                               cfg.pack_length or 2 * cfg.max_length, b["micro_batches"]))
+    if "packed_row" in rep:
+        lines += _packed_row_text(rep["packed_row"])
+    if "eval_batches" in rep:
         padding = rep["eval_batches"] * cfg.batch_size - rep["kept"]
         lines.append(
             f"eval batches: {rep['eval_batches']} of {cfg.batch_size} pairs, in file order "
@@ -261,4 +325,47 @@ def _split_text(which: str, rep: dict[str, Any], cfg: Any) -> list[str]:
     for name in ("chosen", "rejected"):
         e = ex[name]
         lines.append(f"  {name} ({e['tokens']} tokens, loss on {e['loss_tokens']}): {e['text']!r}")
+    return lines
+
+
+def _rows_per_step(steps_per_rows: dict[Any, int], steps: int, pack: int, micro: int) -> str:
+    """The packed rows a step computes, as a sentence: each row count is a shape the
+    train step compiles once."""
+    counts = {int(rows): k for rows, k in steps_per_rows.items()}  # JSON keys are strings
+
+    def span(rows: Sequence[int]) -> str:
+        return f"{min(rows)} rows" if min(rows) == max(rows) else f"{min(rows)} to {max(rows)} rows"
+
+    each = f" ({micro} micro-batches of {span([r // micro for r in counts])})" if micro > 1 else ""
+    if len(counts) == 1:
+        return f"rows per step: {span(list(counts))} of {pack} tokens{each} in every step (one shape, one compile)"
+    shapes = ", ".join(f"{rows} rows in {k}{f' of {steps} steps' if i == 0 else ''} ({100 * k / steps:.0f}%)"
+                       for i, (rows, k) in enumerate(sorted(counts.items())))
+    return (f"rows per step: {span(list(counts))} of {pack} tokens{each}, "
+            f"{len(counts)} shapes (one compile each): {shapes}")
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _packed_row_text(row: dict[str, Any]) -> list[str]:
+    segments, pack = row["segments"], row["pack_length"]
+    used = sum(s["length"] for s in segments)
+    lines = [
+        f"packed row: {row['where']}, one of its {row['rows']} rows of {pack} tokens: "
+        f"{_plural(row['pairs'], 'pair')} in {_plural(len(segments), 'segment')}, {used} tokens and "
+        f"{row['padding']} padding;",
+        f"  pair N: the data's N-th kept pair, from 0; the loss covers the tokens between {MARK_OPEN} {MARK_CLOSE}",
+    ]
+    seen: set[int] = set()
+    for s in segments:
+        spans = " + ".join(f"{sp['kind']} {sp['length']}" for sp in s["spans"])
+        origin = "" if s["pair"] in seen else f" ({s['origin']})"
+        seen.add(s["pair"])
+        lines.append(f"  segment {s['segment']}, columns {s['start']}-{s['start'] + s['length'] - 1}: "
+                     f"pair {s['pair']}{origin}, {spans} = {s['length']} tokens")
+        lines.append(f"    {s['text']!r}")
+    if row["padding"]:
+        lines.append(f"  padding, columns {pack - row['padding']}-{pack - 1}: {row['padding']} tokens")
     return lines

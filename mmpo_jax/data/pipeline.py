@@ -139,13 +139,13 @@ def load_preference_data(
     `log` (a run's log) hears, per source, `tokenizing N rows of NAME` or `reusing the
     tokenized cache of NAME (N rows)`, then what was kept and the seconds taken;
     datasets' own progress bar is off while it does. None: nothing is said."""
-    from mmpo_jax.data.tokenizers import load_tokenizer, special_ids, tokenizer_fingerprint
+    from mmpo_jax.data.tokenizers import special_ids, tokenizer_fingerprint, tokenizer_of
 
     specs = source_specs(cfg, which)
     if not specs:
         return None
     if tokenizer is None:
-        tokenizer = load_tokenizer(cfg.tokenizer)
+        tokenizer = tokenizer_of(cfg)
     special = special_ids(tokenizer)
     tok_fp = tokenizer_fingerprint(tokenizer)
     sources = [prepare_source(s, cfg, tokenizer, tok_fp, special, log) for s in specs]

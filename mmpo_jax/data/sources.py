@@ -61,6 +61,11 @@ def local_data_file(src: SourceSpec) -> Path | None:
     if path.suffix.lower() not in JSON_SUFFIXES + PARQUET_SUFFIXES:
         if storage.is_url(src.spec):
             raise UserError(f"{src.key}: '{src.spec}': a file in a bucket must be .json, .jsonl or .parquet")
+        if src.spec not in DEMO_SOURCES and not path.exists() and looks_local(src.spec):
+            # else datasets takes it for a hub id and retries the hub for half a minute
+            raise UserError(f"{src.key}: no such file or directory '{src.spec}' (looked in "
+                            f"{path.absolute().parent}); name a .jsonl, .json or .parquet file, or a hub "
+                            "dataset id (owner/name)")
         return None
     if storage.is_url(src.spec):
         return Path(storage.fetched(src.spec, src.key))
@@ -69,6 +74,15 @@ def local_data_file(src: SourceSpec) -> Path | None:
     if not path.is_file():
         raise UserError(f"{src.key}: '{src.spec}' is not a file")
     return path
+
+
+def looks_local(spec: str) -> bool:
+    """Whether `spec` can only be a local path, never a hub dataset id (`name` or `owner/name`):
+    absolute, relative to `.` / `..` / `~`, deeper than one slash, or under a directory that
+    exists here."""
+    if spec.startswith(("/", "./", "../", "~", ".\\")) or "\\" in spec or spec.count("/") > 1:
+        return True
+    return "/" in spec and Path(spec).parent.is_dir()
 
 
 def read_source(

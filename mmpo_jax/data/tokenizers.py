@@ -1,6 +1,8 @@
-"""Tokenizers by spec (`data.tokenizer`), their special ids, and a content fingerprint.
+"""Tokenizers by spec (`data.tokenizer`, with `data.chat_template`), their special ids, and a
+content fingerprint.
 
-A spec is one of:
+A spec is one of (`mmpo_jax.config` settles an unset `data.tokenizer` to `model.path`, or
+to builtin:tiny for a random init):
 - `builtin:NAME`: a tokenizer shipped with the package (`builtin:tiny`, a small
   byte-level BPE with a chat template, see `mmpo_jax.data.builtin`);
 - a path ending in `.gguf`: the tokenizer (and chat template) stored in a
@@ -15,10 +17,45 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mmpo_jax.config import BUILTIN_PREFIX
+from mmpo_jax.config_schema import DataConfig
 from mmpo_jax.data.formats import SpecialIds
 from mmpo_jax.errors import UserError, first_line
 
-BUILTIN_PREFIX = "builtin:"
+
+def tokenizer_of(data: DataConfig, model_path: str = "") -> Any:
+    """The run's tokenizer: `data.tokenizer`, with `data.chat_template` in place of its own
+    template when set. `model_path` (the run's `model.path`) only words the error of a
+    checkpoint that carries no tokenizer."""
+    try:
+        tokenizer = load_tokenizer(data.tokenizer)
+    except UserError as err:
+        if model_path and data.tokenizer == model_path:
+            raise UserError(f"{err}. data.tokenizer is unset, so the tokenizer of model.path is used: if that "
+                            "checkpoint has none, set data.tokenizer to the model's tokenizer") from None
+        raise
+    if data.chat_template is not None:
+        tokenizer.chat_template = chat_template_text(data.chat_template)
+    return tokenizer
+
+
+def chat_template_text(spec: str, key: str = "data.chat_template") -> str:
+    """The Jinja text of `spec`: the text itself when it holds a Jinja tag, else a file's content."""
+    if "{{" in spec or "{%" in spec:
+        return spec
+    from mmpo_jax import storage
+    from mmpo_jax.paths import resolve
+
+    path = Path(storage.fetched(resolve(spec), key)).expanduser()
+    if not path.is_file():
+        raise UserError(f"{key}: no such file '{spec}' (a template given as text holds '{{{{' or '{{%')")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{key}: cannot read '{spec}' ({first_line(err)})") from None
+    if "{{" not in text and "{%" not in text:
+        raise UserError(f"{key}: '{spec}' holds no Jinja template (no '{{{{' or '{{%' in it)")
+    return text
 
 
 def load_tokenizer(spec: str, key: str = "data.tokenizer") -> Any:

@@ -118,9 +118,9 @@ def evaluate_trainer(trainer: Trainer, options: EvalOptions, *, what: str = "the
             raise UserError("no test data: set data.test_files (e.g. data.test_files=builtin:demo)")
         tokenizer = run_data.tokenizer
     else:  # --capability alone: the probe needs only the tokenizer
-        from mmpo_jax.data.tokenizers import load_tokenizer
+        from mmpo_jax.data.tokenizers import tokenizer_of
 
-        tokenizer = load_tokenizer(cfg.data.tokenizer)
+        tokenizer = tokenizer_of(cfg.data, cfg.model.path)
     check_vocab(tokenizer, trainer.arch, cfg)
     test = run_data.test if run_data is not None else None
     result = EvalResult(num_test_pairs=len(test) if test is not None else 0)

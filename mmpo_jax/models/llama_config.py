@@ -136,6 +136,18 @@ class LlamaConfig:
         return _rope_type(self.rope_scaling)
 
     @property
+    def context_length(self) -> int:
+        """The positions the model was trained to read: `max_position_embeddings`, stretched by
+        linear and YaRN scaling's `factor` over the original length (Qwen's YaRN recipe keeps
+        max_position_embeddings at the original); llama3 scaling's configs already give the
+        extended length there."""
+        if self.rope_type in ("linear", "yarn"):
+            assert self.rope_scaling is not None
+            original = self.rope_scaling.get("original_max_position_embeddings") or self.max_position_embeddings
+            return max(self.max_position_embeddings, int(float(self.rope_scaling["factor"]) * original))
+        return self.max_position_embeddings
+
+    @property
     def layer_sliding(self) -> tuple[bool, ...]:
         """Per layer: whether it attends through `sliding_window`."""
         if self.layer_types is None:

@@ -341,7 +341,7 @@ def _run_dir_and_export(run_dir: str, stack: contextlib.ExitStack) -> tuple[Any,
     `mmpo-jax export` in a temporary directory, which transformers loads on the other side."""
     import tempfile
 
-    from mmpo_jax.data.tokenizers import load_tokenizer
+    from mmpo_jax.data.tokenizers import tokenizer_of
     from mmpo_jax.models.checkpoints import open_checkpoint
     from mmpo_jax.models.hf_export import export_hf
     from mmpo_jax.train.loop import restore_run
@@ -350,7 +350,7 @@ def _run_dir_and_export(run_dir: str, stack: contextlib.ExitStack) -> tuple[Any,
     if trainer.cfg.model.param_dtype != "float32":
         raise UserError(f"{run_dir}: compare reads float32 runs (model.param_dtype={trainer.cfg.model.param_dtype})")
     model = trainer.sdef.policy(trainer.state)
-    tokenizer = load_tokenizer(trainer.cfg.data.tokenizer)
+    tokenizer = tokenizer_of(trainer.cfg.data, trainer.cfg.model.path)
     tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="mmpo-compare-export-"))
     export_hf(model, trainer.arch, tokenizer, tmp)
     return model, trainer.arch, tokenizer, open_checkpoint(tmp)

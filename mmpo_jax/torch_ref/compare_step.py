@@ -94,6 +94,7 @@ def compare_step(config: str | None, overrides: list[str], lora_b_std: float, se
         device_batch,
         run_reference,
     )
+    from mmpo_jax.train.run_config import with_run_length
     from mmpo_jax.train.step import loss_and_grads
 
     try:
@@ -110,6 +111,7 @@ def compare_step(config: str | None, overrides: list[str], lora_b_std: float, se
         notes.extend([note] if note else [])
         cfg = load_config(config, asked + list(FLOAT32_NO_DROPOUT))
         data = load_data(cfg)
+        cfg, _ = with_run_length(cfg, len(data.train))  # the schedule of train.num_epochs' length
         trainer = build_trainer(cfg)
         check_vocab(data.tokenizer, trainer.arch, cfg)
         lora = trainer.options.lora is not None

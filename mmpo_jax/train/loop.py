@@ -17,19 +17,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Collection
 from typing import TYPE_CHECKING, Any, Callable
 
 import jax
 import numpy as np
 
 from mmpo_jax import storage
-from mmpo_jax.config import config_to_dict, config_to_yaml
+from mmpo_jax.config import applicable_dict, config_to_yaml
 from mmpo_jax.config_schema import RunConfig
 from mmpo_jax.errors import UserError
 from mmpo_jax.eval.preference import evaluate
@@ -42,6 +40,13 @@ from mmpo_jax.train.preflight import check_batch_fits, check_paths
 from mmpo_jax.train.report import Stages, count_text, end_summary
 from mmpo_jax.train.run_files import METRICS_FILE
 from mmpo_jax.train.run_lock import RunLock
+from mmpo_jax.train.run_config import (
+    check_resume_config,
+    config_differences,
+    record_config_change,
+    schedule_change_lines,
+    with_run_length,
+)
 from mmpo_jax.train.run_mirror import RunFiles
 from mmpo_jax.train.setup import (
     Trainer,
@@ -89,9 +94,9 @@ class RunResult:
 def load_data(cfg: RunConfig, log: Callable[[str], None] | None = None) -> RunData:
     """The tokenizer and both splits; `log` hears each stage (tokenizing or the cache)."""
     from mmpo_jax.data.pipeline import load_preference_data
-    from mmpo_jax.data.tokenizers import load_tokenizer
+    from mmpo_jax.data.tokenizers import tokenizer_of
 
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    tokenizer = tokenizer_of(cfg.data, cfg.model.path)
     train = load_preference_data(cfg.data, "train", tokenizer, log=log)
     assert train is not None  # a train split without sources is refused (data.sources.source_specs)
     test = load_preference_data(cfg.data, "test", tokenizer, log=log)
@@ -195,6 +200,13 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None,
     out = storage.absolute(cfg.train.output_dir)
     files = RunFiles(out)
     say = log or (lambda text: print(text, flush=True) if lead else None)
+    stages = Stages(say)
+    if cfg.train.max_steps is None:  # train.num_epochs: the length is known once the data is
+        assert trainer is None, "build a trainer from the with_run_length config: its schedule needs the length"
+        check_paths(cfg)
+        data = _load_stage(cfg, stages, say) if data is None else data
+        cfg, line = with_run_length(cfg, len(data.train))
+        say(line or "")
     config_yaml = config_to_yaml(cfg)
     from mmpo_jax.distributed import check_same_run
 
@@ -202,9 +214,12 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None,
     tc = cfg.train
     check_installed(report_to(tc.report_to))
     done = latest_complete_step(out)
-    if trainer is None and done is not None and done >= tc.max_steps:
-        # a finished run is known from its checkpoint directory: no model to load for that
-        _say_finished(out, done, tc.max_steps, say)
+    if trainer is None and done is not None and done >= tc.steps:
+        # a finished run is known from its checkpoint directory: no model to load for that, but
+        # its config must be this one (else `train X && export` would ship another run's model)
+        check_resume_config(saved_config_text(storage.join(out, CHECKPOINTS_DIR, str(done))), config_yaml,
+                            allow_config_change, finished=True)
+        _say_finished(out, done, tc.steps, say)
         return RunResult("finished", done, done, {}, time.time() - start_time)
     with contextlib.ExitStack() as held:
         lock: RunLock | None = None
@@ -212,14 +227,11 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None,
             lock = held.enter_context(RunLock(files.local, say))
         if done is not None:
             check_resume_config(saved_config_text(storage.join(out, CHECKPOINTS_DIR, str(done))), config_yaml,
-                                allow_config_change)
-        stages = Stages(say)
+                                allow_config_change, finished=done >= tc.steps)
         if data is None or trainer is None:
             check_paths(cfg)
         if data is None:
-            stages.start(f"loading the tokenizer {cfg.data.tokenizer} and the data")
-            data = load_data(cfg, log=say)
-            stages.end(f"data: {len(data.train)} train pairs" + (f", {len(data.test)} test pairs" if data.test else ""))
+            data = _load_stage(cfg, stages, say)
         check_batch_fits(data.train, cfg.data.batch_size)
         if trainer is None:
             stages.start(f"loading the model {cfg.model.path or '(random init of model.init)'}")
@@ -247,6 +259,13 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None,
     return result
 
 
+def _load_stage(cfg: RunConfig, stages: Stages, say: Callable[[str], None]) -> RunData:
+    stages.start(f"loading the tokenizer {cfg.data.tokenizer} and the data")
+    data = load_data(cfg, log=say)
+    stages.end(f"data: {len(data.train)} train pairs" + (f", {len(data.test)} test pairs" if data.test else ""))
+    return data
+
+
 def _run(trainer: Trainer, data: RunData, config_yaml: str, stages: Stages,
          say: Callable[[str], None], lock: RunLock | None, files: RunFiles) -> RunResult:
     """The run once everything is loaded: restore, the evals, the steps, the final save
@@ -271,9 +290,11 @@ def _run(trainer: Trainer, data: RunData, config_yaml: str, stages: Stages,
             changes = config_differences(saved_yaml, config_yaml)
             if changes:
                 say("warning: the config differs from the checkpoint's in " + ", ".join(changes))
-            say(f"resuming from {storage.join(out, CHECKPOINTS_DIR, str(start))} (step {start} of {tc.max_steps})")
-        if start >= tc.max_steps:
-            _say_finished(out, start, tc.max_steps, say)
+                for line in schedule_change_lines(saved_yaml, cfg, start):
+                    say("warning: " + line)
+            say(f"resuming from {storage.join(out, CHECKPOINTS_DIR, str(start))} (step {start} of {tc.steps})")
+        if start >= tc.steps:
+            _say_finished(out, start, tc.steps, say)
             trainer.state = state  # the caller's trainer holds the finished run, not its initial weights
             return RunResult("finished", start, start)
         if lock is not None:
@@ -290,7 +311,7 @@ def _run(trainer: Trainer, data: RunData, config_yaml: str, stages: Stages,
                 eval_metrics: dict[str, float] = {}
                 if data.test is not None and start == 0:
                     eval_metrics = _timed_eval(trainer, state, data, 0, writer, stages)
-                say(f"training steps {start + 1}-{tc.max_steps}, {cfg.data.batch_size} pairs each "
+                say(f"training steps {start + 1}-{tc.steps}, {cfg.data.batch_size} pairs each "
                     "(the first step compiles the train step)")
                 state, result = _steps(trainer, state, data, ckpt, writer, interrupt, start, config_yaml, say,
                                        files.push if lead else lambda: None)
@@ -316,37 +337,6 @@ def _run(trainer: Trainer, data: RunData, config_yaml: str, stages: Stages,
     result.last_checkpoint = last_ckpt
     result.eval = eval_metrics
     return result
-
-
-# Keys a resume may change without --allow-config-change: how long, how often and where
-# the run logs, evaluates and saves, the mesh (a checkpoint resumes on any mesh) and how
-# the same numbers are computed. Any other change alters the objective, the optimizer
-# or the data of a run that is half done.
-RESUME_SAFE_KEYS = frozenset({
-    "train.max_steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.save_every",
-    "train.keep_checkpoints", "train.output_dir", "mesh.data", "mesh.fsdp", "mesh.tensor",
-    "model.remat", "model.attention", "model.logprob_chunk", "data.cache_dir", "data.max_invalid_fraction",
-    "train.report_to", "train.run_name", "train.mlflow_tracking_uri",
-})
-CONFIG_CHANGES_FILE = "config_changes.jsonl"
-
-
-def check_resume_config(saved_yaml: str, current_yaml: str, allow: bool) -> None:
-    """Refuses a resume that changes more than `RESUME_SAFE_KEYS` (unless `allow`)."""
-    changed = config_differences(saved_yaml, current_yaml, ignore=RESUME_SAFE_KEYS)
-    if changed and not allow:
-        raise UserError(
-            "this run's checkpoint was trained with another config: " + ", ".join(changed) + ". "
-            "Resuming would mix two objectives or data sets in one run: choose another train.output_dir, "
-            "or pass --allow-config-change to resume with the change (it is recorded in the run directory)"
-        )
-
-
-def record_config_change(out: Path, step: int, changes: list[str]) -> None:
-    """Appends the resume's config changes to `<out>/config_changes.jsonl`."""
-    line = json.dumps({"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changes": changes})
-    with open(out / CONFIG_CHANGES_FILE, "a", encoding="utf-8") as f:
-        f.write(line + "\n")
 
 
 def latest_complete_step(output_dir: Location) -> int | None:
@@ -411,8 +401,8 @@ def _steps(trainer: Trainer, state: TrainState, data: RunData, ckpt: Checkpointe
     last_ckpt: int | None = None
     eval_metrics: dict[str, float] = {}
     step = start
-    with Progress(tc.max_steps, start_step=start, enabled=jax.process_index() == 0) as progress:
-        while step < tc.max_steps:
+    with Progress(tc.steps, start_step=start, enabled=jax.process_index() == 0) as progress:
+        while step < tc.steps:
             host = next(feed)
             state, metrics = trainer.train_step(state, device_batch(host, trainer.mesh, data.train_ref))
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -430,7 +420,7 @@ def _steps(trainer: Trainer, state: TrainState, data: RunData, ckpt: Checkpointe
             step += 1
             rate = throughput.mark(_tokens(host))
             metrics["tokens_per_second"] = rate if rate is not None else float("nan")
-            if step % tc.log_every == 0 or step == tc.max_steps:
+            if step % tc.log_every == 0 or step == tc.steps:
                 writer.write(step, metrics)
             progress.update(step, metrics, rate)
             if tc.eval_every > 0 and step % tc.eval_every == 0 and data.test is not None:
@@ -439,7 +429,7 @@ def _steps(trainer: Trainer, state: TrainState, data: RunData, ckpt: Checkpointe
                 writer.write(step, eval_metrics, prefix="eval/")
                 progress.message(_eval_line(step, eval_metrics))
                 throughput.reset()
-            if tc.save_every > 0 and step % tc.save_every == 0 and step < tc.max_steps:
+            if tc.save_every > 0 and step % tc.save_every == 0 and step < tc.steps:
                 progress.pause()
                 if ckpt.save(step, state, config_yaml):
                     last_ckpt = step
@@ -466,34 +456,7 @@ def _trackers(cfg: RunConfig, out: Path, changes: list[str], start: int, say: Ca
     if not names:
         return None
     return make_trackers(names, out, run_name=cfg.train.run_name, mlflow_tracking_uri=cfg.train.mlflow_tracking_uri,
-                         config=config_to_dict(cfg), changes=changes, resume_step=start, say=say)
-
-
-def config_differences(saved_yaml: str, current_yaml: str, ignore: Collection[str] = ()) -> list[str]:
-    """`key (old -> new)` for each config key (dotted) that differs, `ignore`d keys aside.
-
-    A key the saved config does not have (it was written before the key existed) is no
-    difference while the current value is the key's default: a new option's default
-    keeps what the code did before it.
-    """
-    import yaml
-
-    from mmpo_jax.config import config_to_yaml
-    from mmpo_jax.config_schema import RunConfig
-
-    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
-        if not isinstance(d, dict):
-            return {prefix[:-1]: d}
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}."))
-        return out
-
-    a, b = flat(yaml.safe_load(saved_yaml) or {}), flat(yaml.safe_load(current_yaml) or {})
-    defaults = flat(yaml.safe_load(config_to_yaml(RunConfig())))
-    a.update({k: defaults[k] for k in b if k not in a and k in defaults})
-    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in ignore)
-    return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in keys]
+                         config=applicable_dict(cfg), changes=changes, resume_step=start, say=say)
 
 
 def saved_run_config(run_dir: Location, overrides: list[str] | tuple[str, ...] = ()) -> tuple[RunConfig, int]:

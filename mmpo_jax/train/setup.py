@@ -93,6 +93,22 @@ def check_vocab(tokenizer: Any, arch: LlamaConfig, cfg: RunConfig) -> None:
         )
 
 
+def check_context(arch: LlamaConfig, cfg: RunConfig) -> None:
+    """A sequence's positions (prompt + answer, up to `data.max_length` in every layout: packed
+    rows restart them per sequence) must lie within the model's context."""
+    limit = arch.context_length
+    if cfg.data.max_length <= limit:
+        return
+    where = f"model.path={cfg.model.path!r}" if cfg.model.path else "model.init"
+    scaling = (f", with {arch.rope_type} RoPE scaling {arch.rope_scaling} over max_position_embeddings="
+               f"{arch.max_position_embeddings}" if arch.rope_scaling else "")
+    raise UserError(
+        f"data.max_length={cfg.data.max_length} is longer than the model's context: {where} reads "
+        f"{limit} positions (max_position_embeddings={arch.max_position_embeddings}{scaling}); set "
+        f"data.max_length <= {limit}"
+    )
+
+
 def step_config(cfg: RunConfig, schedule: Callable[[jax.Array], jax.Array], options: ModelOptions) -> StepConfig:
     return StepConfig(
         loss=cfg.loss,
@@ -131,11 +147,14 @@ def build_trainer(cfg: RunConfig, mesh: jax.sharding.Mesh | None = None,
     mesh = make_mesh(cfg.mesh, devices=devices) if mesh is None else mesh
     check_batch_divisible(cfg.data.batch_size, cfg.optim.grad_accum, mesh)
     policy, arch, options = build_policy(cfg, mesh)
+    check_context(arch, cfg)
     mode = reference_mode(cfg.model.reference)
     # precomputed: the reference pass loads its model when it runs (initial_reference),
     # so a cached table needs none and the trainer holds no second copy
     reference = load_reference(cfg, options, mesh, arch) if mode.stores_weights else None
-    total = cfg.train.max_steps
+    # train.num_epochs still unresolved: a trainer that never steps (eval of a config); the
+    # length only scales the learning rate, no compiled shape. A run resolves it first.
+    total = cfg.train.max_steps or 1
     optimizer = make_optimizer(cfg.optim, total)
     schedule = learning_rate_schedule(cfg.optim, total)
     sdef, state = create_state(
