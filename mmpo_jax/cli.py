@@ -7,7 +7,6 @@ exit 2, with no traceback.
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import os
 import sys
@@ -15,19 +14,7 @@ from typing import Sequence
 
 from mmpo_jax.config_schema import ConfigError
 from mmpo_jax.errors import INTERRUPTED_EXIT, UserError
-
-# Errors of the file system a user fixes (disk full, permissions), with what to do:
-# one line, not a traceback.
-USER_FIXABLE_ERRNOS = {
-    errno.ENOSPC: "Free space on that disk (the checkpoints already saved are complete), then run the same command again.",
-    errno.EDQUOT: "Free space under your disk quota, then run the same command again.",
-    errno.EFBIG: "The file outgrew a size limit (ulimit -f): raise it, then run the same command again.",
-    errno.EROFS: "That file system is read-only: choose a writable train.output_dir (or destination).",
-    errno.EACCES: "Permission denied: choose a directory you can write, or fix its permissions.",
-    errno.EPERM: "Operation not permitted: choose a directory you can write, or fix its permissions.",
-    errno.ENOTDIR: "A path component is a file, not a directory: choose another path.",
-    errno.EISDIR: "That path is a directory where a file was expected: choose another path.",
-}
+from mmpo_jax.storage_errors import describe, quiet_failed_writes
 
 # Add a subcommand by adding its module here (see mmpo_jax/commands/__init__.py).
 SUBCOMMANDS = (
@@ -72,22 +59,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return args.func(args)
+        with quiet_failed_writes():
+            return args.func(args)
     except ConfigError as err:
         print(f"mmpo-jax: config error: {err}", file=sys.stderr)
         return 2
     except UserError as err:
         print(f"mmpo-jax: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        # a second Ctrl-C during a run, or one outside it: stop without a traceback
+    except KeyboardInterrupt as err:
+        # a second Ctrl-C (or SIGTERM, SIGHUP: `loop.SecondSignal`) during a run, or a Ctrl-C
+        # outside it: stop without a traceback, with the status a shell gives that signal
         print("mmpo-jax: interrupted", file=sys.stderr)
-        return INTERRUPTED_EXIT
-    except OSError as err:
-        if err.errno not in USER_FIXABLE_ERRNOS:
+        return int(getattr(err, "exit_status", INTERRUPTED_EXIT))
+    except Exception as err:
+        # disk full, ulimit -f, permissions: an OSError of our own writes, or the same errno
+        # in the text of orbax's (tensorstore's) or safetensors' error
+        line = describe(err)
+        if line is None:
             raise
-        where = f" '{err.filename}'" if err.filename else ""
-        print(f"mmpo-jax: error:{where}: {err.strerror or err}. {USER_FIXABLE_ERRNOS[err.errno]}", file=sys.stderr)
+        print(f"mmpo-jax: error: {line}", file=sys.stderr)
         return 2
 
 

@@ -448,10 +448,19 @@ def _is_null(value: Any) -> bool:
 
 def _parse_override(text: _OverrideText, key: str) -> Any:
     try:
-        return yaml.safe_load(str(text)) if text != "" else ""
+        value = yaml.safe_load(str(text)) if text != "" else ""
     except yaml.YAMLError:
-        raise ConfigError(f"{key}={str(text)!r}: cannot parse the value") from None
+        raise ConfigError(f"{key}={_shown(text)}: cannot parse the value") from None
+    # an override's aliases expand like a file's (converting them copied every reference: a
+    # 900-byte alias bomb hung for minutes)
+    _check_expanded_size(value, f"the override {key}=...")
+    return value
+
+
+# The longest value an error message quotes (an override or a file can hold megabytes).
+SHOWN_CHARS = 200
 
 
 def _shown(value: Any) -> str:
-    return repr(str(value)) if isinstance(value, _OverrideText) else repr(value)
+    text = repr(str(value)) if isinstance(value, _OverrideText) else repr(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(text)} characters)"

@@ -93,6 +93,14 @@ MODEL_DIM_LIMITS: dict[str, int] = {
 }
 
 
+# The smallest value that makes sense where it is not 1. One position holds no pair: a
+# prompt and its answer need two at the least (and `data.max_length` must fit the
+# context, `train.setup.check_context`). A model of 1 position is a broken file.
+MODEL_DIM_MINIMUMS: dict[str, tuple[int, str]] = {
+    "max_position_embeddings": (2, "a sequence of a prompt token and an answer token needs 2 positions"),
+}
+
+
 def model_dims_problem(dims: dict[str, Any]) -> tuple[str, str] | None:
     """The first rule the model dimensions `dims` break, as `(key, rule)`; None if none.
 
@@ -111,6 +119,14 @@ def model_dims_problem(dims: dict[str, Any]) -> tuple[str, str] | None:
             return key, "must be a positive integer"
         if value > limit:
             return key, f"must be <= {limit} (far above any real model: a typo?)"
+        least, why = MODEL_DIM_MINIMUMS.get(key, (1, ""))
+        if value < least:
+            return key, f"must be >= {least} ({why})"
+    window = dims.get("sliding_window")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        # every family is held to it, those that ignore the key too: 0 or -1 means the
+        # file was not written by transformers (null is "no window")
+        return "sliding_window", "must be a positive integer (the positions a layer sees) or null"
     for key in ("rope_theta", "rms_norm_eps"):
         value = dims.get(key)
         if value is None:
@@ -287,6 +303,13 @@ class DataConfig:
                f"must hold the longest pair data.max_length={self.max_length} allows ({2 * self.max_length} "
                f"tokens: prompt + chosen and prompt + rejected, each up to max_length); set "
                f"data.pack_length >= {2 * self.max_length} or lower data.max_length")
+        # a row holds at most all of a batch's pairs: any more is padding, allocated for nothing
+        # (data.pack_length=1e9 allocated rows of 4 GB each)
+        fill = 2 * self.max_length * self.batch_size
+        _check(self.pack_length is None or self.pack_length <= fill, prefix, "pack_length", self.pack_length,
+               f"is longer than a whole batch fills (data.batch_size={self.batch_size} pairs x 2 x "
+               f"data.max_length={self.max_length} = {fill} tokens): the rest of every row would be padding; "
+               f"set data.pack_length <= {fill}")
         if self.max_prompt_length is not None:
             _check(
                 1 <= self.max_prompt_length < self.max_length,
@@ -522,6 +545,9 @@ class TrainConfig:
     run_name: str = ""
     # MLflow's tracking URI ("" = MLFLOW_TRACKING_URI, else MLflow's default ./mlruns).
     mlflow_tracking_uri: str = ""
+    # Seconds a request to a gs:// bucket, or the wait for a checkpoint save there, keeps
+    # retrying a bucket that stopped answering before the run stops naming what was not saved.
+    storage_timeout_s: float = 300.0
 
     @property
     def steps(self) -> int:
@@ -548,6 +574,7 @@ class TrainConfig:
             _check(getattr(self, key) >= 0, prefix, key, getattr(self, key), "must be >= 0")
         _check(self.keep_checkpoints >= 1, prefix, "keep_checkpoints", self.keep_checkpoints,
                "must be >= 1")
+        _check(self.storage_timeout_s > 0, prefix, "storage_timeout_s", self.storage_timeout_s, "must be > 0")
         names = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
         unknown = [n for n in names if n not in (*TRACKERS, "none")]
         _check(not unknown, prefix, "report_to", self.report_to,

@@ -15,20 +15,37 @@ The emulator of the tests, and any other endpoint: gcsfs reads `STORAGE_EMULATOR
 tensorstore reads `TENSORSTORE_GCS_HTTP_URL` once per process (and needs
 `GOOGLE_AUTH_TOKEN_FOR_TESTING` to skip credential discovery): set all three before the
 first access.
+
+A bucket that stops answering. Every request of this module's client retries a lost
+connection or a server error (5xx, 429) with growing pauses for at most `timeout_s()`
+seconds (`train.storage_timeout_s`), then the operation fails with `StorageUnreachable`,
+one line naming the bucket. While the endpoint has never answered in this process (a
+wrong endpoint, no network: what a command meets at its start), a failed connection is
+not retried at all. After one request has given up, later ones are tried once until one
+succeeds, so that a run that lost its bucket stops at once rather than after a timeout
+for each of its last writes. Orbax writes a step's arrays through tensorstore, whose
+retries `tensorstore_retries` bounds alike, and its metadata through `etils.epath`,
+whose gcsfs `bound_fsspec_gcs` makes this client; `mmpo_jax.train.checkpoint` bounds the
+wait for them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import json
+import logging
 import os
+import random
+import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Awaitable, Callable, Union
 
-from mmpo_jax.errors import UserError
+from mmpo_jax.errors import UserError, first_line
 from mmpo_jax.files import write_bytes_atomic
 
 GCS_PREFIX = "gs://"
@@ -53,15 +70,231 @@ def check_url(location: Location, key: str) -> None:
         raise UserError(f"{key}={text!r}: name the bucket, e.g. gs://my-bucket/runs/x")
 
 
+DEFAULT_TIMEOUT_S = 300.0
+_timeout_s = DEFAULT_TIMEOUT_S
+# Whether the endpoint answered this process, and why the last request that gave up did
+# (None once one succeeds): see the module docstring.
+_answered = False
+_outage: str | None = None
+# The longest a connection may take to open; a request that then receives nothing for
+# `timeout_s()` is a lost connection too (retried): a bucket behind a dead network accepts
+# no connection, or never answers one.
+_CONNECT_TIMEOUT_S = 30.0
+
+
+class StorageUnreachable(UserError):
+    """A bucket that did not answer (no connection, or only server errors) for `timeout_s()`
+    seconds, or at all while the endpoint never answered this process."""
+
+    def __init__(self, bucket: str, why: str) -> None:
+        super().__init__(f"{why}: check the network and the credentials (STORAGE_EMULATOR_HOST for an emulator), "
+                         "then run the same command again")
+        self.bucket = bucket
+        self.why = why  # what failed, without the advice: for a caller that says what to do itself
+
+
+def set_timeout(seconds: float) -> None:
+    """How long one request to a bucket keeps retrying (`train.storage_timeout_s`)."""
+    global _timeout_s
+    if not seconds > 0:
+        raise ValueError(f"a storage timeout must be > 0 seconds, not {seconds}")
+    _timeout_s = float(seconds)
+
+
+def timeout_s() -> float:
+    return _timeout_s
+
+
+def outage() -> str | None:
+    """Why this process's requests to its buckets last gave up, or None when they answer."""
+    return _outage
+
+
+def mark_outage(why: str) -> None:
+    """Records that a bucket stopped answering a client other than this module's (orbax's
+    writes), so that the requests that follow are tried once, not for a whole timeout."""
+    global _outage
+    _outage = why
+
+
+def bucket_of(location: Location) -> str:
+    """The bucket of a gs:// URL."""
+    return _key(str(location)).split("/", 1)[0]
+
+
+def tensorstore_retries(seconds: float) -> dict[str, Any]:
+    """tensorstore's `gcs_request_retries` context resource for retrying a request for about
+    `seconds` (its default, 32 retries of up to 32 s, keeps a lost bucket's save going for a
+    quarter of an hour)."""
+    initial = min(1.0, seconds / 8)
+    longest = min(32.0, max(initial, seconds / 4))
+    retries, total, delay = 0, 0.0, initial
+    while total < seconds:
+        retries, total, delay = retries + 1, total + delay, min(delay * 2, longest)
+    return {"max_retries": retries, "initial_delay": f"{initial:g}s", "max_delay": f"{longest:g}s"}
+
+
+# tensorstore's status once its retries of a GCS request ran out (a ValueError's text)
+_TENSORSTORE_UNREACHABLE = re.compile(r"^(UNAVAILABLE|DEADLINE_EXCEEDED):|retry attempts failed|CURL error")
+
+
+def is_unreachable_error(err: BaseException | None) -> bool:
+    """Whether `err`, or an error it was raised from or during, says that a bucket did not
+    answer: a lost connection, a timeout, a server error, or tensorstore's status once its
+    retries ran out."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, StorageUnreachable) or _retriable(err):
+            return True
+        if isinstance(err, ValueError) and _TENSORSTORE_UNREACHABLE.search(str(err)):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _retriable(err: BaseException) -> bool:
+    """An error a later try of the same request may not meet: no connection, no answer in
+    time, a server error."""
+    import aiohttp
+    from gcsfs.retry import HttpError, is_retriable
+
+    if isinstance(err, HttpError):
+        return bool(is_retriable(err))
+    return isinstance(err, (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError)) or bool(is_retriable(err))
+
+
+def _no_connection(err: BaseException) -> bool:
+    import aiohttp
+
+    return isinstance(err, (aiohttp.ClientConnectorError, aiohttp.ServerTimeoutError, asyncio.TimeoutError,
+                            ConnectionError))
+
+
 @functools.lru_cache(maxsize=1)
 def _gcs() -> Any:
+    return _bounded_filesystem()()
+
+
+@functools.lru_cache(maxsize=1)
+def bound_fsspec_gcs() -> None:
+    """Makes fsspec's gs:// filesystem, the one orbax's `etils.epath` opens for a step's
+    metadata and commit marker, this module's: gcsfs's own retries hold a save in the main
+    thread for half a minute per request whatever the timeout, and its extended filesystem
+    asks the control plane for each bucket's layout on every file it opens (for want of an
+    answer, the emulator's case and most service accounts'), resolving credentials on
+    the event loop that every gs:// request of the process waits on."""
+    import fsspec  # type: ignore[import-untyped]
+
+    for protocol in ("gs", "gcs"):
+        fsspec.register_implementation(protocol, _bounded_filesystem(), clobber=True)
+    try:  # etils keeps the filesystem it opened: one opened before now would keep gcsfs's retries
+        from etils.epath import backend
+
+        backend._FileSystemSpecBackend._get_filesystem.cache_clear()
+    except (ImportError, AttributeError):  # pragma: no cover - another etils
+        pass
+
+
+@functools.lru_cache(maxsize=1)
+def _bounded_filesystem() -> Any:
+    """gcsfs's filesystem class with this module's retries (see the module docstring) in
+    place of gcsfs's: 6 tries over about 30 s whatever the timeout, each failure logged
+    with a traceback."""
     try:
+        import aiohttp
         # the plain filesystem: the extended one asks the control plane for the bucket's
         # layout, which emulators and most service accounts cannot answer
         from gcsfs.core import GCSFileSystem
     except ImportError as err:  # pragma: no cover - a runtime dependency
         raise UserError("gs:// locations need the gcsfs package: pip install gcsfs") from err
-    return GCSFileSystem()
+    _one_line_storage_errors()
+
+    class BoundedGCSFileSystem(GCSFileSystem):
+        @property
+        def requests_timeout(self) -> Any:
+            # read at each request (`set_timeout` may come after the client); no total: a
+            # large file may take longer than any timeout to copy
+            return aiohttp.ClientTimeout(total=None, sock_connect=min(_CONNECT_TIMEOUT_S, _timeout_s),
+                                         sock_read=_timeout_s)
+
+        @requests_timeout.setter
+        def requests_timeout(self, value: Any) -> None:
+            pass  # gcsfs's constructor sets it
+
+        async def _request(self, method: str, path: str, *args: Any, **kwargs: Any) -> Any:
+            found = re.search(r"/b/([^/?]+)", self._format_path(path, args))
+            return await _retrying(found.group(1) if found else "?", self._location,
+                                   _undecorated(GCSFileSystem._request), self, method, path, *args, **kwargs)
+
+        async def _get_file_request(self, rpath: str, *args: Any, **kwargs: Any) -> Any:
+            return await _retrying(self.split_path(rpath)[0], self._location,
+                                   _undecorated(GCSFileSystem._get_file_request), self, rpath, *args, **kwargs)
+
+        async def _get_file_concurrent(self, rpath: str, *args: Any, **kwargs: Any) -> Any:
+            return await _retrying(self.split_path(rpath)[0], self._location,
+                                   _undecorated(GCSFileSystem._get_file_concurrent), self, rpath, *args, **kwargs)
+
+    return BoundedGCSFileSystem
+
+
+async def _retrying(bucket: str, endpoint: str, request: Callable[..., Awaitable[Any]], *args: Any,
+                    **kwargs: Any) -> Any:
+    """`await request(*args, **kwargs)`, retried as the module docstring says."""
+    global _answered, _outage
+    deadline = time.monotonic() + _timeout_s
+    pause = 1.0
+    while True:
+        try:
+            answer = await request(*args, **kwargs)
+        except Exception as err:
+            if not _retriable(err):
+                raise
+            left = deadline - time.monotonic()
+            never = not _answered and _no_connection(err)
+            if never or _outage is not None or left <= 0:
+                why = f"{type(err).__name__}: {first_line(err)}"
+                _outage = why
+                spent = "" if never or left > 0 else f" for train.storage_timeout_s={_timeout_s:g} s"
+                raise StorageUnreachable(bucket, f"cannot reach the bucket '{bucket}' at {endpoint}{spent} ({why})") \
+                    from None
+            await asyncio.sleep(min(left, pause * (1 + random.random() / 2)))
+            pause = min(pause * 2, 32.0)
+            continue
+        _answered, _outage = True, None
+        return answer
+
+
+def _undecorated(method: Any) -> Any:
+    """A gcsfs request method without gcsfs's own retries (`decorator` keeps the original)."""
+    return getattr(method, "__wrapped__", method)
+
+
+class _OneLine(logging.Filter):
+    """The storage errors that libraries' threads log with their tracebacks (orbax's writes,
+    gcsfs's retries; a dozen for one lost bucket) are one line, the first's, and none once
+    a request gave up (`outage`): the caller reports the error itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (record.exc_info and is_unreachable_error(record.exc_info[1])):
+            return True
+        if _outage is not None or self.seen:
+            return False
+        self.seen = True
+        record.exc_info, record.exc_text = None, None
+        record.msg, record.args = record.getMessage().splitlines()[0], ()
+        return True
+
+
+@functools.lru_cache(maxsize=1)
+def _one_line_storage_errors() -> None:
+    quiet = _OneLine()
+    for name in ("absl", "gcsfs"):
+        logging.getLogger(name).addFilter(quiet)
 
 
 def _key(url: str) -> str:
@@ -103,7 +336,12 @@ def is_dir(location: Location) -> bool:
 
 def is_file(location: Location) -> bool:
     if is_url(location):
-        return bool(_gcs().isfile(_key(str(location))))
+        try:
+            # not gcsfs's isfile, which answers False for any error: a bucket that stopped
+            # answering would make a complete checkpoint look cut off
+            return bool(_gcs().info(_key(str(location)))["type"] == "file")
+        except FileNotFoundError:
+            return False
     return Path(location).is_file()
 
 
@@ -224,9 +462,11 @@ def remove_tree(location: Location) -> None:
 def check_bucket(url: str, key: str) -> None:
     """A UserError naming `key` when the bucket of `url` does not exist or cannot be reached."""
     check_url(url, key)
-    bucket = _key(url).split("/", 1)[0]
+    bucket = bucket_of(url)
     try:
         found = _gcs().exists(bucket)
+    except StorageUnreachable as err:
+        raise UserError(f"{key}={url!r}: {err}") from None
     except Exception as err:  # no credentials, no network: all fixable by the user
         raise UserError(f"{key}={url!r}: cannot reach the bucket '{bucket}': {type(err).__name__}: {err}") from None
     if not found:
@@ -249,8 +489,12 @@ def local_copy(url: str, key: str, say: Callable[[str], None] | None = None) -> 
     remote = _key(url)
     local = cache_root() / "gcs" / remote
     fs.invalidate_cache(remote)
-    if fs.isfile(remote):
+    try:
+        # not gcsfs's isfile, which answers False for any error (see `is_file`)
         info = fs.info(remote)
+    except FileNotFoundError:
+        info = {"type": None}
+    if info["type"] == "file":
         stats = {"": FileStat(int(info["size"]), str(info.get("generation", "")))}
     else:
         stats = file_stats(url)

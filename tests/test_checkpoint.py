@@ -7,6 +7,8 @@ of params, an optax adam state, an int step and RNG key data), sharded over the
 
 from __future__ import annotations
 
+import contextlib
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -371,3 +373,199 @@ def test_abstract_leaf_without_sharding_is_refused(saved_run):
     with Checkpointer(out, keep=3, read_only=True) as ckpt:
         with pytest.raises(ValueError, match="without a sharding"):
             ckpt.restore(1, target)
+
+
+# -- checksums as part of the save; unverified steps; a live run's rotation ----------------
+
+
+def _sha256_manifest(step_dir: Path, names: set[str]) -> dict[str, dict[str, Any]]:
+    """The manifest entries of `names`, computed here with hashlib (not the code under test)."""
+    import hashlib
+
+    return {rel: {"bytes": (step_dir / rel).stat().st_size,
+                  "sha256": hashlib.sha256((step_dir / rel).read_bytes()).hexdigest()} for rel in names}
+
+
+def _files(step_dir: Path) -> set[str]:
+    return {str(p.relative_to(step_dir)) for p in step_dir.rglob("*") if p.is_file()}
+
+
+def test_a_committed_step_has_its_checksums_before_the_checkpointer_waits(tmp_path, save_mesh):
+    """The checksums are part of the save: once orbax has committed an async save (and a
+    SIGKILL could come), the step holds them, equal to hashlib's; the next `wait()` adds the
+    two files orbax's commit writes. A flipped byte then fails them (negative control)."""
+    import json
+
+    with Checkpointer(tmp_path, keep=2, async_save=True) as ckpt:
+        assert ckpt.save(1, make_state(save_mesh), CONFIG)
+        ckpt._manager.wait_until_finished()  # orbax is done; this Checkpointer has not waited
+        step_dir = tmp_path / CHECKPOINTS_DIR / "1"
+        assert (step_dir / "commit_success.txt").is_file()
+        manifest = json.loads((step_dir / CHECKSUMS_FILE).read_text())["files"]
+        committed_later = {"_CHECKPOINT_METADATA", "commit_success.txt"}
+        assert manifest == _sha256_manifest(step_dir, _files(step_dir) - {CHECKSUMS_FILE} - committed_later)
+        assert corruption_reason(step_dir) is None
+        ckpt.wait()
+    manifest = json.loads((step_dir / CHECKSUMS_FILE).read_text())["files"]
+    assert manifest == _sha256_manifest(step_dir, _files(step_dir) - {CHECKSUMS_FILE})
+    flip_a_byte(largest_array_file(step_dir))
+    assert "SHA-256 does not match" in corruption_reason(step_dir)
+
+
+def test_the_checksums_are_written_on_the_save_thread_before_the_commit(tmp_path, save_mesh, monkeypatch):
+    """An async `save` returns while its checksums are being written (the loop does not wait
+    for the hashing), and orbax commits the step only after they are."""
+    import threading
+
+    from mmpo_jax.train import checkpoint
+
+    release, seen = threading.Event(), []
+    real = checkpoint.write_checksums
+
+    def slow_write(step_dir, skip=()):
+        seen.append((threading.current_thread() is threading.main_thread(), Path(step_dir).name))
+        assert release.wait(60)
+        real(step_dir, skip)
+
+    monkeypatch.setattr(checkpoint, "write_checksums", slow_write)
+    with Checkpointer(tmp_path, keep=2, async_save=True) as ckpt:
+        assert ckpt.save(4, make_state(save_mesh), CONFIG)  # returns with the write blocked
+        for _ in range(600):
+            if seen:
+                break
+            threading.Event().wait(0.05)
+        assert seen == [(False, "4.orbax-checkpoint-tmp")]  # a save thread, on the uncommitted dir
+        assert not (tmp_path / CHECKPOINTS_DIR / "4").exists()
+        release.set()
+        ckpt.wait()
+    assert (tmp_path / CHECKPOINTS_DIR / "4" / CHECKSUMS_FILE).is_file()
+
+
+def test_a_step_whose_checksums_cannot_be_written_is_not_committed(tmp_path, save_mesh, monkeypatch):
+    """A complete step always has its checksums: a failed write fails the save, and the step
+    is left to be moved aside as incomplete."""
+    import errno
+
+    from mmpo_jax.train import checkpoint
+
+    def full_disk(step_dir, skip=()):
+        raise OSError(errno.ENOSPC, "No space left on device", str(step_dir))
+
+    with Checkpointer(tmp_path, keep=2) as ckpt:
+        assert ckpt.save(1, make_state(save_mesh), CONFIG)
+    monkeypatch.setattr(checkpoint, "write_checksums", full_disk)
+    ckpt = Checkpointer(tmp_path, keep=2, async_save=True)
+    ckpt.save(2, make_state(save_mesh, seed=2), CONFIG)
+    with pytest.raises(Exception, match="No space left"):
+        ckpt.wait()
+    with contextlib.suppress(Exception):
+        ckpt.close()
+    assert not (tmp_path / CHECKPOINTS_DIR / "2" / "commit_success.txt").exists()
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match="skipping incomplete checkpoint"):
+        again = Checkpointer(tmp_path, keep=2)
+    with again:
+        assert again.all_steps() == [1]
+
+
+def _unverified_nan(ckdir: Path, save_mesh) -> str:
+    """Step 3: saved with a NaN weight and an inf moment, then its checksums removed (as a
+    version before them left it)."""
+    state = make_state(save_mesh, seed=3)
+    state = state.replace(params={**state.params, "w": state.params["w"].at[0, 0].set(jnp.nan)})
+    mu = state.opt_state[0].mu
+    state = state.replace(opt_state=(state.opt_state[0]._replace(mu={**mu, "b": mu["b"].at[1].set(jnp.inf)}),
+                                     *state.opt_state[1:]))
+    with Checkpointer(ckdir.parent, keep=3) as ckpt:
+        assert ckpt.save(3, state, CONFIG)
+    (ckdir / "3" / CHECKSUMS_FILE).unlink()
+    return "2 of its arrays are not finite (opt_state.0.mu.b, params.w)"
+
+
+def _unverified_unreadable(ckdir: Path, save_mesh) -> str:
+    """Step 3: step 2's files without checksums, one byte of its sharding metadata flipped."""
+    shutil.copytree(ckdir / "2", ckdir / "3")
+    (ckdir / "3" / CHECKSUMS_FILE).unlink()
+    flip_a_byte(ckdir / "3" / "state" / "_sharding")
+    return "reading it failed"
+
+
+@pytest.mark.parametrize("damage", [_unverified_nan, _unverified_unreadable], ids=["not-finite", "unreadable"])
+def test_an_unverified_damaged_step_is_set_aside_for_the_one_before(saved_run, tmp_path, save_mesh, damage):
+    """A step without checksums is checked when restored: arrays that are not finite (or
+    files that do not parse) set it aside, named, and the step before is restored; it can be
+    saved again. Read-only (eval, export, generate), it is skipped and the step used is said."""
+    out = copy_run(saved_run, tmp_path)
+    ckdir = out / CHECKPOINTS_DIR
+    why = damage(ckdir, save_mesh)
+    assert corruption_reason(ckdir / "3") is None and incomplete_reason(ckdir / "3") is None
+    target = abstract_on(saved_run[1][2], lambda x: x.sharding)
+
+    notes: list[str] = []
+    with Checkpointer(out, keep=3, read_only=True) as ro:
+        restored = ro.restore_latest(target, notes.append)
+    assert restored.step == 2 and restored.config_yaml.endswith("# step 2\n")
+    assert_identical(restored.state, saved_run[1][2])
+    assert len(notes) == 1 and f"skipping checkpoint '{ckdir / '3'}'" in notes[0] and why in notes[0]
+    assert "using step 2" in notes[0] and not (out / INCOMPLETE_DIR).exists()
+
+    with pytest.warns(UserWarning, match=rf"skipping unverified checkpoint '{ckdir / '3'}'.*{re.escape(why)}"):
+        with Checkpointer(out, keep=3) as ckpt:
+            restored = ckpt.restore_latest(target)
+            assert restored.step == 2 and ckpt.moved_corrupt == [ckdir / "3"]
+            assert_identical(restored.state, saved_run[1][2])
+            assert ckpt.save(3, make_state(save_mesh, seed=3), CONFIG)  # orbax no longer counts the old one
+            assert ckpt.all_steps() == [1, 2, 3]
+    assert [p.name.split(".")[0] for p in (out / INCOMPLETE_DIR).iterdir()] == ["3"]
+
+
+def test_read_only_says_which_step_it_uses_instead_of_a_corrupt_latest(saved_run, tmp_path):
+    out = copy_run(saved_run, tmp_path)
+    ckdir = out / CHECKPOINTS_DIR
+    damaged = largest_array_file(ckdir / "2")
+    flip_a_byte(damaged)
+    notes: list[str] = []
+    with Checkpointer(out, keep=3, read_only=True) as ro:
+        restored = ro.restore_latest(abstract_on(saved_run[1][1], lambda x: x.sharding), notes.append)
+    assert restored.step == 1
+    assert_identical(restored.state, saved_run[1][1])
+    assert notes == [f"skipping checkpoint '{ckdir / '2'}': '{damaged.relative_to(ckdir / '2')}' differs from "
+                     "what the save wrote (its SHA-256 does not match); using step 1, the newest intact one "
+                     "(a train run of this directory moves the other aside)"]
+    flip_a_byte(largest_array_file(ckdir / "1"))
+    with Checkpointer(out, keep=3, read_only=True) as ro:
+        with pytest.raises(UserError, match=r"no intact checkpoint in .*step 2: .*; step 1: .*SHA-256"):
+            ro.restore_latest(abstract_on(saved_run[1][1], lambda x: x.sharding), notes.append)
+
+
+def test_a_step_deleted_while_read_only_reads_it_is_said_to_have_vanished(saved_run, tmp_path, save_mesh):
+    """A live run saves step 3 and its rotation deletes step 2 after eval listed it: the read
+    raises StepVanished (choose again), not a corruption; a damaged step with no newer one
+    saved is a corruption (negative control)."""
+    from mmpo_jax.train.checkpoint import StepVanished
+
+    out = copy_run(saved_run, tmp_path)
+    ckdir = out / CHECKPOINTS_DIR
+    target = abstract_on(saved_run[1][2], lambda x: x.sharding)
+    with Checkpointer(out, keep=3, read_only=True) as ro:
+        with Checkpointer(out, keep=1) as live:
+            assert live.save(3, make_state(save_mesh, seed=3), CONFIG)
+        assert sorted(p.name for p in ckdir.iterdir() if p.name.isdigit()) == ["3"]
+        with pytest.raises(StepVanished) as gone:
+            ro.restore_latest(target)
+        assert gone.value.step == 2
+    with Checkpointer(out, keep=3, read_only=True) as ro:
+        assert ro.restore_latest(target).step == 3
+
+    flip_a_byte(largest_array_file(ckdir / "3"))
+    with Checkpointer(out, keep=3, read_only=True) as ro:
+        with pytest.raises(UserError, match="no intact checkpoint .*step 3: .*SHA-256"):
+            ro.restore_latest(target)
+
+
+def test_a_checkpoints_path_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / CHECKPOINTS_DIR).write_text("not a directory\n")
+    for read_only in (False, True):
+        with pytest.raises(UserError, match=rf"'{tmp_path / CHECKPOINTS_DIR}' is a file, not the run's directory"):
+            Checkpointer(tmp_path, keep=2, read_only=read_only)
+    assert (tmp_path / CHECKPOINTS_DIR).read_text() == "not a directory\n"

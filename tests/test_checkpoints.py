@@ -24,8 +24,10 @@ from checkpoint_helpers import (
 )
 from mmpo_jax.errors import UserError
 from mmpo_jax.models import checkpoints as C
+from mmpo_jax.models.build import build_model
 from mmpo_jax.models.hf_export import export_hf
 from mmpo_jax.models.hf_weights import iter_hf_weights
+from mmpo_jax.models.llama_config import LlamaConfig
 from mmpo_jax.models.options import ModelOptions
 
 F32 = ModelOptions(param_dtype="float32", compute_dtype="float32", attention="xla")
@@ -330,3 +332,152 @@ def test_hub_id_found_in_the_local_cache(tmp_path, llama_dirs):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"PATH: {snap}" in proc.stdout
     assert f"VOCAB: {len(llama_dirs[1])} TOKENIZER: True" in proc.stdout
+
+
+# --------------------------------------------------------------------------- #
+# safetensors files that lie (written byte by byte)
+# --------------------------------------------------------------------------- #
+TINY_ARCH = LlamaConfig(vocab_size=61, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1)
+EMBED = "model.embed_tokens.weight"
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    """A one-layer model exported in float32 and in bfloat16 (the memory-mapped path)."""
+    root = tmp_path_factory.mktemp("tiny")
+    model = build_model(TINY_ARCH, ModelOptions(), seed=0)
+    return {dtype: export_hf(model, TINY_ARCH, None, root / dtype, dtype=dtype)
+            for dtype in ("float32", "bfloat16")}
+
+
+def _split(path):
+    """(header dict, data bytes) of a safetensors file."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def _hostile_copy(good, tmp_path, header, data, length=None):
+    """`good`'s config.json beside a model.safetensors of `header` and `data` written by hand;
+    `length` overrides the 8-byte header length."""
+    out = tmp_path / "hostile"
+    out.mkdir()
+    (out / "config.json").write_text((good / "config.json").read_text())
+    text = json.dumps(header).encode() if isinstance(header, (dict, list)) else header
+    prefix = (len(text) if length is None else length).to_bytes(8, "little")
+    (out / "model.safetensors").write_bytes(prefix + text + data)
+    return out
+
+
+def _lie(kind, header, data):
+    """`header` and `data` (of a real file) changed to tell one lie of `kind`."""
+    e = header[EMBED]
+    begin, end = e["data_offsets"]
+    if kind == "offsets past the end":
+        e["data_offsets"] = [begin, len(data) + 64]
+    elif kind == "truncated":
+        data = data[: len(data) // 2]
+    elif kind == "shape":
+        e["shape"] = [e["shape"][0] + 1, e["shape"][1]]
+    elif kind == "dtype unknown":
+        e["dtype"] = "EVIL"
+    elif kind == "dtype of another size":
+        e["dtype"] = "F16" if e["dtype"] == "F32" else "F32"
+    elif kind == "overlap":
+        other = next(n for n, t in header.items() if n not in (EMBED, "__metadata__")
+                     and t["data_offsets"][1] - t["data_offsets"][0] <= end - begin)
+        o = header[other]
+        size = o["data_offsets"][1] - o["data_offsets"][0]
+        o["data_offsets"] = [begin, begin + size]  # inside the embedding's bytes
+    elif kind == "gap":
+        data = data + bytes(16)  # trailing bytes that belong to no tensor
+    elif kind == "negative shape":
+        e["shape"] = [-e["shape"][0], e["shape"][1]]
+    elif kind == "offsets not a pair":
+        e["data_offsets"] = [begin]
+    elif kind == "entry not a mapping":
+        header[EMBED] = "F32"
+    return header, data
+
+
+LIES = ["offsets past the end", "truncated", "shape", "dtype unknown", "dtype of another size", "overlap",
+        "gap", "negative shape", "offsets not a pair", "entry not a mapping"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("kind", LIES)
+def test_a_safetensors_file_that_lies_is_one_line_naming_file_and_tensor(tiny_dirs, tmp_path, dtype, kind):
+    header, data = _lie(kind, *_split(tiny_dirs[dtype] / "model.safetensors"))
+    bad = _hostile_copy(tiny_dirs[dtype], tmp_path, header, data)
+    with pytest.raises(UserError) as err:
+        C.load_checkpoint(bad, F32)
+    message = str(err.value)
+    assert message.startswith(f"'{bad / 'model.safetensors'}' is not a valid safetensors file: "), message
+    assert "\n" not in message
+    if kind not in ("truncated", "gap"):  # those are the file's, not one tensor's
+        assert f"'{EMBED}'" in message, message
+
+
+@pytest.mark.parametrize("length, named", [
+    (2**63, "header length 9223372036854775808 is past the end of the file"),  # read(2**63) overflowed
+    (10**6, "is past the end of the file"),
+    (3, "header is not JSON"),
+])
+def test_a_lying_header_length_is_one_line(tiny_dirs, tmp_path, length, named):
+    header, data = _split(tiny_dirs["float32"] / "model.safetensors")
+    bad = _hostile_copy(tiny_dirs["float32"], tmp_path, header, data, length=length)
+    with pytest.raises(UserError, match=named):
+        C.load_checkpoint(bad, F32)
+
+
+@pytest.mark.parametrize("content, named", [
+    (b"\x01\x02\x03", "it has 3 bytes, fewer than the 8"),
+    (b"\x06\0\0\0\0\0\0\0[1, 2]", "its header is a JSON list, not an object"),
+    (b"\x04\0\0\0\0\0\0\0\xff\xfe{}", "header is not JSON"),
+])
+def test_not_a_safetensors_file_at_all(tiny_dirs, tmp_path, content, named):
+    bad = _hostile_copy(tiny_dirs["float32"], tmp_path, b"", b"")
+    (bad / "model.safetensors").write_bytes(content)
+    with pytest.raises(UserError, match=named):
+        C.load_checkpoint(bad, F32)
+
+
+def test_an_index_naming_a_tensor_its_shard_lacks(tiny_dirs, tmp_path):
+    good = tiny_dirs["float32"]
+    out = tmp_path / "sharded"
+    out.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (out / name).write_bytes((good / name).read_bytes())
+    names = [n for n in _split(good / "model.safetensors")[0] if n != "__metadata__"]
+    weight_map = {**{n: "model.safetensors" for n in names}, "model.norm.extra": "model.safetensors"}
+    (out / C.SAFETENSORS_INDEX).write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(UserError, match=r"puts tensor 'model.norm.extra' in 'model.safetensors', which does not"):
+        C.load_checkpoint(out, F32)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_file_rewritten_by_hand_without_lies_loads_the_same(tiny_dirs, tmp_path, dtype):
+    """Negative control: the same header re-serialised (other key order, padded as
+    safetensors pads) and the same bytes load to the same weights."""
+    good = tiny_dirs[dtype]
+    header, data = _split(good / "model.safetensors")
+    text = json.dumps(dict(reversed(list(header.items())))).encode()
+    text += b" " * (-len(text) % 8)
+    copy = _hostile_copy(good, tmp_path, text, data)
+    expected = _weights(C.load_checkpoint(good, F32)[0])
+    for name, value in _weights(C.load_checkpoint(copy, F32)[0]).items():
+        np.testing.assert_array_equal(value, expected[name], err_msg=name)
+
+
+def test_a_file_changed_after_its_header_was_checked_names_the_tensor(tiny_dirs, tmp_path):
+    """Between the check and the read (a download still running, a disk going bad):
+    safetensors' own error, as one line naming the file and the tensor."""
+    good = tiny_dirs["float32"]
+    header, data = _split(good / "model.safetensors")
+    copy = _hostile_copy(good, tmp_path, header, data)
+    reader = C.SafetensorsReader.from_dir(copy)
+    path = copy / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(UserError, match=rf"'{path}': cannot read tensor '{EMBED}' \(SafetensorError: "):
+        reader.get(EMBED)

@@ -293,3 +293,28 @@ def test_num_epochs_and_max_steps_are_exclusive():
     assert load_config("configs/tiny.yaml", ["train.num_epochs=2", "train.max_steps=null"]).train.num_epochs == 2
     with pytest.raises(ConfigError, match=r"train.num_epochs=0.0: must be > 0"):
         load_config(None, ["train.num_epochs=0"])
+
+
+def test_an_alias_bomb_override_is_refused_at_once_in_a_short_line():
+    """As a key=value override it hung for minutes (the file path was bounded already), and
+    its error quoted 358 kB."""
+    import time
+
+    levels = ["&a [1,1,1,1,1,1,1,1,1]"] + [
+        f"&{chr(98 + i)} [{','.join(['*' + chr(97 + i)] * 9)}]" for i in range(8)]
+    bomb = "[" + ",".join(levels) + "]"
+    started = time.time()
+    with pytest.raises(ConfigError, match=r"override data.train_files=...: expands to more than") as err:
+        load_config(None, [f"data.train_files={bomb}"])
+    assert time.time() - started < 5 and len(str(err.value)) < 400
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"loss.beta={'x' * 100_000}"])
+    assert len(str(err.value)) < 400 and "(100002 characters)" in str(err.value)
+
+
+def test_a_pack_length_past_what_a_batch_fills_is_refused():
+    """data.pack_length=1e9 allocated 4 GB rows; a row never holds more than a batch's pairs."""
+    with pytest.raises(ConfigError, match=r"data.pack_length=1000000000: is longer than a whole batch fills "
+                                          r"\(data.batch_size=8 pairs x 2 x data.max_length=64 = 1024 tokens\)"):
+        load_config("configs/tiny.yaml", ["data.packing=packed", "data.pack_length=1000000000"])
+    assert load_config("configs/tiny.yaml", ["data.packing=packed", "data.pack_length=1024"]).data.pack_length == 1024

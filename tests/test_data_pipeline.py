@@ -10,7 +10,7 @@ import pytest
 
 from mmpo_jax.buckets import bucket_lengths
 from mmpo_jax.config_schema import DataConfig
-from mmpo_jax.data import batches, formats
+from mmpo_jax.data import batches, formats, tokenized
 from mmpo_jax.data.batches import SMALLEST_BUCKET, collate, eval_batches, train_batches
 from mmpo_jax.data.pipeline import load_preference_data
 from mmpo_jax.errors import UserError
@@ -223,8 +223,9 @@ def test_batch_size_must_fit(tmp_path, tiny, cache_dir):
 # --------------------------------------------------------------------------- #
 # Sources and the cache
 # --------------------------------------------------------------------------- #
-def test_second_load_does_not_tokenize(tmp_path, tiny, monkeypatch):
-    calls = []
+def _count_tokenized_rows(monkeypatch) -> list[int]:
+    """The rows of each call to the tokenizer from now on (an empty list: nothing tokenized)."""
+    calls: list[int] = []
     original = formats.tokenize_records
 
     def counting(batch, **kw):
@@ -232,6 +233,11 @@ def test_second_load_does_not_tokenize(tmp_path, tiny, monkeypatch):
         return original(batch, **kw)
 
     monkeypatch.setattr(formats, "tokenize_records", counting)
+    return calls
+
+
+def test_second_load_does_not_tokenize(tmp_path, tiny, monkeypatch):
+    calls = _count_tokenized_rows(monkeypatch)
     path = write_jsonl(tmp_path / "t.jsonl", std_rows(20))
     cache = str(tmp_path / "cache")
     first = load(path, tiny, cache)
@@ -416,3 +422,51 @@ def test_start_errors_name_the_file_and_line(tmp_path, tiny, cache_dir, monkeypa
             "test",
             tiny,
         )
+
+
+def _ids(data):
+    return [tuple(map(list, data.pair(i))) for i in range(len(data))]
+
+
+def _load_heard(path, tok, cache, heard):
+    return load_preference_data(DataConfig(train_files=path, cache_dir=cache), "train", tok, log=heard.append)
+
+
+@pytest.mark.parametrize("damage", ["flip", "no checksum", "bad checksum file"])
+def test_a_cache_that_changed_since_it_was_written_is_tokenized_again(tmp_path, tiny, monkeypatch, damage):
+    """Bit rot in the tokenized cache used to be read as token ids (a readable file, other
+    text): its checksum is checked on reuse, a mismatch (or no checksum) is one line in the
+    run's log, and the rows tokenize again, to the ids of a fresh tokenization."""
+    calls = _count_tokenized_rows(monkeypatch)
+    path = write_jsonl(tmp_path / "t.jsonl", std_rows(30))
+    cache = tmp_path / "cache"
+    fresh = _ids(load(path, tiny, str(cache)))
+    (entry,) = (cache / "mmpo_jax_tokenized").glob("*.arrow")
+    (checksum,) = (cache / "mmpo_jax_tokenized").glob("*.sha256.json")
+    written = entry.read_bytes()
+    heard: list[str] = []
+    calls.clear()
+    assert _ids(_load_heard(path, tiny, str(cache), heard)) == fresh
+    assert calls == [] and not [h for h in heard if "deleted" in h], heard  # negative control: reused
+    if damage == "flip":
+        # one bit of a token id of row 7's prompt: the file still reads as Arrow, with other ids
+        at = written.index(np.asarray(fresh[7][0], dtype=np.int32).tobytes())
+        body = bytearray(written)
+        body[at] ^= 0x01
+        entry.write_bytes(bytes(body))
+        monkeypatch.setattr(tokenized, "_checksum_mismatch", lambda _: None)
+        assert _ids(load(path, tiny, str(cache))) != fresh  # what the ids would be, unchecked
+        monkeypatch.undo()
+        calls = _count_tokenized_rows(monkeypatch)
+    elif damage == "no checksum":
+        checksum.unlink()
+    else:
+        checksum.write_text("{not json")
+    heard.clear()
+    again = _load_heard(path, tiny, str(cache), heard)
+    notices = [h for h in heard if "deleted it, tokenizing again" in h]
+    assert len(notices) == 1 and str(entry) in notices[0] and "\n" not in notices[0], heard
+    assert {"flip": "does not match its checksum", "no checksum": "has no checksum",
+            "bad checksum file": "unreadable checksum file"}[damage] in notices[0]
+    assert sum(calls) == 30 and _ids(again) == fresh
+    assert entry.read_bytes() == written and checksum.exists()

@@ -60,6 +60,14 @@ def cache_files(cache: str) -> list[str]:
     return sorted(p.name for p in root.iterdir()) if root.exists() else []
 
 
+def cache_entries(cache: str) -> int:
+    """Cached sources: each an `.arrow` file with its `.sha256.json` beside it, nothing else."""
+    names = cache_files(cache)
+    arrows = [n for n in names if n.endswith(".arrow")]
+    assert sorted(names) == sorted(arrows + [a.removesuffix(".arrow") + ".sha256.json" for a in arrows]), names
+    return len(arrows)
+
+
 @pytest.fixture
 def counted(monkeypatch):
     """The rows `formats.tokenize_records` is called on (0: everything came from the cache)."""
@@ -104,7 +112,7 @@ def test_missing_jinja2_is_not_cached(tmp_path, monkeypatch, counted, error):
     data = load(path, tok, cache)
     assert sum(counted) == 10 and data.report.sources[0].kept == 10
     assert not data.report.sources[0].dropped
-    assert len(cache_files(cache)) == 1
+    assert cache_entries(cache) == 1
 
 
 def test_transformers_without_jinja2(tmp_path, monkeypatch):
@@ -174,7 +182,7 @@ def test_refused_source_leaves_no_cache(tmp_path, counted):
     assert cache_files(cache) == []
     # allowed, it is cached; refused later (a stricter limit), the cache entry goes
     load(path, tok, cache, max_invalid_fraction=0.2)
-    assert len(cache_files(cache)) == 1
+    assert cache_entries(cache) == 1
     counted.clear()
     with pytest.raises(UserError, match="1 of 10 rows are invalid"):
         load(path, tok, cache)

@@ -192,3 +192,48 @@ def test_cli_refuses_before_restoring_the_run(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "is not empty (keep.bin)" in err and "Traceback" not in err
     assert (out / "keep.bin").read_bytes() == bytes(range(4))
+
+
+def test_never_into_what_the_run_manages(tmp_path):
+    """`export RUN RUN/checkpoints/99` was accepted, and the next train moved it aside as a
+    broken checkpoint; RUN/export stays the user's."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for inside in ("checkpoints/99", "checkpoints", "checkpoints_incomplete/x", "reference_logps", "tensorboard/a"):
+        with pytest.raises(UserError, match=r"is inside the run's \w+/ directory, which the run manages"):
+            check_not_a_source(run / inside, run, _cfg())
+    check_not_a_source(run / "export", run, _cfg())
+    check_not_a_source(run / "checkpoints-export", run, _cfg())
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_killed_exports_leftovers_are_cleared_by_the_next(model, tmp_path):
+    """A SIGKILLed export left `.out.tmp-*` / `.out.old-*` beside OUT for good."""
+    out = export_hf(model, ARCH, None, tmp_path / "out")
+    before = _snapshot(out)
+    dead = _dead_pid()
+    half = tmp_path / f".out.tmp-{dead}-aaaaaa"
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"half")
+    replaced = tmp_path / f".out.old-{dead}-bbbbbb"  # an earlier export, moved aside, then killed
+    export_hf(model, ARCH, None, tmp_path / "earlier")
+    os.rename(tmp_path / "earlier", replaced)
+    live = tmp_path / f".out.tmp-{os.getpid()}-cccccc"  # an export still running: left alone
+    live.mkdir()
+    with pytest.warns(UserWarning, match="left by a killed export"):
+        export_hf(model, ARCH, None, out, overwrite=True)
+    assert _siblings(out) == [live.name] and _snapshot(out) == before
+
+    # killed between its two renames: OUT is gone and the earlier export is beside it
+    os.rename(out, tmp_path / f".out.old-{dead}-dddddd")
+    with pytest.warns(UserWarning, match="moved .* back to"):
+        with pytest.raises(UserError, match="holds an earlier export; pass --overwrite"):
+            export_hf(model, ARCH, None, out)
+    assert _snapshot(out) == before

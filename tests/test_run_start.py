@@ -266,3 +266,40 @@ def test_eval_json_is_strict_json(monkeypatch, capsys):
 
     got = json.loads(capsys.readouterr().out, parse_constant=refuse)
     assert got == {"step": 3, "eval/loss": None, "eval/rewards/accuracies": 0.5, "eval/logps/chosen": None}
+
+
+@pytest.mark.parametrize("where, named", [
+    ("/dev/null", "train.output_dir='/dev/null' is a character device, not a directory"),
+    ("/proc/self/mmpo-run", "is on the kernel's 'proc' file system, which cannot hold a run's files"),
+    ("DANGLING_CHECKPOINTS", "checkpoints' is a symlink to '"),
+    ("DANGLING_OUTPUT_DIR", "run' is a symlink to '"),
+])
+def test_an_output_dir_no_run_can_live_in_is_refused_at_start(tmp_path, monkeypatch, capsys, where, named):
+    """Before: the model was loaded, then a FileExistsError / FileNotFoundError traceback."""
+    if where.startswith("/proc") and not Path("/proc/self/mounts").exists():
+        pytest.skip("no /proc file system here")
+    _no_loading(monkeypatch)
+    if where == "DANGLING_CHECKPOINTS":
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "checkpoints").symlink_to(tmp_path / "gone")
+        where = str(tmp_path / "run")
+    elif where == "DANGLING_OUTPUT_DIR":
+        (tmp_path / "run").symlink_to(tmp_path / "gone")
+        where = str(tmp_path / "run")
+    assert cli.main(["train", TINY, f"train.output_dir={where}"]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "gone").exists()
+
+
+def test_symlinks_to_directories_are_fine_output_dirs(tmp_path):
+    """Negative control: a run directory, or its checkpoints, elsewhere through a symlink."""
+    from mmpo_jax.train.preflight import check_local_output_dir
+
+    (tmp_path / "disk" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run").symlink_to(tmp_path / "disk")
+    check_local_output_dir(str(tmp_path / "run"))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "checkpoints").symlink_to(tmp_path / "disk" / "checkpoints")
+    check_local_output_dir(str(tmp_path / "other"))
+    check_local_output_dir(str(tmp_path / "not-yet" / "run"))

@@ -260,7 +260,9 @@ def test_a_resume_with_config_changes_tags_the_same_mlflow_run(tmp_path, empty_s
     run_id = json.loads((tmp_path / T.STATE_FILE).read_text())["mlflow"]["run_id"]
     again = T.TrackerSet([T.MlflowTracker(uri, "r", "mmpo-jax-test")], tmp_path, {"train.max_steps": "6"},
                          ["train.max_steps (4 -> 6)"], 1, said.append)
-    again.send({"step": 1, "loss": 9.9})  # taken before the resume: not sent again
+    # taken before the resume, but computed anew under the changed config: sent again (it
+    # kept the first values before), and MLflow's newest value of step 1 is the new one
+    again.send({"step": 1, "loss": 9.9})
     again.send({"step": 2, "loss": 0.25})
     again.close({"checkpoint": "c/2"})
     assert json.loads((tmp_path / T.STATE_FILE).read_text())["mlflow"]["run_id"] == run_id
@@ -268,5 +270,13 @@ def test_a_resume_with_config_changes_tags_the_same_mlflow_run(tmp_path, empty_s
     assert run.data.params == {"train.max_steps": "4"}
     assert run.data.tags["config_change.step1.train.max_steps"] == "4 -> 6"
     assert run.data.tags["checkpoint"] == "c/2"
-    assert _mlflow_history(uri, run_id)["loss"] == [(1, 0.5), (2, 0.25)]
+    assert _mlflow_history(uri, run_id)["loss"] == [(1, 0.5), (1, 9.9), (2, 0.25)]
+    assert mlflow.MlflowClient(tracking_uri=uri).get_run(run_id).data.metrics["loss"] == 0.25
+    # no change: an exact resume recomputes the same values, which are not sent twice
+    same = T.TrackerSet([T.MlflowTracker(uri, "r", "mmpo-jax-test")], tmp_path, {"train.max_steps": "6"}, [], 2,
+                        said.append)
+    same.send({"step": 2, "loss": 0.25})
+    same.close({"checkpoint": "c/2"})
+    assert _mlflow_history(uri, run_id)["loss"] == [(1, 0.5), (1, 9.9), (2, 0.25)]
+    assert not T.WandbTracker.relogs_steps  # W&B drops a step below its last: not sent again
     assert said == []

@@ -100,6 +100,18 @@ def check_not_a_source(out_dir: str | os.PathLike, run_dir: str | os.PathLike, c
             hint = f", e.g. '{instead}'" if instead else ""
             raise UserError(f"'{out_dir}' {relation} {what}, which the export must not write into; "
                             f"export to another directory{hint}")
+    # inside what the run itself manages: its next start moves or prunes it (RUN/checkpoints/99
+    # was taken for a checkpoint and moved aside); RUN/export and the like are the user's
+    from mmpo_jax.train.checkpoint import CHECKPOINTS_DIR, INCOMPLETE_DIR
+    from mmpo_jax.train.run_files import TENSORBOARD_DIR
+    from mmpo_jax.train.run_mirror import REFERENCE_DIR
+
+    for managed in (CHECKPOINTS_DIR, INCOMPLETE_DIR, REFERENCE_DIR, TENSORBOARD_DIR, "wandb"):
+        inside = _where(storage.join(run_dir, managed))
+        if out == inside or out.startswith(inside.rstrip("/") + "/"):
+            raise UserError(f"'{out_dir}' is inside the run's {managed}/ directory, which the run manages (a later "
+                            f"start moves or prunes what it finds there); export to another directory, e.g. "
+                            f"'{storage.join(run_dir, 'export')}'")
 
 
 def run(args: argparse.Namespace) -> int:

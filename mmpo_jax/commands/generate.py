@@ -42,6 +42,9 @@ from mmpo_jax.errors import UserError
 # mmpo_jax.eval.generate.PROMPT_FORMATS, spelled out: importing that module (jax, flax) here
 # would slow every `mmpo-jax --help`
 PROMPT_FORMATS = ("auto", "chat", "raw")
+# No model reads more positions (config_schema.MODEL_DIM_LIMITS' max_position_embeddings):
+# a larger value is a typo, refused before the model is loaded.
+MAX_NEW_TOKENS = 2**24
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -67,8 +70,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """Option values before anything is loaded: a UserError naming the bad one."""
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
+    if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be in [1, {MAX_NEW_TOKENS}] (and fit the "
+                        "model's positions with the prompt)")
     if not args.temperature >= 0:
         raise UserError(f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
     if not 0 < args.top_p <= 1:
@@ -84,6 +88,21 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--prompts: '{args.prompts}' is not a .jsonl or .json file")
     if args.out and Path(args.out).resolve() == path.resolve():
         raise UserError(f"--out '{args.out}' is the --prompts file: write the output elsewhere")
+
+
+def check_context(prompts: list[list[int]], where: list[str], max_new_tokens: int, context: int) -> None:
+    """Every prompt and its answer must fit the model's positions: past them RoPE reads
+    positions it never saw, and the KV cache is sized prompt + max_new_tokens (a warning
+    used to let --max-new-tokens 1e8 go on to allocate it)."""
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+    n = len(prompts[longest])
+    if n >= context:
+        raise UserError(f"{where[longest]}: the prompt is {n} tokens, and the model reads {context} positions "
+                        "(max_position_embeddings, with any RoPE scaling): shorten it")
+    if n + max_new_tokens > context:
+        raise UserError(f"--max-new-tokens {max_new_tokens}: the longest prompt ({n} tokens, {where[longest]}) "
+                        f"and its answer would pass the model's {context} positions: use --max-new-tokens "
+                        f"<= {context - n}")
 
 
 def read_prompt_rows(path: str) -> tuple[list[dict[str, Any]], list[str]]:
@@ -162,10 +181,7 @@ def run(args: argparse.Namespace) -> int:
         if lead:
             print(f"generate: {text}", file=sys.stderr, flush=True)
 
-    longest = max(len(p) for p in prompts)
-    if longest + args.max_new_tokens > arch.max_position_embeddings:
-        say(f"warning: the longest prompt ({longest} tokens) + --max-new-tokens {args.max_new_tokens} exceeds "
-            f"the model's max_position_embeddings={arch.max_position_embeddings}")
+    check_context(prompts, where, args.max_new_tokens, arch.context_length)
     strings = "string prompts as one user message of the chat template" if as_chat else "string prompts as raw text"
     say(f"{len(rows)} prompts from {args.prompts} ({strings}), model {what}, EOS ids {list(config.eos_ids)}, "
         f"{'greedy' if config.greedy else f'temperature {config.temperature}, top-p {config.top_p}'}")

@@ -1,6 +1,6 @@
 """One source made ready: its rows checked and put in explicit-prompt form, token ids
 computed once and cached (keyed by a fingerprint of the records, the tokenizer and
-`formats.py`), then truncated by lengths only."""
+`formats.py`; its SHA-256 checked on every reuse), then truncated by lengths only."""
 
 from __future__ import annotations
 
@@ -132,7 +132,8 @@ def prepare_source(
         cache.mkdir(parents=True, exist_ok=True)
         cache_file = cache / f"{records_fingerprint(records, layout.kind, tokenizer_fp)}.arrow"
         if cache_file.exists():
-            _drop_unreadable_cache(cache_file, raw.name, log or _warn)
+            _drop_bad_cache(cache_file, raw.name, log or _warn)
+        fresh = not cache_file.exists()
         if log is not None:
             n = len(records["row"])
             log(
@@ -144,6 +145,8 @@ def prepare_source(
         data = _tokenized_source(
             records, layout.kind, cache_file, tokenizer, special, cfg, report, log is not None
         )
+        if cache_file is not None and fresh:
+            _write_checksum(cache_file)
     except Exception:
         # A failed source must not be reused: the failure may be this machine's (a package
         # installed since, a chat template error that another jinja2 fixes).
@@ -166,18 +169,63 @@ def _first_rows(raw: RawRows, n: int) -> tuple[list[dict[str, Any]], list[int], 
     return raw.rows[:k], raw.numbers[:k], [b for b in raw.bad if b.number <= last]
 
 
-def _drop_unreadable_cache(cache_file: Path, name: str, say: Callable[[str], None]) -> None:
+def _drop_bad_cache(cache_file: Path, name: str, say: Callable[[str], None]) -> None:
     """Deletes a tokenized-cache file that does not read back whole (cut by a full disk,
-    overwritten), with a notice: left there, it would fail every run until deleted by hand."""
+    overwritten) or whose bytes are not those written (bit rot, an edit: read as token
+    ids, they would train on other text with no error), with a notice: left there, it
+    would fail or skew every run until deleted by hand."""
     import datasets
 
     try:
         datasets.Dataset.from_file(str(cache_file))
-        return
     except Exception as err:  # pyarrow's OSError / ArrowInvalid, and whatever a bad file gives
-        reason = f"{type(err).__name__}: {first_line(err)}"
-    _remove_cache_file(cache_file)
-    say(f"the tokenized cache of {name} ({cache_file}) cannot be read ({reason}); deleted it, tokenizing again")
+        _remove_cache_file(cache_file)
+        say(f"the tokenized cache of {name} ({cache_file}) cannot be read "
+            f"({type(err).__name__}: {first_line(err)}); deleted it, tokenizing again")
+        return
+    mismatch = _checksum_mismatch(cache_file)
+    if mismatch is not None:
+        _remove_cache_file(cache_file)
+        say(f"the tokenized cache of {name} ({cache_file}) {mismatch}; deleted it, tokenizing again")
+
+
+def _checksum_file(cache_file: Path) -> Path:
+    return cache_file.with_suffix(".sha256.json")
+
+
+def _file_sum(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _write_checksum(cache_file: Path) -> None:
+    """Records the size and SHA-256 of a cache file just written (as a checkpoint's files
+    are), for `_checksum_mismatch` to check on every reuse."""
+    from mmpo_jax.files import write_text_atomic
+
+    write_text_atomic(_checksum_file(cache_file), json.dumps(_file_sum(cache_file)) + "\n")
+
+
+def _checksum_mismatch(cache_file: Path) -> str | None:
+    """How `cache_file` differs from its recorded checksum; None when it matches. A file
+    without one (written by an older version, or cut off before its checksum) is not
+    trusted either: tokenizing again costs once what a wrong cache would cost every run."""
+    try:
+        want = json.loads(_checksum_file(cache_file).read_text())
+        want = {"bytes": int(want["bytes"]), "sha256": str(want["sha256"])}
+    except FileNotFoundError:
+        return "has no checksum to verify it by"
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        return f"has an unreadable checksum file ({type(err).__name__}: {first_line(err)})"
+    have = _file_sum(cache_file)
+    if have["bytes"] != want["bytes"]:
+        return f"has {have['bytes']} bytes, not the {want['bytes']} written"
+    if have["sha256"] != want["sha256"]:
+        return "does not match its checksum (its bytes changed since it was written)"
+    return None
 
 
 def _warn(text: str) -> None:
@@ -186,9 +234,11 @@ def _warn(text: str) -> None:
 
 def _remove_cache_file(path: Path) -> None:
     # datasets.map writes a temporary file beside it and renames it when done (removing it
-    # on an exception), with no sidecar files: the .arrow file is the whole cache entry.
-    with contextlib.suppress(OSError):
-        path.unlink(missing_ok=True)
+    # on an exception), with no sidecar files: the .arrow file and our checksum of it are
+    # the whole cache entry.
+    for entry in (path, _checksum_file(path)):
+        with contextlib.suppress(OSError):
+            entry.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

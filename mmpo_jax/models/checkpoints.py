@@ -24,9 +24,9 @@ memory-mapped reader), converted once and placed straight onto its sharding by
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
-import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +37,7 @@ import numpy as np
 from mmpo_jax.errors import UserError, first_line
 from mmpo_jax.models.families import TEXT_TOWERS
 from mmpo_jax.models.hf_config import text_config
+from mmpo_jax.models.safetensors_header import SafetensorsHeader, read_header
 
 if TYPE_CHECKING:
     import jax
@@ -259,7 +260,7 @@ def check_hf_dims(hf_config: dict[str, Any], where: str, names: dict[str, str] |
     for key in ("num_key_value_heads", "head_dim"):
         if not dims[key]:
             dims[key] = None
-    for key in ("rope_theta", "rms_norm_eps"):
+    for key in ("rope_theta", "rms_norm_eps", "sliding_window"):
         dims[key] = hf_config.get(key)
     rope_parameters = hf_config.get("rope_parameters")
     nested_theta = rope_parameters.get("rope_theta") if isinstance(rope_parameters, dict) else None
@@ -284,6 +285,9 @@ _ST_DTYPES = {
     "I32": np.int32,
     "I16": np.int16,
     "I8": np.int8,
+    "U64": np.uint64,
+    "U32": np.uint32,
+    "U16": np.uint16,
     "U8": np.uint8,
     "BOOL": np.bool_,
 }
@@ -298,21 +302,27 @@ def _ml_dtype(code: str) -> Any:
         "F8_E5M2": ml_dtypes.float8_e5m2,
     }
     if code not in table:
-        raise UserError(f"safetensors dtype {code} is not supported")
+        raise UserError(f"safetensors dtype {code} is not supported (supported: "
+                        f"{', '.join([*_ST_DTYPES, *table])})")
     return table[code]
 
 
 class SafetensorsReader:
     """Lazy reads from one or more safetensors files (`safe_open`, numpy).
 
-    numpy has no bfloat16, so `safe_open(framework="numpy")` refuses BF16/F8
-    tensors; those are memory-mapped from the file with `ml_dtypes` instead.
+    Every file's header is read and checked when the reader is made
+    (`safetensors_header`), so a file that lies about its tensors is refused, naming
+    it, before the model is built. numpy has no bfloat16, so `safe_open(framework=
+    "numpy")` refuses BF16/F8 tensors; those are memory-mapped from the file with
+    `ml_dtypes` instead.
     """
 
-    def __init__(self, files: dict[str, Path]):
+    def __init__(self, files: dict[str, Path], headers: dict[Path, SafetensorsHeader] | None = None):
         self.files = files  # tensor name -> file
         self._handles: dict[Path, Any] = {}
-        self._headers: dict[Path, tuple[int, dict[str, Any]]] = {}
+        self._headers = dict(headers or {})
+        for path in set(files.values()) - set(self._headers):
+            self._headers[path] = read_header(path)
 
     @classmethod
     def from_dir(cls, directory: Path) -> "SafetensorsReader":
@@ -320,59 +330,54 @@ class SafetensorsReader:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError) as err:
+                shards = {str(name): directory / fname for name, fname in weight_map.items()}
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
                 raise UserError(f"{index}: not a valid safetensors index ({err})") from None
-            shards = {name: directory / fname for name, fname in weight_map.items()}
             absent = sorted({str(p.name) for p in shards.values() if not p.is_file()})
             if absent:
                 raise UserError(
                     f"{index} lists shard(s) that are missing: {', '.join(absent[:5])}"
                     f"{' ...' if len(absent) > 5 else ''}; download all the shards"
                 )
-            return cls(shards)
+            headers = {path: read_header(path) for path in set(shards.values())}
+            for name, path in shards.items():
+                if name not in headers[path].tensors:
+                    raise UserError(f"{index} puts tensor '{name}' in '{path.name}', which does not hold it; "
+                                    "download the index and the shards again")
+            return cls(shards, headers)
         single = directory / SAFETENSORS_FILE
         candidates = [single] if single.is_file() else sorted(directory.glob("*.safetensors"))
         if not candidates:
             if any(directory.glob("pytorch_model*.bin")):
                 return TorchBinReader.from_dir(directory)  # type: ignore[return-value]
             raise UserError(f"'{directory}' has no *.safetensors weights")
-        files: dict[str, Path] = {}
-        for path in candidates:
-            for name in cls._header(path)[1]:
-                if name != "__metadata__":
-                    files[name] = path
-        return cls(files)
-
-    @staticmethod
-    def _header(path: Path) -> tuple[int, dict[str, Any]]:
-        try:
-            with open(path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
-        except (OSError, ValueError, struct.error) as err:
-            raise UserError(f"'{path}' is not a readable safetensors file ({err})") from None
-        return 8 + n, header
+        headers = {path: read_header(path) for path in candidates}
+        files = {name: path for path in candidates for name in headers[path].tensors}
+        return cls(files, headers)
 
     def names(self) -> set[str]:
         return set(self.files)
 
     def get(self, name: str) -> np.ndarray:
         path = self.files[name]  # KeyError when absent
-        if path not in self._headers:
-            self._headers[path] = self._header(path)
-        offset, header = self._headers[path]
-        info = header[name]
-        if info["dtype"] in _ST_DTYPES:
-            from safetensors import safe_open
+        header = self._headers[path]
+        info = header.tensors[name]
+        try:
+            if info.dtype in _ST_DTYPES:
+                from safetensors import safe_open
 
-            if path not in self._handles:
-                self._handles[path] = safe_open(str(path), framework="numpy")
-            return self._handles[path].get_tensor(name)
-        begin, end = info["data_offsets"]
-        dtype = np.dtype(_ml_dtype(info["dtype"]))
-        count = (end - begin) // dtype.itemsize
-        arr = np.memmap(path, dtype=dtype, mode="r", offset=offset + begin, shape=(count,))
-        return np.asarray(arr).reshape(info["shape"])
+                if path not in self._handles:
+                    self._handles[path] = safe_open(str(path), framework="numpy")
+                return self._handles[path].get_tensor(name)
+            dtype = np.dtype(_ml_dtype(info.dtype))
+            arr = np.memmap(path, dtype=dtype, mode="r", offset=header.data_start + info.begin,
+                            shape=(math.prod(info.shape),))
+            return np.asarray(arr).reshape(info.shape)
+        except UserError as err:
+            raise UserError(f"'{path}': tensor '{name}': {err}") from None
+        except Exception as err:  # SafetensorError, OSError, ValueError: the file changed since it was checked
+            raise UserError(f"'{path}': cannot read tensor '{name}' ({type(err).__name__}: {first_line(err)}); "
+                            "download or export it again") from None
 
 
 class TorchBinReader:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from mmpo_jax import storage
 
-from mmpo_jax.errors import UserError
+from mmpo_jax.errors import UserError, first_line
 from mmpo_jax.files import fsync_dir
 
 # An export's record of itself: OUT may be reused only when it holds this file, and then
@@ -140,8 +140,10 @@ def export_directory(
     `out_dir` must pass `check_export_target` (checked before and again at the end, as it
     may have changed meanwhile). Should the block fail (an error, a full disk, Ctrl-C),
     the temporary directory is removed and `out_dir` is as it was: absent, empty, or the
-    earlier export. After a hard kill a `.<name>.tmp-*` directory may be left beside it.
+    earlier export. After a hard kill a `.<name>.tmp-*` or `.<name>.old-*` directory may be
+    left beside it: the next export to `out_dir` clears them (`clear_leftovers`).
     """
+    clear_leftovers(Path(os.path.realpath(Path(out_dir).expanduser())))
     target = check_export_target(out_dir, overwrite=overwrite)
     final = target.path
     before = f"'{out_dir}' is as it was" if final.exists() else f"'{out_dir}' was not created"
@@ -170,6 +172,50 @@ def export_directory(
         raise
     if old is not None and target.previous is not None:
         _remove_previous(old, target.previous)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def clear_leftovers(final: Path) -> list[str]:
+    """Removes what a killed export to `final` left beside it (`_fresh_sibling` names hold
+    the writer's pid; a live writer's are left alone), and returns what was done, each said.
+
+    A `.tmp-*` directory is a half-written export: removed. An `.old-*` one is an earlier
+    export moved aside: when `final` is in place it is the replaced export, whose own files
+    (those its record lists) are removed; when `final` is missing the kill came between the
+    two renames, and it is renamed back, so the earlier export is never lost."""
+    done: list[str] = []
+    if not final.parent.is_dir():
+        return done
+    for entry in sorted(final.parent.glob(f".{final.name}.*-*-*")):
+        kind, _, rest = entry.name[len(final.name) + 2:].partition("-")
+        pid = rest.split("-", 1)[0]
+        if kind not in ("tmp", "old") or not pid.isdigit() or not entry.is_dir() or entry.is_symlink() \
+                or _pid_alive(int(pid)):
+            continue
+        if kind == "tmp":
+            shutil.rmtree(entry, ignore_errors=True)
+            done.append(f"removed '{entry}', a half-written export left by a killed export")
+        elif not final.exists():
+            os.rename(entry, final)
+            done.append(f"moved '{entry}' back to '{final}': a killed export had moved the earlier export aside")
+        else:
+            listed = _read_marker(entry)
+            if listed is None:
+                continue  # not an export's: not ours to remove
+            _remove_previous(entry, listed)
+            done.append(f"removed '{entry}', the earlier export a killed export had replaced")
+    for line in done:
+        warnings.warn(line)
+    return done
 
 
 def _fresh_sibling(final: Path, what: str) -> Path:
@@ -265,7 +311,8 @@ def bucket_export(url: str, *, overwrite: bool = False) -> Iterator[Path]:
     the gs:// `url`. Its `mmpo_export.json` goes last, after the old one is deleted, so a
     copy cut off midway leaves no record: a reader takes it for no export, and a second
     try refuses it unless it is cleared. Files of the earlier export that the new one
-    does not have are deleted."""
+    does not have are deleted. A copy the bucket cuts off (it stops answering, refuses a
+    write) is one UserError saying so and what to do."""
     import tempfile
 
     check_bucket_target(url, overwrite=overwrite)
@@ -273,9 +320,15 @@ def bucket_export(url: str, *, overwrite: bool = False) -> Iterator[Path]:
         local = Path(staging) / "export"
         yield local
         previous = check_bucket_target(url, overwrite=overwrite)  # unchanged meanwhile?
-        if previous is not None:
-            storage.remove_tree(storage.join(url, EXPORT_MARKER))
-        sent = storage.upload(local, url, only=lambda rel: rel != EXPORT_MARKER)
-        for rel in set(previous or ()) - set(sent):
-            storage.remove_tree(storage.join(url, *rel.split("/")))
-        storage.upload(local / EXPORT_MARKER, storage.join(url, EXPORT_MARKER))  # type: ignore[arg-type]
+        try:
+            if previous is not None:
+                storage.remove_tree(storage.join(url, EXPORT_MARKER))
+            sent = storage.upload(local, url, only=lambda rel: rel != EXPORT_MARKER)
+            for rel in set(previous or ()) - set(sent):
+                storage.remove_tree(storage.join(url, *rel.split("/")))
+            storage.upload(local / EXPORT_MARKER, storage.join(url, EXPORT_MARKER))  # type: ignore[arg-type]
+        except (storage.StorageUnreachable, OSError) as err:
+            why = err.why if isinstance(err, storage.StorageUnreachable) else f"{type(err).__name__}: {first_line(err)}"
+            raise UserError(
+                f"exporting to '{url}' was cut off: {why}. What it copied there has no {EXPORT_MARKER}, so no "
+                f"reader takes it for an export: remove it (gcloud storage rm -r {url}) and export again") from None

@@ -29,6 +29,31 @@ _GEMMA_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# What transformers reads `torch_dtype` / `dtype` as: a torch dtype's name (the ones a
+# model's weights come in), or "auto". Nothing here uses it, but any other value says
+# the file is not a config transformers wrote, or that it was edited wrongly.
+TORCH_DTYPES = ("auto", "float32", "float", "float16", "half", "bfloat16", "float64", "double",
+                "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu",
+                "int8", "uint8")
+# Switches read with `bool()`, which takes the string "no" for true.
+_FLAGS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window", "use_bidirectional_attention")
+
+
+def check_value_types(d: dict[str, Any]) -> None:
+    """A UserError naming the key when a switch of `d` is not a JSON boolean (or null), or
+    its `torch_dtype` / `dtype` is not a dtype transformers knows."""
+    for key in _FLAGS:
+        value = d.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise UserError(f"{key}={value!r} must be true or false (a JSON boolean)")
+    for key in ("torch_dtype", "dtype"):
+        value = d.get(key)
+        name = value.removeprefix("torch.") if isinstance(value, str) else value
+        if value is not None and name not in TORCH_DTYPES:
+            raise UserError(f"{key}={value!r} is not a dtype transformers knows; use one of "
+                            "float32, bfloat16, float16 (or remove the key)")
+
+
 def text_config(d: dict[str, Any]) -> dict[str, Any]:
     """The decoder's own config: a multimodal config's `text_config`, else `d` itself."""
     if d.get("model_type") in TEXT_TOWERS:
@@ -41,7 +66,9 @@ def text_config(d: dict[str, Any]) -> dict[str, Any]:
 
 def read_hf_config(d: dict[str, Any]) -> dict[str, Any]:
     """`LlamaConfig` keyword arguments from a transformers `config.json` dict."""
+    check_value_types(d)
     d = dict(text_config(d))
+    check_value_types(d)
     hf_type = d.get("model_type", "llama")
     model_type = HF_MODEL_TYPES.get(hf_type, hf_type)
     if model_type not in SUPPORTED_MODEL_TYPES or hf_type in TEXT_TOWERS:
@@ -129,6 +156,9 @@ def _read_rope(d: dict[str, Any], model_type: str, default_theta: float,
             raise UserError(f"a '{rope_type(local, check=False)}' RoPE on the sliding layers is not supported")
         local_theta = local.get("rope_theta", local_theta)
         params = params.get("full_attention") or {}
+        key = "rope_parameters.full_attention"
+    else:
+        key = "rope_parameters"
     theta = None
     scaling: dict | None = None
     if params:
@@ -139,7 +169,8 @@ def _read_rope(d: dict[str, Any], model_type: str, default_theta: float,
         theta = d.get("rope_theta", default_theta)
     if not scaling or rope_type(scaling, check=False) == "default":
         legacy = d.get("rope_scaling")
-        scaling = dict(legacy) if legacy else scaling
+        if legacy:
+            scaling, key = dict(legacy), "rope_scaling"
     if scaling is not None:
         scaling = dict(scaling)
         if "type" in scaling and "rope_type" not in scaling:
@@ -147,7 +178,7 @@ def _read_rope(d: dict[str, Any], model_type: str, default_theta: float,
         scaling.pop("type", None)
         scaling.pop("rope_theta", None)
         scaling.pop("partial_rotary_factor", None)
-        if rope_type(scaling) == "default":
+        if rope_type(scaling, key=key) == "default":
             scaling = None
     return theta, scaling, local_theta
 

@@ -23,11 +23,16 @@ _REQUIRED = {
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
     "yarn": ("factor",),
 }
+# The largest scaling factor taken: far above any released model's (Llama 3.1: 8, Llama 4:
+# 16, DeepSeek-V3's YaRN: 40), while a factor like 1e308 makes the stretched context
+# infinite and divides every frequency to 0 (all positions alike), with no error.
+MAX_ROPE_FACTOR = 1024.0
 
 
-def rope_type(scaling: dict[str, Any] | None, check: bool = True) -> str:
+def rope_type(scaling: dict[str, Any] | None, check: bool = True, key: str = "rope_scaling") -> str:
     """The rope type of a scaling dict (None or empty: 'default'); with `check`, an
-    unsupported type or a missing parameter is a `UserError` naming it."""
+    unsupported type or a missing or unusable parameter is a `UserError` naming it (as
+    `key.<parameter>`: where the config.json holds the dict)."""
     if not scaling:
         return "default"
     kind = scaling.get("rope_type", scaling.get("type", "default")) or "default"
@@ -38,7 +43,38 @@ def rope_type(scaling: dict[str, Any] | None, check: bool = True) -> str:
     missing = [k for k in _REQUIRED.get(kind, ()) if scaling.get(k) is None]
     if missing:
         raise UserError(f"rope type '{kind}' needs {', '.join(missing)}")
+    problem = scaling_problem(scaling) if kind != "default" else None  # default ignores them all
+    if problem is not None:
+        name, rule = problem
+        raise UserError(f"{key}.{name}={scaling[name]!r} {rule} (rope type '{kind}')")
     return kind
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def scaling_problem(scaling: dict[str, Any]) -> tuple[str, str] | None:
+    """The first parameter of a scaling dict that `inv_freq` cannot use, as `(name, rule)`;
+    None if none. Each of these would give NaN or infinite frequencies, a math domain
+    error, or a context length that overflows, rather than an error naming it."""
+    factor = scaling.get("factor")
+    if factor is not None and not (_number(factor) and 0 < factor <= MAX_ROPE_FACTOR):
+        return "factor", f"must be a number > 0 and <= {MAX_ROPE_FACTOR:g} (released models use up to 40)"
+    for name in ("low_freq_factor", "high_freq_factor", "attention_factor"):
+        value = scaling.get(name)
+        if value is not None and not (_number(value) and value > 0):
+            return name, "must be a positive number"
+    for name in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+        value = scaling.get(name)
+        if value is not None and not (_number(value) and value >= 0):
+            return name, "must be a number >= 0"
+    original = scaling.get("original_max_position_embeddings")
+    if original is not None and (isinstance(original, bool) or not isinstance(original, int) or original < 1):
+        return "original_max_position_embeddings", "must be a positive integer"
+    if "truncate" in scaling and not isinstance(scaling["truncate"], bool):
+        return "truncate", "must be true or false"
+    return None
 
 
 def inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None,
@@ -66,7 +102,9 @@ def _llama3(inv: np.ndarray, s: dict[str, Any]) -> np.ndarray:
     high_wavelen = old / high
     wavelen = 2 * math.pi / inv
     inv_l = np.where(wavelen > low_wavelen, inv / factor, inv)
-    smooth = (old / wavelen - low) / (high - low)
+    # equal factors (Llama 4's) leave no medium band: the smoothing, 0/0 there, is never used
+    with np.errstate(divide="ignore", invalid="ignore"):
+        smooth = (old / wavelen - low) / (high - low)
     smoothed = (1 - smooth) * inv_l / factor + smooth * inv_l
     medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
     return np.where(medium, smoothed, inv_l).astype(np.float32)

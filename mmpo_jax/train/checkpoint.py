@@ -19,13 +19,20 @@ is skipped with a warning, and when the Checkpointer may write, moved aside to
 cost a checkpoint), so that the step can be saved again and does not count
 towards `keep`.
 
-Corruption. After a step is saved, process 0 writes `mmpo_checksums.json` into it:
+Corruption. Process 0 writes `mmpo_checksums.json` into each step as part of its save:
 each file's size and SHA-256 (in a bucket: the CRC32C that Cloud Storage computed when
-the object was written, read from the listing, so nothing is downloaded). A run resuming from the latest step first checks its
-files against it (a missing, truncated, zeroed or altered file), and a step that
-fails is moved aside like an incomplete one, with the reason, and the one before it
-tried; eval, export and generate (read-only) refuse a corrupt step naming the
-file. A step saved before checksums existed has none and is taken as it is.
+the object was written, read from the listing, so nothing is downloaded). The array and
+item files are summed on orbax's save thread once every process has written them and
+before orbax commits the step (renames its temporary directory, or writes the commit
+marker), so a complete step always has them and the loop does not wait for the hashing;
+orbax's `_CHECKPOINT_METADATA` (stamped at the commit) and the commit marker are added at
+the next save or `wait()` (a crash before that leaves them to the metadata checks above).
+A run resuming checks the newest step's files against them (a missing, truncated, zeroed
+or altered file), and a step that fails is moved aside like an incomplete one, with the
+reason, and the one before it tried; eval, export and generate (read-only) use the newest
+intact step and say which step they skipped and why. A step without checksums (saved by
+a version before them) is unverified: it is restored, and taken only when every array in
+it is finite; otherwise it is set aside the same way, named.
 
 Restoring takes an abstract target (a pytree of `jax.ShapeDtypeStruct` with
 `.sharding`, or of arrays) and puts every array on the target's sharding, so a
@@ -42,12 +49,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
-import json
 import logging
-import time
 import warnings
-from typing import TYPE_CHECKING, Any, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn
 
 import jax
 import numpy as np
@@ -55,27 +60,41 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from mmpo_jax import storage
-from mmpo_jax.errors import UserError
+from mmpo_jax.errors import UserError, first_line
 from mmpo_jax.storage import Location
+from mmpo_jax.train.step_files import (  # noqa: F401  (names other modules read from here too)
+    STATE_ITEM,
+    CONFIG_ITEM,
+    CHECKPOINTS_DIR,
+    INCOMPLETE_DIR,
+    _COMMIT_MARKER,
+    _JSON_FILES,
+    _TMP_MARKER,
+    CHECKSUMS_FILE,
+    _COMMITTED_LATER,
+    _MAX_LISTED,
+    _leaf_specs,
+    _config_text,
+    _step_of,
+    incomplete_reason,
+    write_checksums,
+    add_checksums,
+    _file_sum,
+    corruption_reason,
+    _corruption_reason,
+    has_checksums,
+    _unverified_reason,
+    nonfinite_leaves,
+    check_checkpoints_dir,
+    step_dirs,
+    _corrupt_latest,
+    _incomplete_entries,
+    _move_aside,
+    saved_config_text,
+)
 
 if TYPE_CHECKING:
     from mmpo_jax.train.state import TrainState
-
-STATE_ITEM = "state"
-CONFIG_ITEM = "config"
-CHECKPOINTS_DIR = "checkpoints"
-INCOMPLETE_DIR = "checkpoints_incomplete"
-
-# Orbax's marker of a finished step (both atomicity modes write it, 0.12.4 on).
-_COMMIT_MARKER = "commit_success.txt"
-# Files that must parse as JSON in a complete step: orbax's step metadata, the
-# state item's tree metadata, the config item's JSON payload.
-_JSON_FILES = ("_CHECKPOINT_METADATA", f"{STATE_ITEM}/_METADATA", f"{CONFIG_ITEM}/metadata")
-_TMP_MARKER = ".orbax-checkpoint-tmp"
-CHECKSUMS_FILE = "mmpo_checksums.json"
-# At most this many leaf differences are listed in a mismatch error.
-_MAX_LISTED = 8
-
 
 # Orbax's CheckpointManager logs this (absl, WARNING) whenever it is built with
 # read_only=True, whatever the directory's permissions: it describes the mode eval,
@@ -135,18 +154,22 @@ class Checkpointer:
         storage.check_url(output_dir, "train.output_dir")
         self.output_dir = storage.absolute(output_dir)
         self.directory = storage.join(self.output_dir, CHECKPOINTS_DIR)
+        check_checkpoints_dir(self.output_dir)
         self.read_only = read_only
         self._async = async_save
-        self._unsummed: list[int] = []  # saved steps whose checksums are not written yet
+        self._saving: int | None = None  # the step whose save is in flight (its callback sums it)
+        self._topping_up: list[int] = []  # committed steps whose manifest lacks _COMMITTED_LATER
         self.moved_corrupt: list[Location] = []  # corrupt steps this Checkpointer moved aside
         skipped = _incomplete_entries(self.directory)
         # Read-only: orbax still lists the incomplete (non-tmp) step dirs; hide them.
         self._skipped_steps: set[int] = set()
         if read_only:
             for path, why in skipped:
+                if _TMP_MARKER in storage.name(path):
+                    continue  # orbax lists none; and to a reader it may be a live run's save under way
                 warnings.warn(f"skipping incomplete checkpoint '{path}': {why}", stacklevel=2)
                 step = _step_of(storage.name(path))
-                if _TMP_MARKER not in storage.name(path) and step is not None:
+                if step is not None:
                     self._skipped_steps.add(step)
         else:
             # Called on every process even with nothing to move: it ends in a barrier.
@@ -155,16 +178,27 @@ class Checkpointer:
             corrupt = _corrupt_latest(self.directory)
             self.moved_corrupt = [path for path, _ in corrupt]
             _move_aside(corrupt, storage.join(self.output_dir, INCOMPLETE_DIR), kind="corrupt")
+        # a save that failed on, or outlived, a bucket that stopped answering: raised again by
+        # every later wait, which never waits for it again
+        self._gave_up: UserError | None = None
+        manager: Any = ocp.CheckpointManager
+        if storage.is_url(self.directory):
+            storage.bound_fsspec_gcs()
+            _bound_tensorstore_retries(storage.timeout_s())
+            manager = functools.partial(_BucketCheckpointManager, give_up=self._give_up)
         options = ocp.CheckpointManagerOptions(
             # read-only: orbax would reset these itself, logging a warning each.
             save_interval_steps=0 if read_only else 1,
             preservation_policy=None if read_only else ocp.checkpoint_managers.LatestN(n=keep),
-            enable_async_checkpointing=async_save,
+            # A writer always saves through orbax's async path (a blocking save then waits):
+            # only it runs a callback between the last file written and the commit.
+            enable_async_checkpointing=not read_only,
+            async_options=None if read_only else ocp.AsyncOptions(post_finalization_callback=self._sum_uncommitted),
             read_only=read_only,
             create=not read_only,
         )
         with _quiet_read_only_notice(read_only):
-            self._manager = ocp.CheckpointManager(
+            self._manager = manager(
                 epath.Path(self.directory),
                 item_names=(STATE_ITEM, CONFIG_ITEM),
                 # Registered up front so that metadata can be read before any
@@ -204,12 +238,9 @@ class Checkpointer:
         """
         if self.read_only:
             raise ValueError(f"Checkpointer on '{self.directory}' is read-only: cannot save step {step}")
-        if self._unsummed:
-            # orbax would wait for the previous async save here anyway; its checksums go first
-            self.wait()
+        # orbax waits for the previous save here anyway; `_saving` must not change under its callback
+        self.wait()
         if step in self._manager.all_steps():
-            if wait:
-                self.wait()
             return False
         args = ocp.args.Composite(
             **{
@@ -217,22 +248,36 @@ class Checkpointer:
                 CONFIG_ITEM: ocp.args.JsonSave({"config_yaml": config_yaml}),
             }
         )
+        self._saving = step
         # force: the loop decides when to save; orbax's own interval policy must not skip.
         saved = self._manager.save(step, args=args, force=True)
         if saved:
-            self._unsummed.append(step)
+            self._topping_up.append(step)
         if wait or not self._async:
             self.wait()
         return bool(saved)
 
     def wait(self) -> None:
-        """Blocks until any async save is complete on disk (then writes its checksums);
-        raises its error if it failed."""
-        self._manager.wait_until_finished()
-        for step in self._unsummed:
+        """Blocks until any async save is complete on disk (then adds orbax's commit files to
+        its checksums); raises its error if it failed."""
+        self._wait_for_orbax()
+        for step in self._topping_up:
             if jax.process_index() == 0 and storage.is_dir(self._step_dir(step)):
-                write_checksums(self._step_dir(step))
-        self._unsummed = []
+                add_checksums(self._step_dir(step), _COMMITTED_LATER)
+        self._topping_up = []
+
+    def _sum_uncommitted(self) -> None:
+        """orbax's post-finalization callback: on process 0's save thread, once every process
+        has written its files of the step and before orbax commits it."""
+        assert self._saving is not None, "a save callback with no save in flight"
+        write_checksums(self._uncommitted_dir(self._saving), skip=_COMMITTED_LATER)
+
+    def _uncommitted_dir(self, step: int) -> Location:
+        """Where orbax is writing `step`: its temporary directory, or (object stores, where
+        orbax commits with a marker instead of a rename) the step directory itself."""
+        tmp = sorted(name for name, is_dir in storage.entries(self.directory)
+                     if is_dir and name.startswith(f"{step}{_TMP_MARKER}"))
+        return storage.join(self.directory, tmp[-1]) if tmp else self._step_dir(step)
 
     # -- restore -------------------------------------------------------------
 
@@ -264,6 +309,70 @@ class Checkpointer:
         )
         restored = self._manager.restore(step, args=args)
         return restored[STATE_ITEM], _config_text(restored[CONFIG_ITEM], self._step_dir(step))
+
+    def restore_latest(self, target: Any, say: Callable[[str], None] | None = None) -> Restored | None:
+        """The newest complete step that is intact, restored onto `target` (as `restore`
+        does); None when there is no complete step.
+
+        Intact: its files match its checksums, or it has none (saved before they existed:
+        unverified) and every array restored from it is finite. A writable Checkpointer
+        moves a step that is not to `checkpoints_incomplete/`, warning why, and tries the
+        one before; a read-only one skips it, `say` hearing which step it skipped, why, and
+        which it used, and raises UserError when none is left. Read-only, a step that
+        vanishes while it is read (a live run's rotation, which deletes a step only once it
+        has saved a newer one) raises `StepVanished`: open a new Checkpointer and choose again.
+        """
+        say = say or (lambda text: warnings.warn(text, stacklevel=3))
+        _check_shardings(target)  # a caller's mistake, before any step could be blamed for it
+        skipped: list[tuple[int, str]] = []
+        for step in reversed(self.all_steps()):
+            try:
+                reason = corruption_reason(self._step_dir(step))
+                if reason is None:
+                    state, config_yaml = self.restore(step, target)
+                    reason = _unverified_reason(self._step_dir(step), state)
+            except Exception as err:
+                if self.read_only and self._vanished(step):
+                    raise StepVanished(step) from err
+                # orbax's and tensorstore's errors for bytes they cannot parse (not I/O errors,
+                # which a retry may cure); with checksums, such a step fails them first
+                if not isinstance(err, ValueError) or self.is_verified(step):
+                    raise
+                reason = (f"it has no '{CHECKSUMS_FILE}' to verify it by (saved before checksums existed), "
+                          f"and reading it failed: {first_line(err)}")
+            if reason is not None and self.read_only and self._vanished(step):
+                raise StepVanished(step)  # its files went missing under the checksums
+            if reason is None:
+                for old, why in skipped if self.read_only else ():  # (a writer warned as it moved them)
+                    say(f"skipping checkpoint '{self._step_dir(old)}': {why}; using step {step}, the newest "
+                        "intact one (a train run of this directory moves the other aside)")
+                return Restored(state, config_yaml, step)
+            skipped.append((step, reason))
+            if not self.read_only:
+                self._set_aside(step, reason)
+        if skipped and self.read_only:
+            raise UserError(f"no intact checkpoint in '{self.directory}': "
+                            + "; ".join(f"step {s}: {why}" for s, why in skipped))
+        return None
+
+    def _vanished(self, step: int) -> bool:
+        """Whether `step` is gone or going: no longer complete on disk, or newer than this
+        Checkpointer's listing is a step completed since (a live run's rotation is under way)."""
+        if incomplete_reason(self._step_dir(step)) is not None:
+            return True
+        listed = max(self._manager.all_steps(), default=-1)
+        return any(s > listed and incomplete_reason(self._step_dir(s)) is None for s in step_dirs(self.directory))
+
+    def _set_aside(self, step: int, reason: str) -> None:
+        """Moves an unverified step that failed its check out of orbax's sight, which is told."""
+        _move_aside([(self._step_dir(step), reason)], storage.join(self.output_dir, INCOMPLETE_DIR),
+                    kind="unverified")
+        self.moved_corrupt.append(self._step_dir(step))
+        self._manager.reload()  # else it would count the step as saved, and skip saving it again
+
+    def is_verified(self, step: int) -> bool:
+        """Whether `step` holds checksums (every step this version saves does)."""
+        return has_checksums(self._step_dir(step))
 
     def read_config(self, step: int | None = None) -> str:
         """The resolved config YAML saved with checkpoint `step` (None: the latest)."""
@@ -309,15 +418,164 @@ class Checkpointer:
     # -- lifetime ------------------------------------------------------------
 
     def close(self) -> None:
-        """Waits for any async save, then releases orbax's resources."""
+        """Waits for any async save, then releases orbax's resources (neither after a save
+        that did not finish: its error is raised already, and its threads wait on a bucket
+        that does not answer)."""
+        if self._gave_up is not None:
+            return
         self.wait()
         self._manager.close()
+
+    def _wait_for_orbax(self) -> None:
+        """orbax's wait for its save threads. For a bucket, while the save runs the bucket is
+        asked every few seconds whether it answers (a large save may take any time), and
+        the wait is given up (`_give_up`) when it has not for `storage.timeout_s()` seconds,
+        or when the save failed on the bucket."""
+        if self._gave_up is not None:
+            raise self._gave_up
+        if not storage.is_url(self.directory):
+            self._manager.wait_until_finished()
+            return
+        import threading
+
+        steps = self._manager.all_steps()  # before the wait: a failed save leaves orbax's list
+        failed: list[BaseException] = []
+
+        def wait() -> None:
+            try:
+                self._manager.wait_until_finished()
+            except BaseException as err:  # handed to the caller's thread
+                failed.append(err)
+
+        waiter = threading.Thread(target=wait, name="mmpo_checkpoint_wait", daemon=True)
+        waiter.start()
+        while True:
+            # a bucket already found gone is asked at once (one try: `storage.outage`)
+            waiter.join(0 if storage.outage() else min(storage.timeout_s() / 2, _ASK_BUCKET_EVERY_S))
+            if not waiter.is_alive():
+                break
+            try:
+                storage.entries(self.directory)
+            except storage.StorageUnreachable as err:
+                self._give_up(max(steps, default=None), err.why, steps)
+            except Exception:  # an answer all the same (a refusal, a listing error): the bucket is there
+                pass
+        if failed:
+            why = _bucket_failure(failed[0], self.directory)
+            if why is None:
+                raise failed[0]
+            self._give_up(max(steps, default=None), why, steps)
+
+    def _give_up(self, step: int | None, why: str, steps: list[int]) -> NoReturn:
+        """Raises (now and at every later wait) the UserError of a save to a bucket that was
+        cut off: the bucket, the step not saved, the newest intact one."""
+        older = [s for s in steps if step is None or s < step]
+        intact = (f"the checkpoint of step {max(older)} is intact: run the same command again once the bucket "
+                  "answers, to resume from it") if older else \
+            "no earlier checkpoint was saved: run the same command again once the bucket answers"
+        storage.mark_outage(why)
+        _skip_joining_at_exit()
+        self._gave_up = UserError(f"the checkpoint of step {step} was not saved to {self.directory}: {why}; {intact}")
+        raise self._gave_up
 
     def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+@dataclass
+class Restored:
+    """What `Checkpointer.restore_latest` restored: the state, its config text and its step."""
+
+    state: Any
+    config_yaml: str
+    step: int
+
+
+class StepVanished(Exception):
+    """A read-only restore's step was deleted while it was read (a live run's rotation)."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"checkpoint step {step} was deleted while it was read")
+        self.step = step
+
+
+class _BucketCheckpointManager(ocp.CheckpointManager):
+    """orbax's manager of a bucket's checkpoints, whose `save` writes a step's first files
+    before it returns: one that the bucket cuts off raises `give_up`'s UserError, naming
+    the step (the one in flight is the newest: orbax saves one step at a time)."""
+
+    def __init__(self, *args: Any, give_up: Callable[[int | None, str, list[int]], NoReturn],
+                 **kwargs: Any) -> None:
+        self._mmpo_give_up = give_up
+        super().__init__(*args, **kwargs)
+
+    def save(self, step: int, *args: Any, **kwargs: Any) -> bool:
+        steps = self.all_steps()
+        try:
+            return bool(super().save(step, *args, **kwargs))
+        except Exception as err:
+            why = _bucket_failure(err, str(self.directory))
+            if why is None:
+                raise
+            self._mmpo_give_up(step, why, steps)
+
+
+def _bucket_failure(err: BaseException, directory: Location) -> str | None:
+    """What a save's error says of the bucket that cut it off (None: not the bucket's doing,
+    e.g. a bug, raised as it is)."""
+    if isinstance(err, storage.StorageUnreachable):
+        return err.why
+    bucket = storage.bucket_of(directory)
+    if storage.is_unreachable_error(err):
+        return f"cannot reach the bucket '{bucket}' ({type(err).__name__}: {first_line(err)})"
+    if isinstance(err, OSError):  # gcsfs's refusals (403, an upload session the bucket lost, ...)
+        return f"the bucket '{bucket}' refused a write ({type(err).__name__}: {first_line(err)})"
+    return None
+
+
+# While a save to a bucket runs, the bucket is asked this often whether it still answers
+# (one listing of the checkpoints directory).
+_ASK_BUCKET_EVERY_S = 2.0
+
+
+def _bound_tensorstore_retries(seconds: float) -> None:
+    """Makes orbax's tensorstore contexts retry a GCS request for about `seconds`
+    (`storage.tensorstore_retries`), not tensorstore's quarter of an hour, so that the save
+    threads of a bucket that went away end with an error rather than outlive the run. orbax
+    0.12 builds each context from these two dicts; should they go, the wait still gives up
+    on a bucket that does not answer (`Checkpointer._wait_for_orbax`)."""
+    try:
+        from orbax.checkpoint._src.serialization import tensorstore_utils
+    except ImportError:  # pragma: no cover - another orbax layout
+        return
+    for name in ("_BASE_TS_CONTEXT", "_DEFAULT_OCDBT_TS_CONTEXT"):
+        spec = getattr(tensorstore_utils, name, None)
+        if isinstance(spec, dict):
+            spec["gcs_request_retries"] = storage.tensorstore_retries(seconds)
+
+
+@functools.lru_cache(maxsize=1)
+def _skip_joining_at_exit() -> None:
+    """Makes a process whose save to a bucket was given up exit without joining orbax's
+    save threads: Python joins every non-daemon thread and concurrent.futures worker before
+    it exits, and those may still be retrying the bucket (tensorstore's requests, up to the
+    timeout each), logging as they fail. `threading._register_atexit` hooks run before those
+    joins: this one ends the process there, with the CLI's status for the UserError raised."""
+    import os
+    import sys
+    import threading
+
+    def leave() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
+
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        register(leave)
 
 
 # -- pure helpers -------------------------------------------------------------
@@ -347,12 +605,6 @@ def tree_mismatches(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     return problems
 
 
-def _leaf_specs(target: Any) -> dict[str, Any]:
-    """`{orbax leaf name: leaf}` of `target`, named as orbax names saved leaves."""
-    names = ocp.tree.get_param_names(target, include_empty_nodes=False)
-    return dict(zip(jax.tree.leaves(names), jax.tree.leaves(target)))
-
-
 def _check_shardings(target: Any) -> None:
     """Every abstract leaf must say where it goes: orbax would otherwise guess from the saved mesh."""
     for name, leaf in _leaf_specs(target).items():
@@ -363,142 +615,3 @@ def _check_shardings(target: Any) -> None:
             )
 
 
-def _config_text(payload: Any, step_dir: Location) -> str:
-    if not isinstance(payload, dict) or not isinstance(payload.get("config_yaml"), str):
-        raise UserError(f"checkpoint '{step_dir}': its config item holds no `config_yaml` text")
-    return payload["config_yaml"]
-
-
-def _step_of(name: str) -> int | None:
-    """The step of a step directory or orbax tmp directory name (None if neither)."""
-    name = name.split(_TMP_MARKER)[0]
-    return int(name) if name.isdigit() else None
-
-
-def incomplete_reason(step_dir: Location) -> str | None:
-    """Why `step_dir` is not a complete checkpoint, or None when it is."""
-    if _TMP_MARKER in storage.name(step_dir):
-        return "an orbax temporary directory (a save cut off before it finished)"
-    if not storage.is_file(storage.join(step_dir, _COMMIT_MARKER)):
-        return f"no '{_COMMIT_MARKER}' (the save never finished)"
-    for rel in _JSON_FILES:
-        try:
-            json.loads(storage.read_text(storage.join(step_dir, *rel.split("/"))))
-        except FileNotFoundError:
-            return f"'{rel}' is missing"
-        except (ValueError, UnicodeDecodeError):
-            return f"'{rel}' is truncated or corrupt"
-    return None
-
-
-def write_checksums(step_dir: Location) -> None:
-    """Writes `step_dir/mmpo_checksums.json`: every file's size and SHA-256 (in a bucket:
-    the CRC32C GCS keeps for each object), by relative path."""
-    stats = storage.file_stats(step_dir)
-    files: dict[str, dict[str, Any]] = {}
-    for rel, st in stats.items():
-        if rel == CHECKSUMS_FILE:
-            continue
-        digest = {"crc32c": st.crc32c} if storage.is_url(step_dir) else \
-            {"sha256": storage.sha256(storage.join(step_dir, *rel.split("/")))}
-        files[rel] = {"bytes": st.size, **digest}
-    storage.write_text(storage.join(step_dir, CHECKSUMS_FILE), json.dumps({"files": files}, indent=1) + "\n")
-
-
-def corruption_reason(step_dir: Location) -> str | None:
-    """How the files of a complete step differ from what its save wrote, or None when
-    they match (or it has no checksums: saved before they existed). A verdict is kept
-    while no file of the step changes its size or version (modification time, or GCS
-    generation), so a run's start reads a checkpoint once."""
-    stats = storage.file_stats(step_dir)
-    if CHECKSUMS_FILE not in stats:
-        return None
-    return _corruption_reason(str(step_dir), tuple(sorted(stats.items())))
-
-
-@functools.lru_cache(maxsize=64)
-def _corruption_reason(step_dir: str, stamp: tuple[tuple[str, storage.FileStat], ...]) -> str | None:
-    stats = dict(stamp)
-    try:
-        files = json.loads(storage.read_text(storage.join(step_dir, CHECKSUMS_FILE)))["files"]
-        want = {rel: (int(f["bytes"]), f.get("sha256"), f.get("crc32c")) for rel, f in files.items()}
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
-        return f"'{CHECKSUMS_FILE}' is truncated or corrupt"
-    for rel, (size, sha, crc) in want.items():
-        st = stats.get(rel)
-        if st is None:
-            return f"'{rel}' is missing (deleted after the save)"
-        if st.size != size:
-            return f"'{rel}' has {st.size} bytes, {size} when saved (truncated or overwritten)"
-        if crc is not None and st.crc32c != crc:
-            return f"'{rel}' differs from what the save wrote (its CRC32C does not match)"
-        if sha is not None and storage.sha256(storage.join(step_dir, *rel.split("/"))) != sha:
-            return f"'{rel}' differs from what the save wrote (its SHA-256 does not match)"
-    return None
-
-
-def step_dirs(directory: Location) -> list[int]:
-    """The steps of the step directories of a checkpoints directory (not orbax's temporary
-    ones), newest first."""
-    return sorted((s for name, is_dir in storage.entries(directory) if is_dir and _TMP_MARKER not in name
-                   and (s := _step_of(name)) is not None), reverse=True)
-
-
-def _corrupt_latest(directory: Location) -> list[tuple[Location, str]]:
-    """`(path, reason)` of the newest complete steps that fail `corruption_reason`, down to
-    the first that passes (only the step a run resumes from is read in full)."""
-    found = []
-    for step in step_dirs(directory):
-        reason = corruption_reason(storage.join(directory, str(step)))
-        if reason is None:
-            break
-        found.append((storage.join(directory, str(step)), reason))
-    return found
-
-
-def _incomplete_entries(directory: Location) -> list[tuple[Location, str]]:
-    """`(path, reason)` of each step-like entry of `directory` that is not complete, by step."""
-    found = []
-    for name, is_dir in storage.entries(directory):
-        if not is_dir or _step_of(name) is None:
-            continue  # not a step: orbax's root metadata files and the like
-        reason = incomplete_reason(storage.join(directory, name))
-        if reason is not None:
-            found.append((storage.join(directory, name), reason))
-    return sorted(found, key=lambda pr: (_step_of(storage.name(pr[0])), storage.name(pr[0])))
-
-
-def _move_aside(entries: list[tuple[Location, str]], destination: Location, kind: str = "incomplete") -> None:
-    """Moves incomplete step dirs out of orbax's sight (process 0), then syncs processes.
-
-    Moved, not deleted: the step can then be saved again, does not count towards
-    `keep`, and a wrong verdict costs disk space, never a checkpoint.
-    """
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for path, why in entries:
-        moved = storage.join(destination, f"{storage.name(path)}.{stamp}")
-        for n in itertools.count(1):  # the same step cut off twice within a second
-            if not storage.exists(moved):
-                break
-            moved = storage.join(destination, f"{storage.name(path)}.{stamp}-{n}")
-        warnings.warn(
-            f"skipping {kind} checkpoint '{path}': {why}; moved it to '{moved}'", stacklevel=3
-        )
-        if jax.process_index() == 0:
-            storage.move(path, moved)
-    if jax.process_count() > 1:
-        # Every process must see the moved directories before orbax lists the steps.
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("mmpo_jax_checkpoint_move_incomplete")
-
-
-def saved_config_text(step_dir: Location) -> str:
-    """The config YAML stored in a complete step directory, read from its file (no orbax
-    manager, no state): what a run needs to know about its checkpoint before loading."""
-    path = storage.join(step_dir, *_JSON_FILES[2].split("/"))
-    try:
-        payload = json.loads(storage.read_text(path))
-    except (OSError, ValueError) as err:
-        raise UserError(f"checkpoint '{step_dir}': cannot read its config ({path}: {err})") from None
-    return _config_text(payload, step_dir)

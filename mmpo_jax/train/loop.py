@@ -8,16 +8,19 @@ record is step 1; the eval before training is step 0).
 
 A step whose loss, gradient or updated weights are not finite leaves the state unchanged (the step
 decides that on device); the loop then stops with `NonFiniteStep`, naming the step
-and the last good checkpoint, and writes neither its metrics nor a checkpoint.
-SIGINT (Ctrl-C) and SIGTERM (preemption) finish the step in flight, save a checkpoint and
-return (every process of a multi-process run at the same step).
+and the last checkpoint (good when its checksums verify it), and writes neither its
+metrics nor a checkpoint. SIGINT (Ctrl-C), SIGTERM (preemption) and SIGHUP (the terminal
+closed) finish the step in flight, save a checkpoint and return (every process of a
+multi-process run at the same step).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import signal
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +36,14 @@ from mmpo_jax.errors import UserError
 from mmpo_jax.eval.preference import evaluate
 from mmpo_jax.files import write_text_atomic
 from mmpo_jax.storage import Location
-from mmpo_jax.train.checkpoint import CHECKPOINTS_DIR, INCOMPLETE_DIR, Checkpointer, saved_config_text, step_dirs
+from mmpo_jax.train.checkpoint import (
+    CHECKPOINTS_DIR,
+    INCOMPLETE_DIR,
+    Checkpointer,
+    check_checkpoints_dir,
+    saved_config_text,
+    step_dirs,
+)
 from mmpo_jax.train.metrics import MetricsWriter, Progress, Throughput
 from mmpo_jax.train.trackers import TrackerSet, check_installed, make_trackers, report_to
 from mmpo_jax.train.preflight import check_batch_fits, check_paths
@@ -48,6 +58,7 @@ from mmpo_jax.train.run_config import (
     with_run_length,
 )
 from mmpo_jax.train.run_mirror import RunFiles
+from mmpo_jax.train.run_restore import restore_run, saved_run_config  # noqa: F401 (the commands' entry points)
 from mmpo_jax.train.setup import (
     Trainer,
     build_trainer,
@@ -87,7 +98,7 @@ class RunResult:
     last_checkpoint: int | None
     eval: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
-    # an interrupted run's process exit status: 130 after SIGINT, 143 after SIGTERM
+    # an interrupted run's process exit status: 130 after SIGINT, 143 after SIGTERM, 129 after SIGHUP
     exit_status: int = 0
 
 
@@ -133,25 +144,36 @@ def _tokens(batch: PreferenceBatch | PackedBatch) -> int:
     return real_tokens(batch) * jax.process_count()
 
 
+class SecondSignal(KeyboardInterrupt):
+    """The second SIGINT, SIGTERM or SIGHUP of a run: it stops at once, the process exiting
+    with `exit_status` (128 + the signal, as a shell reports a process the signal ended)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.exit_status = 128 + signum
+
+
 class _Interrupt:
-    """SIGINT (Ctrl-C) and SIGTERM (a preemption notice: a Spot VM's shutdown, SLURM's
-    or Kubernetes' stop) set a flag the loop reads between steps; a second signal of the
-    same kind aborts at once. In a multi-process run, SIGTERM is left to JAX's
-    preemption service (`jax.distributed.initialize` starts it and it takes SIGTERM as
-    its notice: a Python handler would take the signal from it), which the loop asks
-    at every step."""
+    """SIGINT (Ctrl-C), SIGTERM (a preemption notice: a Spot VM's shutdown, SLURM's
+    or Kubernetes' stop) and SIGHUP (the terminal closed) set a flag the loop reads between
+    steps; a second signal of the same kind aborts at once (`SecondSignal`). In a
+    multi-process run, SIGTERM is left to JAX's preemption service (`jax.distributed.initialize`
+    starts it and it takes SIGTERM as its notice: a Python handler would take the signal from
+    it), which the loop asks at every step."""
 
     def __init__(self) -> None:
         self.requested: int | None = None  # the signal that asked for the stop
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "_Interrupt":
-        def handler(signum, frame):
+        def handler(signum: int, frame: Any) -> None:
             if self.requested == signum:
-                raise KeyboardInterrupt
+                raise SecondSignal(signum)
+            if signum == signal.SIGHUP:
+                _leave_the_terminal()
             self.requested = signum
 
-        signals = [signal.SIGINT] + ([signal.SIGTERM] if jax.process_count() == 1 else [])
+        signals = [signal.SIGINT, signal.SIGHUP] + ([signal.SIGTERM] if jax.process_count() == 1 else [])
         for sig in signals:
             try:
                 self._previous[sig] = signal.signal(sig, handler)
@@ -175,13 +197,27 @@ class _Interrupt:
 
         if multihost_utils.reached_preemption_sync_point(step):
             self.requested = int(signal.SIGTERM)
-        sigint = np.int32(self.requested == signal.SIGINT)
-        return bool(np.any(multihost_utils.process_allgather(sigint))) or self.requested is not None
+        local = np.int32(self.requested in (signal.SIGINT, signal.SIGHUP))
+        return bool(np.any(multihost_utils.process_allgather(local))) or self.requested is not None
 
     @property
     def exit_status(self) -> int:
         """128 + the signal number, as a shell reports a process the signal ended."""
         return 128 + int(self.requested or signal.SIGINT)
+
+
+def _leave_the_terminal() -> None:
+    """Points stdout and stderr at /dev/null where they are a terminal (a character device):
+    after SIGHUP it is gone, and a write to it would fail (EIO) before the checkpoint is saved.
+    Pipes and files (nohup, tee, a log) keep the run's last lines."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            with contextlib.suppress(OSError):
+                if stat.S_ISCHR(os.fstat(fd).st_mode):
+                    os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None,
@@ -197,6 +233,7 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None,
     """
     start_time = time.time()
     lead = jax.process_index() == 0
+    storage.set_timeout(cfg.train.storage_timeout_s)
     out = storage.absolute(cfg.train.output_dir)
     files = RunFiles(out)
     say = log or (lambda text: print(text, flush=True) if lead else None)
@@ -213,6 +250,7 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None,
     check_same_run(config_yaml)
     tc = cfg.train
     check_installed(report_to(tc.report_to))
+    check_checkpoints_dir(out)
     done = latest_complete_step(out)
     if trainer is None and done is not None and done >= tc.steps:
         # a finished run is known from its checkpoint directory: no model to load for that, but
@@ -245,8 +283,8 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None,
         result = _run(trainer, data, config_yaml, stages, say, lock, files)
     result.seconds = time.time() - start_time
     if result.status == "interrupted":
-        why = "stopped by SIGTERM (a preemption notice)" if result.exit_status == 128 + signal.SIGTERM \
-            else "interrupted"
+        why = {128 + signal.SIGTERM: "stopped by SIGTERM (a preemption notice)",
+               128 + signal.SIGHUP: "stopped by SIGHUP (the terminal closed)"}.get(result.exit_status, "interrupted")
         say(f"{why}: checkpoint of step {result.step} saved in {storage.join(out, CHECKPOINTS_DIR, str(result.step))}; "
             "run the same command again to resume")
     elif result.status == "finished" and result.step > (done or 0):
@@ -276,8 +314,8 @@ def _run(trainer: Trainer, data: RunData, config_yaml: str, stages: Stages,
     # periodic saves in the background (the arrays copied to host memory first): the steps
     # go on while the files are written; the final and the interrupted save wait for theirs
     with Checkpointer(out, keep=tc.keep_checkpoints, async_save=True) as ckpt, _Interrupt() as interrupt:
-        state = trainer.state
-        start = ckpt.latest_step() or 0
+        restored = ckpt.restore_latest(abstract_state(trainer.state))
+        state, start = (restored.state, restored.step) if restored else (trainer.state, 0)
         if not start and ckpt.moved_corrupt:
             raise UserError(
                 f"every checkpoint of {out} was corrupt and is moved to {storage.join(out, INCOMPLETE_DIR)} "
@@ -285,12 +323,11 @@ def _run(trainer: Trainer, data: RunData, config_yaml: str, stages: Stages,
                 "nothing is left to resume from. Run the same command again to start over from step 0."
             )
         changes: list[str] = []
-        if start:
-            state, saved_yaml = ckpt.restore(start, abstract_state(state))
-            changes = config_differences(saved_yaml, config_yaml)
+        if restored:
+            changes = config_differences(restored.config_yaml, config_yaml)
             if changes:
                 say("warning: the config differs from the checkpoint's in " + ", ".join(changes))
-                for line in schedule_change_lines(saved_yaml, cfg, start):
+                for line in schedule_change_lines(restored.config_yaml, cfg, start):
                     say("warning: " + line)
             say(f"resuming from {storage.join(out, CHECKPOINTS_DIR, str(start))} (step {start} of {tc.steps})")
         if start >= tc.steps:
@@ -408,12 +445,10 @@ def _steps(trainer: Trainer, state: TrainState, data: RunData, ckpt: Checkpointe
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             if metrics.pop("nonfinite"):
                 ckpt.wait()  # name only a checkpoint that is complete on disk
-                where = (f"the last good checkpoint is {storage.join(tc.output_dir, CHECKPOINTS_DIR, str(last_ckpt or ckpt.latest_step()))}"
-                         if (last_ckpt or ckpt.latest_step()) else "no checkpoint was saved yet")
                 raise NonFiniteStep(
                     f"step {step + 1}: the loss, a gradient or an updated weight is not finite "
                     f"(loss={metrics['loss']}, grad_norm={metrics.get('grad_norm')}); "
-                    f"the update was not applied and nothing of this step was written; {where}. "
+                    f"the update was not applied and nothing of this step was written; {_last_checkpoint(ckpt, tc)}. "
                     "Lower optim.learning_rate or check the data of this step "
                     f"(`mmpo-jax inspect-data`, global batch {step})"
                 )
@@ -444,6 +479,19 @@ def _steps(trainer: Trainer, state: TrainState, data: RunData, ckpt: Checkpointe
     return state, RunResult("finished", step, last_ckpt, eval_metrics)
 
 
+def _last_checkpoint(ckpt: Checkpointer, tc: Any) -> str:
+    """The non-finite stop's words for the newest checkpoint: good only when checksums verify it."""
+    step = ckpt.latest_step()
+    if step is None:
+        return "no checkpoint was saved yet"
+    where = storage.join(tc.output_dir, CHECKPOINTS_DIR, str(step))
+    if ckpt.is_verified(step):
+        return f"the last good checkpoint is {where}"
+    return (f"the last checkpoint, {where}, has no checksums (saved before they existed), so it may be damaged "
+            "although its arrays were finite: if this step fails on every rerun, move it aside to resume "
+            "from the one before")
+
+
 def _eval_line(step: int, m: dict[str, float]) -> str:
     keys = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
     return f"eval @ step {step}: " + ", ".join(f"{k} {m[k]:.4g}" for k in keys if k in m)
@@ -459,38 +507,7 @@ def _trackers(cfg: RunConfig, out: Path, changes: list[str], start: int, say: Ca
                          config=applicable_dict(cfg), changes=changes, resume_step=start, say=say)
 
 
-def saved_run_config(run_dir: Location, overrides: list[str] | tuple[str, ...] = ()) -> tuple[RunConfig, int]:
-    """The config saved in a run's latest complete checkpoint (what trained those weights,
-    even if a refused or failed start has since been given another one), with `overrides`
-    applied, and that checkpoint's step; nothing is loaded. `config.yaml` beside it is for
-    people to read."""
-    from mmpo_jax.config import config_from_text
-
-    storage.check_url(run_dir, "the run directory")
-    run_dir = storage.absolute(run_dir) if storage.is_url(run_dir) else Path(run_dir)
-    step = latest_complete_step(run_dir)
-    if step is None:
-        if not storage.is_dir(storage.join(run_dir, CHECKPOINTS_DIR)):
-            raise UserError(f"{run_dir} is not a run directory (no {CHECKPOINTS_DIR}/); "
-                            "give the train.output_dir of a run")
-        raise UserError(f"{run_dir} has no complete checkpoint yet (in {storage.join(run_dir, CHECKPOINTS_DIR)})")
-    step_dir = storage.join(run_dir, CHECKPOINTS_DIR, str(step))
-    cfg = config_from_text(saved_config_text(step_dir), list(overrides) + [f"train.output_dir={run_dir}"],
-                           where=f"the config saved in {step_dir}")
-    return cfg, step
-
-
 def names_a_run(target: str) -> bool:
     """Whether a CONFIG|RUN_DIR argument names a run: a local directory, or a gs:// URL
     (a config is a local file)."""
     return storage.is_url(target) or Path(target).is_dir()
-
-
-def restore_run(run_dir: Location, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Trainer, int]:
-    """A finished or running run's trainer with the state of its latest checkpoint, built
-    from the config saved in it (`saved_run_config`)."""
-    cfg, step = saved_run_config(run_dir, overrides)
-    trainer = build_trainer(cfg)
-    with Checkpointer(run_dir, keep=cfg.train.keep_checkpoints, read_only=True) as ckpt:
-        trainer.state, _ = ckpt.restore(step, abstract_state(trainer.state))
-    return trainer, step

@@ -7,9 +7,11 @@ log-probs (chosen, rejected), in the data's row order. The table is stored as
 `<train.output_dir>/reference_logps/<split>-<key>.npy`, where `key` hashes everything
 the numbers depend on: the tokenized rows (ids after truncation), the model source
 and architecture, the dtypes, how log-probs are reduced (`loss.average_logps`,
-`loss.ld_alpha`) and the package version. A run
-with the same key reuses the file (a resumed run never recomputes it); any change
-of data, model or config gives a new key and a new pass.
+`loss.ld_alpha`) and the package version. A run with the same key reuses the file (a
+resumed run never recomputes it) once its bytes match the SHA-256 stored beside it
+(`<name>.sha256.json`, written after the table) and it reads as finite float32 of the
+right shape; any other file is said, moved aside and recomputed. Any change of data,
+model or config gives a new key and a new pass.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -30,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 from mmpo_jax import loss_registry
 from mmpo_jax.config_schema import RunConfig
 from mmpo_jax import storage
+from mmpo_jax.errors import UserError, first_line
 from mmpo_jax.train.run_mirror import REFERENCE_DIR
 from mmpo_jax.train.pair_logps import pair_logps
 
@@ -84,21 +88,76 @@ def cache_key(cfg: RunConfig, data: PreferenceData) -> str:
 def reference_table(cfg: RunConfig, load_model: Callable[[], Llama], data: PreferenceData, split: str,
                     mesh: jax.sharding.Mesh, log: Callable[[str], None] = print) -> np.ndarray:
     """`[rows, 2]` float32 reference sequence log-probs of every row of `data`, from the
-    cache when present, else computed (batches of `data.batch_size` pairs) by the model
-    `load_model()` returns (called only then) and stored."""
+    cache when it verifies (`cached_table`), else computed (batches of `data.batch_size`
+    pairs) by the model `load_model()` returns (called only then) and stored with its
+    checksum."""
     path = storage.join(cfg.train.output_dir, REFERENCE_DIR, f"{split}-{cache_key(cfg, data)}.npy")
-    if storage.is_file(path):
-        table = np.load(io.BytesIO(storage.read_bytes(path)))
-        if table.shape == (len(data), 2):
-            log(f"reference log-probs ({split}): reusing {path}")
-            return table
+    table = cached_table(path, len(data), split, log)
+    if table is not None:
+        return table
     log(f"reference log-probs ({split}): one pass over {len(data)} rows")
     table = compute_table(cfg, load_model(), data, mesh)
+    bad = ~np.isfinite(table).all(axis=1)
+    if bad.any():
+        # the reference model itself gives these pairs no finite log-prob: no learning rate fixes that
+        raise UserError(
+            f"the reference model ({cfg.model.reference_path or cfg.model.path or 'the random init'}) gives "
+            f"{int(bad.sum())} of {len(data)} {split} pairs a non-finite log-prob (first: pair "
+            f"{int(np.flatnonzero(bad)[0])}); check that model's weights (model.reference_path / model.path)")
     if jax.process_index() == 0:
         buffer = io.BytesIO()
         np.save(buffer, table)
-        # a crash or a full disk never leaves a torn table under the real name, nor a temp file
-        storage.write_bytes(path, buffer.getvalue())
+        body = buffer.getvalue()
+        # a crash or a full disk never leaves a torn table under the real name, nor a temp file;
+        # the checksum goes last, so a table without one is never taken as verified
+        storage.write_bytes(path, body)
+        storage.write_text(_checksum_path(path), json.dumps(
+            {"sha256": hashlib.sha256(body).hexdigest(), "rows": len(data)}) + "\n")
+    return table
+
+
+def _checksum_path(path: storage.Location) -> str:
+    return f"{path}.sha256.json"
+
+
+def cached_table(path: storage.Location, rows: int, split: str, log: Callable[[str], None]) -> np.ndarray | None:
+    """The table stored at `path`, when its bytes match the checksum stored beside it and it
+    reads as `[rows, 2]` finite float32; None when there is none. A table that fails any of
+    that (bit rot, an edited or truncated file, one from before checksums) is said, moved to
+    `<name>.bad-<time>` and recomputed by the caller: reusing it would change training."""
+    if not storage.is_file(path):
+        return None
+    problem = _table_problem(path, rows)
+    if isinstance(problem, np.ndarray):
+        log(f"reference log-probs ({split}): reusing {path} (checksum verified)")
+        return problem
+    if jax.process_index() == 0:
+        aside = f"{path}.bad-{time.strftime('%Y%m%d-%H%M%S')}"
+        storage.move(path, aside)
+        if storage.is_file(_checksum_path(path)):
+            storage.move(_checksum_path(path), f"{aside}.sha256.json")
+        log(f"warning: reference log-probs ({split}): {path} {problem}; moved to {aside}, recomputing it")
+    return None
+
+
+def _table_problem(path: storage.Location, rows: int) -> str | np.ndarray:
+    """The verified table, or what is wrong with the file (every process reads the same bytes)."""
+    body = storage.read_bytes(path)
+    try:
+        recorded = json.loads(storage.read_text(_checksum_path(path)))
+        want = str(recorded["sha256"])
+    except FileNotFoundError:
+        return "has no checksum beside it (written before tables were checksummed, or cut off)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "has an unreadable checksum file"
+    if hashlib.sha256(body).hexdigest() != want:
+        return "does not match its checksum (changed on disk)"
+    try:
+        table = np.load(io.BytesIO(body), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        return f"cannot be read as a .npy array ({first_line(err)})"
+    if table.dtype != np.float32 or table.shape != (rows, 2) or not np.isfinite(table).all():
+        return f"holds {table.dtype} {list(table.shape)}, not finite float32 [{rows}, 2]"
     return table
 
 

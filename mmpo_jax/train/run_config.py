@@ -27,7 +27,7 @@ RESUME_SAFE_KEYS = frozenset({
     "train.max_steps", "train.num_epochs", "train.log_every", "train.eval_every", "train.eval_batches",
     "train.save_every", "train.keep_checkpoints", "train.output_dir", "mesh.data", "mesh.fsdp", "mesh.tensor",
     "model.remat", "model.attention", "model.logprob_chunk", "data.cache_dir", "data.max_invalid_fraction",
-    "train.report_to", "train.run_name", "train.mlflow_tracking_uri",
+    "train.report_to", "train.run_name", "train.mlflow_tracking_uri", "train.storage_timeout_s",
 })
 CONFIG_CHANGES_FILE = "config_changes.jsonl"
 

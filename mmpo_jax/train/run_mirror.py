@@ -70,8 +70,10 @@ class RunFiles:
         self._sent = storage.file_stats(self.local)
 
     def push(self) -> None:
-        """Copies the mirror's new and changed files to the bucket (process 0 calls it)."""
-        if not self.remote or not self.local.is_dir():
+        """Copies the mirror's new and changed files to the bucket (process 0 calls it).
+        Nothing once the bucket stopped answering (`storage.outage`): the run is stopping on
+        that error, which names what was not saved, and a rerun pulls the bucket's files."""
+        if not self.remote or not self.local.is_dir() or storage.outage() is not None:
             return
         now = storage.file_stats(self.local)
         changed = {rel for rel, st in now.items() if _mirrored(rel) and self._sent.get(rel) != st}

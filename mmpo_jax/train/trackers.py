@@ -10,8 +10,11 @@ Resume. `<output_dir>/trackers.json` keeps each tracker's run id and the last re
 took (step, then train before eval). A resumed run continues the same tracker run (a W&B
 run in offline mode becomes a new offline run directory with the same id, as W&B does)
 and skips records at or before that one, so no step is logged twice: an exact resume
-recomputes those steps to the same values. MLflow params cannot change, so a resume's
-config changes become tags `config_change.step<N>.<key>` ("old -> new").
+recomputes those steps to the same values. A resume that changed the config
+(--allow-config-change) computes them anew: a tracker that takes a step again (MLflow: the
+newest value of a step is the one shown) gets the new values; W&B refuses steps below its
+last, so it keeps the first ones. MLflow params cannot change, so a resume's config changes
+become tags `config_change.step<N>.<key>` ("old -> new").
 """
 
 from __future__ import annotations
@@ -75,6 +78,8 @@ class Tracker:
     """One tracker's run; the subclasses talk to its package (on the worker thread)."""
 
     name = ""
+    # whether a step logged again replaces the first values (else the tracker drops it)
+    relogs_steps = False
 
     def start(self, run_id: str | None, params: dict[str, str], changes: Sequence[str], resume_step: int
               ) -> str:
@@ -90,6 +95,7 @@ class Tracker:
 
 class MlflowTracker(Tracker):
     name = "mlflow"
+    relogs_steps = True
 
     def __init__(self, tracking_uri: str, run_name: str, experiment: str) -> None:
         # fail within seconds, not minutes, when the server is gone (unless the user set these)
@@ -179,8 +185,11 @@ class TrackerSet:
         self.output_dir, self.say = output_dir, say
         self._state_path = output_dir / STATE_FILE
         self._state: dict[str, dict[str, Any]] = self._read_state()
-        # what each tracker took before this start: records at or before it are not sent again
-        self._taken = {name: tuple(entry["last"]) for name, entry in self._state.items() if "last" in entry}
+        # what each tracker took before this start: records at or before it are not sent again,
+        # unless the config changed (they come out otherwise) and the tracker takes a step again
+        relogs = {t.name for t in trackers if t.relogs_steps} if changes else set()
+        self._taken = {name: tuple(entry["last"]) for name, entry in self._state.items()
+                       if "last" in entry and name not in relogs}
         self._lock = threading.Lock()
         self._workers = [_Worker(t, self) for t in trackers]
         for w in self._workers:
