@@ -238,9 +238,11 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None,
     files = RunFiles(out)
     say = log or (lambda text: print(text, flush=True) if lead else None)
     stages = Stages(say)
+    paths_checked = False
     if cfg.train.max_steps is None:  # train.num_epochs: the length is known once the data is
         assert trainer is None, "build a trainer from the with_run_length config: its schedule needs the length"
         check_paths(cfg)
+        paths_checked = True
         data = _load_stage(cfg, stages, say) if data is None else data
         cfg, line = with_run_length(cfg, len(data.train))
         say(line or "")
@@ -266,8 +268,8 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None,
         if done is not None:
             check_resume_config(saved_config_text(storage.join(out, CHECKPOINTS_DIR, str(done))), config_yaml,
                                 allow_config_change, finished=done >= tc.steps)
-        if data is None or trainer is None:
-            check_paths(cfg)
+        if (data is None or trainer is None) and not paths_checked:
+            check_paths(cfg)  # (a hub id is resolved here: once is enough)
         if data is None:
             data = _load_stage(cfg, stages, say)
         check_batch_fits(data.train, cfg.data.batch_size)
