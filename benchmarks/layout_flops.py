@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     import jax
 
     from mmpo_jax.config_schema import LossConfig, MeshConfig, OptimConfig
-    from mmpo_jax.models.llama_config import LlamaConfig
+    from mmpo_jax.models.decoder_config import DecoderConfig
     from mmpo_jax.models.options import ModelOptions
     from mmpo_jax.sharding import make_mesh
     from mmpo_jax.train.optim import learning_rate_schedule, make_optimizer
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     lengths = read_lengths(args.lengths, args.pairs, args.max_length, args.max_prompt_length)
     plan = layouts(lengths, args.batch, args.max_length, pack)
     arch = MODELS[args.model]
-    cfg = LlamaConfig(**arch, max_position_embeddings=max(8192, pack))
+    cfg = DecoderConfig(**arch, max_position_embeddings=max(8192, pack))
     options = ModelOptions(param_dtype="bfloat16", compute_dtype=args.compute_dtype, attention="xla",
                            scan_layers=False, remat="none")
     mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])

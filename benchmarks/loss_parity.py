@@ -15,7 +15,7 @@ import conftest  # noqa: E402,F401  (8 simulated CPU devices, set before jax is 
 import numpy as np  # noqa: E402
 import test_losses_trl_types as cases  # noqa: E402
 
-from mmpo_jax import losses as jl  # noqa: E402
+from mmpo_jax.losses import mmpo as jl  # noqa: E402
 from mmpo_jax.torch_ref import losses as tl  # noqa: E402
 
 

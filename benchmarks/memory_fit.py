@@ -45,7 +45,7 @@ GIB = 2**30
 # An H100 80GB HBM3 as nvidia-smi reports it (81559 MiB), the "80 GB GPU" of the target.
 CARD_80GB_BYTES = 81559 * 2**20
 
-# name: LlamaConfig fields (transformers' names)
+# name: DecoderConfig fields (transformers' names)
 MODELS: dict[str, dict[str, Any]] = {
     "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
@@ -101,7 +101,7 @@ def build(args: argparse.Namespace) -> dict:
 
     from mmpo_jax.train.setup import abstract_batch, abstract_train_state
     from mmpo_jax.config_schema import LossConfig, MeshConfig, OptimConfig
-    from mmpo_jax.models.llama_config import LlamaConfig
+    from mmpo_jax.models.decoder_config import DecoderConfig
     from mmpo_jax.models.options import LoraOptions, ModelOptions
     from mmpo_jax.sharding import make_mesh
     from mmpo_jax.train.optim import learning_rate_schedule, make_optimizer
@@ -109,7 +109,7 @@ def build(args: argparse.Namespace) -> dict:
     from mmpo_jax.train.step import StepConfig, make_train_step
 
     backend = jax.default_backend()
-    cfg = LlamaConfig(**MODELS[args.model], max_position_embeddings=max(8192, args.seq))
+    cfg = DecoderConfig(**MODELS[args.model], max_position_embeddings=max(8192, args.seq))
     lora = args.lora_rank > 0
     options = ModelOptions(
         param_dtype=args.param_dtype,

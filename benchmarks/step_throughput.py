@@ -114,7 +114,7 @@ SHAPES, _PEER_FLOPS_PER_TOKEN = load_peer_definitions(PEER_FILE)
 
 def shape_namespace(name: str) -> types.SimpleNamespace:
     """The model's shape with transformers' attribute names (what both
-    `param_flops_per_token` and our `LlamaConfig` read)."""
+    `param_flops_per_token` and our `DecoderConfig` read)."""
     layers, hidden, heads, kv, ffn, vocab, tied = SHAPES[name]
     return types.SimpleNamespace(
         num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     import jax
 
     from mmpo_jax.config_schema import MeshConfig
-    from mmpo_jax.models.llama_config import LlamaConfig
+    from mmpo_jax.models.decoder_config import DecoderConfig
 
 GIB = 2**30
 
@@ -205,10 +205,10 @@ def topology_mesh(mesh_cfg: MeshConfig, devices: list) -> jax.sharding.Mesh:
 # --------------------------------------------------------------------------- #
 # The model's architecture without its weights
 # --------------------------------------------------------------------------- #
-def model_architecture(cfg: RunConfig) -> LlamaConfig:
-    """The `LlamaConfig` of `model.path` (its config.json or GGUF metadata, no weights),
+def model_architecture(cfg: RunConfig) -> DecoderConfig:
+    """The `DecoderConfig` of `model.path` (its config.json or GGUF metadata, no weights),
     or of `model.init.*` when `model.path` is ""."""
-    from mmpo_jax.models.llama_config import LlamaConfig, model_config_from_init
+    from mmpo_jax.models.decoder_config import DecoderConfig, model_config_from_init
     from mmpo_jax.paths import resolve
 
     spec = cfg.model.path
@@ -217,12 +217,12 @@ def model_architecture(cfg: RunConfig) -> LlamaConfig:
     text = resolve(spec)
     local = Path(text).expanduser()
     if local.is_dir():
-        return LlamaConfig.from_hf_dict(_read_json(local / "config.json", spec))
+        return DecoderConfig.from_hf_dict(_read_json(local / "config.json", spec))
     if local.is_file():
-        from mmpo_jax.models.checkpoints import open_checkpoint
+        from mmpo_jax.models.pretrained import open_checkpoint
 
-        return LlamaConfig.from_hf_dict(open_checkpoint(local).hf_config)  # GGUF: metadata only
-    return LlamaConfig.from_hf_dict(_read_json(_hub_config(text), spec))
+        return DecoderConfig.from_hf_dict(open_checkpoint(local).hf_config)  # GGUF: metadata only
+    return DecoderConfig.from_hf_dict(_read_json(_hub_config(text), spec))
 
 
 def _read_json(path: Path, spec: str) -> dict:

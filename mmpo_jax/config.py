@@ -22,7 +22,7 @@ from typing import Any, Literal, Sequence, Union
 import yaml
 
 from mmpo_jax.config_schema import ConfigError, RunConfig
-from mmpo_jax.loss_registry import REFERENCE_FREE_LOSSES
+from mmpo_jax.losses.registry import REFERENCE_FREE_LOSSES
 
 BUILTIN_PREFIX = "builtin:"  # `data.tokenizer: builtin:NAME`, a tokenizer shipped with the package
 
@@ -267,7 +267,7 @@ def unused_keys(cfg: RunConfig) -> list[str]:
     `model.init` when `model.path` names a checkpoint, the `loss.*` keys its loss does not read
     (`LossSpec.config_keys`). What is shown to a person (`mmpo-jax config`, trackers' params)
     leaves them out; the run's config.yaml keeps every key."""
-    from mmpo_jax.loss_registry import LOSSES
+    from mmpo_jax.losses.registry import LOSSES
 
     read = set(LOSSES[cfg.loss.name].config_keys)
     keys = ["model.init"] if cfg.model.path else []

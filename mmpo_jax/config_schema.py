@@ -13,7 +13,7 @@ from typing import Any, Literal
 from mmpo_jax.errors import UserError
 from mmpo_jax.models.families import SUPPORTED_MODEL_TYPES
 from mmpo_jax.train.trackers import TRACKERS
-from mmpo_jax.loss_registry import (
+from mmpo_jax.losses.registry import (
     CPO_LOSS_TYPES,
     F_DIVERGENCE_TYPES,
     LOSS_NAMES,
@@ -107,7 +107,7 @@ def model_dims_problem(dims: dict[str, Any]) -> tuple[str, str] | None:
     `dims` has transformers' names (a `model.init` section, a checkpoint's config.json);
     a key absent or None is not checked (the reader's default applies), except that
     `head_dim` None stands for hidden_size // num_attention_heads. `ModelInit.validate`
-    and the checkpoint readers (`mmpo_jax.models.checkpoints`) both use it, so a config
+    and the checkpoint readers (`mmpo_jax.models.pretrained`) both use it, so a config
     and a checkpoint are refused for the same values.
     """
     for key, limit in MODEL_DIM_LIMITS.items():
@@ -381,7 +381,7 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """The preference loss; `docs/losses.md` defines each, `mmpo_jax.loss_registry`
+    """The preference loss; `docs/losses.md` defines each, `mmpo_jax.losses.registry`
     declares which keys each reads and its defaults.
 
     `sft` is supervised fine-tuning on the chosen answers (the rejected are ignored):

@@ -39,8 +39,8 @@ def example_metrics(cfg: RunConfig, name: str) -> dict[str, float]:
     only for its metrics (sft) when the run of `cfg` has one."""
     import jax.numpy as jnp
 
-    from mmpo_jax import loss_registry, losses
-    from mmpo_jax.loss_inputs import LossInputs
+    from mmpo_jax.losses import mmpo as losses, registry as loss_registry
+    from mmpo_jax.losses.inputs import LossInputs
     from mmpo_jax.train.reference import reference_mode
 
     spec = loss_registry.spec_of(name)

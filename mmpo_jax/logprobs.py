@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 if TYPE_CHECKING:
-    from mmpo_jax.models.llama import Llama
+    from mmpo_jax.models.decoder import Decoder
 
 DEFAULT_CHUNK = 256
 
@@ -240,7 +240,7 @@ def shifted_token_logps(
 
 
 def model_token_logps(
-    model: Llama,
+    model: Decoder,
     input_ids: jax.Array,
     *,
     chunk: int | None = DEFAULT_CHUNK,
@@ -251,7 +251,7 @@ def model_token_logps(
     segment_ids: jax.Array | None = None,
     sources: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, ...]:
-    """Per-token log-probs `[B, T]` of `input_ids` under `model` (a `Llama`), aligned
+    """Per-token log-probs `[B, T]` of `input_ids` under `model` (a `Decoder`), aligned
     with `input_ids` (see the module docstring): `logps[:, t] = log p(input_ids[:, t]
     | input_ids[:, :t])`, `logps[:, 0] = 0`. Right-padded rows are fine: padding only
     comes after the real tokens and is masked by the caller's completion mask.
@@ -260,7 +260,7 @@ def model_token_logps(
     None = the naive full-logits path (tests). With `with_entropy`, also the entropy
     `[B, T]` of the distribution each token was drawn from; with `with_log_sum_sq`, then
     its `log sum_v p_v^2` `[B, T]` (WPO's weights; no gradient). Packed rows pass
-    `positions` and `segment_ids` (see `Llama.__call__`) and `sources` `[B, T]`: the
+    `positions` and `segment_ids` (see `Decoder.__call__`) and `sources` `[B, T]`: the
     position whose hidden state predicts each token (the shift made explicit, so a
     shared prompt can predict both answers' first tokens); `logps[:, t] = log p(
     input_ids[:, t] | hidden[:, sources[:, t]])`, and the caller masks the tokens

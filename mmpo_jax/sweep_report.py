@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mmpo_jax.loss_registry import LOSSES
+from mmpo_jax.losses.registry import LOSSES
 from mmpo_jax.run_plots import figure, metric_history, read_records
 from mmpo_jax.sweep import PRECISION, Outcome, one_line, series_name
 

@@ -1,5 +1,5 @@
 """The model-parity helpers shared by the families' tests: transformers' model of a
-`LlamaConfig`, large random weights, right-padded batches, and per-token log-probs
+`DecoderConfig`, large random weights, right-padded batches, and per-token log-probs
 and gradients on both sides (transformers' own shift on the PyTorch side)."""
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ from flax import nnx
 
 from mmpo_jax.logprobs import model_token_logps, sequence_logps
 from mmpo_jax.models.hf_weights import hf_weight_shapes, iter_hf_weights
-from mmpo_jax.models.llama import Llama
-from mmpo_jax.models.llama_config import LlamaConfig
+from mmpo_jax.models.decoder import Decoder
+from mmpo_jax.models.decoder_config import DecoderConfig
 
 TOKEN_TOL = 1e-5
 GRAD_TOL = 1e-4
 MIN_GAP = 1e-3  # smallest top-1 / top-2 logit gap on the greedy paths (not a near-tie)
 
 
-def hf_model(cfg: LlamaConfig):
+def hf_model(cfg: DecoderConfig):
     d = cfg.to_hf_dict()
     hc = transformers.AutoConfig.for_model(**d)
     model = transformers.AutoModelForCausalLM.from_config(
@@ -59,7 +59,7 @@ def torch_state(model) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 
-def load_ours_into_torch(model: Llama, tmodel) -> None:
+def load_ours_into_torch(model: Decoder, tmodel) -> None:
     state = {k: torch.from_numpy(v.copy()) for k, v in iter_hf_weights(model)}
     if tmodel.config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
@@ -112,7 +112,7 @@ def torch_grads(tmodel, ids, mask) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     return lp.detach().numpy(), grads
 
 
-def our_logps_and_grads(model: Llama, ids, mask, chunk=5):
+def our_logps_and_grads(model: Decoder, ids, mask, chunk=5):
     ids_j = jnp.asarray(ids, jnp.int32)
     tmask = jnp.asarray(target_mask(mask))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -144,7 +144,7 @@ def compare_grads(ours: dict, theirs: dict, tied: bool) -> float:
     return worst
 
 
-def check_torch_weights_into_ours(cfg: LlamaConfig, seed: int) -> tuple[float, float]:
+def check_torch_weights_into_ours(cfg: DecoderConfig, seed: int) -> tuple[float, float]:
     """transformers' model with large random weights (`seed`) -> build_model(get_tensor=its
     state dict, scanned layers): the log-probs within TOKEN_TOL and every gradient within
     GRAD_TOL of transformers'. Returns (max |dlogp|, max relative gradient difference)."""
@@ -157,7 +157,7 @@ def check_torch_weights_into_ours(cfg: LlamaConfig, seed: int) -> tuple[float, f
     return _compare(model, tmodel, cfg, seed=1, chunk=5)
 
 
-def check_our_weights_into_torch(cfg: LlamaConfig, scale: float, **options) -> tuple[float, float]:
+def check_our_weights_into_torch(cfg: DecoderConfig, scale: float, **options) -> tuple[float, float]:
     """Our random weights (`init_scale` `scale`, unscanned layers and `options`; norms and
     biases made non-trivial) -> iter_hf_weights -> transformers' load_state_dict(strict):
     the same checks as `check_torch_weights_into_ours`."""
@@ -175,7 +175,7 @@ def check_our_weights_into_torch(cfg: LlamaConfig, scale: float, **options) -> t
     return _compare(model, tmodel, cfg, seed=2, chunk=16)
 
 
-def _compare(model: Llama, tmodel, cfg: LlamaConfig, seed: int, chunk: int) -> tuple[float, float]:
+def _compare(model: Decoder, tmodel, cfg: DecoderConfig, seed: int, chunk: int) -> tuple[float, float]:
     ids, mask = batch(cfg.vocab_size, seed=seed)
     lp_t, g_t = torch_grads(tmodel, ids, mask)
     lp_o, g_o = our_logps_and_grads(model, ids, mask, chunk=chunk)
@@ -186,7 +186,7 @@ def _compare(model: Llama, tmodel, cfg: LlamaConfig, seed: int, chunk: int) -> t
     return diff, compare_grads(g_o, g_t, cfg.tie_word_embeddings)
 
 
-def random_hf_weights(arch: LlamaConfig, seed: int = 0) -> dict[str, np.ndarray]:
+def random_hf_weights(arch: DecoderConfig, seed: int = 0) -> dict[str, np.ndarray]:
     """transformers-layout weights: matrices at 1.5x the variance-preserving scale,
     norms near 1 (Gemma's `1 + w` near 1), a smaller tied embedding (as `randomize_torch`)."""
     rng = np.random.default_rng(seed)

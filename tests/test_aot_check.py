@@ -94,7 +94,7 @@ def _real_and_abstract(overrides):
     from flax import nnx
 
     from mmpo_jax.models.build import build_model
-    from mmpo_jax.models.llama_config import model_config_from_init
+    from mmpo_jax.models.decoder_config import model_config_from_init
     from mmpo_jax.sharding import make_mesh, model_shardings
     from mmpo_jax.train.optim import make_optimizer
     from mmpo_jax.train.setup import model_options
@@ -131,7 +131,7 @@ def test_abstract_state_matches_the_real_one(mode):
 
 
 def test_separate_reference_is_stored_in_the_narrower_compute_dtype():
-    from mmpo_jax.models.llama_config import model_config_from_init
+    from mmpo_jax.models.decoder_config import model_config_from_init
     from mmpo_jax.sharding import make_mesh
     from mmpo_jax.train.optim import make_optimizer
 

@@ -23,11 +23,11 @@ from checkpoint_helpers import (
     torch_token_logps,
 )
 from mmpo_jax.errors import UserError
-from mmpo_jax.models import checkpoints as C
+from mmpo_jax.models import pretrained as C
 from mmpo_jax.models.build import build_model
 from mmpo_jax.models.hf_export import export_hf
 from mmpo_jax.models.hf_weights import iter_hf_weights
-from mmpo_jax.models.llama_config import LlamaConfig
+from mmpo_jax.models.decoder_config import DecoderConfig
 from mmpo_jax.models.options import ModelOptions
 
 F32 = ModelOptions(param_dtype="float32", compute_dtype="float32", attention="xla")
@@ -108,7 +108,7 @@ def test_each_tensor_read_once_when_sharded_over_devices(llama_dirs):
 
     from mmpo_jax.config_schema import MeshConfig
     from mmpo_jax.models.build import build_model
-    from mmpo_jax.models.llama_config import LlamaConfig
+    from mmpo_jax.models.decoder_config import DecoderConfig
     from mmpo_jax.sharding import make_mesh
 
     _, _, single, _, _ = llama_dirs
@@ -123,7 +123,7 @@ def test_each_tensor_read_once_when_sharded_over_devices(llama_dirs):
         return inner(name)
 
     source.get_tensor._get = counting
-    cfg = LlamaConfig.from_hf_dict(source.hf_config)
+    cfg = DecoderConfig.from_hf_dict(source.hf_config)
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     model = build_model(cfg, F32, mesh=mesh, get_tensor=source.get_tensor)
     assert reads and max(reads.values()) == 1, {k: v for k, v in reads.items() if v > 1}
@@ -244,7 +244,7 @@ def _hub_script(env: dict[str, str]) -> subprocess.CompletedProcess:
     code = textwrap.dedent(
         """
         from mmpo_jax.errors import UserError
-        from mmpo_jax.models.checkpoints import resolve_checkpoint_path
+        from mmpo_jax.models.pretrained import resolve_checkpoint_path
         try:
             resolve_checkpoint_path("mmpo-test-org/definitely-not-cached-model")
         except UserError as err:
@@ -294,7 +294,7 @@ def test_missing_relative_path_offline_end_to_end(tmp_path):
     code = textwrap.dedent(
         """
         from mmpo_jax.errors import UserError
-        from mmpo_jax.models.checkpoints import resolve_checkpoint_path
+        from mmpo_jax.models.pretrained import resolve_checkpoint_path
         try:
             resolve_checkpoint_path("models/SmolLM2-135M")
         except UserError as err:
@@ -321,7 +321,7 @@ def test_hub_id_found_in_the_local_cache(tmp_path, llama_dirs):
     shutil.copytree(llama_dirs[2], snap)
     code = textwrap.dedent(
         """
-        from mmpo_jax.models.checkpoints import load_checkpoint, resolve_checkpoint_path
+        from mmpo_jax.models.pretrained import load_checkpoint, resolve_checkpoint_path
         print("PATH:", resolve_checkpoint_path("mmpo-test/tiny-llama"))
         model, cfg, tok = load_checkpoint("mmpo-test/tiny-llama")
         print("VOCAB:", cfg.vocab_size, "TOKENIZER:", tok is not None)
@@ -337,7 +337,7 @@ def test_hub_id_found_in_the_local_cache(tmp_path, llama_dirs):
 # --------------------------------------------------------------------------- #
 # safetensors files that lie (written byte by byte)
 # --------------------------------------------------------------------------- #
-TINY_ARCH = LlamaConfig(vocab_size=61, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+TINY_ARCH = DecoderConfig(vocab_size=61, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                         num_attention_heads=2, num_key_value_heads=1)
 EMBED = "model.embed_tokens.weight"
 

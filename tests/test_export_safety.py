@@ -18,11 +18,11 @@ from mmpo_jax.models import export_dir as E
 from mmpo_jax.models.hf_export import export_hf
 from mmpo_jax.models.build import build_model
 from mmpo_jax.models.hf_weights import iter_hf_weights
-from mmpo_jax.models.llama_config import LlamaConfig
+from mmpo_jax.models.decoder_config import DecoderConfig
 from mmpo_jax.models.options import ModelOptions
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-ARCH = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+ARCH = DecoderConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2)
 
 

@@ -33,7 +33,7 @@ from mmpo_jax.eval.generate import (
 )
 from mmpo_jax.models.attention import window_mask
 from mmpo_jax.models.build import build_model
-from mmpo_jax.models.llama_config import LlamaConfig, model_config_from_init
+from mmpo_jax.models.decoder_config import DecoderConfig, model_config_from_init
 from mmpo_jax.models.options import LORA_TARGETS, LoraOptions, ModelOptions
 from mmpo_jax.sharding import make_mesh
 from mmpo_jax.train.setup import model_options
@@ -222,7 +222,7 @@ def test_unscanned_lora_sliding_window_matches_uncached_forward():
     """The cache path without scanned layers, with Mistral's sliding window (shorter
     than the sequences), multi-query attention and LoRA adapters on every projection
     (B made non-zero, so they change the outputs), on one device."""
-    arch = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+    arch = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=1, model_type="mistral", sliding_window=5)
     weights = random_hf_weights(arch, seed=3)
     lora = LoraOptions(rank=2, alpha=2.0, targets=LORA_TARGETS)
@@ -242,7 +242,7 @@ def test_unscanned_lora_sliding_window_matches_uncached_forward():
 def test_qwen3_qk_norm_cache_path_matches_uncached_forward():
     """Qwen3's q/k norms are applied on the cache path as on the whole-sequence forward
     (scanned layers, head_dim 12 != 32 / 4)."""
-    arch = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+    arch = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=12, model_type="qwen3")
     weights = random_hf_weights(arch, seed=5)
     model = build_model(arch, ModelOptions(scan_layers=True), get_tensor=weights.__getitem__)

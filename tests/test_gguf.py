@@ -24,8 +24,8 @@ from checkpoint_helpers import (
 )
 from mmpo_jax.errors import UserError
 from mmpo_jax.models import gguf as G
-from mmpo_jax.models.checkpoints import load_checkpoint, open_checkpoint
-from mmpo_jax.models.llama_config import LlamaConfig
+from mmpo_jax.models.pretrained import load_checkpoint, open_checkpoint
+from mmpo_jax.models.decoder_config import DecoderConfig
 from mmpo_jax.models.options import ModelOptions
 from mmpo_jax.models.rope import inv_freq
 
@@ -120,7 +120,7 @@ def test_written_gguf_config(tiny_gguf):
     assert cfg["rms_norm_eps"] == pytest.approx(tc.rms_norm_eps)
     assert cfg["rope_theta"] == 10000.0 and cfg["rope_scaling"] is None
     assert cfg["tie_word_embeddings"] is False and cfg["attention_bias"] is False
-    LlamaConfig.from_hf_dict(cfg)  # our model takes it
+    DecoderConfig.from_hf_dict(cfg)  # our model takes it
 
 
 def test_written_gguf_logps_match_torch(tiny_gguf):

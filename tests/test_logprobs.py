@@ -145,11 +145,11 @@ def test_model_shift_against_transformers():
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from mmpo_jax.models.build import build_model
-    from mmpo_jax.models.llama_config import LlamaConfig
+    from mmpo_jax.models.decoder_config import DecoderConfig
     from mmpo_jax.models.options import ModelOptions
     import transformers
 
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+    cfg = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
     torch.manual_seed(0)
     tmodel = transformers.AutoModelForCausalLM.from_config(

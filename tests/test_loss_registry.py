@@ -13,10 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-from mmpo_jax import loss_registry as R
-from mmpo_jax import losses as jl
+from mmpo_jax.losses import registry as R
+from mmpo_jax.losses import mmpo as jl
 from mmpo_jax.config import load_config
-from mmpo_jax.loss_inputs import LossInputs
+from mmpo_jax.losses.inputs import LossInputs
 
 torch = pytest.importorskip("torch")
 from mmpo_jax.torch_ref import losses as tl  # noqa: E402

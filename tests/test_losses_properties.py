@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmpo_jax import losses
+from mmpo_jax.losses import mmpo as losses
 
 
 def _np_scores(pc, pr, rc, rr, beta, reward_epsilon=1.0, rejected_epsilon=0.1, norm_eps=1e-6,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from mmpo_jax import losses
+from mmpo_jax.losses import mmpo as losses
 from mmpo_jax.config_schema import MeshConfig
 from mmpo_jax.sharding import BATCH_AXES, make_mesh
 

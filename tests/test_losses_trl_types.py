@@ -15,8 +15,8 @@ from jax.sharding import PartitionSpec as P
 
 torch = pytest.importorskip("torch")
 
-from mmpo_jax import loss_registry as R  # noqa: E402
-from mmpo_jax import losses as jl  # noqa: E402
+from mmpo_jax.losses import registry as R  # noqa: E402
+from mmpo_jax.losses import mmpo as jl  # noqa: E402
 from mmpo_jax.config import load_config  # noqa: E402
 from mmpo_jax.config_schema import ConfigError, MeshConfig  # noqa: E402
 from mmpo_jax.sharding import BATCH_AXES, make_mesh  # noqa: E402

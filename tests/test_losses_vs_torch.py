@@ -12,7 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from mmpo_jax import losses as jl  # noqa: E402
+from mmpo_jax.losses import mmpo as jl  # noqa: E402
 from mmpo_jax.torch_ref import losses as tl  # noqa: E402
 
 RTOL = 1e-10

@@ -13,14 +13,14 @@ import pytest
 from mmpo_jax.config import load_config
 from mmpo_jax.config_schema import ConfigError
 from mmpo_jax.errors import UserError
-from mmpo_jax.models import checkpoints as C
+from mmpo_jax.models import pretrained as C
 from mmpo_jax.models.hf_export import export_hf
 from mmpo_jax.models.build import build_model
-from mmpo_jax.models.llama_config import LlamaConfig
+from mmpo_jax.models.decoder_config import DecoderConfig
 from mmpo_jax.models.options import ModelOptions
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
-ARCH = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+ARCH = DecoderConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2)
 
 
@@ -85,7 +85,7 @@ def test_bad_dimension_names_file_and_key_at_once(good_dir, tmp_path, key, value
 
 def test_odd_head_size_of_hidden_over_heads(good_dir, tmp_path):
     """No head_dim: hidden_size / num_attention_heads is the head size, which RoPE needs even
-    (36 / 4 = 9) and whole; LlamaConfig would floor it silently."""
+    (36 / 4 = 9) and whole; DecoderConfig would floor it silently."""
     bad = _with_config(good_dir, tmp_path, hidden_size=36, head_dim=None)
     with pytest.raises(UserError, match=r"config.json': hidden_size=36 must be a multiple of 2 x "
                                         r"num_attention_heads=4"):
@@ -100,7 +100,7 @@ def test_zero_kv_heads_and_head_dim_still_mean_not_given(good_dir, tmp_path):
     hf["num_key_value_heads"] = 0
     (ok / C.CONFIG_FILE).write_text(json.dumps(hf))
     C.check_hf_dims(hf, "x")  # no error
-    cfg = LlamaConfig.from_hf_dict(hf)
+    cfg = DecoderConfig.from_hf_dict(hf)
     assert cfg.num_key_value_heads == 4 and cfg.head_dim == 8
 
 

@@ -43,9 +43,9 @@ from mmpo_jax.errors import UserError  # noqa: E402
 from mmpo_jax.eval.generate import GenerationConfig, generate, left_pad  # noqa: E402
 from mmpo_jax.logprobs import model_token_logps  # noqa: E402
 from mmpo_jax.models.build import build_model  # noqa: E402
-from mmpo_jax.models.checkpoints import load_checkpoint  # noqa: E402
+from mmpo_jax.models.pretrained import load_checkpoint  # noqa: E402
 from mmpo_jax.models.hf_weights import iter_hf_weights  # noqa: E402
-from mmpo_jax.models.llama_config import LlamaConfig  # noqa: E402
+from mmpo_jax.models.decoder_config import DecoderConfig  # noqa: E402
 from mmpo_jax.models.options import ModelOptions  # noqa: E402
 from mmpo_jax.models.rope import inv_freq  # noqa: E402
 
@@ -55,16 +55,16 @@ S, F = "sliding_attention", "full_attention"
 CONFIGS = {
     # alternating window-4 / full layers, head_dim 24 != 64 / 4, query_pre_attn_scalar 32,
     # both soft-caps low enough to bite, tied embeddings
-    "gemma2": LlamaConfig(**_BASE, num_hidden_layers=4, model_type="gemma2", head_dim=24, sliding_window=4,
+    "gemma2": DecoderConfig(**_BASE, num_hidden_layers=4, model_type="gemma2", head_dim=24, sliding_window=4,
                           layer_types=(S, F, S, F), query_pre_attn_scalar=32, attn_logit_softcapping=2.0,
                           final_logit_softcapping=8.0, tie_word_embeddings=True),
     # q/k norms, the 5:1 pattern over 7 layers (layer 6 full, 7 sliding again), sliding
     # layers on base 1e4, full ones on 1e6 with linear x4 scaling, untied embeddings
-    "gemma3": LlamaConfig(**_BASE, num_hidden_layers=7, model_type="gemma3", sliding_window=4,
+    "gemma3": DecoderConfig(**_BASE, num_hidden_layers=7, model_type="gemma3", sliding_window=4,
                           query_pre_attn_scalar=16, rope_theta=1e6, rope_local_base_freq=1e4,
                           rope_scaling={"rope_type": "linear", "factor": 4.0}, tie_word_embeddings=False),
     # YaRN over a short original context, so positions 0..15 reach its interpolated band
-    "qwen3_yarn": LlamaConfig(**_BASE, num_hidden_layers=2, model_type="qwen3", head_dim=32, rope_theta=1e6,
+    "qwen3_yarn": DecoderConfig(**_BASE, num_hidden_layers=2, model_type="qwen3", head_dim=32, rope_theta=1e6,
                               rope_scaling={"rope_type": "yarn", "factor": 4.0,
                                             "original_max_position_embeddings": 8}),
 }
@@ -102,19 +102,19 @@ def test_hf_config_round_trip(name):
     hc = transformers.AutoConfig.for_model(**cfg.to_hf_dict())
     assert type(hc).__name__ == {"gemma2": "Gemma2Config", "gemma3": "Gemma3TextConfig",
                                  "qwen3_yarn": "Qwen3Config"}[name]
-    assert LlamaConfig.from_hf_dict(hc.to_dict()) == cfg
+    assert DecoderConfig.from_hf_dict(hc.to_dict()) == cfg
 
 
 def test_gemma_configs_as_transformers_4_wrote_them():
     """Keys older files use: rope_local_base_freq and rope_scaling at the top (Gemma 3),
     sliding_window_pattern instead of layer_types, and family defaults for keys left out."""
-    g3 = LlamaConfig.from_hf_dict({**_BASE, "num_hidden_layers": 8, "model_type": "gemma3_text", "head_dim": 16,
+    g3 = DecoderConfig.from_hf_dict({**_BASE, "num_hidden_layers": 8, "model_type": "gemma3_text", "head_dim": 16,
                                    "rope_theta": 1e6, "rope_local_base_freq": 1e4, "sliding_window": 512,
                                    "sliding_window_pattern": 4, "rope_scaling": {"rope_type": "linear", "factor": 8.0}})
     assert g3.layer_types == (S, S, S, F, S, S, S, F) and g3.rope_local_base_freq == 1e4
     assert g3.rope_scaling == {"rope_type": "linear", "factor": 8.0} and g3.tie_word_embeddings
     assert g3.query_pre_attn_scalar == 256 and g3.attn_logit_softcapping is None and g3.hidden_act == "gelu_pytorch_tanh"
-    g2 = LlamaConfig.from_hf_dict({**_BASE, "num_hidden_layers": 3, "model_type": "gemma2", "head_dim": 16})
+    g2 = DecoderConfig.from_hf_dict({**_BASE, "num_hidden_layers": 3, "model_type": "gemma2", "head_dim": 16})
     assert g2.layer_types == (S, F, S) and g2.sliding_window == 4096
     assert (g2.attn_logit_softcapping, g2.final_logit_softcapping) == (50.0, 30.0)
 
@@ -136,7 +136,7 @@ def test_gemma_configs_as_transformers_4_wrote_them():
 def test_unsupported_family_options_are_named(change, needle):
     d = {**_BASE, "num_hidden_layers": 2, "head_dim": 16, **change}
     with pytest.raises(UserError, match=needle):
-        LlamaConfig.from_hf_dict(d)
+        DecoderConfig.from_hf_dict(d)
 
 
 # --------------------------------------------------------------------------- #
@@ -189,7 +189,7 @@ def test_our_weights_into_torch(name):
     print(f"ours->torch {name}: max |dlogp| {diff:.2e}, max rel grad diff {worst:.2e}")
 
 
-def _save_multimodal(tmp: Path, text: LlamaConfig, modern_names: bool) -> tuple[Path, dict]:
+def _save_multimodal(tmp: Path, text: DecoderConfig, modern_names: bool) -> tuple[Path, dict]:
     """A tiny Gemma3ForConditionalGeneration saved by transformers (its vision tower
     random), its text weights large; with `modern_names` the tensors renamed to
     transformers 5's in-memory layout (`model.language_model.*`)."""
@@ -213,7 +213,7 @@ def _save_multimodal(tmp: Path, text: LlamaConfig, modern_names: bool) -> tuple[
 
 @pytest.mark.parametrize("modern_names", [False, True])
 def test_gemma3_text_tower_of_a_multimodal_checkpoint(tmp_path, modern_names):
-    text = LlamaConfig(**_BASE, num_hidden_layers=2, model_type="gemma3", head_dim=16, sliding_window=4,
+    text = DecoderConfig(**_BASE, num_hidden_layers=2, model_type="gemma3", head_dim=16, sliding_window=4,
                        query_pre_attn_scalar=16, tie_word_embeddings=True)
     path, tmodel = _save_multimodal(tmp_path, text, modern_names)
     assert json.loads((path / "config.json").read_text())["model_type"] == "gemma3"
@@ -332,7 +332,7 @@ def test_real_configs_match_transformers_tensors_and_layers(name):
     (built on the meta device), and so are its layers' windows and RoPE bases."""
     from mmpo_jax.models.hf_weights import hf_weight_shapes
 
-    cfg = LlamaConfig.from_hf_dict(REAL_CONFIGS[name])
+    cfg = DecoderConfig.from_hf_dict(REAL_CONFIGS[name])
     hc = transformers.AutoConfig.for_model(**REAL_CONFIGS[name])
     with torch.device("meta"):
         tmodel = transformers.AutoModelForCausalLM.from_config(hc)
@@ -348,7 +348,7 @@ def test_real_configs_match_transformers_tensors_and_layers(name):
 def test_model_init_builds_each_family():
     """`model.init.model_type` picks the family of a random init; its defaults are the family's."""
     from mmpo_jax.config import ConfigError, load_config
-    from mmpo_jax.models.llama_config import model_config_from_init
+    from mmpo_jax.models.decoder_config import model_config_from_init
 
     tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
     g3 = model_config_from_init(load_config(tiny, ["model.init.model_type=gemma3", "model.init.num_hidden_layers=6",

@@ -24,8 +24,8 @@ from mmpo_jax.errors import UserError
 from mmpo_jax.logprobs import model_token_logps
 from mmpo_jax.models.build import build_model
 from mmpo_jax.models.hf_weights import hf_weight_names, hf_weight_shapes, iter_hf_weights
-from mmpo_jax.models.llama import Llama
-from mmpo_jax.models.llama_config import LlamaConfig
+from mmpo_jax.models.decoder import Decoder
+from mmpo_jax.models.decoder_config import DecoderConfig
 from mmpo_jax.models.options import ModelOptions
 
 torch = pytest.importorskip("torch")
@@ -64,24 +64,24 @@ LLAMA3_ROPE = {
 # Each variant the issue names, two to a config where they are independent (every
 # config costs a compile of the forward+backward):
 CONFIGS = {
-    "llama": LlamaConfig(**_BASE, tie_word_embeddings=True),
-    "llama3_rope": LlamaConfig(
+    "llama": DecoderConfig(**_BASE, tie_word_embeddings=True),
+    "llama3_rope": DecoderConfig(
         **_BASE, tie_word_embeddings=True, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE
     ),
-    "untied_linear_rope": LlamaConfig(
+    "untied_linear_rope": DecoderConfig(
         **_BASE, tie_word_embeddings=False, rope_scaling={"rope_type": "linear", "factor": 4.0}
     ),
-    "qwen2_bias": LlamaConfig(
+    "qwen2_bias": DecoderConfig(
         **_BASE, model_type="qwen2", attention_bias=True, rope_theta=1e6, tie_word_embeddings=False
     ),
-    "mistral_window": LlamaConfig(**_BASE, model_type="mistral", sliding_window=4),
+    "mistral_window": DecoderConfig(**_BASE, model_type="mistral", sliding_window=4),
     # head_dim 24 != 64 / 4; and transformers' Llama attention_bias (q/k/v and o biases)
-    "head_dim_24_bias": LlamaConfig(
+    "head_dim_24_bias": DecoderConfig(
         **{**_BASE, "num_key_value_heads": 4}, head_dim=24, attention_bias=True
     ),
-    "mqa": LlamaConfig(**{**_BASE, "num_key_value_heads": 1, "num_hidden_layers": 3}),
+    "mqa": DecoderConfig(**{**_BASE, "num_key_value_heads": 1, "num_hidden_layers": 3}),
     # Qwen3: q/k norms over head_dim, head_dim 24 != 64 / 4, its q/k/v and o biases
-    "qwen3_qk_norm": LlamaConfig(
+    "qwen3_qk_norm": DecoderConfig(
         **_BASE, model_type="qwen3", head_dim=24, attention_bias=True, rope_theta=1e6
     ),
 }
@@ -94,10 +94,10 @@ CONFIGS = {
 def test_hf_config_round_trip(name):
     cfg = CONFIGS[name]
     d = cfg.to_hf_dict()
-    assert LlamaConfig.from_hf_dict(d) == cfg
+    assert DecoderConfig.from_hf_dict(d) == cfg
     hc = transformers.AutoConfig.for_model(**d)
     assert hc.model_type == cfg.model_type
-    assert LlamaConfig.from_hf_dict(hc.to_dict()) == cfg
+    assert DecoderConfig.from_hf_dict(hc.to_dict()) == cfg
 
 
 def test_hf_names_match_transformers():
@@ -123,18 +123,18 @@ def test_from_hf_dict_styles():
     }
     t5 = {k: v for k, v in t4.items() if k not in ("rope_theta", "rope_scaling")}
     t5["rope_parameters"] = {"rope_type": "linear", "rope_theta": 500000.0, "factor": 2.0}
-    a, b = LlamaConfig.from_hf_dict(t4), LlamaConfig.from_hf_dict(t5)
+    a, b = DecoderConfig.from_hf_dict(t4), DecoderConfig.from_hf_dict(t5)
     assert a == b
     assert a.rope_theta == 500000.0 and a.rope_scaling == {"rope_type": "linear", "factor": 2.0}
     assert a.head_dim == 8 and a.num_key_value_heads == 4
-    plain = LlamaConfig.from_hf_dict({**t5, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}})
+    plain = DecoderConfig.from_hf_dict({**t5, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}})
     assert plain.rope_scaling is None and plain.rope_theta == 1e4
-    qwen = LlamaConfig.from_hf_dict({**t5, "model_type": "qwen2", "use_sliding_window": False,
+    qwen = DecoderConfig.from_hf_dict({**t5, "model_type": "qwen2", "use_sliding_window": False,
                                      "sliding_window": 4096})
     assert qwen.attention_bias and qwen.sliding_window is None
-    mistral = LlamaConfig.from_hf_dict({**t5, "model_type": "mistral", "sliding_window": 4096})
+    mistral = DecoderConfig.from_hf_dict({**t5, "model_type": "mistral", "sliding_window": 4096})
     assert mistral.sliding_window == 4096
-    qwen3 = LlamaConfig.from_hf_dict({**t5, "model_type": "qwen3", "head_dim": 16, "use_sliding_window": False,
+    qwen3 = DecoderConfig.from_hf_dict({**t5, "model_type": "qwen3", "head_dim": 16, "use_sliding_window": False,
                                       "sliding_window": 4096})
     assert qwen3.qk_norm and not qwen3.attention_bias and qwen3.head_dim == 16 and qwen3.sliding_window is None
     assert not qwen.qk_norm and not mistral.qk_norm
@@ -155,7 +155,7 @@ def test_from_hf_dict_unsupported(change, needle):
     if "rope_scaling" in change:
         d.pop("rope_parameters")
     with pytest.raises(UserError, match=needle):
-        LlamaConfig.from_hf_dict(d)
+        DecoderConfig.from_hf_dict(d)
 
 
 # --------------------------------------------------------------------------- #
@@ -214,7 +214,7 @@ def test_scanned_params_are_stacked_with_a_layers_axis():
     cfg = CONFIGS["llama"]
 
     def abstract(scan):
-        return nnx.eval_shape(lambda: Llama(cfg, ModelOptions(scan_layers=scan), rngs=nnx.Rngs(0)))
+        return nnx.eval_shape(lambda: Decoder(cfg, ModelOptions(scan_layers=scan), rngs=nnx.Rngs(0)))
 
     model = abstract(True)
     q = model.layers.self_attn.q_kernel
@@ -454,7 +454,7 @@ def test_real_configs_parse_and_match_transformers_shapes(name):
     """Published config.json files: parsed, and our (abstract) model holds exactly the
     tensors, shapes and parameter count of transformers' model (built on the meta
     device: nothing allocated)."""
-    cfg = LlamaConfig.from_hf_dict(REAL_CONFIGS[name])
+    cfg = DecoderConfig.from_hf_dict(REAL_CONFIGS[name])
     hc = transformers.AutoConfig.for_model(**REAL_CONFIGS[name])
     with torch.device("meta"):
         tmodel = transformers.AutoModelForCausalLM.from_config(hc)
@@ -463,9 +463,9 @@ def test_real_configs_parse_and_match_transformers_shapes(name):
         theirs.pop("lm_head.weight")
     assert hf_weight_shapes(cfg) == theirs
     n_theirs = sum(p.numel() for p in tmodel.parameters())
-    abstract = nnx.eval_shape(lambda: Llama(cfg, ModelOptions(), rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: Decoder(cfg, ModelOptions(), rngs=nnx.Rngs(0)))
     n_ours = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
     assert n_ours == n_theirs
     # and back: the config we would export describes the same model
-    assert LlamaConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
-    assert LlamaConfig.from_hf_dict(hc.to_dict()) == cfg
+    assert DecoderConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+    assert DecoderConfig.from_hf_dict(hc.to_dict()) == cfg

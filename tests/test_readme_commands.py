@@ -76,7 +76,7 @@ def test_losses_command_runs(capsys):
 def test_losses_json_matches_the_library(capsys):
     import jax.numpy as jnp
 
-    from mmpo_jax import losses
+    from mmpo_jax.losses import mmpo as losses
     from mmpo_jax.example import example_logps
 
     assert cli.main(["losses", "loss.aux_weight=0", "loss.beta=0.3", "--json"]) == 0

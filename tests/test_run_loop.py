@@ -306,7 +306,7 @@ def test_lora_adapter_export_loads_with_peft(tmp_path, capsys):
     from mmpo_jax.data.tokenizers import load_tokenizer
     from mmpo_jax.models.hf_export import export_hf
     from mmpo_jax.models.build import build_model
-    from mmpo_jax.models.llama_config import model_config_from_init
+    from mmpo_jax.models.decoder_config import model_config_from_init
     from mmpo_jax.models.options import ModelOptions
 
     cfg0 = load_config(TINY)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from mmpo_jax import losses as jl
+from mmpo_jax.losses import mmpo as jl
 from mmpo_jax.config import load_config
 from mmpo_jax.config_schema import ConfigError, MeshConfig
-from mmpo_jax.loss_inputs import LossInputs
+from mmpo_jax.losses.inputs import LossInputs
 from mmpo_jax.sharding import BATCH_AXES, make_mesh
 
 torch = pytest.importorskip("torch")

@@ -71,7 +71,7 @@ def test_each_family_step_matches_torch(family, lora):
     """DPO's step on each family's tiny random model, full fine-tuning and LoRA on every projection."""
     from mmpo_jax.config import load_config
     from mmpo_jax.models.hf_weights import hf_weight_names
-    from mmpo_jax.models.llama_config import model_config_from_init
+    from mmpo_jax.models.decoder_config import model_config_from_init
 
     overrides = FAMILY_INITS[family] + ["loss.name=dpo"] + (LORA if lora else [])
     arch = model_config_from_init(load_config("configs/tiny.yaml", overrides).model.init)

@@ -37,7 +37,7 @@ def _checkpoint(out: Path, vocab_size: int, **init) -> Path:
     """A random tiny Llama saved as an HF directory with a tokenizer of OWN_VOCAB ids."""
     from mmpo_jax.models.build import build_model
     from mmpo_jax.models.hf_export import export_hf
-    from mmpo_jax.models.llama_config import model_config_from_init
+    from mmpo_jax.models.decoder_config import model_config_from_init
     from mmpo_jax.models.options import ModelOptions
     from transformers import AutoTokenizer
 
@@ -100,17 +100,17 @@ def test_max_length_past_the_models_context_is_refused(checkpoint, tmp_path, cap
 
 
 def test_rope_scaling_stretches_the_context():
-    from mmpo_jax.models.llama_config import LlamaConfig
+    from mmpo_jax.models.decoder_config import DecoderConfig
 
     base = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                 max_position_embeddings=4096)
-    assert LlamaConfig(**base).context_length == 4096
+    assert DecoderConfig(**base).context_length == 4096
     yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}
-    assert LlamaConfig(**base, rope_scaling=yarn).context_length == 16384  # Qwen's YaRN recipe
-    assert LlamaConfig(**base, rope_scaling={"rope_type": "linear", "factor": 2.0}).context_length == 8192
+    assert DecoderConfig(**base, rope_scaling=yarn).context_length == 16384  # Qwen's YaRN recipe
+    assert DecoderConfig(**base, rope_scaling={"rope_type": "linear", "factor": 2.0}).context_length == 8192
     llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
               "original_max_position_embeddings": 512}
-    assert LlamaConfig(**base, rope_scaling=llama3).context_length == 4096  # already the extended length
+    assert DecoderConfig(**base, rope_scaling=llama3).context_length == 4096  # already the extended length
 
 
 def test_chat_template_replaces_the_tokenizers(tmp_path):

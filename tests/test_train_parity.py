@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmpo_jax import losses
+from mmpo_jax.losses import mmpo as losses
 from mmpo_jax.buckets import bucket_for, bucket_lengths
 from mmpo_jax.config import load_config
-from mmpo_jax.loss_inputs import LossInputs
+from mmpo_jax.losses.inputs import LossInputs
 from mmpo_jax.data.batches import SMALLEST_BUCKET, train_batches
 from mmpo_jax.data.pipeline import load_preference_data
 from mmpo_jax.train.pair_logps import pair_logps

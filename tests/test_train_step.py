@@ -12,14 +12,14 @@ import pytest
 from mmpo_jax.config import load_config
 from mmpo_jax.config_schema import MeshConfig
 from mmpo_jax.models.build import build_model
-from mmpo_jax.models.llama_config import LlamaConfig
+from mmpo_jax.models.decoder_config import DecoderConfig
 from mmpo_jax.models.options import ModelOptions
 from mmpo_jax.sharding import make_mesh
 from mmpo_jax.train.optim import learning_rate_schedule, make_optimizer
 from mmpo_jax.train.state import create_state, state_shardings
 from mmpo_jax.train.step import StepConfig, make_train_step
 
-ARCH = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+ARCH = DecoderConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2)
 PAIRS, SEQ, STEPS = 8, 16, 3
 

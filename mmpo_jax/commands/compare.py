@@ -4,7 +4,7 @@ or `mmpo-jax compare --config CONFIG --step [--json] [key=value ...]` (one train
 `mmpo_jax/torch_ref/compare_model.py`).
 
 Loads one checkpoint (an HF directory, a hub id or a `.gguf` file) twice: into
-our JAX model (`mmpo_jax.models.checkpoints.load_checkpoint`) and into
+our JAX model (`mmpo_jax.models.pretrained.load_checkpoint`) and into
 transformers' PyTorch model (`AutoModelForCausalLM.from_pretrained`; for a GGUF
 file transformers' own GGUF loader, an import independent of ours), both in
 float32, runs the same right-padded batch through both, and prints the largest

@@ -8,7 +8,7 @@ import json
 
 from mmpo_jax.commands.common import add_config_items, load_from_items
 from mmpo_jax.config_schema import LossConfig, RunConfig
-from mmpo_jax.loss_registry import CPO_LOSS_TYPES, DPO_LOSS_TYPES, LOSS_NAMES
+from mmpo_jax.losses.registry import CPO_LOSS_TYPES, DPO_LOSS_TYPES, LOSS_NAMES
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -42,7 +42,7 @@ from mmpo_jax.data.probe import (
 from mmpo_jax.errors import UserError
 
 if TYPE_CHECKING:
-    from mmpo_jax.models.llama import Llama
+    from mmpo_jax.models.decoder import Decoder
     from mmpo_jax.train.setup import Trainer
 
 Template = Literal["plain", "chat"]
@@ -183,7 +183,7 @@ def batch_rows(mesh: jax.sharding.Mesh, rows_per_batch: int) -> int:
     return -(-rows_per_batch // shards) * shards
 
 
-def loglik_function(model: Llama, mesh: jax.sharding.Mesh, *, chunk: int | None) -> LoglikFn:
+def loglik_function(model: Decoder, mesh: jax.sharding.Mesh, *, chunk: int | None) -> LoglikFn:
     """`(ids, mask) -> [rows]` masked sums of `model`'s per-token log-probs, jitted (one
     compile per input shape), rows split over the batch mesh axes.
 
@@ -218,7 +218,7 @@ def loglik_function(model: Llama, mesh: jax.sharding.Mesh, *, chunk: int | None)
     return run
 
 
-def probe_model(trainer: Trainer, which: Literal["policy", "reference"] = "policy") -> Llama:
+def probe_model(trainer: Trainer, which: Literal["policy", "reference"] = "policy") -> Decoder:
     """The policy of `trainer`'s state, or its reference (the base model; for
     `precomputed`, the initial reference loaded again)."""
     if which == "policy":

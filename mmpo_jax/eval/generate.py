@@ -54,7 +54,7 @@ from mmpo_jax.buckets import power_of_two_bucket
 from mmpo_jax.errors import UserError
 
 if TYPE_CHECKING:
-    from mmpo_jax.models.llama import Llama
+    from mmpo_jax.models.decoder import Decoder
 
 SMALLEST_BUCKET = 16
 
@@ -154,7 +154,7 @@ def attention_mask(pad: jax.Array, query_slots: jax.Array, num_slots: int) -> ja
 
     pad `[B]`, query_slots `[T]` int. A key is visible when it is a real token of the
     row (`j >= pad[b]`) and not in the future (`j <= slot`). The model's sliding
-    layers narrow it to their window (`Llama.decode`: positions differ by as much as
+    layers narrow it to their window (`Decoder.decode`: positions differ by as much as
     slots, padding being only at the start).
     """
     j = jnp.arange(num_slots)[None, None, :]
@@ -168,7 +168,7 @@ def positions(pad: jax.Array, query_slots: jax.Array) -> jax.Array:
     return jnp.maximum(query_slots[None, :] - pad[:, None], 0).astype(jnp.int32)
 
 
-def init_cache(model: Llama, batch: int, num_slots: int) -> tuple[jax.Array, jax.Array]:
+def init_cache(model: Decoder, batch: int, num_slots: int) -> tuple[jax.Array, jax.Array]:
     """Zero `(k, v)` caches `[layers, batch, kv_heads, num_slots, head_dim]` in the
     compute dtype, sharded on the model's mesh (batch over the batch axes, kv heads
     over `tensor`, each only where it divides)."""
@@ -189,7 +189,7 @@ def cache_spec(shape: Sequence[int], mesh: jax.sharding.Mesh) -> jax.sharding.Pa
     return logical_to_spec(("layers", "batch", "kv_heads", None, "head_dim"), shape, mesh)
 
 
-def last_logits(model: Llama, hidden: jax.Array) -> jax.Array:
+def last_logits(model: Decoder, hidden: jax.Array) -> jax.Array:
     """float32 `[B, V]` logits of hidden `[B, D]` (float32 accumulation and the model's
     logit soft-cap, as `mmpo_jax.logprobs`)."""
     from mmpo_jax.logprobs import soft_capped
@@ -241,7 +241,7 @@ def _jitted(options: tuple[tuple[str, Any], ...]) -> tuple[Any, Any]:
     return prefill, decode
 
 
-def _compiler_options(model: Llama, state: Any) -> tuple[tuple[str, Any], ...]:
+def _compiler_options(model: Decoder, state: Any) -> tuple[tuple[str, Any], ...]:
     from mmpo_jax.train.step import compiler_options
 
     mesh = model.mesh
@@ -348,7 +348,7 @@ def _decode(graphdef: Any, state: Any, carry: _Carry, pad: jax.Array, row_ids: j
 # --------------------------------------------------------------------------- #
 # The entry point
 # --------------------------------------------------------------------------- #
-def _batch_multiple(model: Llama) -> int:
+def _batch_multiple(model: Decoder) -> int:
     """Rows a batch is padded to a multiple of: the devices the batch is split over."""
     if model.mesh is None:
         return 1
@@ -357,7 +357,7 @@ def _batch_multiple(model: Llama) -> int:
     return int(np.prod([model.mesh.shape[a] for a in BATCH_AXES]))
 
 
-def _put(model: Llama, host: np.ndarray) -> jax.Array:
+def _put(model: Decoder, host: np.ndarray) -> jax.Array:
     """A host array `[B, ...]` (the same on every process) as a global array split over the batch axes."""
     if model.mesh is None:
         return jnp.asarray(host)
@@ -383,11 +383,11 @@ def _to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def generate(model: Llama, prompts: Sequence[Sequence[int]], config: GenerationConfig, *, seed: int = 0,
+def generate(model: Decoder, prompts: Sequence[Sequence[int]], config: GenerationConfig, *, seed: int = 0,
              row_ids: Sequence[int] | None = None, batch_rows: int | None = None) -> Generation:
     """Continues each token-id prompt; see the module docstring.
 
-    model: a `Llama` (on its mesh, or on one device). prompts: B lists of ids, each
+    model: a `Decoder` (on its mesh, or on one device). prompts: B lists of ids, each
     non-empty, of any lengths (they are left-padded here). row_ids: the rows' ids for
     the sampling keys (default 0..B-1). batch_rows: pad the batch with dummy rows to
     this many (a fixed shape, so the last, smaller batch of a job reuses the compiled

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from mmpo_jax.errors import UserError
 
 if TYPE_CHECKING:
-    from mmpo_jax.models.llama import Llama
+    from mmpo_jax.models.decoder import Decoder
     from mmpo_jax.train.setup import Trainer
 
 PREFIX = "win_rate"
@@ -155,9 +155,9 @@ def judged_rows(cfg: Any, limit: int = 0) -> tuple[list[dict[str, Any]], list[st
 # --------------------------------------------------------------------------- #
 # The models
 # --------------------------------------------------------------------------- #
-def reference_model(trainer: Trainer) -> tuple[Llama, str]:
+def reference_model(trainer: Trainer) -> tuple[Decoder, str]:
     """`(model, description)`: the model `trainer`'s run started from (see the module
-    docstring), as a `Llama` on the trainer's mesh."""
+    docstring), as a `Decoder` on the trainer's mesh."""
     from mmpo_jax.train.reference import held_model, reference_mode
     from mmpo_jax.train.setup import initial_reference
 
@@ -170,7 +170,7 @@ def reference_model(trainer: Trainer) -> tuple[Llama, str]:
                                         f"(model.reference={mode.name} keeps no reference model in the state)")
 
 
-def generate_responses(model: Llama, tokenizer: Any, prompts: Sequence[Sequence[int]], config: Any,
+def generate_responses(model: Decoder, tokenizer: Any, prompts: Sequence[Sequence[int]], config: Any,
                        batch_size: int = DEFAULT_BATCH_SIZE,
                        progress: Callable[[int], None] | None = None) -> list[str]:
     """The decoded responses (special tokens dropped) of `model` to token-id `prompts`,

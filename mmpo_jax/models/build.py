@@ -15,20 +15,20 @@ from flax import nnx
 
 from mmpo_jax.errors import UserError
 from mmpo_jax.models.hf_weights import HFTensor, group_by_param, state_key
-from mmpo_jax.models.llama import Llama
-from mmpo_jax.models.llama_config import LlamaConfig
+from mmpo_jax.models.decoder import Decoder
+from mmpo_jax.models.decoder_config import DecoderConfig
 from mmpo_jax.models.options import ModelOptions
 
 
 def build_model(
-    cfg: LlamaConfig,
+    cfg: DecoderConfig,
     options: ModelOptions,
     *,
     mesh: jax.sharding.Mesh | None = None,
     get_tensor: Callable[[str], np.ndarray] | None = None,
     seed: int = 0,
     init_scale: float | None = None,
-) -> Llama:
+) -> Decoder:
     """The model, its parameters on `mesh` (sharded by `mmpo_jax.sharding` rules) or on
     the default device when `mesh` is None.
 
@@ -51,10 +51,10 @@ def build_model(
 
     scale = 0.02 if init_scale is None else float(init_scale)
 
-    def make() -> Llama:
+    def make() -> Decoder:
         lora_key = jax.random.fold_in(jax.random.key(seed), 1)
         rngs = nnx.Rngs(params=seed, lora=lora_key)
-        return Llama(cfg, options, rngs=rngs, init_scale=scale, mesh=mesh)
+        return Decoder(cfg, options, rngs=rngs, init_scale=scale, mesh=mesh)
 
     abstract = nnx.eval_shape(make)
     graphdef, abs_state = nnx.split(abstract)

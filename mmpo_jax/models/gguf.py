@@ -350,7 +350,7 @@ class GGUFCheckpoint:
 
         from mmpo_jax.config_schema import MODEL_DIM_LIMITS
         from mmpo_jax.models.hf_weights import hf_weight_names
-        from mmpo_jax.models.llama_config import LlamaConfig
+        from mmpo_jax.models.decoder_config import DecoderConfig
 
         blocks = int(self._arch("block_count") or 0)
         if not 0 < blocks <= MODEL_DIM_LIMITS["num_hidden_layers"]:
@@ -359,7 +359,7 @@ class GGUFCheckpoint:
         arch = getattr(gguf.MODEL_ARCH, _ARCHS[self.architecture][0])
         names = gguf.get_tensor_name_map(arch, blocks)
         try:
-            cfg = LlamaConfig.from_hf_dict(self.hf_config())
+            cfg = DecoderConfig.from_hf_dict(self.hf_config())
         except (KeyError, TypeError, ValueError) as err:
             raise UserError(f"'{self.path}': GGUF metadata is missing or has a bad {err}") from None
         out: dict[str, str] = {}

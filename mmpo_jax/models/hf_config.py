@@ -1,4 +1,4 @@
-"""transformers' `config.json` <-> `LlamaConfig` for every family: reading transformers
+"""transformers' `config.json` <-> `DecoderConfig` for every family: reading transformers
 4's `rope_theta`/`rope_scaling` and transformers 5's `rope_parameters` (per layer type
 for Gemma 3), the family defaults a file may leave out, and writing a file that both
 versions (and vLLM) read back as the same architecture."""
@@ -18,7 +18,7 @@ from mmpo_jax.models.families import (
 from mmpo_jax.models.rope import rope_type
 
 if TYPE_CHECKING:
-    from mmpo_jax.models.llama_config import LlamaConfig
+    from mmpo_jax.models.decoder_config import DecoderConfig
 
 # transformers' defaults for keys a Gemma config.json may leave out (its config classes')
 _GEMMA_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -65,7 +65,7 @@ def text_config(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_hf_config(d: dict[str, Any]) -> dict[str, Any]:
-    """`LlamaConfig` keyword arguments from a transformers `config.json` dict."""
+    """`DecoderConfig` keyword arguments from a transformers `config.json` dict."""
     check_value_types(d)
     d = dict(text_config(d))
     check_value_types(d)
@@ -183,7 +183,7 @@ def _read_rope(d: dict[str, Any], model_type: str, default_theta: float,
     return theta, scaling, local_theta
 
 
-def write_hf_config(cfg: LlamaConfig) -> dict[str, Any]:
+def write_hf_config(cfg: DecoderConfig) -> dict[str, Any]:
     """A `config.json` dict that transformers loads as `cfg` (float32)."""
     family = cfg.family
     rope_params: dict[str, Any] = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}

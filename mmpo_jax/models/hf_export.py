@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Iterable
 import numpy as np
 
 from mmpo_jax.errors import UserError
-from mmpo_jax.models.checkpoints import (
+from mmpo_jax.models.pretrained import (
     CONFIG_FILE,
     DEFAULT_MAX_SHARD_BYTES,
     SAFETENSORS_FILE,
@@ -25,8 +25,8 @@ from mmpo_jax.models.checkpoints import (
 from mmpo_jax.models.export_dir import export_directory
 
 if TYPE_CHECKING:
-    from mmpo_jax.models.llama import Llama
-    from mmpo_jax.models.llama_config import LlamaConfig
+    from mmpo_jax.models.decoder import Decoder
+    from mmpo_jax.models.decoder_config import DecoderConfig
 
 _NP_TO_ST = {
     np.dtype(np.float32): "F32",
@@ -108,8 +108,8 @@ class _ShardWriter:
 
 
 def export_hf(
-    model: Llama,
-    cfg: LlamaConfig,
+    model: Decoder,
+    cfg: DecoderConfig,
     tokenizer: Any,
     out_dir: str | os.PathLike,
     *,
@@ -142,7 +142,7 @@ def export_hf(
 
 def write_hf_files(
     out: Path,
-    cfg: LlamaConfig,
+    cfg: DecoderConfig,
     tokenizer: Any,
     weights: Iterable[tuple[str, np.ndarray]],
     *,

@@ -13,8 +13,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mmpo_jax.models.llama import Llama
-from mmpo_jax.models.llama_config import LlamaConfig
+from mmpo_jax.models.decoder import Decoder
+from mmpo_jax.models.decoder_config import DecoderConfig
 from mmpo_jax.models.lora import merge_lora
 
 
@@ -60,7 +60,7 @@ def _reshape(shape: tuple[int, ...], hf_shape: tuple[int, ...]):
     return (lambda a: a.reshape(shape)), (lambda a: a.reshape(hf_shape))
 
 
-def _tensor_table(cfg: LlamaConfig) -> list[HFTensor]:
+def _tensor_table(cfg: DecoderConfig) -> list[HFTensor]:
     d, h, k, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     m, v = cfg.intermediate_size, cfg.vocab_size
     out: list[HFTensor] = [HFTensor("model.embed_tokens.weight", ("embed_tokens",), None, (v, d), (v, d))]
@@ -107,7 +107,7 @@ def _tensor_table(cfg: LlamaConfig) -> list[HFTensor]:
     return out
 
 
-def hf_weight_names(cfg: LlamaConfig) -> list[str]:
+def hf_weight_names(cfg: DecoderConfig) -> list[str]:
     """transformers' tensor names of this architecture, in module order.
 
     `model.embed_tokens.weight`, `model.layers.{i}.input_layernorm.weight`,
@@ -121,12 +121,12 @@ def hf_weight_names(cfg: LlamaConfig) -> list[str]:
     return [t.hf_name for t in _tensor_table(cfg)]
 
 
-def hf_weight_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+def hf_weight_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
     """transformers' shape of each tensor of `hf_weight_names(cfg)`."""
     return {t.hf_name: t.hf_shape for t in _tensor_table(cfg)}
 
 
-def group_by_param(cfg: LlamaConfig, scan: bool) -> dict[tuple, list[HFTensor]]:
+def group_by_param(cfg: DecoderConfig, scan: bool) -> dict[tuple, list[HFTensor]]:
     """Our state path (as a tuple of str/int keys) -> the HF tensors that fill it
     (several, one per layer, when the layers are stacked)."""
     groups: dict[tuple, list[HFTensor]] = {}
@@ -146,7 +146,7 @@ def state_key(path: tuple) -> tuple:
     return tuple(int(p) if isinstance(p, int) else str(p) for p in path)
 
 
-def iter_hf_weights(model: Llama) -> Iterator[tuple[str, np.ndarray]]:
+def iter_hf_weights(model: Decoder) -> Iterator[tuple[str, np.ndarray]]:
     """`(hf_name, float32 numpy in transformers' layout)`, one tensor at a time, in
     `hf_weight_names` order. Each tensor is gathered to the host on its own (a
     stacked layer parameter is read one layer slice at a time)."""

@@ -25,7 +25,7 @@ import numpy as np
 from mmpo_jax.errors import UserError
 
 if TYPE_CHECKING:
-    from mmpo_jax.models.llama import Llama
+    from mmpo_jax.models.decoder import Decoder
 
 MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
            "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
@@ -35,7 +35,7 @@ PARENT = {"q": "self_attn", "k": "self_attn", "v": "self_attn", "o": "self_attn"
 BASE_DIR = "base"
 
 
-def iter_peft_weights(model: Llama) -> Iterator[tuple[str, np.ndarray]]:
+def iter_peft_weights(model: Decoder) -> Iterator[tuple[str, np.ndarray]]:
     """`(peft_name, float32 [torch layout])` of every adapter matrix, layer by layer."""
     from flax import nnx
 
@@ -81,7 +81,7 @@ def peft_base_name(model_path: str) -> str | None:
     return text  # a hub id
 
 
-def iter_base_hf_weights(model: Llama) -> Iterator[tuple[str, np.ndarray]]:
+def iter_base_hf_weights(model: Decoder) -> Iterator[tuple[str, np.ndarray]]:
     """`iter_hf_weights` of the base that `model`'s adapters apply to: its weights as loaded,
     the adapters not merged in (they are frozen in a LoRA run, so these are the base
     exactly, in the parameter dtype the adapters were trained against)."""
@@ -108,7 +108,7 @@ def _value(var: Any) -> Any:
 
 
 def export_peft_adapter(
-    model: Llama,
+    model: Decoder,
     out_dir: str | os.PathLike,
     base_model: str,
     tokenizer: Any = None,

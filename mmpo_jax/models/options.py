@@ -74,7 +74,7 @@ class ModelOptions:
       the layer; 'dots' keeps the outputs of the weight matmuls (no batch dims) and
       recomputes attention and the elementwise ops.
     - `dropout`: rate on the attention and MLP outputs (the residual branches); only
-      applied when `Llama.__call__` gets a `dropout_key`.
+      applied when `Decoder.__call__` gets a `dropout_key`.
     - `lora`: LoRA adapters on some projections (None = none); see the module docstring.
 
     Frozen: change a copy with `dataclasses.replace(options, remat="full")`.

@@ -17,8 +17,8 @@ import numpy as np
 from mmpo_jax.errors import UserError, first_line
 
 if TYPE_CHECKING:
-    from mmpo_jax.models.llama import Llama
-    from mmpo_jax.models.llama_config import LlamaConfig
+    from mmpo_jax.models.decoder import Decoder
+    from mmpo_jax.models.decoder_config import DecoderConfig
 
 SAMPLE_CHATS = (
     ("What is the capital of France?", "The capital of France is Paris."),
@@ -220,7 +220,7 @@ def build_batch(args: ModelComparison, tokenizer: Any, vocab_size: int, pad_id: 
 # --------------------------------------------------------------------------- #
 # The two sides
 # --------------------------------------------------------------------------- #
-def ours_logps(model: Llama, batch: Batch, chunk: int, grads: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def ours_logps(model: Decoder, batch: Batch, chunk: int, grads: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Per-token log-probs `[B, T]` (aligned with the ids) and, with `grads`, the
     gradient of the summed completion log-probs per transformers tensor name."""
     import jax
@@ -306,7 +306,7 @@ def torch_logps(model: Any, batch: Batch, grads: bool) -> tuple[np.ndarray, dict
 
 def compare(args: ModelComparison) -> dict[str, Any]:
     """Runs the comparison; returns the JSON-able result."""
-    from mmpo_jax.models.checkpoints import load_checkpoint, open_checkpoint
+    from mmpo_jax.models.pretrained import load_checkpoint, open_checkpoint
     from mmpo_jax.models.options import ModelOptions
 
     if args.max_examples < 1 or args.max_length < 2 or args.chunk < 1:
@@ -342,7 +342,7 @@ def _run_dir_and_export(run_dir: str, stack: contextlib.ExitStack) -> tuple[Any,
     import tempfile
 
     from mmpo_jax.data.tokenizers import tokenizer_of
-    from mmpo_jax.models.checkpoints import open_checkpoint
+    from mmpo_jax.models.pretrained import open_checkpoint
     from mmpo_jax.models.hf_export import export_hf
     from mmpo_jax.train.loop import restore_run
 
@@ -356,7 +356,7 @@ def _run_dir_and_export(run_dir: str, stack: contextlib.ExitStack) -> tuple[Any,
     return model, trainer.arch, tokenizer, open_checkpoint(tmp)
 
 
-def _compare_loaded(args: ModelComparison, model: Llama, cfg: LlamaConfig, tokenizer: Any, source: Any) -> dict[str, Any]:
+def _compare_loaded(args: ModelComparison, model: Decoder, cfg: DecoderConfig, tokenizer: Any, source: Any) -> dict[str, Any]:
     import jax
 
     pad_id = cfg.pad_token_id if isinstance(cfg.pad_token_id, int) and 0 <= cfg.pad_token_id < cfg.vocab_size else 0

@@ -22,8 +22,8 @@ import numpy as np
 from mmpo_jax.errors import UserError
 
 if TYPE_CHECKING:
-    from mmpo_jax.models.llama import Llama
-    from mmpo_jax.models.llama_config import LlamaConfig
+    from mmpo_jax.models.decoder import Decoder
+    from mmpo_jax.models.decoder_config import DecoderConfig
     from mmpo_jax.config_schema import RunConfig
     from mmpo_jax.train.setup import Trainer
 
@@ -58,7 +58,7 @@ def _perturb_lora_b(trainer: Trainer, std: float, seed: int) -> None:
             var.set_value(jax.device_put(noise, value.sharding))
 
 
-def _torch_model(module: Llama, arch: LlamaConfig) -> Any:
+def _torch_model(module: Decoder, arch: DecoderConfig) -> Any:
     """transformers' model holding `module`'s weights (LoRA merged), float32, eager attention."""
     import torch
     from transformers import AutoModelForCausalLM

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmpo_jax import loss_registry
-from mmpo_jax.loss_inputs import LossInputs
+from mmpo_jax.losses import registry as loss_registry
+from mmpo_jax.losses.inputs import LossInputs
 from mmpo_jax.torch_ref import losses as ref_losses
 
 if TYPE_CHECKING:

@@ -2,7 +2,7 @@
 against, written from TRL 1.16's formulas (`DPOTrainer._compute_loss`,
 `trl.experimental.cpo`, `trl.experimental.orpo`) the way TRL writes them (per-sequence
 loss tensors summed with their weights, `torch.sort` of the real pairs for `aot`),
-not translated from `mmpo_jax.losses_dpo`.
+not translated from `mmpo_jax.losses.dpo`.
 
 Arguments as `mmpo_jax.losses`, with `group` for `axis_name` (see
 `mmpo_jax.torch_ref.losses`). `aot` / `aot_unpaired` sort this process's pairs only:

@@ -26,7 +26,7 @@ from mmpo_jax.logprobs import model_token_logps, sequence_logps
 from mmpo_jax.models.attention import branched_segments
 
 if TYPE_CHECKING:
-    from mmpo_jax.models.llama import Llama
+    from mmpo_jax.models.decoder import Decoder
 
 
 class PairLogps(NamedTuple):
@@ -67,7 +67,7 @@ def sequence_mask(loss_mask: jax.Array) -> jax.Array:
     return (upto_last & predicted).astype(jnp.float32)
 
 
-def token_outputs(model: Llama, batch: Mapping[str, jax.Array], *, chunk: int | None, with_entropy: bool,
+def token_outputs(model: Decoder, batch: Mapping[str, jax.Array], *, chunk: int | None, with_entropy: bool,
                   with_log_sum_sq: bool, dropout_key: jax.Array | None) -> list[jax.Array]:
     """Per-token log-probs (then entropies, then `log sum_v p_v^2`, as asked) `[pairs * 2,
     seq]` aligned with the pair-major `loss_mask`, for a pair-major or a packed batch."""
@@ -92,7 +92,7 @@ def token_outputs(model: Llama, batch: Mapping[str, jax.Array], *, chunk: int | 
 
 
 def pair_logps(
-    model: Llama,
+    model: Decoder,
     batch: Mapping[str, jax.Array],
     *,
     average: bool,

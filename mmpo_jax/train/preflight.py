@@ -41,7 +41,7 @@ def check_paths(cfg: RunConfig) -> None:
     for which in ("train", "test"):
         for src in source_specs(cfg.data, which):
             local_data_file(src)
-    from mmpo_jax.models.checkpoints import resolve_checkpoint_path
+    from mmpo_jax.models.pretrained import resolve_checkpoint_path
 
     for key, spec in (("model.path", cfg.model.path), ("model.reference_path", cfg.model.reference_path)):
         if spec:

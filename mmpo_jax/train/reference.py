@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 if TYPE_CHECKING:
-    from mmpo_jax.models.llama import Llama
+    from mmpo_jax.models.decoder import Decoder
     from mmpo_jax.config_schema import RunConfig
     from mmpo_jax.train.state import StateDef
     from mmpo_jax.train.state import TrainState
@@ -88,7 +88,7 @@ class ReferenceMode:
 
         return jax.tree.map(keep, params)
 
-    def model(self, sdef: StateDef, state: TrainState) -> Llama | None:
+    def model(self, sdef: StateDef, state: TrainState) -> Decoder | None:
         """The reference module of `state` (None when the state keeps none)."""
         from mmpo_jax.train.state import merge_states
 
@@ -163,7 +163,7 @@ def reference_mode(name: str) -> ReferenceMode:
         raise ValueError(f"reference mode {name!r} not in {tuple(REFERENCE_MODES)}") from None
 
 
-def held_model(trainer: Trainer) -> Llama | None:
+def held_model(trainer: Trainer) -> Decoder | None:
     """The reference model `trainer`'s state holds (`separate`, `lora_base`), else None
     (`precomputed` and `none` keep none: `setup.initial_reference` loads the initial one)."""
     return reference_mode(trainer.sdef.reference_mode).model(trainer.sdef, trainer.state)

@@ -30,7 +30,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mmpo_jax import loss_registry
+from mmpo_jax.losses import registry as loss_registry
 from mmpo_jax.config_schema import RunConfig
 from mmpo_jax import storage
 from mmpo_jax.errors import UserError, first_line
@@ -38,7 +38,7 @@ from mmpo_jax.train.run_mirror import REFERENCE_DIR
 from mmpo_jax.train.pair_logps import pair_logps
 
 if TYPE_CHECKING:
-    from mmpo_jax.models.llama import Llama
+    from mmpo_jax.models.decoder import Decoder
     from mmpo_jax.data.pipeline import PreferenceData
 
 
@@ -85,7 +85,7 @@ def cache_key(cfg: RunConfig, data: PreferenceData) -> str:
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def reference_table(cfg: RunConfig, load_model: Callable[[], Llama], data: PreferenceData, split: str,
+def reference_table(cfg: RunConfig, load_model: Callable[[], Decoder], data: PreferenceData, split: str,
                     mesh: jax.sharding.Mesh, log: Callable[[str], None] = print) -> np.ndarray:
     """`[rows, 2]` float32 reference sequence log-probs of every row of `data`, from the
     cache when it verifies (`cached_table`), else computed (batches of `data.batch_size`
@@ -161,7 +161,7 @@ def _table_problem(path: storage.Location, rows: int) -> str | np.ndarray:
     return table
 
 
-def compute_table(cfg: RunConfig, model: Llama, data: PreferenceData, mesh: jax.sharding.Mesh) -> np.ndarray:
+def compute_table(cfg: RunConfig, model: Decoder, data: PreferenceData, mesh: jax.sharding.Mesh) -> np.ndarray:
     from mmpo_jax.data.batches import eval_batches
     from mmpo_jax.train.setup import device_batch, pack_spec
 

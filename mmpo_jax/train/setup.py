@@ -22,7 +22,7 @@ import optax
 from mmpo_jax.config_schema import RunConfig
 from mmpo_jax.errors import UserError
 from mmpo_jax.models.build import build_model
-from mmpo_jax.models.llama_config import LlamaConfig, model_config_from_init
+from mmpo_jax.models.decoder_config import DecoderConfig, model_config_from_init
 from mmpo_jax.models.options import ModelOptions
 from mmpo_jax.sharding import make_mesh
 from mmpo_jax.train.optim import learning_rate_schedule, make_optimizer
@@ -32,7 +32,7 @@ from mmpo_jax.train.step import (StepConfig, batch_shardings, check_batch_divisi
                                  make_train_step)
 
 if TYPE_CHECKING:
-    from mmpo_jax.models.llama import Llama
+    from mmpo_jax.models.decoder import Decoder
     from mmpo_jax.data.batches import PackSpec, PreferenceBatch
     from mmpo_jax.data.packing import PackedBatch
 
@@ -42,10 +42,10 @@ def model_options(cfg: RunConfig, backend: str | None = None) -> ModelOptions:
     return ModelOptions.from_config(cfg.model, backend)
 
 
-def load_model(cfg: RunConfig, path: str, options: ModelOptions, mesh: jax.sharding.Mesh) -> tuple[Llama, LlamaConfig]:
+def load_model(cfg: RunConfig, path: str, options: ModelOptions, mesh: jax.sharding.Mesh) -> tuple[Decoder, DecoderConfig]:
     """`(model, architecture)`: the checkpoint at `path`, or a random init when `path` is ""."""
     if path:
-        from mmpo_jax.models.checkpoints import load_checkpoint
+        from mmpo_jax.models.pretrained import load_checkpoint
 
         model, arch, _ = load_checkpoint(path, options, mesh=mesh, with_tokenizer=False)
         return model, arch
@@ -54,7 +54,7 @@ def load_model(cfg: RunConfig, path: str, options: ModelOptions, mesh: jax.shard
     return model, arch
 
 
-def build_policy(cfg: RunConfig, mesh: jax.sharding.Mesh | None = None) -> tuple[Llama, LlamaConfig, ModelOptions]:
+def build_policy(cfg: RunConfig, mesh: jax.sharding.Mesh | None = None) -> tuple[Decoder, DecoderConfig, ModelOptions]:
     """`(model, architecture, options)`: the run's initial policy alone, as `build_trainer`
     makes it (no optimizer or reference: what `generate` of a config needs)."""
     mesh = make_mesh(cfg.mesh) if mesh is None else mesh
@@ -64,7 +64,7 @@ def build_policy(cfg: RunConfig, mesh: jax.sharding.Mesh | None = None) -> tuple
 
 
 def load_reference(cfg: RunConfig, options: ModelOptions, mesh: jax.sharding.Mesh,
-                   policy_arch: LlamaConfig) -> Llama | None:
+                   policy_arch: DecoderConfig) -> Decoder | None:
     """The model of `model.reference_path` (None when unset: the initial policy is the reference).
 
     Loaded with the policy's options (LoRA adapters included, B = 0) so that its
@@ -82,7 +82,7 @@ def load_reference(cfg: RunConfig, options: ModelOptions, mesh: jax.sharding.Mes
     return model
 
 
-def check_vocab(tokenizer: Any, arch: LlamaConfig, cfg: RunConfig) -> None:
+def check_vocab(tokenizer: Any, arch: DecoderConfig, cfg: RunConfig) -> None:
     """Every token id of `data.tokenizer` must index the model's embedding."""
     n = len(tokenizer)
     if n > arch.vocab_size:
@@ -93,7 +93,7 @@ def check_vocab(tokenizer: Any, arch: LlamaConfig, cfg: RunConfig) -> None:
         )
 
 
-def check_context(arch: LlamaConfig, cfg: RunConfig) -> None:
+def check_context(arch: DecoderConfig, cfg: RunConfig) -> None:
     """A sequence's positions (prompt + answer, up to `data.max_length` in every layout: packed
     rows restart them per sequence) must lie within the model's context."""
     limit = arch.context_length
@@ -130,7 +130,7 @@ class Trainer:
 
     cfg: RunConfig
     mesh: jax.sharding.Mesh
-    arch: LlamaConfig
+    arch: DecoderConfig
     options: ModelOptions
     sdef: StateDef
     state: TrainState
@@ -172,7 +172,7 @@ def build_trainer(cfg: RunConfig, mesh: jax.sharding.Mesh | None = None,
     )
 
 
-def initial_reference(trainer: Trainer) -> Llama:
+def initial_reference(trainer: Trainer) -> Decoder:
     """The run's reference as it was before training, loaded anew from the config:
     `model.reference_path` where the mode reads one (separate, precomputed), else the
     policy's starting point (`model.path`, or the seeded random init, which loads to the
@@ -205,7 +205,7 @@ def pack_spec(cfg: RunConfig, mesh: jax.sharding.Mesh) -> PackSpec | None:
     return PackSpec.for_data(cfg.data, mesh.shape["data"] * mesh.shape["fsdp"], cfg.optim.grad_accum)
 
 
-def run_reference(trainer: Trainer) -> Llama | None:
+def run_reference(trainer: Trainer) -> Decoder | None:
     """The run's reference model: the one its state holds (separate, lora_base), the
     initial one loaded again for `precomputed` (its state keeps only log-probs), None
     for `none`."""
@@ -259,7 +259,7 @@ def abstract_batch(pairs: int, seq: int, mesh: jax.sharding.Mesh, mode: str,
     return {k: jax.ShapeDtypeStruct(s, d, sharding=shardings[k]) for k, (s, d) in shapes.items()}
 
 
-def abstract_train_state(arch: LlamaConfig, options: ModelOptions, optimizer: optax.GradientTransformation,
+def abstract_train_state(arch: DecoderConfig, options: ModelOptions, optimizer: optax.GradientTransformation,
                          mesh: jax.sharding.Mesh, *, reference_mode: str, seed: int = 0,
                          init_scale: float = 0.02) -> tuple[StateDef, TrainState]:
     """`(StateDef, TrainState)` with a `jax.ShapeDtypeStruct` (shape, dtype, sharding) for

@@ -28,7 +28,7 @@ from flax import nnx
 from mmpo_jax.train.reference import reference_mode as reference_mode_of
 
 if TYPE_CHECKING:
-    from mmpo_jax.models.llama import Llama
+    from mmpo_jax.models.decoder import Decoder
 
 
 @flax.struct.dataclass
@@ -52,12 +52,12 @@ class StateDef:
     lora: bool
     reference_mode: str
 
-    def policy(self, state: TrainState, trainable: nnx.State | None = None) -> Llama:
+    def policy(self, state: TrainState, trainable: nnx.State | None = None) -> Decoder:
         """The policy module from the state (`trainable` overrides the state's)."""
         t = state.trainable if trainable is None else trainable
         return merge_states(self.graphdef, t, state.frozen, state.rest)
 
-    def reference(self, state: TrainState) -> Llama:
+    def reference(self, state: TrainState) -> Decoder:
         """The reference module of the modes that keep one in the state (`separate`, `lora_base`)."""
         from mmpo_jax.train.reference import reference_mode
 
@@ -95,12 +95,12 @@ def split_model(model: nnx.Module, lora: bool) -> tuple[nnx.GraphDef, nnx.State,
 
 
 def create_state(
-    model: Llama,
+    model: Decoder,
     optimizer: optax.GradientTransformation,
     *,
     lora: bool,
     reference_mode: str,
-    reference_model: Llama | None = None,
+    reference_model: Decoder | None = None,
     seed: int = 0,
     mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[StateDef, TrainState]:

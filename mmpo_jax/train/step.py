@@ -36,10 +36,10 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mmpo_jax import loss_registry, losses
+from mmpo_jax.losses import mmpo as losses, registry as loss_registry
 from mmpo_jax.config_schema import LossConfig
 from mmpo_jax.errors import UserError
-from mmpo_jax.loss_inputs import LossInputs
+from mmpo_jax.losses.inputs import LossInputs
 from mmpo_jax.sharding import BATCH_AXES
 from mmpo_jax.train.pair_logps import pair_logps
 from mmpo_jax.train.reference import reference_mode

@@ -1,8 +1,8 @@
 """Preference losses on per-pair sequence log-probs: MMPO, SimPO and SFT here; DPO with
-TRL's loss types (`mmpo_jax.losses_dpo`), CPO and ORPO (`mmpo_jax.losses_policy`)
+TRL's loss types (`mmpo_jax.losses.dpo`), CPO and ORPO (`mmpo_jax.losses.policy`)
 imported, so every loss is `mmpo_jax.losses.<name>_loss`.
 
-The contract is `docs/losses.md`; `mmpo_jax.loss_registry` declares each loss (what it
+The contract is `docs/losses.md`; `mmpo_jax.losses.registry` declares each loss (what it
 reads, its defaults, its metrics). Every function here is pure: it takes
 `[N]` arrays of sequence log-probs (one entry per preference pair) and returns
 `(loss, metrics)`, `metrics` a dict of scalar arrays with TRL's names.
@@ -27,11 +27,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mmpo_jax import loss_registry
-from mmpo_jax.loss_inputs import LossInputs
-from mmpo_jax.loss_reduce import AxisName, Metrics, Reducer, prepare, reward_metrics, stop_metrics, token_mean_nll
-from mmpo_jax.losses_dpo import dpo_loss
-from mmpo_jax.losses_policy import cpo_loss, orpo_loss
+from mmpo_jax.losses import registry as loss_registry
+from mmpo_jax.losses.inputs import LossInputs
+from mmpo_jax.losses.reduce import AxisName, Metrics, Reducer, prepare, reward_metrics, stop_metrics, token_mean_nll
+from mmpo_jax.losses.dpo import dpo_loss
+from mmpo_jax.losses.policy import cpo_loss, orpo_loss
 
 if TYPE_CHECKING:
     from mmpo_jax.config_schema import LossConfig
@@ -258,7 +258,7 @@ def configured_loss(
     """The loss the `loss` config section names (or `name`, `beta`) on `inputs` `[pairs]`.
 
     What each loss reads from `inputs` and the config is its declaration in
-    `mmpo_jax.loss_registry` (`call_arguments`, shared with the PyTorch reference).
+    `mmpo_jax.losses.registry` (`call_arguments`, shared with the PyTorch reference).
     """
     spec, args, kwargs = loss_registry.call_arguments(loss_cfg, inputs, name=name, beta=beta)
     fn = globals()[spec.function]

@@ -1,13 +1,13 @@
 """A decoder-only transformer in Flax NNX for the Llama family (Llama 2/3, SmolLM2, Mistral,
 Qwen2, Qwen3) and Gemma 2 / 3: `mmpo_jax.models.families` says what each adds.
 
-`Llama(cfg, options, rngs=...)`: `model(input_ids [B, T] int32) -> hidden [B, T, D]`
+`Decoder(cfg, options, rngs=...)`: `model(input_ids [B, T] int32) -> hidden [B, T, D]`
 after the final RMSNorm; `model.lm_head_kernel() -> [D, V]`. Log-probs are computed
 from these two (and `logit_soft_cap`) by `mmpo_jax.logprobs` (chunked, no [B, T, V] logits).
 `model.decode(input_ids, positions, cache, slot, mask)`: the same layers with a KV
 cache, for generation (`mmpo_jax.eval.generate`, which owns the cache layout and masks).
 
-The rest of the model package: `llama_config.LlamaConfig` (the architecture, with
+The rest of the model package: `decoder_config.DecoderConfig` (the architecture, with
 transformers' names, from and to a `config.json`), `options.ModelOptions` (how the
 model runs: dtypes, attention kernel, scan, remat, dropout, LoRA), `attention` (the
 one attention entry point and its mask spec), `layers` (parameters with logical axes,
@@ -44,7 +44,7 @@ from flax import nnx
 
 from mmpo_jax.models.attention import MaskSpec, attention, cached_attention, window_mask
 from mmpo_jax.models.layers import ACTIVATION_FNS, RMSNorm, apply_rope, apply_rope_rows, dropout, param
-from mmpo_jax.models.llama_config import LlamaConfig
+from mmpo_jax.models.decoder_config import DecoderConfig
 from mmpo_jax.models.rope import inv_freq as rope_inv_freq
 from mmpo_jax.models.lora import add_delta, add_lora_params, lora_delta
 from mmpo_jax.models.options import ModelOptions
@@ -64,7 +64,7 @@ def _pick(sliding: Sliding, pair: tuple) -> Any:
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, options: ModelOptions, scale: float, *, rngs: nnx.Rngs,
+    def __init__(self, cfg: DecoderConfig, options: ModelOptions, scale: float, *, rngs: nnx.Rngs,
                  mesh: jax.sharding.Mesh | None = None):
         d, h, k, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         pd = options.param_dtype
@@ -190,7 +190,7 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, options: ModelOptions, scale: float, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: DecoderConfig, options: ModelOptions, scale: float, *, rngs: nnx.Rngs):
         d, m, pd = cfg.hidden_size, cfg.intermediate_size, options.param_dtype
         self.gate_kernel = param(rngs, (d, m), ("embed", "mlp"), pd, "normal", scale)
         self.up_kernel = param(rngs, (d, m), ("embed", "mlp"), pd, "normal", scale)
@@ -220,7 +220,7 @@ class DecoderLayer(nnx.Module):
     each block's output: `x + post_attention_layernorm(attn(input_layernorm(x)))`, then
     `x + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x)))`."""
 
-    def __init__(self, cfg: LlamaConfig, options: ModelOptions, scale: float, *, rngs: nnx.Rngs,
+    def __init__(self, cfg: DecoderConfig, options: ModelOptions, scale: float, *, rngs: nnx.Rngs,
                  mesh: jax.sharding.Mesh | None = None):
         sandwich = cfg.family.gemma_norms
 
@@ -287,7 +287,7 @@ def _layer_fn(remat: str, static_sliding: bool) -> Callable:
                      static_argnums=(3,) if static_sliding else ())
 
 
-class Llama(nnx.Module):
+class Decoder(nnx.Module):
     """The decoder: token embedding, `num_hidden_layers` layers, final RMSNorm.
 
     `__call__(input_ids [B, T] int32) -> hidden [B, T, D]` (after the final norm, in
@@ -296,7 +296,7 @@ class Llama(nnx.Module):
     `lm_head_kernel() -> [D, V]` (the embedding transposed when tied).
     """
 
-    def __init__(self, cfg: LlamaConfig, options: ModelOptions, *, rngs: nnx.Rngs,
+    def __init__(self, cfg: DecoderConfig, options: ModelOptions, *, rngs: nnx.Rngs,
                  init_scale: float = 0.02, mesh: jax.sharding.Mesh | None = None):
         self.cfg = cfg
         self.options = options

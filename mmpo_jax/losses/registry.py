@@ -289,7 +289,7 @@ def settings(loss_cfg: LossConfig, name: str | None = None) -> tuple[float, bool
 def call_arguments(loss_cfg: LossConfig, inputs: Any, *, name: str | None = None,
                    beta: float | None = None) -> tuple[LossSpec, tuple[Any, ...], dict[str, Any]]:
     """The function, positional and keyword arguments of the loss `loss_cfg` names (or
-    `name`) on `inputs` (a `mmpo_jax.loss_inputs.LossInputs` of JAX or torch arrays).
+    `name`) on `inputs` (a `mmpo_jax.losses.inputs.LossInputs` of JAX or torch arrays).
 
     The one dispatch from a config to a loss call, for JAX and PyTorch alike: the
     reference log-probs when the loss reads them, the entropy bonus when given (else

@@ -5,7 +5,7 @@
 Every type reads the per-pair log-ratios `lr_c = pc - rc`, `lr_r = pr - rr`; the
 ones TRL generalises to f-divergences read the scores `f(lr)` instead
 (`loss.f_divergence_type`). `docs/losses.md` gives each formula and its source;
-`mmpo_jax.loss_registry` names the types. Inputs are `[N]`; `pair_mask` and
+`mmpo_jax.losses.registry` names the types. Inputs are `[N]`; `pair_mask` and
 `axis_name` work as in `mmpo_jax.losses.mmpo_loss` (global means over the real
 pairs, and `aot`'s sorts over the GLOBAL batch).
 """
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from mmpo_jax.loss_reduce import (
+from mmpo_jax.losses.reduce import (
     AxisName,
     Metrics,
     Reducer,
@@ -29,7 +29,7 @@ from mmpo_jax.loss_reduce import (
     stop_metrics,
     token_mean_nll,
 )
-from mmpo_jax.loss_registry import PER_TOKEN_LOSS_TYPES, dpo_type_problem
+from mmpo_jax.losses.registry import PER_TOKEN_LOSS_TYPES, dpo_type_problem
 
 Array = jax.Array
 log_sigmoid = jax.nn.log_sigmoid

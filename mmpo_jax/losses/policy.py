@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mmpo_jax.loss_reduce import (
+from mmpo_jax.losses.reduce import (
     AxisName,
     Metrics,
     Reducer,
@@ -20,8 +20,8 @@ from mmpo_jax.loss_reduce import (
     stop_metrics,
     token_mean_nll,
 )
-from mmpo_jax.loss_registry import CPO_LOSS_TYPES
-from mmpo_jax.losses_dpo import conservative_sigmoid
+from mmpo_jax.losses.registry import CPO_LOSS_TYPES
+from mmpo_jax.losses.dpo import conservative_sigmoid
 
 Array = jax.Array
 log_sigmoid = jax.nn.log_sigmoid

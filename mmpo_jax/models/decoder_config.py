@@ -1,4 +1,4 @@
-"""The Llama family's architecture (`LlamaConfig`, transformers' names): reading and
+"""The decoder's architecture (`DecoderConfig`, transformers' names): reading and
 writing transformers' `config.json` (transformers 4's `rope_theta`/`rope_scaling`,
 transformers 5's `rope_parameters`), and a random init's architecture from the
 `model.init` config section."""
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class LlamaConfig:
+class DecoderConfig:
     """The architecture of any supported family, with transformers' field names.
 
     `model_type` names the family (`mmpo_jax.models.families`: what it adds to the
@@ -169,7 +169,7 @@ class LlamaConfig:
         return self.family.qk_norm
 
     @classmethod
-    def from_hf_dict(cls, d: dict) -> "LlamaConfig":
+    def from_hf_dict(cls, d: dict) -> "DecoderConfig":
         """Reads a transformers `config.json` dict (transformers 4 or 5 style; of a
         multimodal model in `TEXT_TOWERS`, its `text_config`).
 
@@ -191,8 +191,8 @@ class LlamaConfig:
         return write_hf_config(self)
 
 
-def model_config_from_init(init: ModelInit) -> LlamaConfig:
-    """The `LlamaConfig` of a random init from the `model.init` config section: read as
+def model_config_from_init(init: ModelInit) -> DecoderConfig:
+    """The `DecoderConfig` of a random init from the `model.init` config section: read as
     the config.json it amounts to, so a family's defaults (Gemma's windows, soft-caps,
     RoPE bases) are the ones its checkpoints get."""
     d: dict[str, Any] = {
@@ -213,4 +213,4 @@ def model_config_from_init(init: ModelInit) -> LlamaConfig:
     if init.sliding_window is not None:
         d["sliding_window"] = init.sliding_window
         d["use_sliding_window"] = True  # Qwen's switch for its window
-    return LlamaConfig.from_hf_dict(d)
+    return DecoderConfig.from_hf_dict(d)

@@ -42,8 +42,8 @@ from mmpo_jax.models.safetensors_header import SafetensorsHeader, read_header
 if TYPE_CHECKING:
     import jax
 
-    from mmpo_jax.models.llama import Llama
-    from mmpo_jax.models.llama_config import LlamaConfig
+    from mmpo_jax.models.decoder import Decoder
+    from mmpo_jax.models.decoder_config import DecoderConfig
     from mmpo_jax.models.options import ModelOptions
 
 CONFIG_FILE = "config.json"
@@ -256,7 +256,7 @@ def check_hf_dims(hf_config: dict[str, Any], where: str, names: dict[str, str] |
     from mmpo_jax.config_schema import MODEL_DIM_LIMITS, model_dims_problem
 
     dims: dict[str, Any] = {key: hf_config.get(key) for key in MODEL_DIM_LIMITS}
-    # `LlamaConfig.from_hf_dict` reads 0 / null for these as "not given" (`or` a derived value).
+    # `DecoderConfig.from_hf_dict` reads 0 / null for these as "not given" (`or` a derived value).
     for key in ("num_key_value_heads", "head_dim"):
         if not dims[key]:
             dims[key] = None
@@ -540,8 +540,8 @@ def load_checkpoint(
     *,
     mesh: jax.sharding.Mesh | None = None,
     with_tokenizer: bool = True,
-) -> tuple[Llama, LlamaConfig, Any]:
-    """`(model, LlamaConfig, tokenizer or None)` from an HF directory, a hub id or a .gguf file.
+) -> tuple[Decoder, DecoderConfig, Any]:
+    """`(model, DecoderConfig, tokenizer or None)` from an HF directory, a hub id or a .gguf file.
 
     `options` is a `ModelOptions` (default: float32, scanned layers). With `mesh`,
     each parameter is placed straight onto its sharding (`mmpo_jax.sharding`).
@@ -549,12 +549,12 @@ def load_checkpoint(
     misshaped tensor, saying what to fix.
     """
     from mmpo_jax.models.build import build_model
-    from mmpo_jax.models.llama_config import LlamaConfig
+    from mmpo_jax.models.decoder_config import DecoderConfig
     from mmpo_jax.models.options import ModelOptions
 
     source = open_checkpoint(path_or_hub_id)
     try:
-        cfg = LlamaConfig.from_hf_dict(source.hf_config)
+        cfg = DecoderConfig.from_hf_dict(source.hf_config)
     except UserError as err:
         raise UserError(f"{source.description}: {err}") from None
     except (KeyError, TypeError, ValueError) as err:
@@ -573,7 +573,7 @@ def load_checkpoint(
     return model, cfg, tokenizer
 
 
-def check_tensors(source: CheckpointSource, cfg: LlamaConfig) -> None:
+def check_tensors(source: CheckpointSource, cfg: DecoderConfig) -> None:
     """Every tensor the architecture needs is in the checkpoint, or a UserError listing those missing."""
     from mmpo_jax.models.hf_weights import hf_weight_names
 

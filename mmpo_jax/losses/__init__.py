@@ -1,0 +1,7 @@
+"""The preference losses, one package: each a pure JAX function of per-pair sequence
+log-probs returning `(loss, metrics)` (`mmpo`: MMPO, SimPO, SFT; `dpo`: DPO with TRL's
+loss types; `policy`: CPO, ORPO), the masked global reductions they share (`reduce`),
+their typed inputs (`inputs`) and the declaration of each loss (`registry`).
+
+The contract is `docs/losses.md`.
+"""
