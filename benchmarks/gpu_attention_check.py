@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from mmpo_jax.models.attention import MaskSpec, attention  # noqa: E402
+from mmpo_jax.models.attention import MaskSpec, Segments, attention  # noqa: E402
 
 
 def packed_segments(rows: int, seq: int, seed: int) -> np.ndarray:
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--kernel {args.kernel} would run in interpret mode on {backend}: pass --smoke")
 
     seg = jnp.asarray(packed_segments(args.rows, args.seq, args.seed))
+    packed = Segments(seg)
     keys = jax.random.split(jax.random.key(args.seed), 4)
     shape = (args.rows, args.seq)
     q32 = jax.random.normal(keys[0], (*shape, args.heads, args.head_dim), jnp.float32)
@@ -87,16 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     scale = args.head_dim ** -0.5
     dtype = jnp.dtype(args.dtype)
 
-    def fwd_bwd(impl: str, segments: jax.Array | None):
+    def fwd_bwd(impl: str, segments: Segments | None):
         def loss(q, k, v):
             out = attention(q, k, v, MaskSpec(), scale=scale, implementation=impl,  # type: ignore[arg-type]
-                            segment_ids=segments, interpret=interpret and impl == args.kernel)
+                            segments=segments, interpret=interpret and impl == args.kernel)
             real = (seg > 0)[:, :, None, None]  # padding queries are no one's output
             return jnp.sum(jnp.where(real, out.astype(jnp.float32) * weights, 0.0)), out
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
 
     def outputs(impl: str, dt):
-        segments = None if args.negative_control and impl == args.kernel else seg
+        segments = None if args.negative_control and impl == args.kernel else packed
         (_, out), grads = fwd_bwd(impl, segments)(q32.astype(dt), k32.astype(dt), v32.astype(dt))
         real = np.asarray(seg > 0)
         return [np.asarray(out, np.float32)[real], *(np.asarray(g, np.float32) for g in grads)]
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
              for n, w in zip(names, want)}
     ok = all(kernel_err[n] <= args.slack * xla_err[n] + floor[n] for n in names)
 
-    def timed(impl: str, segments: jax.Array | None) -> float:
+    def timed(impl: str, segments: Segments | None) -> float:
         f = fwd_bwd(impl, segments)
         q, k, v = (x.astype(dtype) for x in (q32, k32, v32))
         jax.block_until_ready(f(q, k, v))  # compile
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             times.append(time.perf_counter() - t0)
         return 1e3 * statistics.median(times)
 
-    ms = {f"{args.kernel}_ms": timed(args.kernel, seg), "xla_dense_mask_ms": timed("xla", seg)}
+    ms = {f"{args.kernel}_ms": timed(args.kernel, packed), "xla_dense_mask_ms": timed("xla", packed)}
     if backend == "gpu" and dtype == jnp.bfloat16:  # cuDNN's kernel takes half precision
         ms["cudnn_no_segments_ms"] = timed("cudnn", None)
     print(json.dumps({"kernel": args.kernel, "backend": backend, "device": str(jax.devices()[0]),

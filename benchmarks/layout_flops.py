@@ -129,11 +129,14 @@ def main(argv: list[str] | None = None) -> dict:
     import jax
 
     from mmpo_jax.config_schema import LossConfig, MeshConfig, OptimConfig
+    from mmpo_jax.config_settle import settle_loss
     from mmpo_jax.models.decoder_config import DecoderConfig
     from mmpo_jax.models.options import ModelOptions
     from mmpo_jax.sharding import make_mesh
     from mmpo_jax.train.optim import learning_rate_schedule, make_optimizer
-    from mmpo_jax.train.setup import abstract_batch, abstract_train_state
+    from mmpo_jax.data.layout import layout_of
+    from mmpo_jax.train.reference import reference_mode
+    from mmpo_jax.train.setup import abstract_train_state
     from mmpo_jax.train.state import state_shardings
     from mmpo_jax.train.step import StepConfig, make_train_step
 
@@ -146,20 +149,21 @@ def main(argv: list[str] | None = None) -> dict:
     mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
     optim_cfg = OptimConfig(learning_rate=1e-6, schedule="constant")
     optimizer = make_optimizer(optim_cfg, 1000)
-    scfg = StepConfig(loss=LossConfig(name="mmpo").settled(), grad_accum=1, logprob_chunk=chunk,
+    scfg = StepConfig(loss=settle_loss(LossConfig(name="mmpo")), grad_accum=1, logprob_chunk=chunk,
                       schedule=learning_rate_schedule(optim_cfg, 1000), dropout=False)
-    sdef, state = abstract_train_state(cfg, options, optimizer, mesh, reference_mode="separate")
+    separate = reference_mode("separate")
+    sdef, state = abstract_train_state(cfg, options, optimizer, mesh, reference_mode=separate)
 
     cache: dict[tuple, float] = {}
 
     def flops(key: tuple) -> float:
         if key not in cache:
             t0 = time.perf_counter()
-            if key[0] == "none":
-                batch = abstract_batch(args.batch, key[1], mesh, "separate")
+            layout = layout_of(key[0])
+            if layout.segments:
+                batch = layout.abstract(args.batch, args.max_length, mesh, separate, rows=(key[1], pack))
             else:
-                batch = abstract_batch(args.batch, args.max_length, mesh, "separate", packed=(key[1], pack),
-                                       shared=key[0] == "shared_prompt")
+                batch = layout.abstract(args.batch, key[1], mesh, separate)
             step = make_train_step(sdef, scfg, optimizer, mesh, state_shardings(state), batch)
             cache[key] = lowered_flops(step, state, batch)
             print(f"  lowered {key[0]} {key[1]}: {cache[key]:.4g} FLOPs ({time.perf_counter() - t0:.1f} s)",

@@ -3,7 +3,7 @@
 Builds our real MMPO train step (`mmpo_jax.train.step.make_train_step`: the jit with
 its shardings and donation) for a model shape entirely abstractly (the state of
 `mmpo_jax.train.setup.abstract_train_state`: a run's own init under `jax.eval_shape`, nothing
-of model size allocated), compiles it with `.lower(abstract_state, abstract_batch).compile()` and
+of model size allocated), compiles it with `.lower(abstract_state, abstract batch).compile()` and
 prints XLA's `memory_analysis()`:
 
     total = arguments + outputs - aliased (donated) + temporaries
@@ -27,7 +27,8 @@ On a CPU the numbers are the CPU compile's plan (XLA attention materialises the
 `[B, H, T, T]` scores; on a GPU, cuDNN flash attention does not): informative, but
 say it is a CPU plan. "Fits an 80 GB card" is judged against an H100 80GB's 81559 MiB
 times `--headroom` (default 0.9: CUDA context, cuBLAS/cuDNN workspaces and
-fragmentation are outside XLA's plan). Imports no grain, datasets or mmpo_jax.data.
+fragmentation are outside XLA's plan). Imports no grain, datasets or mmpo_jax.data but the
+batch layout (`mmpo_jax.data.layout`, numpy and jax only).
 """
 
 from __future__ import annotations
@@ -99,8 +100,11 @@ def build(args: argparse.Namespace) -> dict:
     """The abstract state and batch, the jitted step and everything needed to run it."""
     import jax
 
-    from mmpo_jax.train.setup import abstract_batch, abstract_train_state
     from mmpo_jax.config_schema import LossConfig, MeshConfig, OptimConfig
+    from mmpo_jax.config_settle import settle_loss
+    from mmpo_jax.data.layout import PADDED
+    from mmpo_jax.train.reference import reference_mode
+    from mmpo_jax.train.setup import abstract_train_state
     from mmpo_jax.models.decoder_config import DecoderConfig
     from mmpo_jax.models.options import LoraOptions, ModelOptions
     from mmpo_jax.sharding import make_mesh
@@ -123,7 +127,7 @@ def build(args: argparse.Namespace) -> dict:
     total_steps = 1000
     optim_cfg = OptimConfig(learning_rate=args.lr, schedule="constant", mu_dtype=args.mu_dtype)
     optim_cfg.validate("optim")
-    loss_cfg = LossConfig(name="mmpo").settled()
+    loss_cfg = settle_loss(LossConfig(name="mmpo"))
     loss_cfg.validate("loss")
     optimizer = make_optimizer(optim_cfg, total_steps)
     scfg = StepConfig(loss=loss_cfg, grad_accum=1, logprob_chunk=args.logprob_chunk,
@@ -131,8 +135,9 @@ def build(args: argparse.Namespace) -> dict:
 
     t0 = time.perf_counter()
     # the state `mmpo-jax aot-check` compiles: the run's own init under jax.eval_shape
-    sdef, abstract = abstract_train_state(cfg, options, optimizer, mesh, reference_mode=args.reference)
-    batch = abstract_batch(args.pairs, args.seq, mesh, args.reference)
+    mode = reference_mode(args.reference)
+    sdef, abstract = abstract_train_state(cfg, options, optimizer, mesh, reference_mode=mode)
+    batch = PADDED.abstract(args.pairs, args.seq, mesh, mode)
     step = make_train_step(sdef, scfg, optimizer, mesh, state_shardings(abstract), batch)
     abstract_s = time.perf_counter() - t0
     return dict(cfg=cfg, options=options, mesh=mesh, optimizer=optimizer, abstract=abstract,
@@ -191,7 +196,8 @@ def compile_plan(args: argparse.Namespace) -> tuple[dict, dict]:
         "jax": jax.__version__, "source": "compiled memory analysis (XLA plan, not a run)",
         "forbidden_modules": sorted(m for m in sys.modules
                                     if m.split(".")[0] in ("grain", "datasets")
-                                    or m.startswith("mmpo_jax.data")),
+                                    or (m.startswith("mmpo_jax.data")
+                                        and m not in ("mmpo_jax.data", "mmpo_jax.data.layout"))),
     }
     return result, b
 
@@ -201,13 +207,14 @@ def run_steps(args: argparse.Namespace, b: dict, steps: int, warmup: int) -> dic
     import jax
     import numpy as np
 
+    from mmpo_jax.data.layout import DeviceBatch, batch_shardings
     from mmpo_jax.models.build import build_model
+    from mmpo_jax.train.reference import reference_mode
     from mmpo_jax.train.state import create_state, state_shardings
-    from mmpo_jax.train.step import batch_shardings
 
     t0 = time.perf_counter()
     model = build_model(b["cfg"], b["options"], mesh=b["mesh"], seed=0)
-    _, state = create_state(model, b["optimizer"], lora=b["lora"], reference_mode=args.reference,
+    _, state = create_state(model, b["optimizer"], lora=b["lora"], reference_mode=reference_mode(args.reference),
                             seed=0, mesh=b["mesh"])
     del model
     # onto exactly the shardings the executable was compiled for
@@ -217,7 +224,7 @@ def run_steps(args: argparse.Namespace, b: dict, steps: int, warmup: int) -> dic
     ids = rng.integers(0, vocab, (args.pairs, 2, args.seq), dtype=np.int32)
     mask = np.ones_like(ids)
     mask[:, :, : args.seq // 4] = 0
-    host = {"input_ids": ids, "loss_mask": mask, "pair_mask": np.ones(args.pairs, np.int32)}
+    host = DeviceBatch(input_ids=ids, loss_mask=mask, pair_mask=np.ones(args.pairs, np.int32))
     batch = jax.device_put(host, batch_shardings(b["mesh"], host))
     jax.block_until_ready((state, batch))
     build_s = time.perf_counter() - t0

@@ -42,7 +42,8 @@ def history(overrides: list[str], data, test) -> list[dict[str, float]]:
     from mmpo_jax.config import load_config
     from mmpo_jax.data.batches import eval_batches, train_batches
     from mmpo_jax.train.reference_cache import compute_table
-    from mmpo_jax.train.setup import build_trainer, device_batch, initial_reference
+    from mmpo_jax.data.layout import device_batch
+    from mmpo_jax.train.setup import build_trainer, initial_reference
 
     cfg = load_config("configs/tiny.yaml", BASE + overrides)
     shards = cfg.mesh.data * max(cfg.mesh.fsdp, 1)

@@ -64,6 +64,8 @@ RESULT_TAG = "@@STEP_BENCH_RESULT@@ "
 STAGE_TAG = "@@STEP_BENCH_STAGE@@ "
 # Our process must run on the GPU image, which has none of these.
 FORBIDDEN_PREFIXES = ("grain", "datasets", "mmpo_jax.data")
+# of those, the step's own batch layout (numpy and jax only) and its package
+STEP_MODULES = ("mmpo_jax.data", "mmpo_jax.data.layout")
 GIB = 2**30
 
 if str(REPO) not in sys.path:  # run as `python benchmarks/step_throughput.py` from a checkout
@@ -142,10 +144,10 @@ def mark_stage(name: str) -> None:
 
 
 def forbidden_modules() -> list[str]:
-    """Modules of `FORBIDDEN_PREFIXES` loaded in this process."""
+    """Modules of `FORBIDDEN_PREFIXES` loaded in this process (but `STEP_MODULES`)."""
     return sorted(
         m for m in sys.modules
-        if any(m == p or m.startswith(p + ".") for p in FORBIDDEN_PREFIXES)
+        if m not in STEP_MODULES and any(m == p or m.startswith(p + ".") for p in FORBIDDEN_PREFIXES)
     )
 
 
@@ -193,16 +195,18 @@ def worker_peak(job: dict) -> dict:
 # --------------------------------------------------------------------------- #
 # Worker: our train step
 # --------------------------------------------------------------------------- #
-def synthetic_batch(pairs: int, seq: int, vocab: int, seed: int = 1) -> dict:
-    """Pair-major batch (numpy): `input_ids`/`loss_mask` int32 [pairs, 2, seq],
-    `pair_mask` int32 [pairs]; the first seq // 4 tokens are prompt (mask 0)."""
+def synthetic_batch(pairs: int, seq: int, vocab: int, seed: int = 1) -> Any:
+    """Pair-major `DeviceBatch` of numpy arrays: `input_ids`/`loss_mask` int32 [pairs, 2,
+    seq], `pair_mask` int32 [pairs]; the first seq // 4 tokens are prompt (mask 0)."""
     import numpy as np
+
+    from mmpo_jax.data.layout import DeviceBatch
 
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, vocab, (pairs, 2, seq), dtype=np.int32)
     mask = np.ones((pairs, 2, seq), np.int32)
     mask[:, :, : seq // 4] = 0
-    return {"input_ids": ids, "loss_mask": mask, "pair_mask": np.ones(pairs, np.int32)}
+    return DeviceBatch(input_ids=ids, loss_mask=mask, pair_mask=np.ones(pairs, np.int32))
 
 
 def compiled_memory(compiled: Any) -> dict:
@@ -241,7 +245,7 @@ def worker_ours(job: dict) -> dict:
 
     from mmpo_jax.config import load_config
     from mmpo_jax.train.setup import build_trainer
-    from mmpo_jax.train.step import batch_shardings
+    from mmpo_jax.data.layout import batch_shardings
 
     mark_stage("imported jax and mmpo_jax; building model and state")
     v = job["variant"]

@@ -36,14 +36,28 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
+import jax
+import numpy as np
+from huggingface_hub import hf_hub_download
+from jax.experimental import topologies
+from jax.sharding import AxisType
+
 from mmpo_jax.config_schema import RunConfig
+from mmpo_jax.data.layout import layout_of
 from mmpo_jax.errors import UserError
+from mmpo_jax.models.decoder_config import DecoderConfig, model_config_from_init
+from mmpo_jax.models.kernels import check_kernel
+from mmpo_jax.models.pretrained import open_checkpoint
+from mmpo_jax.paths import resolve
+from mmpo_jax.sharding import MESH_AXES, resolve_mesh_shape
+from mmpo_jax.train.optim import learning_rate_schedule, make_optimizer
+from mmpo_jax.train.reference import reference_mode
+from mmpo_jax.train.setup import abstract_train_state, model_options, step_config
+from mmpo_jax.train.state import state_shardings
+from mmpo_jax.train.step import check_batch_divisible, make_train_step
 
 if TYPE_CHECKING:
-    import jax
-
     from mmpo_jax.config_schema import MeshConfig
-    from mmpo_jax.models.decoder_config import DecoderConfig
 
 GIB = 2**30
 
@@ -123,8 +137,6 @@ def libtpu_version() -> str | None:
 
 
 def _need_libtpu() -> str:
-    import jax
-
     version = libtpu_version()
     if version is None:
         raise UserError(
@@ -157,8 +169,6 @@ def _quiet_libtpu_env() -> Iterator[None]:
 
 def topology_devices(topo: Topology) -> list:
     """The TPU devices of `topo`, one per chip (v4 and v5p as megacore: one device per chip)."""
-    from jax.experimental import topologies
-
     libtpu = _need_libtpu()
     dims3 = (*topo.dims, 1) if len(topo.dims) == 2 else topo.dims
     host = tuple(min(d, h) for d, h in zip(dims3, _HOST_BOX))
@@ -172,8 +182,6 @@ def topology_devices(topo: Topology) -> list:
                 chips_per_host_bounds=host, num_slices=1,
             )
     except Exception as err:  # libtpu's errors are RuntimeError / XlaRuntimeError
-        import jax
-
         raise UserError(
             f"--topology {topo.name}: libtpu {libtpu} could not describe it ({str(err).splitlines()[0][:300]}). "
             f"Check the shape is a real {topo.kind} slice (e.g. {EXAMPLE_TOPOLOGIES}) and that libtpu "
@@ -192,11 +200,6 @@ def topology_mesh(mesh_cfg: MeshConfig, devices: list) -> jax.sharding.Mesh:
     Not `mmpo_jax.sharding.make_mesh`: that one builds over `jax.devices()` (this
     machine's CPUs) when the counts happen to match.
     """
-    import jax
-    from jax.sharding import AxisType
-
-    from mmpo_jax.sharding import MESH_AXES, resolve_mesh_shape
-
     shape = resolve_mesh_shape(mesh_cfg, len(devices))
     # jax.make_mesh orders the devices for the physical torus, as on a TPU VM.
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
@@ -208,9 +211,6 @@ def topology_mesh(mesh_cfg: MeshConfig, devices: list) -> jax.sharding.Mesh:
 def model_architecture(cfg: RunConfig) -> DecoderConfig:
     """The `DecoderConfig` of `model.path` (its config.json or GGUF metadata, no weights),
     or of `model.init.*` when `model.path` is ""."""
-    from mmpo_jax.models.decoder_config import DecoderConfig, model_config_from_init
-    from mmpo_jax.paths import resolve
-
     spec = cfg.model.path
     if not spec:
         return model_config_from_init(cfg.model.init)
@@ -219,8 +219,6 @@ def model_architecture(cfg: RunConfig) -> DecoderConfig:
     if local.is_dir():
         return DecoderConfig.from_hf_dict(_read_json(local / "config.json", spec))
     if local.is_file():
-        from mmpo_jax.models.pretrained import open_checkpoint
-
         return DecoderConfig.from_hf_dict(open_checkpoint(local).hf_config)  # GGUF: metadata only
     return DecoderConfig.from_hf_dict(_read_json(_hub_config(text), spec))
 
@@ -235,8 +233,6 @@ def _read_json(path: Path, spec: str) -> dict:
 def _hub_config(repo_id: str) -> Path:
     """Only `config.json` of a hub model (from the HF cache, or downloaded): a few KB."""
     try:
-        from huggingface_hub import hf_hub_download
-
         return Path(hf_hub_download(repo_id, "config.json"))
     except Exception as err:  # offline, gated, unknown repo: all say the same thing here
         raise UserError(
@@ -248,11 +244,10 @@ def _hub_config(repo_id: str) -> Path:
 
 
 def target_options(cfg: RunConfig) -> Any:
-    """`ModelOptions` of `cfg` as a TPU run resolves them (compute_dtype auto = bfloat16)."""
-    from mmpo_jax.train.setup import model_options
-
-    if cfg.model.attention == "cudnn":
-        raise UserError("model.attention=cudnn is GPU-only; a TPU run needs model.attention=auto or xla")
+    """`ModelOptions` of `cfg` as a TPU run resolves them (compute_dtype auto = bfloat16);
+    a `UserError` for an attention kernel a TPU run refuses before any architecture is read
+    (`mmpo_jax.models.kernels.check_kernel`; the model's own refusals come as it is built)."""
+    check_kernel(cfg.model.attention, cfg.model.compute_dtype, cfg.data.packing != "none", "tpu")
     return model_options(cfg, backend="tpu")
 
 
@@ -285,8 +280,6 @@ def per_device_array_bytes(tree: Any) -> int:
     v5p:2x2x1 28,108,742,680 here against 28,108,745,216 by XLA; SmolLM2-135M 13%
     under XLA's, its small dimensions padded to (8, 128) tiles.
     """
-    import jax
-
     return int(sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
@@ -320,8 +313,6 @@ def parse_hbm_refusal(message: str) -> dict[str, Any] | None:
 
 
 def _count(tree: Any) -> int:
-    import jax
-
     return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
@@ -374,32 +365,24 @@ def aot_check(cfg: RunConfig, topology: str) -> AotResult:
     bucket), split over `mesh.data` x `mesh.fsdp`. It fits when XLA
     compiles it and its plan's total is at most `FIT_FRACTION` of HBM.
     """
-    import jax
-    import numpy as np
-
-    from mmpo_jax.train.optim import learning_rate_schedule, make_optimizer
-    from mmpo_jax.train.setup import abstract_batch, abstract_train_state, step_config
-    from mmpo_jax.train.state import state_shardings
-    from mmpo_jax.train.step import check_batch_divisible, make_train_step
-
     topo = parse_topology(topology)
+    options = target_options(cfg)  # a kernel a TPU run refuses stops before libtpu is opened
     devices = topology_devices(topo)
     mesh = topology_mesh(cfg.mesh, devices)
     check_batch_divisible(cfg.data.batch_size, cfg.optim.grad_accum, mesh)
     arch = model_architecture(cfg)
-    options = target_options(cfg)
     # train.num_epochs needs the data's size; the length only scales the learning rate, which
     # changes no compiled shape or memory
     total_steps = cfg.train.max_steps or 1
     optimizer = make_optimizer(cfg.optim, total_steps)
     scfg = step_config(cfg, learning_rate_schedule(cfg.optim, total_steps), options)
-    mode = cfg.model.reference
+    mode = reference_mode(cfg.model.reference)
     sdef, state = abstract_train_state(arch, options, optimizer, mesh, reference_mode=mode,
                                        seed=cfg.train.seed, init_scale=cfg.model.init.init_scale)
     # packed: the largest row bucket, a row per pair (every block's pairs in rows of their own)
-    packed = None if cfg.data.packing == "none" else (cfg.data.batch_size, cfg.data.pack_length or 0)
-    batch = abstract_batch(cfg.data.batch_size, cfg.data.max_length, mesh, mode, packed,
-                           cfg.data.packing == "shared_prompt")
+    rows = (cfg.data.batch_size, cfg.data.pack_length or 0)
+    batch = layout_of(cfg.data.packing).abstract(cfg.data.batch_size, cfg.data.max_length, mesh,
+                                                 mode, rows)
     step = make_train_step(sdef, scfg, optimizer, mesh, state_shardings(state), batch)
     t0 = time.perf_counter()
     lowered = step.lower(state, batch)
@@ -417,12 +400,10 @@ def aot_check(cfg: RunConfig, topology: str) -> AotResult:
             "vocab_size": arch.vocab_size,
             "params": _count(state.trainable) + _count(state.frozen),
             "trainable_params": _count(state.trainable),
-            "lora_rank": cfg.model.lora.rank, "reference": mode,
+            "lora_rank": cfg.model.lora.rank, "reference": mode.name,
             "param_dtype": np.dtype(options.param_dtype).name,
             "compute_dtype": np.dtype(options.compute_dtype).name, "remat": options.remat,
-            "attention": options.attention_implementation(
-                arch.head_dim, soft_cap=arch.attn_logit_softcapping is not None,
-                sliding_window=arch.sliding_window is not None),
+            "attention": options.model_choice(arch).kernel,
             # Pallas kernels in the program (splash attention's forward and backward)
             "pallas_calls": lowered.as_text().count("tpu_custom_call"),
         },

@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mmpo-jax: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
-        # a second Ctrl-C (or SIGTERM, SIGHUP: `loop.SecondSignal`) during a run, or a Ctrl-C
+        # a second Ctrl-C (or SIGTERM, SIGHUP: `train.run_signals.SecondSignal`) during a run, or a Ctrl-C
         # outside it: stop without a traceback, with the status a shell gives that signal
         print("mmpo-jax: interrupted", file=sys.stderr)
         return int(getattr(err, "exit_status", INTERRUPTED_EXIT))

@@ -22,9 +22,8 @@ from typing import Any, Literal, Sequence, Union
 import yaml
 
 from mmpo_jax.config_schema import ConfigError, RunConfig
-from mmpo_jax.losses.registry import REFERENCE_FREE_LOSSES
-
-BUILTIN_PREFIX = "builtin:"  # `data.tokenizer: builtin:NAME`, a tokenizer shipped with the package
+from mmpo_jax.config_settle import BUILTIN_PREFIX, settle
+from mmpo_jax.losses.declarations import DECLARATIONS, REFERENCE_FREE_LOSSES
 
 
 # --------------------------------------------------------------------------- #
@@ -173,17 +172,21 @@ def _deep_copy(raw: Any) -> Any:
 
 
 def config_from_dict(raw: dict[str, Any]) -> RunConfig:
-    """Builds, settles and validates a `RunConfig` from nested plain values: the one
-    place a config is checked. The result is frozen (every section), so nothing after
-    this can change what was validated; a variant is `dataclasses.replace` of a section
-    and goes through `config_from_dict(config_to_dict(...))` to be checked again."""
+    """Builds, checks and settles a `RunConfig` from nested plain values: the one place a
+    config is checked. Each section's `validate` checks what was written (a key left unset
+    is its default, valid by construction), `settle` fills the defaults and `auto`s, and the
+    rules across sections read the settled config. The result is frozen (every section),
+    so nothing after this can change what was validated; a variant is `dataclasses.replace`
+    of a section and goes through `config_from_dict(config_to_dict(...))` to be checked again."""
     cfg = _build(RunConfig, raw, "")
-    cfg = dataclasses.replace(cfg, loss=cfg.loss.settled(), data=cfg.data.settled(), train=cfg.train.settled())
     for f in dataclasses.fields(cfg):
         section = getattr(cfg, f.name)
         if hasattr(section, "validate"):
             section.validate(f.name)
-    return _expand_home(_resolve_tokenizer(_resolve_reference(cfg)))
+    settled = settle(cfg)
+    _check_reference(settled)
+    _check_tokenizer(cfg)
+    return _expand_home(settled)
 
 
 # The keys that name local files or directories (a hub id or `builtin:`/`pkg:` spec
@@ -209,15 +212,10 @@ def _expand_home(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def _resolve_tokenizer(cfg: RunConfig) -> RunConfig:
-    """`data.tokenizer` unset becomes the model's own (`model.path`, whose tokenizer files or
-    embedded GGUF tokenizer `load_tokenizer` reads, as TRL takes the model's), or builtin:tiny
-    for a random init; a builtin tokenizer with a checkpoint is an error. Reads no file: the
-    spec is settled here, the tokenizer is loaded by the commands that need it."""
+def _check_tokenizer(cfg: RunConfig) -> None:
+    """A builtin tokenizer with a checkpoint is an error (read as written: `settle` gives an
+    unset `data.tokenizer` the model's own)."""
     data, path = cfg.data, cfg.model.path
-    if not data.tokenizer:
-        spec = path or f"{BUILTIN_PREFIX}tiny"
-        return dataclasses.replace(cfg, data=dataclasses.replace(data, tokenizer=spec))
     if path and data.tokenizer.startswith(BUILTIN_PREFIX):
         # builtin:tiny's 2048 ids fit most embeddings, so a checkpoint trained silently on
         # the wrong tokens (eval log-probs -74 instead of -11) before this was refused
@@ -227,19 +225,11 @@ def _resolve_tokenizer(cfg: RunConfig) -> RunConfig:
             "to use the checkpoint's own tokenizer, or name that model's tokenizer (a directory, a hub id "
             "or a .gguf file)"
         )
-    return cfg
 
 
-def _resolve_reference(cfg: RunConfig) -> RunConfig:
-    """`model.reference: auto` becomes a concrete mode; a mode the loss cannot use is an error."""
+def _check_reference(cfg: RunConfig) -> None:
+    """A settled `model.reference` the loss or `model.sync_reference` cannot use is an error."""
     model, loss = cfg.model, cfg.loss
-    if model.reference == "auto":
-        if loss.name in REFERENCE_FREE_LOSSES:
-            mode = "none"
-        else:
-            mode = "lora_base" if model.lora.rank > 0 and not model.reference_path else "separate"
-        model = dataclasses.replace(model, reference=mode)  # type: ignore[arg-type]  # one of the Literal's
-        cfg = dataclasses.replace(cfg, model=model)
     if model.sync_reference and model.reference != "separate":
         why = {
             "lora_base": "the reference is the policy's own base weights, nothing to mix into",
@@ -254,7 +244,6 @@ def _resolve_reference(cfg: RunConfig) -> RunConfig:
             "use separate, lora_base (with LoRA) or precomputed "
             f"(only {' and '.join(REFERENCE_FREE_LOSSES)} run without a reference)"
         )
-    return cfg
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -265,11 +254,9 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 def unused_keys(cfg: RunConfig) -> list[str]:
     """The dotted keys (a section for a whole block) whose values the run does not read:
     `model.init` when `model.path` names a checkpoint, the `loss.*` keys its loss does not read
-    (`LossSpec.config_keys`). What is shown to a person (`mmpo-jax config`, trackers' params)
-    leaves them out; the run's config.yaml keeps every key."""
-    from mmpo_jax.losses.registry import LOSSES
-
-    read = set(LOSSES[cfg.loss.name].config_keys)
+    (`LossDeclaration.config_keys`). What is shown to a person (`mmpo-jax config`, trackers'
+    params) leaves them out; the run's config.yaml keeps every key."""
+    read = set(DECLARATIONS[cfg.loss.name].config_keys)
     keys = ["model.init"] if cfg.model.path else []
     return keys + [f"loss.{f.name}" for f in dataclasses.fields(cfg.loss) if f.name not in read]
 
@@ -298,7 +285,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a mapping, got {type(raw).__name__}: {raw!r}")
     hints = typing.get_type_hints(cls)
-    # a str field whose choices live elsewhere (`loss.name`: the loss registry) is
+    # a str field whose choices live elsewhere (`loss.name`: the loss declarations) is
     # checked as the Literal of them
     for f in dataclasses.fields(cls):
         if "choices" in f.metadata:

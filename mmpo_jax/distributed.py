@@ -27,6 +27,9 @@ import threading
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
+
+from mmpo_jax import __version__
 from mmpo_jax.errors import UserError
 
 ENV_COORDINATOR = "MMPO_COORDINATOR"
@@ -102,6 +105,7 @@ def cluster_detected(environ: dict | None = None) -> bool:
 def initialize(spec: ProcessSpec) -> None:
     """Starts JAX's distributed runtime when the run has several processes (before any
     other JAX call)."""
+    # lazy: `mmpo-jax launch` and the command line (`mmpo-jax train`) import this module without jax
     import jax
 
     if spec.coordinator is not None:
@@ -149,19 +153,16 @@ def _watchdog(seconds: float, message: str) -> Iterator[None]:
 
 
 def run_fingerprint(config_yaml: str) -> str:
-    from mmpo_jax import __version__
-
     return hashlib.sha256(f"{__version__}\n{config_yaml}".encode()).hexdigest()
 
 
 def check_same_run(config_yaml: str) -> None:
     """Every process must run the same config with the same package version."""
-    import jax
-    import numpy as np
+    import jax  # lazy: see `initialize`
+    from jax.experimental import multihost_utils
 
     if jax.process_count() == 1:
         return
-    from jax.experimental import multihost_utils
 
     mine = np.frombuffer(bytes.fromhex(run_fingerprint(config_yaml))[:16], dtype=np.uint32)
     every = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
 from mmpo_jax.config_schema import RunConfig
+from mmpo_jax.losses.inputs import LossInputs
+from mmpo_jax.losses.registry import bind_loss
+from mmpo_jax.train.reference import reference_mode
 
 EXAMPLE_PAIRS = 8
 # The example's summed log-probs stand for completions of about this many tokens each.
@@ -34,18 +38,12 @@ def example_logps(seed: int, pairs: int = EXAMPLE_PAIRS) -> dict[str, np.ndarray
 def example_metrics(cfg: RunConfig, name: str) -> dict[str, float]:
     """Loss `name` on the example batch, as a run of `cfg` would compute it: the settings
     of `cfg.loss` for the configured loss, the loss's own defaults for another
-    (`loss_registry.settings`); per-token means (every answer EXAMPLE_TOKENS tokens long)
+    (`mmpo_jax.losses.binding.bind`); per-token means (every answer EXAMPLE_TOKENS tokens long)
     where it averages; a reference where the loss needs one, and for a loss that reads it
     only for its metrics (sft) when the run of `cfg` has one."""
-    import jax.numpy as jnp
-
-    from mmpo_jax.losses import mmpo as losses, registry as loss_registry
-    from mmpo_jax.losses.inputs import LossInputs
-    from mmpo_jax.train.reference import reference_mode
-
-    spec = loss_registry.spec_of(name)
-    _, average = loss_registry.settings(cfg.loss, name)
-    scale = 1.0 / EXAMPLE_TOKENS if average else 1.0
+    loss = bind_loss(cfg.loss, name=name)
+    spec = loss.declaration
+    scale = 1.0 / EXAMPLE_TOKENS if loss.averaged else 1.0
     batch = {k: jnp.asarray(v, jnp.float32) * scale for k, v in example_logps(cfg.train.seed).items()}
     with_reference = spec.reference_use == "required" or (
         spec.reference_use == "metrics_only" and name == cfg.loss.name
@@ -60,5 +58,5 @@ def example_metrics(cfg: RunConfig, name: str) -> dict[str, float]:
         chosen_sequence_logps=chosen_sums + EXAMPLE_PROMPT_TOKENS * EXAMPLE_PROMPT_LOGP,
         chosen_sequence_tokens=tokens + EXAMPLE_PROMPT_TOKENS,
     )
-    _, metrics = losses.configured_loss(cfg.loss, inputs, name=name)
+    _, metrics = loss(inputs)
     return {k: float(v) for k, v in metrics.items()}

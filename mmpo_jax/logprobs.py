@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 if TYPE_CHECKING:
+    from mmpo_jax.models.attention import Segments
     from mmpo_jax.models.decoder import Decoder
 
 DEFAULT_CHUNK = 256
@@ -119,11 +120,12 @@ def _chunk_logits(h: jax.Array, kernel: jax.Array, soft_cap: float | None) -> ja
     return soft_capped(logits.astype(jnp.float32), soft_cap)
 
 
-def _forward_stats(hidden, kernel, targets, chunk, with_entropy, with_log_sum_sq, soft_cap):
+def _forward_stats(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, chunk: int, with_entropy: bool,
+                   with_log_sum_sq: bool, soft_cap: float | None) -> tuple[jax.Array, ...]:
     """(logps, entropy, lse, log_sum_sq) `[B, T]` each, one chunk of logits at a time
     (entropy and log_sum_sq zeros unless asked for)."""
 
-    def step(_, xs):
+    def step(_: None, xs: tuple[jax.Array, jax.Array]) -> tuple[None, tuple[jax.Array, ...]]:
         h, tgt = xs
         logits = _chunk_logits(h, kernel, soft_cap)
         lse = jax.nn.logsumexp(logits, axis=-1)
@@ -142,19 +144,24 @@ def _forward_stats(hidden, kernel, targets, chunk, with_entropy, with_log_sum_sq
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _chunked(hidden, kernel, targets, chunk, with_entropy, with_log_sum_sq, soft_cap):
+def _chunked(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, chunk: int, with_entropy: bool,
+             with_log_sum_sq: bool, soft_cap: float | None) -> tuple[jax.Array, jax.Array, jax.Array]:
     logps, entropy, _, sum_sq = _forward_stats(hidden, kernel, targets, chunk, with_entropy, with_log_sum_sq,
                                                soft_cap)
     return logps, entropy, sum_sq
 
 
-def _chunked_fwd(hidden, kernel, targets, chunk, with_entropy, with_log_sum_sq, soft_cap):
+def _chunked_fwd(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, chunk: int, with_entropy: bool,
+                 with_log_sum_sq: bool, soft_cap: float | None
+                 ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], tuple[jax.Array, ...]]:
     logps, entropy, lse, sum_sq = _forward_stats(hidden, kernel, targets, chunk, with_entropy, with_log_sum_sq,
                                                  soft_cap)
     return (logps, entropy, sum_sq), (hidden, kernel, targets, lse, entropy)
 
 
-def _chunked_bwd(chunk, with_entropy, with_log_sum_sq, soft_cap, res, cotangents):
+def _chunked_bwd(chunk: int, with_entropy: bool, with_log_sum_sq: bool, soft_cap: float | None,
+                 res: tuple[jax.Array, ...], cotangents: tuple[jax.Array | None, ...]
+                 ) -> tuple[jax.Array, jax.Array, None]:
     # log_sum_sq carries no gradient (token_logps_chunked stops it): its cotangent is 0
     hidden, kernel, targets, lse, entropy = res
     g_logp, g_ent, _ = cotangents
@@ -162,7 +169,7 @@ def _chunked_bwd(chunk, with_entropy, with_log_sum_sq, soft_cap, res, cotangents
     g_ent = jnp.zeros_like(lse) if g_ent is None else g_ent.astype(jnp.float32)
     d, v = kernel.shape
 
-    def step(dk, xs):
+    def step(dk: jax.Array, xs: tuple[jax.Array, ...]) -> tuple[jax.Array, jax.Array]:
         h, tgt, lse_c, ent_c, gl, ge = xs
         logits = _chunk_logits(h, kernel, soft_cap)
         logp_all = logits - lse_c[..., None]
@@ -233,7 +240,7 @@ def shifted_token_logps(
         out = token_logps_chunked(hidden, kernel, targets, chunk=chunk, with_entropy=with_entropy,
                                   with_log_sum_sq=with_log_sum_sq, soft_cap=soft_cap)
 
-    def align(x):  # value for predicting t+1 at position t -> position t+1
+    def align(x: jax.Array) -> jax.Array:  # value for predicting t+1 at position t -> position t+1
         return jnp.concatenate([jnp.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
 
     return tuple(align(x) for x in out) if isinstance(out, tuple) else align(out)
@@ -248,7 +255,7 @@ def model_token_logps(
     with_log_sum_sq: bool = False,
     dropout_key: jax.Array | None = None,
     positions: jax.Array | None = None,
-    segment_ids: jax.Array | None = None,
+    segments: Segments | None = None,
     sources: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, ...]:
     """Per-token log-probs `[B, T]` of `input_ids` under `model` (a `Decoder`), aligned
@@ -260,13 +267,13 @@ def model_token_logps(
     None = the naive full-logits path (tests). With `with_entropy`, also the entropy
     `[B, T]` of the distribution each token was drawn from; with `with_log_sum_sq`, then
     its `log sum_v p_v^2` `[B, T]` (WPO's weights; no gradient). Packed rows pass
-    `positions` and `segment_ids` (see `Decoder.__call__`) and `sources` `[B, T]`: the
+    `positions` and `segments` (see `Decoder.__call__`) and `sources` `[B, T]`: the
     position whose hidden state predicts each token (the shift made explicit, so a
     shared prompt can predict both answers' first tokens); `logps[:, t] = log p(
     input_ids[:, t] | hidden[:, sources[:, t]])`, and the caller masks the tokens
     nothing predicts.
     """
-    hidden = model(input_ids, dropout_key=dropout_key, positions=positions, segment_ids=segment_ids)
+    hidden = model(input_ids, dropout_key=dropout_key, positions=positions, segments=segments)
     if sources is not None:
         predictors = jnp.take_along_axis(hidden, sources[:, :, None], axis=1)
         head = token_logps_naive if chunk is None else partial(token_logps_chunked, chunk=chunk)

@@ -9,16 +9,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
 from mmpo_jax.errors import UserError
+from mmpo_jax.train.metrics import read_metrics
+from mmpo_jax.train.run_files import METRICS_FILE
 
 DEFAULT_METRICS = ("loss", "eval/loss", "eval/rewards/accuracies")
 
 
 def figure(width: float = 7.0, height: float = 5.0) -> Any:
     """A matplotlib Figure on its own Agg canvas."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
     return fig
@@ -26,8 +28,6 @@ def figure(width: float = 7.0, height: float = 5.0) -> Any:
 
 def read_records(metrics_file: Path) -> list[dict[str, Any]]:
     """The records of a `metrics.jsonl` that carry a step (`train.metrics.read_metrics`)."""
-    from mmpo_jax.train.metrics import read_metrics
-
     return [r for r in read_metrics(metrics_file) if isinstance(r.get("step"), int)]
 
 
@@ -60,8 +60,6 @@ def runs_figure(run_dirs: Sequence[Path], metrics: Sequence[str] | None = None) 
     """`(figure, metrics plotted)`: one panel per metric, a line per run (eval metrics,
     logged every few steps, with markers). `metrics` None: those of `DEFAULT_METRICS` the
     runs have. A requested metric no run has is a UserError naming the ones they have."""
-    from mmpo_jax.train.run_files import METRICS_FILE
-
     if not run_dirs:
         raise UserError("plot: name at least one run directory")
     runs = []

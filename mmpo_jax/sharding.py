@@ -11,7 +11,8 @@ from typing import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh
+from flax import nnx
+from jax.sharding import AxisType, Mesh, PartitionSpec
 
 from mmpo_jax.config_schema import ConfigError, MeshConfig
 
@@ -104,8 +105,6 @@ def logical_to_spec(
     already used by an earlier dimension, is dropped (that dimension is replicated
     over it): JAX needs even shards, and one kv head cannot be split.
     """
-    from jax.sharding import PartitionSpec
-
     if not axes:
         return PartitionSpec()
     used: set[str] = set()
@@ -137,22 +136,20 @@ def logical_to_spec(
     return PartitionSpec(*out)
 
 
-def _logical_axes(var) -> tuple | None:
+def _logical_axes(var: nnx.Variable) -> tuple | None:
     meta = var.get_metadata() if hasattr(var, "get_metadata") else {}
     return meta.get("out_sharding")
 
 
-def model_partition_specs(state, mesh: Mesh | None = None):
+def model_partition_specs(state: nnx.State | nnx.Module, mesh: Mesh | None = None) -> nnx.State:
     """A PartitionSpec for every Variable of an NNX state (or module), same tree
     structure, from the logical axes in each Variable's `out_sharding` metadata;
     Variables without it are replicated. With `mesh`, non-dividing axes are dropped
     (`logical_to_spec`)."""
-    from flax import nnx
-
     if isinstance(state, nnx.Module):
         state = nnx.state(state)
 
-    def spec(var):
+    def spec(var: nnx.Variable) -> nnx.Variable:
         value = var.get_value() if hasattr(var, "get_value") else var.value
         shape = getattr(value, "shape", None)
         return var.replace(logical_to_spec(_logical_axes(var), shape, mesh))
@@ -160,12 +157,10 @@ def model_partition_specs(state, mesh: Mesh | None = None):
     return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def model_shardings(state, mesh: Mesh):
+def model_shardings(state: nnx.State | nnx.Module, mesh: Mesh) -> nnx.State:
     """The NamedSharding of every Variable of an NNX state (or module) on `mesh`
     (same tree structure as `nnx.state(model)`): the `in_shardings`/`out_shardings`
     of a jitted step, or the targets of `jax.device_put`."""
-    from flax import nnx
-
     specs = model_partition_specs(state, mesh)
     return jax.tree.map(
         lambda v: v.replace(jax.sharding.NamedSharding(mesh, v.get_value())),

@@ -40,6 +40,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +157,8 @@ def is_unreachable_error(err: BaseException | None) -> bool:
 def _retriable(err: BaseException) -> bool:
     """An error a later try of the same request may not meet: no connection, no answer in
     time, a server error."""
+    # the command line imports this module, and gcsfs takes ~0.5 s to import:
+    # lazy: gcsfs, aiohttp, fsspec (every import of them here) load for gs:// locations only
     import aiohttp
     from gcsfs.retry import HttpError, is_retriable
 
@@ -165,7 +168,7 @@ def _retriable(err: BaseException) -> bool:
 
 
 def _no_connection(err: BaseException) -> bool:
-    import aiohttp
+    import aiohttp  # lazy: gs:// only (see `_retriable`)
 
     return isinstance(err, (aiohttp.ClientConnectorError, aiohttp.ServerTimeoutError, asyncio.TimeoutError,
                             ConnectionError))
@@ -184,12 +187,12 @@ def bound_fsspec_gcs() -> None:
     asks the control plane for each bucket's layout on every file it opens (for want of an
     answer, the emulator's case and most service accounts'), resolving credentials on
     the event loop that every gs:// request of the process waits on."""
-    import fsspec  # type: ignore[import-untyped]
+    import fsspec  # type: ignore[import-untyped]  # lazy: gs:// only (see `_retriable`)
 
     for protocol in ("gs", "gcs"):
         fsspec.register_implementation(protocol, _bounded_filesystem(), clobber=True)
     try:  # etils keeps the filesystem it opened: one opened before now would keep gcsfs's retries
-        from etils.epath import backend
+        from etils.epath import backend  # lazy: gs:// only, and etils may lack it (below)
 
         backend._FileSystemSpecBackend._get_filesystem.cache_clear()
     except (ImportError, AttributeError):  # pragma: no cover - another etils
@@ -202,6 +205,7 @@ def _bounded_filesystem() -> Any:
     place of gcsfs's: 6 tries over about 30 s whatever the timeout, each failure logged
     with a traceback."""
     try:
+        # lazy: gs:// only (see `_retriable`)
         import aiohttp
         # the plain filesystem: the extended one asks the control plane for the bucket's
         # layout, which emulators and most service accounts cannot answer
@@ -552,9 +556,7 @@ def fetched(spec: str, key: str) -> str:
     every host makes its own)."""
     if not is_url(spec):
         return spec
-    import sys
-
-    import jax
+    import jax  # lazy: the command line imports this module, and `mmpo-jax --help` needs no jax
 
     say = (lambda text: print(text, file=sys.stderr, flush=True)) if jax.process_index() == 0 else None
     return str(local_copy(spec, key, say))

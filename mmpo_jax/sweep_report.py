@@ -10,9 +10,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mmpo_jax.losses.registry import LOSSES
+from matplotlib import colormaps
+
+from mmpo_jax.losses.declarations import DECLARATIONS as LOSSES
 from mmpo_jax.run_plots import figure, metric_history, read_records
-from mmpo_jax.sweep import PRECISION, Outcome, one_line, series_name
+from mmpo_jax.sweep_runs import PRECISION, Outcome, one_line, series_name
+from mmpo_jax.train.run_files import METRICS_FILE
 
 SUMMARY_FILE = "summary.csv"
 FIGURE1_FILE = "win_rate_vs_capability.png"
@@ -81,7 +84,7 @@ def summary_row(outcome: Outcome, extras: Sequence[str]) -> dict[str, str]:
     for column, key in LOSS_COLUMNS.items():
         if loss is not None:
             name = loss.get("name")
-            # a key the run's loss does not read is left blank (the registry says which)
+            # a key the run's loss does not read is left blank (its declaration says which)
             declared = LOSSES.get(name)
             used = declared is None or key.split(".", 1)[1] in declared.config_keys
             row[column] = _hyper(loss.get(key.split(".", 1)[1])) if used else ""
@@ -209,8 +212,6 @@ def plot_training_curves(outcomes: Sequence[Outcome], rows: Sequence[Mapping[str
                          out: Path, path: Path) -> None:
     """Train loss per step of every run (its metrics.jsonl), one panel per loss (their
     scales differ), one line per run."""
-    from mmpo_jax.train.run_files import METRICS_FILE
-
     curves: dict[str, list[tuple[str, list[int], list[float]]]] = {}
     for o, r in zip(outcomes, rows):
         steps, losses = train_losses(out / o.spec.name / METRICS_FILE)
@@ -221,8 +222,6 @@ def plot_training_curves(outcomes: Sequence[Outcome], rows: Sequence[Mapping[str
     if not curves:
         ax = fig.add_subplot(1, 1, 1)
         ax.text(0.5, 0.5, "no training metrics", ha="center", va="center", transform=ax.transAxes)
-    from matplotlib import colormaps
-
     for i, (loss, lines) in enumerate(curves.items(), 1):
         ax = fig.add_subplot(1, panels, i)
         cmap = colormaps[LOSS_COLOURMAPS.get(loss, "Purples")]

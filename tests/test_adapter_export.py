@@ -31,7 +31,7 @@ from checkpoint_helpers import (
 )
 from mmpo_jax.cli import main
 from mmpo_jax.config import load_config
-from mmpo_jax.train import loop
+from mmpo_jax.train import loop, run_restore
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")  # tests change directory
 LORA_RUN = ["model.lora.rank=4", "model.lora.alpha=8", "model.lora.targets=[q,v,o,up,down]",
@@ -49,7 +49,7 @@ def _export_adapter(run: Path, out: Path) -> str:
 
 
 def _ours(run: Path, ids: np.ndarray) -> np.ndarray:
-    trainer, _ = loop.restore_run(run)
+    trainer, _ = run_restore.restore_run(run)
     return jax_token_logps(trainer.sdef.policy(trainer.state), ids)
 
 

@@ -18,6 +18,7 @@ from mmpo_jax import aot
 from mmpo_jax.cli import main
 from mmpo_jax.config import load_config
 from mmpo_jax.errors import UserError
+from mmpo_jax.train.reference import reference_mode
 from mmpo_jax.train.setup import abstract_train_state
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -73,7 +74,7 @@ def test_target_options_compute_in_bfloat16_on_tpu():
     assert aot.target_options(load_config("configs/tiny.yaml", [])).compute_dtype == jnp.bfloat16
     assert aot.target_options(load_config("configs/tiny.yaml", ["model.compute_dtype=float32"])).compute_dtype \
         == jnp.float32
-    with pytest.raises(UserError, match="model.attention=cudnn is GPU-only"):
+    with pytest.raises(UserError, match="model.attention=cudnn is a GPU kernel"):
         aot.target_options(load_config("configs/tiny.yaml", ["model.attention=cudnn"]))
 
 
@@ -108,9 +109,9 @@ def _real_and_abstract(overrides):
     # devices costs ~20 s of compile here; the state's layout is the point)
     graphdef, params = nnx.split(build_model(arch, options, seed=cfg.train.seed))
     model = nnx.merge(graphdef, jax.device_put(params, model_shardings(params, mesh)))
-    _, real = create_state(model, optimizer, lora=options.lora is not None, reference_mode=cfg.model.reference,
+    _, real = create_state(model, optimizer, lora=options.lora is not None, reference_mode=reference_mode(cfg.model.reference),
                            seed=cfg.train.seed, mesh=mesh)
-    _, abstract = abstract_train_state(arch, options, optimizer, mesh, reference_mode=cfg.model.reference,
+    _, abstract = abstract_train_state(arch, options, optimizer, mesh, reference_mode=reference_mode(cfg.model.reference),
                                            seed=cfg.train.seed, init_scale=cfg.model.init.init_scale)
     return cfg, real, abstract
 
@@ -138,7 +139,7 @@ def test_separate_reference_is_stored_in_the_narrower_compute_dtype():
     cfg = load_config("configs/tiny.yaml", ["mesh.fsdp=-1", "mesh.data=1"])
     options = aot.target_options(cfg)  # bfloat16 compute, float32 params
     _, state = abstract_train_state(model_config_from_init(cfg.model.init), options,
-                                        make_optimizer(cfg.optim, 10), make_mesh(cfg.mesh), reference_mode="separate")
+                                        make_optimizer(cfg.optim, 10), make_mesh(cfg.mesh), reference_mode=reference_mode("separate"))
     assert {x.dtype for x in jax.tree.leaves(state.reference)} == {jnp.dtype(jnp.bfloat16)}
     assert {x.dtype for x in jax.tree.leaves(state.trainable)} == {jnp.dtype(jnp.float32)}
 

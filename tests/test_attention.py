@@ -9,7 +9,7 @@ import pytest
 import jax.numpy as jnp
 
 from mmpo_jax.errors import UserError
-from mmpo_jax.models.attention import MaskSpec, attention, cached_attention, sequence_mask
+from mmpo_jax.models.attention import MaskSpec, Segments, attention, cached_attention, sequence_mask
 
 
 def numpy_attention(q, k, v, scale, *, causal=True, window=None, soft_cap=None, segments=None):
@@ -55,7 +55,7 @@ def test_attention_matches_numpy(case):
     spec = MaskSpec(causal=True, sliding_window=kw.get("window"), soft_cap=kw.get("soft_cap"))
     seg = kw.get("segments")
     got = attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), spec, scale=scale, implementation="xla",
-                    segment_ids=None if seg is None else jnp.asarray(seg))
+                    segments=None if seg is None else Segments(jnp.asarray(seg)))
     want = numpy_attention(q, k, v, scale, **kw)
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=2e-5)
 
@@ -94,23 +94,25 @@ def test_bad_specs_and_unsupported_backends_are_refused():
     with pytest.raises(ValueError, match="soft_cap"):
         MaskSpec(soft_cap=0.0)
     q, k, v = (jnp.asarray(a) for a in qkv())
-    with pytest.raises(UserError, match="model.attention=xla"):
+    # a mask the kernel does not take: the build-time choice refuses it with a UserError
+    # (tests/test_attention_choice.py); a caller that skipped it gets a ValueError, not a dropped mask
+    with pytest.raises(ValueError, match="cudnn.*soft-cap"):
         attention(q, k, v, MaskSpec(soft_cap=5.0), scale=0.3, implementation="cudnn")
-    with pytest.raises(UserError, match="segment ids"):
-        attention(q, k, v, MaskSpec(), scale=0.3, implementation="cudnn", segment_ids=jnp.zeros((2, 7), int))
+    with pytest.raises(ValueError, match="segment ids"):
+        attention(q, k, v, MaskSpec(), scale=0.3, implementation="cudnn", segments=Segments(jnp.zeros((2, 7), int)))
     with pytest.raises(ValueError, match="implementation"):
         attention(q, k, v, MaskSpec(), scale=0.3, implementation="flash")
 
 
 # The Pallas kernels (TPU splash, the GPU flash kernel) in interpret mode (slow: T <= 512,
 # few heads), against the xla backend (itself checked against numpy above).
-def _kernel_vs_xla(impl, spec, segments=None, *, t=200, n=2, kv=1, mesh=None, grads=False):
+def _kernel_vs_xla(impl, spec, segments=None, *, t=200, n=2, kv=1, mesh=None, grads=False, branched=False):
     q, k, v = (jnp.asarray(a) for a in qkv(b=2, t=t, n=n, kv=kv, h=32, seed=3))
-    seg = None if segments is None else jnp.asarray(segments)
+    seg = None if segments is None else Segments(jnp.asarray(segments), branched=branched)
 
     def run(impl):
         def f(q, k, v):
-            return attention(q, k, v, spec, scale=32 ** -0.5, implementation=impl, segment_ids=seg, mesh=mesh,
+            return attention(q, k, v, spec, scale=32 ** -0.5, implementation=impl, segments=seg, mesh=mesh,
                              interpret=True)
         if not grads:
             return [f(q, k, v)]
@@ -152,7 +154,7 @@ def test_kernel_negative_control_segments_matter(kernel):
     q, k, v = (jnp.asarray(a) for a in qkv(b=2, t=128, n=2, kv=1, h=32, seed=3))
     seg = jnp.asarray(_two_segments(128, 40))
     got = attention(q, k, v, MaskSpec(), scale=0.2, implementation=kernel, interpret=True)
-    want = attention(q, k, v, MaskSpec(), scale=0.2, implementation="xla", segment_ids=seg)
+    want = attention(q, k, v, MaskSpec(), scale=0.2, implementation="xla", segments=Segments(seg))
     assert np.abs(np.asarray(got) - np.asarray(want)).max() > 1e-2
 
 
@@ -200,7 +202,7 @@ def test_pallas_gpu_is_opt_in_and_refuses_what_it_cannot_do():
     with pytest.raises(UserError, match="pallas_gpu is a GPU"):
         options("pallas_gpu", "tpu").attention_implementation(64)
     q, k, v = (jnp.asarray(a) for a in qkv())
-    with pytest.raises(UserError, match="sliding window"):
+    with pytest.raises(ValueError, match="sliding window"):
         attention(q, k, v, MaskSpec(sliding_window=3), scale=0.3, implementation="pallas_gpu", interpret=True)
 
 
@@ -246,12 +248,14 @@ def test_branched_attention_is_each_answer_after_its_prompt_alone():
     construction: no segment ids at all); the prompt sees only itself."""
     views, sequences = _branched_row()
     q, k, v = (jnp.asarray(a) for a in qkv(b=1, t=256, n=4, kv=2, h=16, seed=5))
-    got = np.asarray(attention(q, k, v, MaskSpec(), scale=0.25, implementation="xla", segment_ids=views))
+    got = np.asarray(attention(q, k, v, MaskSpec(), scale=0.25, implementation="xla",
+                               segments=Segments(views, branched=True)))
     for cols in sequences:
         want = attention(q[:, cols], k[:, cols], v[:, cols], MaskSpec(), scale=0.25, implementation="xla")
         np.testing.assert_allclose(got[:, cols], np.asarray(want), atol=1e-5, rtol=1e-5)
     # negative control: one view (the rejected answers see the chosen ones) differs there
-    blind = np.asarray(attention(q, k, v, MaskSpec(), scale=0.25, implementation="xla", segment_ids=views[0] // 2))
+    blind = np.asarray(attention(q, k, v, MaskSpec(), scale=0.25, implementation="xla",
+                                 segments=Segments(views[0] // 2)))
     assert np.abs(blind[:, sequences[1]] - got[:, sequences[1]]).max() > 1e-2
 
 
@@ -260,4 +264,5 @@ def test_branched_rows_through_the_pallas_kernels_equal_xla(kernel):
     """The two segment calls of the Pallas kernels against XLA's one union mask, forward
     and backward, grouped heads."""
     views, _ = _branched_row()
-    _kernel_vs_xla(kernel, MaskSpec(), np.asarray(views).repeat(2, axis=1), t=256, n=4, kv=2, grads=True)
+    _kernel_vs_xla(kernel, MaskSpec(), np.asarray(views).repeat(2, axis=1), t=256, n=4, kv=2, grads=True,
+                   branched=True)

@@ -194,8 +194,10 @@ def test_probe_of_a_precomputed_run_loads_its_initial_weights():
 
 
 def test_probe_of_a_run_without_reference_says_so():
+    from mmpo_jax.train.reference import REFERENCE_MODES
+
     class _Sdef:
-        reference_mode = "none"
+        reference_mode = REFERENCE_MODES["none"]
 
     class _Trainer:
         sdef = _Sdef()

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from mmpo_jax.commands.export import check_not_a_source
+from mmpo_jax.export_sources import check_not_a_source
 from mmpo_jax.errors import UserError
 from mmpo_jax.models import export_dir as E
 from mmpo_jax.models.hf_export import export_hf
@@ -178,15 +178,15 @@ def test_cli_refuses_before_restoring_the_run(tmp_path, capsys, monkeypatch):
     """A refused destination is told at once, before the run's model and state load."""
     from mmpo_jax import config as config_mod
     from mmpo_jax.cli import main
-    from mmpo_jax.train import loop
+    from mmpo_jax.train import run_restore
 
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.bin").write_bytes(np.arange(4, dtype=np.uint8).tobytes())
     run = tmp_path / "run"
     loaded = []
-    monkeypatch.setattr(loop, "saved_run_config", lambda run_dir: (config_mod.load_config(None), 5))
-    monkeypatch.setattr(loop, "restore_run", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr(run_restore, "saved_run_config", lambda run_dir: (config_mod.load_config(None), 5))
+    monkeypatch.setattr(run_restore, "restore_inference", lambda *a, **k: loaded.append(a))
     assert main(["export", str(run), str(out)]) == 2
     assert loaded == []
     err = capsys.readouterr().err

@@ -205,13 +205,14 @@ def test_packed_row_is_a_row_of_the_first_batch(tiny_reports, layout):
     ids (from the unpacked data), at the columns and segment ids of global batch 0's row,
     and the row is one with the most pairs."""
     from mmpo_jax.data.batches import PackSpec, train_batches
+    from mmpo_jax.data.layout import layout_of
 
     reports, data = tiny_reports
     row = reports[layout][0]["train"]["packed_row"]
-    spec = PackSpec(pack_length=128, shards=1, micro=1, width=64, shared=layout == "shared_prompt")
+    spec = PackSpec(pack_length=128, shards=1, micro=1, width=64, layout=layout_of(layout))
     batch = train_batches(data, 8, 0, process_index=0, process_count=1, packing=spec)[0]
     ids, segment_ids = batch.input_ids[row["row"]], batch.segment_ids[row["row"]]
-    answers = [["chosen", "rejected"]] if spec.shared else [["chosen"], ["rejected"]]
+    answers = [["chosen", "rejected"]] if spec.layout.shares_prompt else [["chosen"], ["rejected"]]
     expected_kinds = ["+".join(["prompt", *a]) for a in answers]
     kinds: dict[int, list[str]] = {}
     column = 0
@@ -237,7 +238,7 @@ def test_packed_row_is_a_row_of_the_first_batch(tiny_reports, layout):
                 assert f"[[{answer}]]" in seg["text"]
     assert all(k == expected_kinds for k in kinds.values()) and row["pairs"] == len(kinds) > 1
     assert row["padding"] == 128 - column and not segment_ids[column:].any()
-    per_seq = 1 if spec.shared else 2
+    per_seq = 1 if spec.layout.shares_prompt else 2
     most = max(len(set(r[r > 0].tolist())) // per_seq for r in batch.segment_ids)
     assert row["pairs"] == most and row["rows"] == batch.input_ids.shape[0]
 

@@ -1,6 +1,6 @@
-"""The loss registry is the one description of each loss: its functions (JAX and the
-PyTorch twin) take what it declares, return the metrics it names, and agree with each
-other through the one dispatch; the config, docs and CLI follow it."""
+"""The loss declarations are the one description of each loss: its functions (JAX, bound
+in the registry, and the PyTorch twin) take what it declares, return the metrics it names,
+and agree with each other through the one binding; the config, docs and CLI follow it."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import jax
 import numpy as np
 import pytest
 
+from mmpo_jax.losses import declarations as D
 from mmpo_jax.losses import registry as R
-from mmpo_jax.losses import mmpo as jl
 from mmpo_jax.config import load_config
 from mmpo_jax.losses.inputs import LossInputs
 
@@ -25,10 +25,11 @@ from mmpo_jax.torch_ref.step import configured_loss as torch_configured_loss  # 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", R.LOSS_NAMES)
+@pytest.mark.parametrize("name", D.LOSS_NAMES)
 def test_both_functions_take_what_the_declaration_says(name):
-    spec = R.LOSSES[name]
-    for fn in (getattr(jl, spec.function), getattr(tl, spec.function)):
+    spec = D.DECLARATIONS[name]
+    assert R.LOSSES[name].declaration is spec
+    for fn in (R.LOSSES[name].function, tl.LOSS_FUNCTIONS[name]):
         params = inspect.signature(fn).parameters
         keywords = {p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY}
         positional = [p for p, v in params.items() if v.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
@@ -62,7 +63,7 @@ def _inputs(rng, pairs, *, reference, entropy, tokens, module):
 
 
 def _cases():
-    for name, spec in R.LOSSES.items():
+    for name, spec in D.DECLARATIONS.items():
         refs = {"required": [True], "metrics_only": [False, True], "unused": [False, True]}[spec.reference_use]
         ents = [False, True] if spec.entropy else [False]
         for reference, entropy in itertools.product(refs, ents):
@@ -78,11 +79,11 @@ def test_metrics_are_the_declared_ones_and_jax_equals_torch(name, reference, ent
                        module="torch")
     with jax.enable_x64(True):
         jax_in = jax.tree.map(lambda x: jax.numpy.asarray(np.asarray(x), jax.numpy.float64), jax_in)
-        loss, metrics = jl.configured_loss(cfg, jax_in)
+        loss, metrics = R.configured_loss(cfg, jax_in)
         metrics = {k: float(v) for k, v in metrics.items()}
         loss = float(loss)
     t_loss, t_metrics = torch_configured_loss(cfg, torch_in)
-    spec = R.LOSSES[name]
+    spec = D.DECLARATIONS[name]
     expected = spec.metric_names(reference=reference and spec.reference_use != "unused", entropy=entropy)
     assert list(metrics) == list(expected)
     assert list(t_metrics) == list(expected)
@@ -97,16 +98,16 @@ def test_a_required_reference_is_checked():
     cfg = load_config(None, ["loss.name=mmpo"]).loss
     inputs = _inputs(np.random.default_rng(1), 4, reference=False, entropy=False, tokens=False, module="jax")
     with pytest.raises(ValueError, match="'mmpo' needs reference log-probs"):
-        jl.configured_loss(cfg, inputs)
+        R.configured_loss(cfg, inputs)
 
 
 def test_used_inputs_keeps_only_what_the_loss_reads():
     full = _inputs(np.random.default_rng(2), 4, reference=True, entropy=True, tokens=True, module="jax")
-    simpo = R.used_inputs(load_config(None, ["loss.name=simpo"]).loss, full)
+    simpo = R.bind_loss(load_config(None, ["loss.name=simpo"]).loss).used(full)
     assert simpo.ref_chosen is None and simpo.chosen_tokens is None and simpo.entropy is None
-    sft = R.used_inputs(load_config(None, ["loss.name=sft"]).loss, full)
+    sft = R.bind_loss(load_config(None, ["loss.name=sft"]).loss).used(full)
     assert sft.ref_chosen is not None and sft.chosen_tokens is not None and sft.rejected_tokens is None
-    mmpo = R.used_inputs(load_config(None, ["loss.entropy_weight=0.1"]).loss, full)
+    mmpo = R.bind_loss(load_config(None, ["loss.entropy_weight=0.1"]).loss).used(full)
     assert mmpo.entropy is not None and mmpo.chosen_tokens is None
     assert len(jax.tree.leaves(mmpo)) == 6  # pc, pr, rc, rr, entropy, pair_mask
 
@@ -115,18 +116,18 @@ def test_the_config_reads_its_choices_and_defaults_from_the_registry():
     # the contract's defaults (docs/losses.md), written out here as the independent statement
     contract = {"mmpo": (0.1, False), "dpo": (0.1, False), "simpo": (2.0, True), "sft": (0.1, False),
                 "cpo": (0.1, False), "orpo": (0.1, True)}
-    assert set(contract) == set(R.LOSS_NAMES)
+    assert set(contract) == set(D.LOSS_NAMES)
     for name, (beta, average) in contract.items():
         lc = load_config(None, [f"loss.name={name}"]).loss
         assert (lc.beta, lc.average_logps) == (beta, average), name
-    assert R.REFERENCE_FREE_LOSSES == ("simpo", "sft", "cpo", "orpo")
+    assert D.REFERENCE_FREE_LOSSES == ("simpo", "sft", "cpo", "orpo")
     with pytest.raises(Exception, match="SimPO always uses length-averaged"):
         load_config(None, ["loss.name=simpo", "loss.average_logps=false"])
 
 
 def test_docs_define_every_registered_loss():
     doc = (ROOT / "docs" / "losses.md").read_text()
-    for name, spec in R.LOSSES.items():
+    for name, spec in D.DECLARATIONS.items():
         assert f"`loss.name: {name}`" in doc, name
         for key in spec.config_keys:
             if key not in ("name", "beta", "average_logps"):
@@ -138,10 +139,39 @@ def test_losses_all_runs_every_registered_loss(capsys):
 
     assert cli.main(["losses", "--all", "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
-    expected = list(R.LOSS_NAMES) + [f"dpo:{k}" for k in R.DPO_LOSS_TYPES if k != "sigmoid"]
-    expected += [f"cpo:{k}" for k in R.CPO_LOSS_TYPES if k != "sigmoid"] + ["dpo:sigmoid+sft"]
+    expected = list(D.LOSS_NAMES) + [f"dpo:{k}" for k in D.DPO_LOSS_TYPES if k != "sigmoid"]
+    expected += [f"cpo:{k}" for k in D.CPO_LOSS_TYPES if k != "sigmoid"] + ["dpo:sigmoid+sft"]
     assert list(got) == expected
     for label, metrics in got.items():
         assert all(np.isfinite(v) for v in metrics.values()), label
     assert got["dpo:sigmoid+sft"]["loss"] == pytest.approx(
         got["dpo"]["loss"] + got["dpo:sigmoid+sft"]["loss/sft"], rel=1e-6)
+
+
+def test_every_declared_loss_has_both_functions():
+    assert tuple(R.LOSSES) == D.LOSS_NAMES == tuple(tl.LOSS_FUNCTIONS)
+
+
+def test_the_declarations_and_the_config_import_no_jax():
+    """The config and the CLI read the declarations and the binding without loading jax or torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mmpo_jax.config, mmpo_jax.losses.declarations, mmpo_jax.losses.binding; "
+            "print(','.join(m for m in ('jax', 'flax', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_the_step_binds_its_loss_once(monkeypatch):
+    """A `StepConfig` binds its loss when made; tracing the loss on a micro-batch reads no config."""
+    from mmpo_jax.losses import binding
+    from mmpo_jax.train.step import StepConfig
+
+    cfg = load_config(None, ["loss.name=sft"]).loss
+    scfg = StepConfig(loss=cfg, grad_accum=1, logprob_chunk=None, schedule=lambda step: step, dropout=False)
+    assert scfg.bound_loss.declaration is D.DECLARATIONS["sft"] and scfg.bound_loss.function is R.LOSSES["sft"].function
+    monkeypatch.setattr(binding, "declaration_of", lambda name: pytest.fail("bound again"))
+    full = _inputs(np.random.default_rng(3), 4, reference=True, entropy=False, tokens=True, module="jax")
+    loss, _ = scfg.bound_loss(scfg.bound_loss.used(full))
+    assert np.isfinite(float(loss))

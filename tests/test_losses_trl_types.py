@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 torch = pytest.importorskip("torch")
 
-from mmpo_jax.losses import registry as R  # noqa: E402
+from mmpo_jax.losses import declarations as R  # noqa: E402
 from mmpo_jax.losses import mmpo as jl  # noqa: E402
 from mmpo_jax.config import load_config  # noqa: E402
 from mmpo_jax.config_schema import ConfigError, MeshConfig  # noqa: E402
@@ -124,7 +124,7 @@ def test_dpo_loss_types_match_the_reference(case, n):
     theirs = _torch_value_and_grads(tl.dpo_loss, data, extra, kwargs, SUMS)
     _assert_same(ours, theirs, extra["pair_mask"])
     kinds = case["loss_type"] if isinstance(case["loss_type"], list) else [case["loss_type"]]
-    spec = R.LOSSES["dpo"]
+    spec = R.DECLARATIONS["dpo"]
     assert set(ours[1]) == set(spec.metric_names(reference=True, entropy=False, components=tuple(kinds)))
     if len(kinds) > 1:  # the weighted sum of the per-component metrics
         weights = case.get("loss_weights") or [1.0] * len(kinds)
@@ -468,7 +468,7 @@ def test_the_precomputed_reference_cache_keys_on_the_reduction():
     ({"loss_type": "aot_unpaired", "pair_weights": jnp.ones(4)}, "use_weighting: does not apply to loss_type"),
 ])
 def test_dpo_loss_refuses_what_the_config_refuses(kwargs, match):
-    """A library caller of dpo_loss meets the config's own rules (one copy: loss_registry.dpo_type_problem)."""
+    """A library caller of dpo_loss meets the config's own rules (one copy: declarations.dpo_type_problem)."""
     lp = jnp.zeros(4)
     with pytest.raises(ValueError, match=match):
         jl.dpo_loss(lp, lp, lp, lp, beta=0.1, **kwargs)

@@ -12,7 +12,7 @@ import pytest
 
 from cpu_env import cli_env
 from mmpo_jax import distributed
-from mmpo_jax.commands.launch import process_envs
+from mmpo_jax.launch import process_envs
 from mmpo_jax.errors import UserError
 
 
@@ -100,7 +100,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_the_resume_is_exact(t
     processes stop after the same step, save one checkpoint there together and exit
     143; resumed (in two processes again), the run's losses equal an uninterrupted
     one-process run's."""
-    from mmpo_jax.commands.launch import free_port
+    from mmpo_jax.launch import free_port
 
     two = tmp_path / "two"
     args = ["configs/tiny.yaml", f"train.output_dir={two}", "train.max_steps=12", *COMMON]
@@ -132,12 +132,12 @@ def test_launch_waits_for_processes_that_stop_on_a_signal(tmp_path, capsys):
     """Processes that exit 143 (or 130) stopped on a signal after their save: the
     launcher waits for the others to stop too and exits with that status; a process
     that fails meanwhile is reported as a failure."""
-    from mmpo_jax.commands.launch import _wait
+    from mmpo_jax.launch import wait_all
 
     def proc(code, delay):
         return subprocess.Popen([sys.executable, "-c", f"import sys, time; time.sleep({delay}); sys.exit({code})"])
 
-    assert _wait([proc(143, 0.1), proc(143, 1.5)], tmp_path) == 143
+    assert wait_all([proc(143, 0.1), proc(143, 1.5)], tmp_path) == 143
     assert capsys.readouterr().err == ""
-    assert _wait([proc(143, 0.1), proc(3, 1.0)], tmp_path) == 3
+    assert wait_all([proc(143, 0.1), proc(3, 1.0)], tmp_path) == 3
     assert "process 1 exited with status 3" in capsys.readouterr().err

@@ -11,7 +11,8 @@ from mmpo_jax.data.batches import PackSpec, computed_tokens, eval_batches, real_
 from mmpo_jax.data.packing import first_fit, pack_plan, row_buckets
 from mmpo_jax.data.pipeline import load_preference_data
 from mmpo_jax.config_schema import ConfigError
-from mmpo_jax.train.setup import build_trainer, device_batch
+from mmpo_jax.data.layout import PACKED, SHARED_PROMPT, device_batch
+from mmpo_jax.train.setup import build_trainer
 
 from step_compare import assert_same_history
 
@@ -180,7 +181,7 @@ def test_packed_log_probs_equal_padded_ones_and_a_wrong_mask_is_caught(data):
     logps = outputs(packed, average=False)[0]
     # (positions that run on across a row would not be caught: RoPE sees only offsets
     # within a segment, which a constant shift keeps)
-    one_segment = dict(packed, segment_ids=jnp.where(packed["segment_ids"] > 0, 1, 0))
+    one_segment = packed.replace(segment_ids=jnp.where(packed.segment_ids > 0, 1, 0))
     assert np.abs(outputs(one_segment, average=False)[0] - logps).max() > 1.0
 
 
@@ -304,7 +305,7 @@ def _crafted(shared, shards=1):
     pairs = [tuple(rng.integers(3, 2048, n).tolist() for n in lens) for lens in CRAFTED]
     padded = collate(pairs, np.arange(8), 64, 0)
     plan = pack_plan(row_tokens(np.array(CRAFTED), shared), shards, 1, 128)
-    return padded, collate_packed(plan, pairs, np.arange(8), 0, 128, 64, 0, shared)
+    return padded, collate_packed(plan, pairs, np.arange(8), 0, 128, 64, 0, SHARED_PROMPT if shared else PACKED)
 
 
 def test_shared_prompt_rows_hold_the_padded_sequences_with_one_prompt(data):
@@ -356,9 +357,9 @@ def test_crafted_pairs_log_probs_and_a_step_equal_padded(layout):
     assert_same_pair_outputs(outputs, packed, padded)
     if layout == "shared_prompt":
         logps = outputs(packed, average=False)[0]
-        sees_chosen = dict(packed, branches=jnp.zeros_like(packed["branches"]))
+        sees_chosen = packed.replace(branches=jnp.zeros_like(packed.branches))
         cols = jnp.arange(128)
-        shifted = dict(packed, sources=jnp.broadcast_to(jnp.maximum(cols - 1, 0), packed["sources"].shape))
+        shifted = packed.replace(sources=jnp.broadcast_to(jnp.maximum(cols - 1, 0), packed.sources.shape))
         for wrong in (sees_chosen, shifted):
             bad = outputs(wrong, average=False)[0]
             assert np.abs(bad[:, 1] - logps[:, 1]).max() > 1e-2  # the rejected answers move

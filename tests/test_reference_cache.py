@@ -13,7 +13,7 @@ import pytest
 from mmpo_jax.config import load_config
 from mmpo_jax.errors import UserError
 from mmpo_jax.train import reference_cache
-from mmpo_jax.train.loop import load_data
+from mmpo_jax.train.run_data import load_data
 from mmpo_jax.train.setup import build_trainer, initial_reference
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from mmpo_jax.cli import main
 from mmpo_jax.train.checkpoint import saved_config_text
-from mmpo_jax.train.loop import config_differences
+from mmpo_jax.train.run_config import config_differences
 
 FIXTURES = Path(__file__).parent / "fixtures" / "run_before_loss_registry"
 

@@ -17,7 +17,7 @@ import pytest
 from checkpoint_helpers import flip_a_byte, largest_array_file
 from cpu_env import cli_env
 from mmpo_jax.config import load_config
-from mmpo_jax.train import loop
+from mmpo_jax.train import loop, run_restore, run_signals
 
 TINY = "configs/tiny.yaml"
 TIMING = {"tokens_per_second"}
@@ -240,11 +240,11 @@ def test_a_run_directory_is_read_with_its_checkpoint_config(straight_run, tmp_pa
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
     (copy / "config.yaml").write_text("loss:\n  name: dpo\n  beta: 0.7\n")
-    trainer, step = loop.restore_run(copy)
+    trainer, step = run_restore.restore_run(copy)
     assert step == 20 and trainer.cfg.loss.name == "mmpo" and trainer.cfg.loss.beta == 0.1
     assert trainer.cfg.train.max_steps == 20 and int(trainer.state.step) == 20
     (copy / "config.yaml").unlink()
-    assert loop.restore_run(copy, ["loss.beta=0.2"])[0].cfg.loss.beta == 0.2  # overrides still apply
+    assert run_restore.restore_run(copy, ["loss.beta=0.2"])[0].cfg.loss.beta == 0.2  # overrides still apply
 
 
 def test_train_on_a_finished_run_hands_its_state_to_the_trainer(straight_run):
@@ -288,7 +288,7 @@ def test_export_loads_in_transformers_with_our_logps(straight_run, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
     ids = np.asarray([tok("The capital of France is Paris.")["input_ids"] * 2])
-    trainer, step = loop.restore_run(out)
+    trainer, step = run_restore.restore_run(out)
     assert step == 20
     ours = _our_logps(trainer.sdef.policy(trainer.state), ids)
     np.testing.assert_allclose(_torch_logps(model, ids), ours, atol=1e-5)
@@ -334,7 +334,7 @@ def test_lora_adapter_export_loads_with_peft(tmp_path, capsys):
     before = _torch_logps(base, ids)
     peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
-    trainer, _ = loop.restore_run(run)
+    trainer, _ = run_restore.restore_run(run)
     ours = _our_logps(trainer.sdef.policy(trainer.state), ids)
     with_adapter = _torch_logps(peft_model, ids)
     assert np.abs(with_adapter - before).max() > 1e-3  # the adapter changes the model
@@ -358,7 +358,7 @@ def test_ctrl_c_on_any_process_stops_every_process(monkeypatch):
     monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
     preempted_at: list[int] = []
     monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", lambda step: step in preempted_at)
-    interrupt = loop._Interrupt()
+    interrupt = run_signals.Interrupt()
     assert not interrupt.stop_now(1)
     others["flag"] = 1  # Ctrl-C on the other process only
     assert interrupt.stop_now(2)
@@ -366,7 +366,7 @@ def test_ctrl_c_on_any_process_stops_every_process(monkeypatch):
     assert interrupt.stop_now(3) and interrupt.exit_status == 130
     assert sent == [0, 0, 1]
     # a SIGTERM anywhere: the preemption service says when every process has reached the step
-    interrupt = loop._Interrupt()
+    interrupt = run_signals.Interrupt()
     preempted_at.append(5)
     assert not interrupt.stop_now(4)
     assert interrupt.stop_now(5) and interrupt.exit_status == 143
@@ -384,12 +384,12 @@ def test_eval_with_precomputed_reference_computes_the_test_split_only(tmp_path, 
     cached = sorted(p.name.split("-")[0] for p in (tmp_path / "reference_logps").glob("*.npy"))
     assert cached == ["test"], cached
     # again: the cached table is read and the reference model is never loaded for it
-    import mmpo_jax.train.loop as loop
+    import mmpo_jax.train.run_data as run_data
 
     def no_load(trainer):
         raise AssertionError("the reference model was loaded although its table is cached")
 
-    monkeypatch.setattr(loop, "initial_reference", no_load)
+    monkeypatch.setattr(run_data, "initial_reference", no_load)
     assert main(["eval", TINY, "--json", "model.reference=precomputed", "train.eval_batches=1",
                  f"train.output_dir={tmp_path}"]) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -439,7 +439,7 @@ def test_an_unverified_latest_checkpoint_is_checked_when_the_run_resumes(tmp_pat
 
     trainer = _one_device_trainer(cfg)
     with Checkpointer(tmp_path, keep=2) as ckpt:
-        state = ckpt.restore_latest(loop.abstract_state(trainer.state)).state
+        state = ckpt.restore_latest(run_restore.abstract_state(trainer.state)).state
     text = saved_config_text(ckdir / "4")
     shutil.rmtree(ckdir / "4")
     with Checkpointer(tmp_path, keep=2) as ckpt:  # step 4 again, its arrays damaged into NaNs
@@ -476,7 +476,7 @@ def test_export_of_a_run_whose_latest_checkpoint_is_corrupt_says_which_step_it_u
     assert "using step 10, the newest intact one" in printed.err
 
     notes: list[str] = []
-    trainer, step = loop.restore_run(out, say=notes.append)
+    trainer, step = run_restore.restore_run(out, say=notes.append)
     assert (step, int(trainer.state.step), notes) == (20, 20, [])
 
 
@@ -506,7 +506,7 @@ def test_a_checkpoint_rotated_away_while_it_is_read_is_chosen_again(straight_run
 
     monkeypatch.setattr(Checkpointer, "restore", restore_while_the_run_saves)
     notes: list[str] = []
-    trainer, step = loop.restore_run(copy, say=notes.append)
+    trainer, step = run_restore.restore_run(copy, say=notes.append)
     assert (read, step, int(trainer.state.step)) == ([20, 30], 30, 20)  # step 30 holds step 20's files
     assert notes == [f"checkpoint step 20 of {copy} was deleted while it was read (the run there keeps only "
                      "its newest train.keep_checkpoints); reading the newest one again"]
@@ -514,7 +514,7 @@ def test_a_checkpoint_rotated_away_while_it_is_read_is_chosen_again(straight_run
     monkeypatch.setattr(Checkpointer, "restore",
                         lambda self, step, target: restore_while_the_run_saves(self, step, target, every_time=True))
     with pytest.raises(UserError, match="deleted checkpoint step 50 while it was read, 3 times in a row"):
-        loop.restore_run(copy, say=notes.append)
+        run_restore.restore_run(copy, say=notes.append)
     assert read[2:] == [30, 40, 50]
 
 
@@ -543,10 +543,10 @@ def test_a_second_signal_exits_with_that_signal_s_status(monkeypatch, capsys, si
     import mmpo_jax.commands.train as train_command
     from mmpo_jax.cli import main
 
-    monkeypatch.setattr(loop, "_leave_the_terminal", lambda: None, raising=False)  # pytest's own output stays
+    monkeypatch.setattr(run_signals, "_leave_the_terminal", lambda: None, raising=False)  # pytest's own output stays
 
     def run(args):
-        with loop._Interrupt() as interrupt:
+        with run_signals.Interrupt() as interrupt:
             os.kill(os.getpid(), sig)
             deadline = time.time() + 10
             while interrupt.requested != sig and time.time() < deadline:

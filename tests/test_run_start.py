@@ -11,7 +11,7 @@ import pytest
 from mmpo_jax import cli
 from mmpo_jax.config import config_to_yaml, load_config
 from mmpo_jax.errors import UserError
-from mmpo_jax.train import loop, report, run_config
+from mmpo_jax.train import loop, report, run_config, run_data, run_restore
 from mmpo_jax.train.run_lock import RunLock
 
 TINY = "configs/tiny.yaml"
@@ -22,7 +22,7 @@ def _no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the run loaded the data or the model before its cheap checks")
 
-    monkeypatch.setattr(loop, "load_data", refuse)
+    monkeypatch.setattr(run_data, "load_data", refuse)
     monkeypatch.setattr(loop, "build_trainer", refuse)
 
 
@@ -135,8 +135,8 @@ def test_an_incomplete_last_checkpoint_is_not_a_finished_run(tmp_path):
     make_complete_step(tmp_path / "checkpoints", 10)
     make_complete_step(tmp_path / "checkpoints", 20)
     (tmp_path / "checkpoints" / "20" / "commit_success.txt").unlink()
-    assert loop.latest_complete_step(tmp_path) == 10
-    assert loop.latest_complete_step(tmp_path / "nothing-here") is None
+    assert run_restore.latest_complete_step(tmp_path) == 10
+    assert run_restore.latest_complete_step(tmp_path / "nothing-here") is None
 
 
 def test_the_end_summary_compares_the_first_and_last_eval(tmp_path):
@@ -254,10 +254,10 @@ def test_eval_json_is_strict_json(monkeypatch, capsys):
     import math
     from types import SimpleNamespace
 
-    from mmpo_jax.commands import evaluate
+    from mmpo_jax.eval import run as eval_run  # what `mmpo-jax eval` imports as it runs
 
-    monkeypatch.setattr(evaluate, "load_target", lambda target, overrides: (None, 3, target))
-    monkeypatch.setattr(evaluate, "evaluate_trainer", lambda *a, **k: SimpleNamespace(
+    monkeypatch.setattr(eval_run, "load_target", lambda target, overrides: (None, 3, target))
+    monkeypatch.setattr(eval_run, "evaluate_trainer", lambda *a, **k: SimpleNamespace(
         metrics={"eval/loss": math.nan, "eval/rewards/accuracies": 0.5, "eval/logps/chosen": -math.inf}))
     assert cli.main(["eval", "some-run", "--json"]) == 0
 
@@ -303,3 +303,14 @@ def test_symlinks_to_directories_are_fine_output_dirs(tmp_path):
     (tmp_path / "other" / "checkpoints").symlink_to(tmp_path / "disk" / "checkpoints")
     check_local_output_dir(str(tmp_path / "other"))
     check_local_output_dir(str(tmp_path / "not-yet" / "run"))
+
+
+def test_a_run_says_autos_attention_choice_once_at_start(tmp_path):
+    """`model.attention=auto`'s choice and its reason: one start line of the run."""
+    said: list[str] = []
+    cfg = load_config(TINY, ["train.max_steps=1", "train.eval_every=0", "train.save_every=0",
+                             "data.test_files=null", f"train.output_dir={tmp_path / 'run'}"])
+    assert cfg.model.attention == "auto"
+    assert loop.train(cfg, log=said.append).status == "finished"
+    chosen = [line for line in said if line.startswith("attention: model.attention=auto -> ")]
+    assert len(chosen) == 1 and chosen[0].endswith(")"), said

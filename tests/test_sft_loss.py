@@ -13,6 +13,7 @@ from mmpo_jax.losses import mmpo as jl
 from mmpo_jax.config import load_config
 from mmpo_jax.config_schema import ConfigError, MeshConfig
 from mmpo_jax.losses.inputs import LossInputs
+from mmpo_jax.losses.registry import configured_loss
 from mmpo_jax.sharding import BATCH_AXES, make_mesh
 
 torch = pytest.importorskip("torch")
@@ -214,19 +215,19 @@ def test_configured_loss_reads_the_token_counts_by_the_config():
     and a loss that is not token-mean ignores them."""
     cfg = load_config(None, ["loss.name=sft"]).loss
     pc, pr, tok = jnp.array([-10.0, -20.0]), jnp.array([-5.0, -6.0]), jnp.array([5.0, 5.0])
-    loss, metrics = jl.configured_loss(cfg, LossInputs(pc, pr, chosen_tokens=tok))
+    loss, metrics = configured_loss(cfg, LossInputs(pc, pr, chosen_tokens=tok))
     assert float(loss) == pytest.approx(3.0) and set(metrics) == {"loss", "logps/chosen", "logps/rejected"}
-    loss, _ = jl.configured_loss(cfg, LossInputs(pc, pr))
+    loss, _ = configured_loss(cfg, LossInputs(pc, pr))
     assert float(loss) == pytest.approx(15.0)
     averaged = load_config(None, ["loss.name=sft", "loss.average_logps=true"]).loss
-    loss, _ = jl.configured_loss(averaged, LossInputs(pc, pr, chosen_tokens=tok))
+    loss, _ = configured_loss(averaged, LossInputs(pc, pr, chosen_tokens=tok))
     assert float(loss) == pytest.approx(15.0)  # the mean of the per-sequence means, counts unread
     dpo = load_config(None, ["loss.name=dpo"]).loss
-    with_counts, _ = jl.configured_loss(dpo, LossInputs(pc, pr, pc, pr, chosen_tokens=tok))
-    without, _ = jl.configured_loss(dpo, LossInputs(pc, pr, pc, pr))
+    with_counts, _ = configured_loss(dpo, LossInputs(pc, pr, pc, pr, chosen_tokens=tok))
+    without, _ = configured_loss(dpo, LossInputs(pc, pr, pc, pr))
     assert float(with_counts) == float(without)
     with pytest.raises(ValueError, match="'dpo' needs reference log-probs"):
-        jl.configured_loss(dpo, LossInputs(pc, pr))
+        configured_loss(dpo, LossInputs(pc, pr))
 
 
 def test_losses_command_shows_sft(capsys):
@@ -246,8 +247,9 @@ def test_sft_training_lowers_the_chosen_nll(tmp_path):
     chosen answers (checked against the model's full logits), and a few steps lower it."""
     from mmpo_jax.data.builtin import load_demo_rows
     from mmpo_jax.data.batches import train_batches
-    from mmpo_jax.train.loop import load_data
-    from mmpo_jax.train.setup import build_trainer, device_batch
+    from mmpo_jax.train.run_data import load_data
+    from mmpo_jax.data.layout import device_batch
+    from mmpo_jax.train.setup import build_trainer
 
     rows = load_demo_rows("train", "conversational")[:8]
     path = tmp_path / "train.jsonl"

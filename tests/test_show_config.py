@@ -70,11 +70,11 @@ def test_random_init_shows_model_init(capsys, tmp_path):
 def test_a_dpo_config_shows_no_mmpo_keys(capsys, tmp_path):
     """`mmpo-jax config` of a DPO run listed MMPO's reward offsets and normalisation, which
     it never reads; they are left out (the run's config.yaml keeps them) and named once."""
-    from mmpo_jax.losses.registry import LOSSES
+    from mmpo_jax.losses.declarations import DECLARATIONS
 
     text = _printed(capsys, TINY, "loss.name=dpo")
     loss = yaml.safe_load(text)["loss"]
-    assert set(loss) == set(LOSSES["dpo"].config_keys)
+    assert set(loss) == set(DECLARATIONS["dpo"].config_keys)
     for key in ("reward_epsilon", "rejected_epsilon", "aux_weight", "normalize"):
         assert key not in loss
     assert "  # unused by loss.name=dpo: reward_epsilon, rejected_epsilon" in text

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from mmpo_jax.errors import UserError
-from mmpo_jax.sweep import (
+from mmpo_jax.sweep_runs import (
     Axis,
     Outcome,
     RunSpec,

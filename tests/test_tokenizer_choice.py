@@ -16,7 +16,7 @@ from mmpo_jax import cli
 from mmpo_jax.config import load_config
 from mmpo_jax.data.tiny_tokenizer import tokenizer_config, train_tiny_tokenizer
 from mmpo_jax.errors import UserError
-from mmpo_jax.train import loop
+from mmpo_jax.train import run_data
 
 TINY = "configs/tiny.yaml"
 OWN_VOCAB = 384  # the checkpoint's tokenizer: not builtin:tiny's 2048
@@ -69,7 +69,7 @@ def test_a_checkpoint_run_tokenizes_with_the_checkpoints_own_tokenizer(checkpoin
 
     cfg = load_config(TINY, [f"model.path={checkpoint}", "data.test_files=null"])
     assert cfg.data.tokenizer == str(checkpoint)
-    data = loop.load_data(cfg)
+    data = run_data.load_data(cfg)
     src = data.train.sources[0]
     row = load_demo_rows("train")[int(src.numbers[0]) - 1]  # numbers: the row's line, from 1
     prompt = [int(i) for i in src.ids(0)[0]]

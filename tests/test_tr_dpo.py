@@ -14,11 +14,13 @@ import pytest
 from mmpo_jax.cli import main
 from mmpo_jax.config import load_config
 from mmpo_jax.config_schema import ConfigError, MeshConfig
+from mmpo_jax.data.layout import DeviceBatch
 from mmpo_jax.models.build import build_model
 from mmpo_jax.models.decoder_config import DecoderConfig
 from mmpo_jax.models.options import ModelOptions
 from mmpo_jax.sharding import make_mesh
 from mmpo_jax.train.optim import learning_rate_schedule, make_optimizer
+from mmpo_jax.train.reference import reference_mode
 from mmpo_jax.train.state import create_state, state_shardings
 from mmpo_jax.train.step import StepConfig, make_train_step
 
@@ -36,12 +38,12 @@ def test_the_reference_is_mixed_toward_the_policy_every_n_steps():
     mesh = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
     model = build_model(ARCH, ModelOptions(scan_layers=True, remat="none"), mesh=mesh, seed=0, init_scale=0.5)
     opt = make_optimizer(cfg.optim, 10)
-    sdef, state = create_state(model, opt, lora=False, reference_mode="separate", mesh=mesh)
+    sdef, state = create_state(model, opt, lora=False, reference_mode=reference_mode("separate"), mesh=mesh)
     scfg = StepConfig(loss=cfg.loss, grad_accum=1, logprob_chunk=8, schedule=learning_rate_schedule(cfg.optim, 10),
                       dropout=False, reference_sync=(EVERY, ALPHA))
     rng = np.random.default_rng(0)
-    batch = {"input_ids": rng.integers(1, ARCH.vocab_size, (4, 2, 12)).astype(np.int32),
-             "loss_mask": np.tile((np.arange(12) >= 5).astype(np.int32), (4, 2, 1))}
+    batch = DeviceBatch(input_ids=rng.integers(1, ARCH.vocab_size, (4, 2, 12)).astype(np.int32),
+                        loss_mask=np.tile((np.arange(12) >= 5).astype(np.int32), (4, 2, 1)))
     step = make_train_step(sdef, scfg, opt, mesh, state_shardings(state), batch)
     reference, history = _leaves(state.reference), []
     for k in range(1, 6):

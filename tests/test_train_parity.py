@@ -11,15 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmpo_jax.losses import mmpo as losses
 from mmpo_jax.buckets import bucket_for, bucket_lengths
 from mmpo_jax.config import load_config
 from mmpo_jax.losses.inputs import LossInputs
+from mmpo_jax.losses.registry import configured_loss
 from mmpo_jax.data.batches import SMALLEST_BUCKET, train_batches
+from mmpo_jax.data.layout import DeviceBatch, device_batch
 from mmpo_jax.data.pipeline import load_preference_data
 from mmpo_jax.train.pair_logps import pair_logps
 from mmpo_jax.train.reference_cache import reference_table
-from mmpo_jax.train.setup import build_trainer, device_batch, initial_reference
+from mmpo_jax.train.setup import build_trainer, initial_reference
 from mmpo_jax.train.step import loss_and_grads
 
 from step_compare import assert_same_history
@@ -99,7 +100,7 @@ def _micro_logps(trainer, batch, n):
     state, sdef = trainer.state, trainer.sdef
     out = []
     for a in range(n):
-        micro = {"input_ids": batch["input_ids"][a::n], "loss_mask": batch["loss_mask"][a::n]}
+        micro = DeviceBatch(input_ids=batch.input_ids[a::n], loss_mask=batch.loss_mask[a::n])
         pol = pair_logps(sdef.policy(state), micro, average=False, chunk=64).logps
         ref = pair_logps(sdef.reference(state), micro, average=False, chunk=64).logps
         out.append((pol, ref))
@@ -139,7 +140,7 @@ def test_accumulation_mmpo_is_the_mean_of_micro_batch_losses(train_data, tmp_pat
     lc = cfg.loss
 
     def loss_of(pol, ref):
-        loss, _ = losses.configured_loss(lc, LossInputs(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1]))
+        loss, _ = configured_loss(lc, LossInputs(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1]))
         return float(loss)
 
     expected = np.mean([loss_of(p, r) for p, r in micro])

@@ -11,11 +11,13 @@ import pytest
 
 from mmpo_jax.config import load_config
 from mmpo_jax.config_schema import MeshConfig
+from mmpo_jax.data.layout import DeviceBatch
 from mmpo_jax.models.build import build_model
 from mmpo_jax.models.decoder_config import DecoderConfig
 from mmpo_jax.models.options import ModelOptions
 from mmpo_jax.sharding import make_mesh
 from mmpo_jax.train.optim import learning_rate_schedule, make_optimizer
+from mmpo_jax.train.reference import reference_mode
 from mmpo_jax.train.state import create_state, state_shardings
 from mmpo_jax.train.step import StepConfig, make_train_step
 
@@ -34,7 +36,7 @@ def _batch():
         ids[p, :, end:] = 0
     pair_mask = np.ones(PAIRS, np.int32)
     pair_mask[-1] = 0  # one padding pair
-    return {"input_ids": ids, "loss_mask": mask, "pair_mask": pair_mask}
+    return DeviceBatch(input_ids=ids, loss_mask=mask, pair_mask=pair_mask)
 
 
 def _run(mesh_shape, devices, steps=STEPS, poison=False, learning_rate=1e-2):
@@ -45,7 +47,7 @@ def _run(mesh_shape, devices, steps=STEPS, poison=False, learning_rate=1e-2):
     model = build_model(ARCH, ModelOptions(scan_layers=True, remat="full"), mesh=mesh, seed=0,
                         init_scale=0.5)
     opt = make_optimizer(cfg.optim, 10)
-    sdef, state = create_state(model, opt, lora=False, reference_mode="separate", mesh=mesh)
+    sdef, state = create_state(model, opt, lora=False, reference_mode=reference_mode("separate"), mesh=mesh)
     scfg = StepConfig(loss=cfg.loss, grad_accum=cfg.optim.grad_accum, logprob_chunk=8,
                       schedule=learning_rate_schedule(cfg.optim, 10), dropout=False)
     batch = _batch()

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from checkpoint_helpers import CORPUS, make_tokenizer, random_torch_model, save_hf_dir  # noqa: E402
 
 from mmpo_jax import cli  # noqa: E402
-from mmpo_jax.losses import registry as R  # noqa: E402
+from mmpo_jax.losses import declarations as R  # noqa: E402
 
 RTOL = 1e-5
 BATCH = 8

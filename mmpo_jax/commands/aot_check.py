@@ -9,7 +9,8 @@ is data.batch_size pairs of data.max_length tokens, split over mesh.data x mesh.
 needs only its config.json; or give the shapes with model.path="" model.init.*=...
 
 Exit status: 0 when it fits (total <= 95% of HBM), 3 when it does not, 2 on a
-config or usage error. Needs libtpu: pip install -e '.[aot]'.
+config or usage error (a model.attention a TPU run refuses, cudnn or pallas_gpu, before
+libtpu is opened). Needs libtpu: pip install -e '.[aot]'.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import argparse
 import json
 import os
 
-from mmpo_jax.config import split_config_and_overrides
+from mmpo_jax.config import load_config, split_config_and_overrides
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,8 +36,8 @@ def run(args: argparse.Namespace) -> int:
     # The compile targets the topology's devices, never this machine's accelerators:
     # without this, importing jax with libtpu installed tries to open a local TPU.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    # lazy: mmpo_jax.aot imports jax, which must come after JAX_PLATFORMS (and `--help` needs none)
     from mmpo_jax.aot import EXIT_DOES_NOT_FIT, aot_check, format_table, parse_topology
-    from mmpo_jax.config import load_config
 
     parse_topology(args.topology)  # a bad name fails before the config is read
     path, overrides = split_config_and_overrides([args.config, *args.overrides])

@@ -100,6 +100,7 @@ def _stdout_to_stderr(active: bool) -> Iterator[None]:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: the comparison imports jax and the model (torch only as it runs), which `--help` does not need
     from mmpo_jax.torch_ref.compare_model import ModelComparison, compare
 
     if args.step or args.config:
@@ -136,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_step(args: argparse.Namespace) -> int:
-    from mmpo_jax.torch_ref.compare_step import compare_step
+    from mmpo_jax.torch_ref.compare_step import compare_step  # lazy: as in `run`
 
     if not (args.step and args.config):
         raise UserError("a train-step comparison needs both --config CONFIG and --step")

@@ -20,6 +20,7 @@ import json
 import sys
 from pathlib import Path
 
+from mmpo_jax import recipes
 from mmpo_jax.errors import UserError
 from mmpo_jax.files import write_text_atomic
 
@@ -62,8 +63,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmpo_jax import recipes
-
     for item in args.overrides:
         if "=" not in item:
             raise UserError(

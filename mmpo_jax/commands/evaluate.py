@@ -20,8 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmpo_jax.eval.run import EvalOptions, evaluate_trainer, load_target
-from mmpo_jax.eval.win_rate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS
+from mmpo_jax.eval.options import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, EvalOptions
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -66,6 +65,10 @@ def add_win_rate_flags(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: the evaluation and train.metrics import jax and the model, which `mmpo-jax --help` does not need
+    from mmpo_jax.eval.run import evaluate_trainer, load_target
+    from mmpo_jax.train.metrics import json_line, make_record
+
     options = EvalOptions.from_args(args)
     options.check()
     trainer, step, what = load_target(args.target, args.overrides)
@@ -76,8 +79,6 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_trainer(trainer, options, what=what, log=say)
     metrics = result.metrics
     if args.json:
-        from mmpo_jax.train.metrics import json_line, make_record
-
         print(json_line(make_record(step, metrics)), end="")
         return 0
     preference = {k[len("eval/"):]: v for k, v in metrics.items() if k.startswith("eval/")}

@@ -33,15 +33,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mmpo_jax import storage
-from mmpo_jax.errors import UserError
 
 if TYPE_CHECKING:
-    from mmpo_jax.config_schema import RunConfig
+    from mmpo_jax.data.tokenizer_protocol import Tokenizer
+    from mmpo_jax.export_sources import AdapterBase
+    from mmpo_jax.train.setup import Evaluator
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -59,82 +59,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _real(path: str | os.PathLike) -> Path:
-    return Path(os.path.realpath(Path(path).expanduser()))
-
-
-def _where(location: str | os.PathLike) -> str:
-    """A location in one spelling: a URL without its trailing '/', a local path resolved."""
-    return str(location).rstrip("/") if storage.is_url(location) else str(_real(location))
-
-
-def check_not_a_source(out_dir: str | os.PathLike, run_dir: str | os.PathLike, cfg: RunConfig) -> None:
-    """A UserError when OUT_DIR is, or holds, the run directory or a checkpoint the run reads
-    (`model.path`, `model.reference_path`; a file such as a .gguf is held by its directory).
-
-    An earlier export can be such a checkpoint (a LoRA run's base model), and `--overwrite`
-    would then replace the weights the run and its adapter need. Paths are compared after
-    resolving symlinks and `pkg:` specs; a hub id has no local path to protect.
-    """
-    from mmpo_jax.paths import resolve
-
-    out = _where(out_dir)
-    protected: list[tuple[str, str, str | None]] = [
-        ("the run directory", _where(run_dir), str(storage.join(run_dir, "export")))]
-    for key in ("path", "reference_path"):
-        spec = getattr(cfg.model, key, "") or ""
-        if not spec:
-            continue
-        if storage.is_url(spec):
-            protected.append((f"the run's model.{key} ('{spec}')", _where(spec), None))
-            continue
-        try:
-            local = Path(resolve(spec)).expanduser()
-        except UserError:  # an uninstalled pkg: spec, so nothing local to protect
-            continue
-        if local.exists():
-            protected.append((f"the run's model.{key} ('{spec}')", _where(local), None))
-    for what, path, instead in protected:
-        if out == path or path.startswith(out.rstrip("/") + "/"):
-            relation = "is" if out == path else "holds"
-            hint = f", e.g. '{instead}'" if instead else ""
-            raise UserError(f"'{out_dir}' {relation} {what}, which the export must not write into; "
-                            f"export to another directory{hint}")
-    # inside what the run itself manages: its next start moves or prunes it (RUN/checkpoints/99
-    # was taken for a checkpoint and moved aside); RUN/export and the like are the user's
-    from mmpo_jax.train.checkpoint import CHECKPOINTS_DIR, INCOMPLETE_DIR
-    from mmpo_jax.train.run_files import TENSORBOARD_DIR
-    from mmpo_jax.train.run_mirror import REFERENCE_DIR
-
-    for managed in (CHECKPOINTS_DIR, INCOMPLETE_DIR, REFERENCE_DIR, TENSORBOARD_DIR, "wandb"):
-        inside = _where(storage.join(run_dir, managed))
-        if out == inside or out.startswith(inside.rstrip("/") + "/"):
-            raise UserError(f"'{out_dir}' is inside the run's {managed}/ directory, which the run manages (a later "
-                            f"start moves or prunes what it finds there); export to another directory, e.g. "
-                            f"'{storage.join(run_dir, 'export')}'")
-
-
 def run(args: argparse.Namespace) -> int:
+    # lazy: keeps `mmpo-jax --help` (and the other commands) free of jax, orbax and the model
     import jax
 
     from mmpo_jax.data.tokenizers import tokenizer_of
+    from mmpo_jax.export_sources import adapter_base, check_not_a_source, real_path
     from mmpo_jax.models.export_dir import bucket_export, check_bucket_target, check_export_target
-    from mmpo_jax.train.loop import restore_run, saved_run_config
+    from mmpo_jax.train.run_restore import restore_inference, saved_run_config
 
     # Before the (slow) restore: a refused destination is told at once. What the run
     # reads first, since --overwrite could not help there.
     saved = saved_run_config(args.run_dir)[0]
     check_not_a_source(args.out_dir, args.run_dir, saved)
-    base = _adapter_base(args.out_dir, saved.model.path) if args.adapter else None
+    base = adapter_base(args.out_dir, saved.model.path) if args.adapter else None
     to_bucket = storage.is_url(args.out_dir)
     if to_bucket:
         storage.check_url(args.out_dir, "OUT_DIR")
         check_bucket_target(args.out_dir, overwrite=args.overwrite)
     else:
         check_export_target(args.out_dir, overwrite=args.overwrite)
-    trainer, step = restore_run(args.run_dir)
+    trainer, step = restore_inference(args.run_dir)  # the policy alone: no optimizer state, no reference
     tokenizer = tokenizer_of(trainer.cfg.data, trainer.cfg.model.path)
-    about = {"run_dir": str(args.run_dir if storage.is_url(args.run_dir) else _real(args.run_dir)), "step": int(step)}
+    about = {"run_dir": str(args.run_dir if storage.is_url(args.run_dir) else real_path(args.run_dir)), "step": int(step)}
     with contextlib.ExitStack() as stack:
         # a bucket destination: the export is written here, then copied there
         where = stack.enter_context(bucket_export(args.out_dir, overwrite=args.overwrite)) \
@@ -152,33 +99,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-@dataclass(frozen=True)
-class AdapterBase:
-    """The base `adapter_config.json` names (`name`), and whether the export writes it
-    into OUT_DIR/base (`written`) because PEFT could not open `model.path`."""
-
-    name: str
-    written: bool
-
-
-def _adapter_base(out_dir: str | os.PathLike, model_path: str) -> AdapterBase:
-    """The base of an `--adapter` export to `out_dir` of a run on `model_path`."""
-    from mmpo_jax.models.lora_export import BASE_DIR, peft_base_name
-
-    if not model_path:
-        raise UserError("--adapter needs a base model others can load (model.path); this run starts "
-                        "from a random init: export the full model instead")
-    name = peft_base_name(model_path)
-    if name is not None:
-        return AdapterBase(name, written=False)
-    # named where it will be once in place: the export is written elsewhere, then moved or copied there
-    where = storage.join(out_dir, BASE_DIR) if storage.is_url(out_dir) else _real(out_dir) / BASE_DIR
-    return AdapterBase(str(where), written=True)
-
-
-def _write(args: argparse.Namespace, trainer: Any, tokenizer: Any, out_dir: str | os.PathLike,
+def _write(args: argparse.Namespace, trainer: Evaluator, tokenizer: Tokenizer, out_dir: str | os.PathLike,
            about: dict[str, Any], base: AdapterBase | None, overwrite: bool) -> Path | None:
     """Writes the export of `trainer`'s policy to the local `out_dir` on process 0 (None elsewhere)."""
+    # lazy: as in `run`, jax and the writers load only when an export runs
     import jax
 
     from mmpo_jax.models.hf_export import export_hf

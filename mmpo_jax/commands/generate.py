@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mmpo_jax.config import load_config, split_config_and_overrides
+from mmpo_jax.data.json_rows import read_json_rows
 from mmpo_jax.errors import UserError
 
 # mmpo_jax.eval.generate.PROMPT_FORMATS, spelled out: importing that module (jax, flax) here
@@ -109,8 +111,6 @@ def read_prompt_rows(path: str) -> tuple[list[dict[str, Any]], list[str]]:
     """`(rows, where)`: the rows of the prompts file (the data pipeline's JSON reader, so a
     malformed line is reported with its number) and a name of each for errors. Every row
     must have a `prompt` (its value is checked when tokenized)."""
-    from mmpo_jax.data.json_rows import read_json_rows
-
     raw = read_json_rows(Path(path), "--prompts")
     if not raw.rows:
         raise UserError(f"--prompts: '{path}' has no rows")
@@ -124,19 +124,15 @@ def read_prompt_rows(path: str) -> tuple[list[dict[str, Any]], list[str]]:
 
 def load_policy(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
     """`(model, architecture, run config, description)` of CONFIG or RUN_DIR."""
-    from mmpo_jax.config import load_config, split_config_and_overrides
-
-    from mmpo_jax.train.loop import names_a_run
-
-    if names_a_run(args.target):
-        from mmpo_jax.train.loop import restore_run
-
-        trainer, step = restore_run(args.target, args.overrides)
-        return trainer.sdef.policy(trainer.state), trainer.arch, trainer.cfg, f"{args.target} (step {step})"
-    if not Path(args.target).exists():
-        raise UserError(f"no such config file or run directory '{args.target}'")
+    # lazy: the restore and the model import jax, which `mmpo-jax --help` does not need
+    from mmpo_jax.train.run_restore import names_a_run, restore_inference
     from mmpo_jax.train.setup import build_policy
 
+    if names_a_run(args.target):
+        run, step = restore_inference(args.target, args.overrides)  # the policy alone
+        return run.sdef.policy(run.state), run.arch, run.cfg, f"{args.target} (step {step})"
+    if not Path(args.target).exists():
+        raise UserError(f"no such config file or run directory '{args.target}'")
     path, overrides = split_config_and_overrides([args.target, *args.overrides])
     cfg = load_config(path, overrides)
     model, arch, _ = build_policy(cfg)
@@ -145,6 +141,7 @@ def load_policy(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: jax, the tokenizers and the generation code, which `mmpo-jax --help` does not need
     import jax
 
     from mmpo_jax.data.tokenizers import special_ids, tokenizer_of

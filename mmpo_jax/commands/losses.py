@@ -8,7 +8,8 @@ import json
 
 from mmpo_jax.commands.common import add_config_items, load_from_items
 from mmpo_jax.config_schema import LossConfig, RunConfig
-from mmpo_jax.losses.registry import CPO_LOSS_TYPES, DPO_LOSS_TYPES, LOSS_NAMES
+from mmpo_jax.config_settle import settle_loss
+from mmpo_jax.losses.declarations import CPO_LOSS_TYPES, DPO_LOSS_TYPES, LOSS_NAMES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def sft_normalisation(cfg, name: str = "sft") -> str:
+def sft_normalisation(cfg: RunConfig, name: str = "sft") -> str:
     """How a token-mean loss (`sft`) normalises its NLL under `cfg` (the sentence the output shows)."""
     if cfg.loss.name == name and cfg.loss.average_logps:
         return "mean over pairs of each chosen answer's per-token NLL (loss.average_logps=true)"
@@ -32,18 +33,19 @@ def every_loss(cfg: RunConfig) -> dict[str, RunConfig]:
     then `dpo:<type>` / `cpo:<type>` for every other loss type and `dpo:sigmoid+sft`
     (RPO's mixture)."""
     out = {name: cfg if name == cfg.loss.name else
-           dataclasses.replace(cfg, loss=LossConfig(name=name).settled()) for name in LOSS_NAMES}
+           dataclasses.replace(cfg, loss=settle_loss(LossConfig(name=name))) for name in LOSS_NAMES}
     variants: list[tuple[str, tuple[str, ...]]] = [("dpo", (kind,)) for kind in DPO_LOSS_TYPES if kind != "sigmoid"]
     variants += [("cpo", (kind,)) for kind in CPO_LOSS_TYPES if kind != "sigmoid"]
     variants.append(("dpo", ("sigmoid", "sft")))
     for name, kinds in variants:
-        loss = LossConfig(name=name, loss_type=kinds[0] if len(kinds) == 1 else list(kinds),
-                          label_smoothing=1e-3 if "exo_pair" in kinds else 0.0).settled()
+        loss = settle_loss(LossConfig(name=name, loss_type=kinds[0] if len(kinds) == 1 else list(kinds),
+                                      label_smoothing=1e-3 if "exo_pair" in kinds else 0.0))
         out[f"{name}:{'+'.join(kinds)}"] = dataclasses.replace(cfg, loss=loss)
     return out
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: the example batch runs the JAX losses, and `mmpo-jax --help` needs no jax
     from mmpo_jax.example import EXAMPLE_PAIRS, EXAMPLE_TOKENS, example_metrics
 
     cfg = load_from_items(args.items)

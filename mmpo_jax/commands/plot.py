@@ -22,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: the plots import matplotlib and train.metrics (jax), which `mmpo-jax --help` does not need
     from mmpo_jax.run_plots import plot_runs
 
     run_dirs = [Path(d) for d in args.run_dirs]

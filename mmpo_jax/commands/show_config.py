@@ -4,6 +4,12 @@ Only what applies is shown: with `model.path` set, the `model.init` block (the s
 a random init) is left out, and so are the `loss.*` keys the loss does not read, a comment
 in place of each. The text is a config `mmpo-jax
 train` accepts back.
+
+`model.attention` is checked against the batch layout and the compute dtype as a run
+checks it at start, before any model is read (`mmpo_jax.models.kernels.check_kernel`):
+for `--backend cpu|gpu|tpu` as a run there would; without it, a kernel that none of its
+own backends runs (e.g. `model.attention=cudnn data.packing=packed`) is refused. A
+refusal exits 2; the printed config is the same either way.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import yaml
 
 from mmpo_jax.commands.common import add_config_items, load_from_items
 from mmpo_jax.config import applicable_dict, config_to_dict, unused_keys
+from mmpo_jax.models.kernels import BACKENDS, check_kernel
 
 if TYPE_CHECKING:
     from mmpo_jax.config_schema import RunConfig
@@ -28,6 +35,10 @@ INIT_UNUSED_COMMENT = "# init: unused, the architecture comes from model.path"
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("config", help="print the resolved config")
     add_config_items(p)
+    p.add_argument("--backend", choices=BACKENDS,
+                   help="check model.attention against this backend, the batch layout (data.packing) "
+                        "and the compute dtype as a run there checks it at start (exit 2 when it is "
+                        "refused); without it, only a kernel no backend runs is refused")
     p.set_defaults(func=run)
 
 
@@ -68,5 +79,8 @@ def _put_after(section: dict[str, Any], after: str, key: str, value: Any) -> dic
 
 
 def run(args: argparse.Namespace) -> int:
-    print(shown_yaml(load_from_items(args.items)), end="")
+    cfg = load_from_items(args.items)
+    # the refusals that need no checkpoint; `data.packing` other than none hands the model segment ids
+    check_kernel(cfg.model.attention, cfg.model.compute_dtype, cfg.data.packing != "none", args.backend)
+    print(shown_yaml(cfg), end="")
     return 0

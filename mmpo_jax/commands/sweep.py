@@ -32,9 +32,11 @@ from typing import TYPE_CHECKING
 
 from mmpo_jax.commands.evaluate import add_capability_flags, add_win_rate_flags
 from mmpo_jax.errors import INTERRUPTED_EXIT, UserError
+from mmpo_jax.eval.options import EvalOptions
+from mmpo_jax.sweep_runs import RunSpec, expand, parse_also, parse_grid
 
 if TYPE_CHECKING:  # the CLI imports the sweep machinery only when it runs
-    from mmpo_jax.sweep import RunSpec, SweepSettings
+    from mmpo_jax.sweep import SweepSettings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -55,15 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmpo_jax.eval.run import EvalOptions
-    from mmpo_jax.sweep import (
-        SweepInterrupted,
-        SweepSettings,
-        expand,
-        parse_also,
-        parse_grid,
-        run_sweep,
-    )
+    # lazy: the sweep imports jax and the trainer, which `mmpo-jax --help` does not need
+    from mmpo_jax.sweep import SweepInterrupted, SweepSettings, run_sweep
 
     config = Path(args.config)
     if "=" in args.config:
@@ -90,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
 def _dry_run(settings: SweepSettings, runs: Sequence[RunSpec]) -> int:
     """Lists the runs; a run whose config does not resolve gets its error beneath it (the
     real sweep would record it as failed and go on)."""
-    from mmpo_jax.sweep import run_config
+    from mmpo_jax.sweep import run_config  # lazy: as in `run`
 
     bad = 0
     for i, spec in enumerate(runs, 1):

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 
+from mmpo_jax import distributed
 from mmpo_jax.commands.common import add_config_items, load_from_items
+from mmpo_jax.errors import INTERRUPTED_EXIT
 
 
 def add_process_flags(p: argparse.ArgumentParser) -> None:
@@ -32,8 +34,6 @@ def add_process_flags(p: argparse.ArgumentParser) -> None:
 
 
 def start_processes(args: argparse.Namespace) -> None:
-    from mmpo_jax import distributed
-
     distributed.initialize(distributed.spec_from(args.coordinator, args.num_processes, args.process_id,
                                                  init_timeout=args.init_timeout))
 
@@ -49,8 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmpo_jax.errors import INTERRUPTED_EXIT
-    from mmpo_jax.train.loop import train
+    from mmpo_jax.train.loop import train  # lazy: the trainer imports jax, which `mmpo-jax --help` does not need
 
     if not args.items:
         raise SystemExit("mmpo-jax train: give a config file, e.g. `mmpo-jax train configs/demo.yaml`")

@@ -7,14 +7,16 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import flax.struct
+import jax
 import numpy as np
 
 from mmpo_jax.buckets import bucket_for, bucket_lengths
 from mmpo_jax.data import formats
+from mmpo_jax.data.layout import PACKED, PADDED, Layout, layout_of
 from mmpo_jax.data.packing import PackedBatch, collate_packed, pack_plan, pair_tokens, row_tokens
 from mmpo_jax.data.pipeline import PreferenceData
 from mmpo_jax.errors import UserError
@@ -22,7 +24,7 @@ from mmpo_jax.errors import UserError
 if TYPE_CHECKING:
     import grain
 
-    from mmpo_jax.config_schema import DataConfig
+    from mmpo_jax.config_schema import DataConfig, RunConfig
     from mmpo_jax.data.prefetch import BatchTimes
 
 
@@ -33,33 +35,29 @@ _UNBOUNDED = sys.maxsize  # the train batches are indexed by step, without end
 
 @dataclass(frozen=True)
 class PackSpec:
-    """How a run packs its batches (`data.packing: packed` or `shared_prompt`): rows of
-    `pack_length` tokens, a step cut into `shards` x `micro` blocks, the pair-major view
-    `width` wide; `shared`: each pair one sequence, its prompt computed once."""
+    """How a run packs its batches (a `Layout.segments` layout: `data.packing: packed` or
+    `shared_prompt`): rows of `pack_length` tokens, a step cut into `shards` x `micro`
+    blocks, the pair-major view `width` wide, in `layout`."""
 
     pack_length: int
     shards: int  # batch shards of the mesh (mesh.data x mesh.fsdp)
     micro: int  # micro-batches of a step (optim.grad_accum; 1 for eval)
     width: int  # data.max_length
-    shared: bool = False
+    layout: Layout = PACKED
 
     @classmethod
     def for_data(cls, data: DataConfig, shards: int, micro: int) -> PackSpec | None:
-        """The spec of the `data` config section (None: `data.packing: none`) over
+        """The spec of the settled `data` config section (None: an unpacked layout) over
         `shards` batch shards and `micro` micro-batches."""
-        if data.packing == "none":
+        layout = layout_of(data.packing)
+        if not layout.segments:
             return None
-        pack = 2 * data.max_length if data.pack_length is None else data.pack_length  # as settled()
-        return cls(pack, shards, micro, data.max_length, data.packing == "shared_prompt")
-
-    @property
-    def layout(self) -> str:
-        """The `data.packing` value this spec stands for."""
-        return "shared_prompt" if self.shared else "packed"
+        assert data.pack_length is not None, "DataConfig.settled() sets a packed layout's pack_length"
+        return cls(data.pack_length, shards, micro, data.max_length, layout)
 
     def for_eval(self) -> PackSpec:
         """The eval step runs a batch whole: one micro-batch."""
-        return PackSpec(self.pack_length, self.shards, 1, self.width, self.shared)
+        return replace(self, micro=1)
 
     def collate(self, data: PreferenceData, rows: np.ndarray, mine: np.ndarray,
                 process_index: int, process_count: int) -> PackedBatch:
@@ -67,12 +65,17 @@ class PackSpec:
         pair), whose own pairs are `mine`."""
         if self.shards % process_count:
             raise UserError(f"the mesh's {self.shards} batch shards do not split over {process_count} processes")
-        tokens = np.where(rows >= 0, row_tokens(data.lengths[np.maximum(rows, 0)], self.shared), 0)
+        tokens = np.where(rows >= 0, row_tokens(data.lengths[np.maximum(rows, 0)], self.layout.shares_prompt), 0)
         plan = pack_plan(tokens, self.shards, self.micro, self.pack_length)
         first_block = process_index * (plan.blocks // process_count)
         pairs = [data.pair(int(i)) if i >= 0 else None for i in mine]
         return collate_packed(plan, pairs, mine, first_block, self.pack_length, self.width, data.special.pad,
-                              self.shared)
+                              self.layout)
+
+
+def pack_spec(cfg: RunConfig, mesh: jax.sharding.Mesh) -> PackSpec | None:
+    """How `cfg`'s batches are packed on `mesh` (None: `data.packing: none`)."""
+    return PackSpec.for_data(cfg.data, mesh.shape["data"] * mesh.shape["fsdp"], cfg.optim.grad_accum)
 
 
 # Batches
@@ -85,6 +88,11 @@ class PreferenceBatch:
     loss_mask: np.ndarray  # int32 [pairs, 2, seq]
     pair_mask: np.ndarray  # int32 [pairs]
     example_index: np.ndarray  # int32 [pairs]
+
+    @property
+    def layout(self) -> Layout:
+        """`data.packing: none` (what `mmpo_jax.data.layout.device_batch` reads)."""
+        return PADDED
 
 
 def collate(
@@ -128,8 +136,6 @@ def computed_tokens(batch: PreferenceBatch | PackedBatch) -> int:
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
     if process_index is None or process_count is None:
-        import jax
-
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     return process_index, process_count
@@ -148,7 +154,7 @@ def _local_slice(batch_size: int, process_index: int, process_count: int) -> sli
 
 def epoch_order(num_rows: int, seed: int) -> grain.MapDataset:
     """Element `epoch * num_rows + j` is the row at position `j` of that epoch's order."""
-    import grain
+    import grain  # lazy: grain takes ~1 s to import; only the batch datasets need it (as in `prefetch`)
 
     return grain.MapDataset.range(num_rows).shuffle(seed=seed)
 
@@ -185,7 +191,7 @@ def train_batches(
     which builds them ahead on a thread); it never ends. `times` counts the time each
     batch takes to build.
     """
-    import grain
+    import grain  # lazy: grain takes ~1 s to import; only the batch datasets need it (as in `prefetch`)
 
     process_index, process_count = _process(process_index, process_count)
     local = _local_slice(batch_size, process_index, process_count)
@@ -216,7 +222,7 @@ def eval_batches(
 ) -> grain.MapDataset:
     """Every row once, in order; the last global batch is filled with padding pairs
     (with `packing`, packed batches of one micro-batch: `PackSpec.for_eval`)."""
-    import grain
+    import grain  # lazy: grain takes ~1 s to import; only the batch datasets need it (as in `prefetch`)
 
     process_index, process_count = _process(process_index, process_count)
     local = _local_slice(batch_size, process_index, process_count)
@@ -277,7 +283,7 @@ def batch_plan(data: PreferenceData, batch_size: int, seed: int, packing: PackSp
     buckets = bucket_lengths(data.max_length, SMALLEST_BUCKET)
     seq = data.seq_lengths
     tokens = pair_tokens(data.lengths)
-    in_rows = tokens if packing is None else row_tokens(data.lengths, packing.shared)
+    in_rows = tokens if packing is None else row_tokens(data.lengths, packing.layout.shares_prompt)
     rows = {b: 0 for b in buckets}
     for length in seq:
         rows[bucket_for(int(length), buckets)] += 1
@@ -298,6 +304,6 @@ def batch_plan(data: PreferenceData, batch_size: int, seed: int, packing: PackSp
             computed += plan.rows * packing.pack_length
     return BatchPlan(
         batch_size, seed, per_epoch, n - per_epoch * batch_size, list(buckets), rows, batches,
-        "none" if packing is None else packing.layout, real, computed,
+        (PADDED if packing is None else packing.layout).name, real, computed,
         None if packing is None else dict(sorted(row_counts.items())),
     )

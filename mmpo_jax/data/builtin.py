@@ -70,6 +70,7 @@ def builtin_tokenizer_dir(name: str = "tiny") -> Path:
 
 def load_builtin_tokenizer(name: str = "tiny") -> Any:
     """The builtin tokenizer as a transformers tokenizer (loaded offline from the package)."""
+    # lazy: the config and data modules read this one, and transformers takes ~1 s to import
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(builtin_tokenizer_dir(name)))

@@ -20,6 +20,7 @@ from mmpo_jax.data.demo_tasks import (KINDS, SYSTEM_PROMPT, Task, conversational
                                       draw_tasks, standard_row)
 from mmpo_jax.data.probe_bank import make_probe
 from mmpo_jax.data.tiny_tokenizer import VOCAB_SIZE, tokenizer_files, train_tiny_tokenizer
+from mmpo_jax.data.tokenizer_protocol import Tokenizer
 
 DEFAULT_SEED = 0
 TRAIN_PER_KIND = 350
@@ -70,7 +71,7 @@ def build_demo_files(seed: int = DEFAULT_SEED, train_per_kind: int = TRAIN_PER_K
     return files
 
 
-def conversation_lengths(rows: Sequence[dict[str, Any]], tokenizer: Any) -> list[int]:
+def conversation_lengths(rows: Sequence[dict[str, Any]], tokenizer: Tokenizer) -> list[int]:
     """Tokens of each conversational row through the chat template: the prompt with
     the longer of its two completions (what a training batch must hold)."""
     lengths = []

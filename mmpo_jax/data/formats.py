@@ -44,6 +44,7 @@ from typing import Any, Literal, cast
 import numpy as np
 
 from mmpo_jax.errors import UserError
+from mmpo_jax.data.tokenizer_protocol import Tokenizer
 
 Kind = Literal["standard", "conversational"]
 Messages = list[dict[str, str]]
@@ -351,7 +352,7 @@ def environment_error(err: BaseException, what: str) -> UserError:
     )
 
 
-def _chat_ids(tokenizer: Any, conversations: list[Messages], **kwargs: Any) -> list[Ids | str]:
+def _chat_ids(tokenizer: Tokenizer, conversations: list[Messages], **kwargs: Any) -> list[Ids | str]:
     """Chat-template ids per conversation, or the error message where the template fails."""
     try:
         out = tokenizer.apply_chat_template(
@@ -375,7 +376,7 @@ def _chat_ids(tokenizer: Any, conversations: list[Messages], **kwargs: Any) -> l
 
 
 def tokenize_records(
-    batch: Mapping[str, list[Content]], tokenizer: Any, kind: Kind, special: SpecialIds
+    batch: Mapping[str, list[Content]], tokenizer: Tokenizer, kind: Kind, special: SpecialIds
 ) -> dict[str, list]:
     """Batched records (`prompt`, `chosen`, `rejected` columns) -> untruncated ids.
 
@@ -390,7 +391,7 @@ def tokenize_records(
 
 
 def _tokenize_records(
-    batch: Mapping[str, list[Content]], tokenizer: Any, kind: Kind, special: SpecialIds
+    batch: Mapping[str, list[Content]], tokenizer: Tokenizer, kind: Kind, special: SpecialIds
 ) -> dict[str, list]:
     prompts, chosens, rejecteds = batch["prompt"], batch["chosen"], batch["rejected"]
     if kind == "standard":  # every value a string (normalize_row made them so)

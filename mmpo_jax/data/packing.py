@@ -33,6 +33,7 @@ decreasing length. `R` is the same for every block of the step: the smallest of
                                             serves both)
     attention_mask, loss_mask, pair_mask, example_index: as `PreferenceBatch`'s
                                             (pair-major, right-padded to `width`)
+    layout                                  `mmpo_jax.data.layout.PACKED` or `SHARED_PROMPT`
 
 Order. The step splits a batch into micro-batches by stride (micro-batch `a` holds
 pairs `a, a+n, ...` and rows `a, a+n, ...`), and the batch shards take contiguous
@@ -53,6 +54,7 @@ import flax.struct
 import numpy as np
 
 from mmpo_jax.data import formats
+from mmpo_jax.data.layout import PACKED, Layout
 
 
 @flax.struct.dataclass
@@ -68,7 +70,8 @@ class PackedBatch:
     loss_mask: np.ndarray  # int32 [pairs, 2, width]
     pair_mask: np.ndarray  # int32 [pairs]
     example_index: np.ndarray  # int32 [pairs]
-    branches: np.ndarray | None = None  # int32 [rows, pack]: shared_prompt only
+    branches: np.ndarray | None = None  # int32 [rows, pack]: a layout that shares the prompt only
+    layout: Layout = flax.struct.field(pytree_node=False, default=PACKED)  # the rows' layout
 
 
 EXACT_ROWS = 8  # up to this many rows a block takes exactly the rows it needs
@@ -160,12 +163,13 @@ def collate_packed(
     pack_length: int,
     width: int,
     pad_id: int,
-    shared: bool = False,
+    layout: Layout = PACKED,
 ) -> PackedBatch:
     """This process's `PackedBatch`: blocks `first_block ..` of `plan`, whose pairs are
     `pairs` (`(prompt, chosen, rejected)` ids in global pair order from the first pair
-    of `first_block`; None for a padding pair) with `example_index` (-1: padding);
-    `shared`: the shared-prompt layout."""
+    of `first_block`; None for a padding pair) with `example_index` (-1: padding), in
+    `layout` (packed or shared-prompt rows)."""
+    shared = layout.shares_prompt
     n, per, r_blk = plan.micro, plan.pairs_per_block, plan.rows_per_block
     local_pairs = len(pairs)
     local_blocks = local_pairs // per
@@ -216,7 +220,7 @@ def collate_packed(
     completion[:, :, 0] = 0  # nothing predicts a sequence's first token
     pair_mask = np.array([p is not None for p in pairs], np.int32)
     return PackedBatch(ids, segments, positions, sources, token_index, attention, completion, pair_mask,
-                       np.asarray(example_index, np.int32), branches if shared else None)
+                       np.asarray(example_index, np.int32), branches if shared else None, layout)
 
 
 @dataclass(frozen=True)

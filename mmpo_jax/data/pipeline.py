@@ -69,7 +69,9 @@ from mmpo_jax.data.formats import SpecialIds
 from mmpo_jax.data.reports import SplitReport, lengths_table
 from mmpo_jax.data.sources import Split, source_specs
 from mmpo_jax.data.tokenized import SourceData, prepare_source
+from mmpo_jax.data.tokenizers import special_ids, tokenizer_fingerprint, tokenizer_of
 from mmpo_jax.errors import UserError
+from mmpo_jax.data.tokenizer_protocol import Tokenizer
 
 if TYPE_CHECKING:
 
@@ -86,7 +88,7 @@ class PreferenceData:
     max_length: int
     max_prompt_length: int | None
     report: SplitReport
-    tokenizer: Any = None
+    tokenizer: Tokenizer
 
     def __post_init__(self) -> None:
         sizes = [len(s) for s in self.sources]
@@ -131,7 +133,7 @@ class PreferenceData:
 def load_preference_data(
     cfg: DataConfig,
     which: Split,
-    tokenizer: Any | None = None,
+    tokenizer: Tokenizer | None = None,
     log: Callable[[str], None] | None = None,
 ) -> PreferenceData | None:
     """Loads, checks and tokenizes the train or test split (None: no test data set).
@@ -139,8 +141,6 @@ def load_preference_data(
     `log` (a run's log) hears, per source, `tokenizing N rows of NAME` or `reusing the
     tokenized cache of NAME (N rows)`, then what was kept and the seconds taken;
     datasets' own progress bar is off while it does. None: nothing is said."""
-    from mmpo_jax.data.tokenizers import special_ids, tokenizer_fingerprint, tokenizer_of
-
     specs = source_specs(cfg, which)
     if not specs:
         return None

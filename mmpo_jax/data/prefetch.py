@@ -57,7 +57,7 @@ def prefetched(batches: grain.MapDataset, start: int, times: BatchTimes | None =
                depth: int = DEPTH) -> Iterator[Any]:
     """`batches[start]`, `batches[start + 1]`, ... built `depth` ahead on one thread;
     the time each `next` waits is added to `times`."""
-    import grain
+    import grain  # lazy: grain takes ~1 s to import, and only the train loop's prefetch needs it
 
     it = iter(batches.slice(slice(start, None)).to_iter_dataset(
         grain.ReadOptions(num_threads=1, prefetch_buffer_size=depth)))

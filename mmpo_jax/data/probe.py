@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mmpo_jax.data.builtin import probe_path
 from mmpo_jax.errors import UserError
+from mmpo_jax.data.tokenizer_protocol import Tokenizer
 
 PLAIN_TEMPLATE = "Question: {question}\nAnswer:"
 
@@ -65,8 +67,6 @@ class ProbeItem:
 def load_probe(path: str | Path | None = None) -> list[ProbeItem]:
     """The shipped probe (or a JSONL file of the same shape at `path`)."""
     if path is None:
-        from mmpo_jax.data.builtin import probe_path
-
         path = probe_path()
     path = Path(path)
     if not path.is_file():
@@ -90,7 +90,7 @@ def plain_request(item: ProbeItem) -> tuple[str, list[str]]:
     return PLAIN_TEMPLATE.format(question=item.question), [" " + o for o in item.options]
 
 
-def chat_request(item: ProbeItem, tokenizer: Any,
+def chat_request(item: ProbeItem, tokenizer: Tokenizer,
                  system_prompt: str | None = None) -> tuple[str, list[str]]:
     """The question as a user turn through the tokenizer's chat template (with the
     generation prompt); the options are the assistant's first words."""
@@ -100,7 +100,7 @@ def chat_request(item: ProbeItem, tokenizer: Any,
     return context, list(item.options)
 
 
-def encode_request(tokenizer: Any, context: str, continuation: str,
+def encode_request(tokenizer: Tokenizer, context: str, continuation: str,
                    add_special_tokens: bool = True) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) whose concatenation is how the model reads them.
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-
+from mmpo_jax import storage
+from mmpo_jax.data.builtin import demo_data_path
 from mmpo_jax.data.json_rows import BadLines, RawRows, read_json_rows
 from mmpo_jax.errors import UserError, first_line
 
@@ -55,8 +56,6 @@ def local_data_file(src: SourceSpec) -> Path | None:
     """The file a `.json`/`.jsonl`/`.parquet` source names (None: another kind of source);
     a UserError naming `src.key` when it is missing or not a file. Cheap: a run checks
     every source with it before loading anything (a gs:// file is copied here first)."""
-    from mmpo_jax import storage
-
     path = Path(src.spec).expanduser()
     if path.suffix.lower() not in JSON_SUFFIXES + PARQUET_SUFFIXES:
         if storage.is_url(src.spec):
@@ -107,8 +106,6 @@ def read_source(
 
 
 def _read_demo(src: SourceSpec, bad_lines: BadLines) -> RawRows:
-    from mmpo_jax.data.builtin import demo_data_path
-
     if src.split not in ("train", "test"):
         raise UserError(
             f"{src.key}={src.spec}: the demo data has splits train and test, not '{src.split}'"
@@ -119,6 +116,7 @@ def _read_demo(src: SourceSpec, bad_lines: BadLines) -> RawRows:
 
 
 def _read_parquet(path: Path, key: str, cache_dir: str | None) -> RawRows:
+    # lazy: the command line reads this module (inspect-data's source names), and datasets takes ~1 s
     import datasets
 
     try:
@@ -132,7 +130,7 @@ def _read_parquet(path: Path, key: str, cache_dir: str | None) -> RawRows:
 
 
 def _read_hub(src: SourceSpec, cache_dir: str | None) -> RawRows:
-    import datasets
+    import datasets  # lazy: as in `_read_parquet`
 
     try:
         ds = datasets.load_dataset(src.spec, split=src.split, cache_dir=cache_dir)

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import datasets
 import numpy as np
+import pyarrow.compute as pc
 
 from mmpo_jax.data import formats
 from mmpo_jax.data.formats import TOO_LONG, Layout, SpecialIds
@@ -24,6 +26,8 @@ from mmpo_jax.data.json_rows import BadLine, RawRows
 from mmpo_jax.data.reports import SourceReport, check_invalid
 from mmpo_jax.data.sources import SourceSpec, read_source
 from mmpo_jax.errors import UserError, first_line
+from mmpo_jax.files import write_text_atomic
+from mmpo_jax.data.tokenizer_protocol import Tokenizer
 
 if TYPE_CHECKING:
 
@@ -63,8 +67,6 @@ class SourceData:
 
 
 def tokenized_cache_dir(cache_dir: str | None) -> Path:
-    import datasets
-
     root = Path(cache_dir).expanduser() if cache_dir else Path(datasets.config.HF_DATASETS_CACHE)
     return root / "mmpo_jax_tokenized"
 
@@ -81,7 +83,7 @@ def records_fingerprint(records: dict[str, list], kind: str, tokenizer_fp: str) 
 def prepare_source(
     src: SourceSpec,
     cfg: DataConfig,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     tokenizer_fp: str,
     special: SpecialIds,
     log: Callable[[str], None] | None = None,
@@ -174,8 +176,6 @@ def _drop_bad_cache(cache_file: Path, name: str, say: Callable[[str], None]) -> 
     overwritten) or whose bytes are not those written (bit rot, an edit: read as token
     ids, they would train on other text with no error), with a notice: left there, it
     would fail or skew every run until deleted by hand."""
-    import datasets
-
     try:
         datasets.Dataset.from_file(str(cache_file))
     except Exception as err:  # pyarrow's OSError / ArrowInvalid, and whatever a bad file gives
@@ -204,8 +204,6 @@ def _file_sum(path: Path) -> dict[str, Any]:
 def _write_checksum(cache_file: Path) -> None:
     """Records the size and SHA-256 of a cache file just written (as a checkpoint's files
     are), for `_checksum_mismatch` to check on every reuse."""
-    from mmpo_jax.files import write_text_atomic
-
     write_text_atomic(_checksum_file(cache_file), json.dumps(_file_sum(cache_file)) + "\n")
 
 
@@ -244,8 +242,6 @@ def _remove_cache_file(path: Path) -> None:
 @contextlib.contextmanager
 def _progress_bars_off(off: bool) -> Iterator[None]:
     """datasets' progress bars off inside (when `off`), as they were outside."""
-    import datasets
-
     forced = datasets.config.HF_DATASETS_DISABLE_PROGRESS_BARS is not None  # the env var wins
     if not off or forced or datasets.are_progress_bars_disabled():
         yield
@@ -261,7 +257,7 @@ def _tokenized_source(
     records: dict[str, list],
     kind: formats.Kind,
     cache_file: Path | None,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     special: SpecialIds,
     cfg: DataConfig,
     report: SourceReport,
@@ -269,9 +265,6 @@ def _tokenized_source(
 ) -> SourceData:
     """Tokenizes the records (or reads `cache_file`), truncates and checks the bad rows;
     `quiet`: without datasets' progress bar."""
-    import datasets
-    import pyarrow.compute as pc
-
     ids = datasets.List(datasets.Value("int32"))
     features = datasets.Features(
         {

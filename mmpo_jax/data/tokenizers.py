@@ -15,15 +15,18 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
-
+from mmpo_jax import storage
 from mmpo_jax.config import BUILTIN_PREFIX
 from mmpo_jax.config_schema import DataConfig
+from mmpo_jax.data.builtin import builtin_tokenizer_dir
 from mmpo_jax.data.formats import SpecialIds
+from mmpo_jax.data.tokenizer_protocol import Tokenizer
 from mmpo_jax.errors import UserError, first_line
+from mmpo_jax.models.gguf import GGUFCheckpoint
+from mmpo_jax.paths import resolve
 
 
-def tokenizer_of(data: DataConfig, model_path: str = "") -> Any:
+def tokenizer_of(data: DataConfig, model_path: str = "") -> Tokenizer:
     """The run's tokenizer: `data.tokenizer`, with `data.chat_template` in place of its own
     template when set. `model_path` (the run's `model.path`) only words the error of a
     checkpoint that carries no tokenizer."""
@@ -43,9 +46,6 @@ def chat_template_text(spec: str, key: str = "data.chat_template") -> str:
     """The Jinja text of `spec`: the text itself when it holds a Jinja tag, else a file's content."""
     if "{{" in spec or "{%" in spec:
         return spec
-    from mmpo_jax import storage
-    from mmpo_jax.paths import resolve
-
     path = Path(storage.fetched(resolve(spec), key)).expanduser()
     if not path.is_file():
         raise UserError(f"{key}: no such file '{spec}' (a template given as text holds '{{{{' or '{{%')")
@@ -58,31 +58,23 @@ def chat_template_text(spec: str, key: str = "data.chat_template") -> str:
     return text
 
 
-def load_tokenizer(spec: str, key: str = "data.tokenizer") -> Any:
+def load_tokenizer(spec: str, key: str = "data.tokenizer") -> Tokenizer:
     """The transformers tokenizer named by `spec`; a UserError naming `key` if it cannot load."""
+    # lazy: transformers takes seconds to import; only the commands that tokenize need it
     from transformers import AutoTokenizer
 
     if spec.startswith(BUILTIN_PREFIX):
-        from mmpo_jax.data.builtin import builtin_tokenizer_dir
-
         name = spec[len(BUILTIN_PREFIX) :]
         try:
             path = builtin_tokenizer_dir(name)
         except (UserError, KeyError, ValueError, FileNotFoundError) as err:
             raise UserError(f"{key}={spec!r}: {err}") from None
         return AutoTokenizer.from_pretrained(str(path))
-
-    from mmpo_jax.paths import resolve
-
-    from mmpo_jax import storage
-
     spec = storage.fetched(resolve(spec), key)
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
             raise UserError(f"{key}: no such file '{spec}'")
-        from mmpo_jax.models.gguf import GGUFCheckpoint
-
         tok = GGUFCheckpoint(path).tokenizer()
         if tok is None:
             raise UserError(
@@ -100,7 +92,7 @@ def load_tokenizer(spec: str, key: str = "data.tokenizer") -> Any:
         raise UserError(f"{key}: cannot load tokenizer '{spec}' ({what} failed: {first_line(err)})") from None
 
 
-def special_ids(tokenizer: Any, where: str = "data.tokenizer") -> SpecialIds:
+def special_ids(tokenizer: Tokenizer, where: str = "data.tokenizer") -> SpecialIds:
     """EOS (required), the pad id (the tokenizer's, else EOS, as TRL does) and BOS (or None)."""
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -111,13 +103,14 @@ def special_ids(tokenizer: Any, where: str = "data.tokenizer") -> SpecialIds:
     )
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
     """A hash of everything that decides token ids: vocabulary, merges, pre/post
     processing, special tokens and the chat template (not the path it came from)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         body = backend.to_str()
     else:  # a slow (Python) tokenizer
+        # lazy: datasets takes seconds to import, and only a slow tokenizer needs its hasher
         from datasets.fingerprint import Hasher
 
         body = Hasher.hash(tokenizer)

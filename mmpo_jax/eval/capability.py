@@ -30,20 +30,29 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import jax
 import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mmpo_jax.buckets import bucket_for, bucket_lengths
 from mmpo_jax.data.probe import (
     ProbeItem,
     chat_request,
     encode_request,
+    load_probe,
     plain_request,
     score_probe,
 )
 from mmpo_jax.errors import UserError
+from mmpo_jax.logprobs import model_token_logps, sequence_logps
+from mmpo_jax.sharding import BATCH_AXES
+from mmpo_jax.train.setup import run_reference
+from mmpo_jax.train.step import compiler_options
 
 if TYPE_CHECKING:
+    from mmpo_jax.data.tokenizer_protocol import Tokenizer
     from mmpo_jax.models.decoder import Decoder
-    from mmpo_jax.train.setup import Trainer
+    from mmpo_jax.train.setup import Evaluator
 
 Template = Literal["plain", "chat"]
 TEMPLATES = ("plain", "chat")
@@ -84,7 +93,7 @@ def truncate_left(context_ids: Sequence[int], continuation_ids: Sequence[int],
     return ids[-max_length:], n
 
 
-def probe_rows(items: Sequence[ProbeItem], tokenizer: Any, *, max_length: int,
+def probe_rows(items: Sequence[ProbeItem], tokenizer: Tokenizer, *, max_length: int,
                template: Template = "plain", system_prompt: str | None = None) -> list[ProbeRow]:
     """The rows of `items` in item-major, option-minor order.
 
@@ -189,21 +198,14 @@ def loglik_function(model: Decoder, mesh: jax.sharding.Mesh, *, chunk: int | Non
 
     `model` is read as it is now: build the function again after training changes it
     (the train step donates the state's buffers)."""
-    from flax import nnx
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from mmpo_jax.logprobs import model_token_logps, sequence_logps
-    from mmpo_jax.sharding import BATCH_AXES
-    from mmpo_jax.train.step import compiler_options
-
     graphdef, state = nnx.split(model)
     replicated = NamedSharding(mesh, P())
     rows_sharding = NamedSharding(mesh, P(BATCH_AXES))
     num_params = sum(x.size for x in jax.tree.leaves(state))
 
-    def forward(state, ids, mask):
+    def forward(state: nnx.State, ids: jax.Array, mask: jax.Array) -> jax.Array:
         token_logps = model_token_logps(nnx.merge(graphdef, state), ids, chunk=chunk)
+        assert not isinstance(token_logps, tuple)  # no entropy asked for: the log-probs alone
         out = sequence_logps(token_logps, mask, average=False)  # [rows]
         return jax.lax.with_sharding_constraint(out, replicated)
 
@@ -218,35 +220,31 @@ def loglik_function(model: Decoder, mesh: jax.sharding.Mesh, *, chunk: int | Non
     return run
 
 
-def probe_model(trainer: Trainer, which: Literal["policy", "reference"] = "policy") -> Decoder:
+def probe_model(trainer: Evaluator, which: Literal["policy", "reference"] = "policy") -> Decoder:
     """The policy of `trainer`'s state, or its reference (the base model; for
     `precomputed`, the initial reference loaded again)."""
     if which == "policy":
         return trainer.sdef.policy(trainer.state)
     if which != "reference":
         raise ValueError(f"which={which!r}: 'policy' or 'reference'")
-    from mmpo_jax.train.setup import run_reference
-
     model = run_reference(trainer)
     if model is not None:
         return model
-    raise UserError(f"model.reference={trainer.sdef.reference_mode}: this run keeps no reference model to probe "
+    raise UserError(f"model.reference={trainer.sdef.reference_mode.name}: this run keeps no reference model to probe "
                     "(use model.reference=separate, precomputed, or lora_base with LoRA)")
 
 
-def probe_accuracy(trainer: Trainer, tokenizer: Any, items: Sequence[ProbeItem] | None = None, *,
+def probe_accuracy(trainer: Evaluator, tokenizer: Tokenizer, items: Sequence[ProbeItem] | None = None, *,
                    which: Literal["policy", "reference"] = "policy", template: Template = "plain",
                    system_prompt: str | None = None, rows_per_batch: int = ROWS_PER_BATCH,
                    max_length: int | None = None, buckets: Sequence[int] | None = None) -> dict[str, Any]:
     """`score_probe`'s result (`acc`, `acc_norm`, `chance`, `n`, `by_category`) for the
-    `which` model of `trainer` (from `build_trainer` or `restore_run`) on `items`
+    `which` model of `trainer` (from `build_trainer` or `restore_inference`) on `items`
     (default: the shipped probe).
 
     `max_length` (default: the model's `max_position_embeddings`) caps a row; `buckets`
     (default: powers of two up to it) are the padded lengths, one compile each.
     """
-    from mmpo_jax.data.probe import load_probe
-
     items = load_probe() if items is None else list(items)
     max_length = trainer.arch.max_position_embeddings if max_length is None else max_length
     if max_length < 2:

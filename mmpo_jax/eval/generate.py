@@ -40,20 +40,29 @@ the seed, its row id and the model, not on the batch it was put in.
 from __future__ import annotations
 
 import functools
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from mmpo_jax.buckets import power_of_two_bucket
+from mmpo_jax.data import formats
 from mmpo_jax.errors import UserError
+from mmpo_jax.logprobs import soft_capped
+from mmpo_jax.paths import resolve
+from mmpo_jax.sharding import BATCH_AXES, logical_to_spec
+from mmpo_jax.train.step import compiler_options
 
 if TYPE_CHECKING:
+    from mmpo_jax.data.tokenizer_protocol import Tokenizer
     from mmpo_jax.models.decoder import Decoder
 
 SMALLEST_BUCKET = 16
@@ -184,16 +193,12 @@ def init_cache(model: Decoder, batch: int, num_slots: int) -> tuple[jax.Array, j
 
 
 def cache_spec(shape: Sequence[int], mesh: jax.sharding.Mesh) -> jax.sharding.PartitionSpec:
-    from mmpo_jax.sharding import logical_to_spec
-
     return logical_to_spec(("layers", "batch", "kv_heads", None, "head_dim"), shape, mesh)
 
 
 def last_logits(model: Decoder, hidden: jax.Array) -> jax.Array:
     """float32 `[B, V]` logits of hidden `[B, D]` (float32 accumulation and the model's
     logit soft-cap, as `mmpo_jax.logprobs`)."""
-    from mmpo_jax.logprobs import soft_capped
-
     logits = jnp.einsum("bd,dv->bv", hidden, model.lm_head_kernel(), preferred_element_type=jnp.float32)
     return soft_capped(logits.astype(jnp.float32), model.logit_soft_cap)
 
@@ -242,8 +247,6 @@ def _jitted(options: tuple[tuple[str, Any], ...]) -> tuple[Any, Any]:
 
 
 def _compiler_options(model: Decoder, state: Any) -> tuple[tuple[str, Any], ...]:
-    from mmpo_jax.train.step import compiler_options
-
     mesh = model.mesh
     if mesh is None:
         mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("devices",))
@@ -352,8 +355,6 @@ def _batch_multiple(model: Decoder) -> int:
     """Rows a batch is padded to a multiple of: the devices the batch is split over."""
     if model.mesh is None:
         return 1
-    from mmpo_jax.sharding import BATCH_AXES
-
     return int(np.prod([model.mesh.shape[a] for a in BATCH_AXES]))
 
 
@@ -361,8 +362,6 @@ def _put(model: Decoder, host: np.ndarray) -> jax.Array:
     """A host array `[B, ...]` (the same on every process) as a global array split over the batch axes."""
     if model.mesh is None:
         return jnp.asarray(host)
-    from mmpo_jax.sharding import logical_to_spec
-
     spec = logical_to_spec(("batch",) + (None,) * (host.ndim - 1), host.shape, model.mesh)
     sharding = jax.sharding.NamedSharding(model.mesh, spec)
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
@@ -377,8 +376,6 @@ def _eos_array(ids: Sequence[int]) -> np.ndarray:
 
 def _to_host(x: jax.Array) -> np.ndarray:
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
         x = multihost_utils.process_allgather(x, tiled=True)
     return np.asarray(jax.device_get(x))
 
@@ -439,7 +436,7 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], config: Generatio
 PROMPT_FORMATS = ("auto", "chat", "raw")
 
 
-def uses_chat_template(tokenizer: Any, prompt_format: str) -> bool:
+def uses_chat_template(tokenizer: Tokenizer, prompt_format: str) -> bool:
     """Whether `prompt_format` sends a plain-string prompt through the chat template:
     `chat` always, `raw` never, `auto` when the tokenizer has a template. A UserError
     for `chat` with a tokenizer that has none."""
@@ -452,7 +449,7 @@ def uses_chat_template(tokenizer: Any, prompt_format: str) -> bool:
     return prompt_format == "chat" or (prompt_format == "auto" and has_template)
 
 
-def tokenize_prompts(tokenizer: Any, prompts: Sequence[Any], where: Sequence[str] | None = None,
+def tokenize_prompts(tokenizer: Tokenizer, prompts: Sequence[Any], where: Sequence[str] | None = None,
                      prompt_format: str = "raw") -> list[list[int]]:
     """Token ids of each prompt, with the data pipeline's functions; a doubled leading
     BOS collapsed (`formats.collapse_bos`).
@@ -468,8 +465,6 @@ def tokenize_prompts(tokenizer: Any, prompts: Sequence[Any], where: Sequence[str
 
     `where[i]` names prompt i in errors (default 'prompt i').
     """
-    from mmpo_jax.data import formats
-
     as_chat = uses_chat_template(tokenizer, prompt_format)
     where = [f"prompt {i}" for i in range(len(prompts))] if where is None else list(where)
     kinds: list[str | None] = []
@@ -514,7 +509,7 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def eos_ids(tokenizer: Any, arch: Any = None, extra: Any = None) -> tuple[int, ...]:
+def eos_ids(tokenizer: Tokenizer | None, arch: Any = None, extra: Any = None) -> tuple[int, ...]:
     """Every id that ends a response: the tokenizer's EOS, the model config's
     `eos_token_id` (an int or a list, e.g. Llama 3's end-of-turn ids) and `extra`
     (another int or list, e.g. a `generation_config.json`'s), without repeats."""
@@ -527,11 +522,6 @@ def eos_ids(tokenizer: Any, arch: Any = None, extra: Any = None) -> tuple[int, .
 
 def generation_config_eos(model_path: str) -> Any:
     """The `eos_token_id` of `<model_path>/generation_config.json` (None when there is none)."""
-    import json
-    from pathlib import Path
-
-    from mmpo_jax.paths import resolve
-
     if not model_path:
         return None
     # a local directory only: a hub id's snapshot is not looked up again (no network here)

@@ -1,63 +1,31 @@
 """What `mmpo-jax eval` and `mmpo-jax sweep` compute for a model: its options
-(`EvalOptions`), the run-level evaluation of a trainer's policy (`evaluate_trainer`:
+(`EvalOptions`, from `mmpo_jax.eval.options`), the run-level evaluation of a trainer's policy (`evaluate_trainer`:
 the test split's preference metrics, the capability probe, the judge-based win rate)
 and the model it is run on (`load_target`: a run directory or a config)."""
 
 from __future__ import annotations
 
-import argparse
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Literal
 
+from mmpo_jax.config import load_config, split_config_and_overrides
+from mmpo_jax.data.probe import load_probe
+from mmpo_jax.data.tokenizers import tokenizer_of
 from mmpo_jax.errors import UserError
-from mmpo_jax.eval.win_rate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS
+from mmpo_jax.eval.capability import flat_metrics, probe_accuracy
+from mmpo_jax.eval.options import EvalOptions
+from mmpo_jax.eval.win_rate import evaluate_win_rate, prefixed, write_generations
+from mmpo_jax.train.preference_eval import evaluate
+from mmpo_jax.train.run_data import attach_reference_tables, load_data
+from mmpo_jax.train.run_restore import names_a_run, restore_inference
+from mmpo_jax.train.setup import build_trainer, check_vocab
 
 if TYPE_CHECKING:
-    from mmpo_jax.train.loop import RunData
-    from mmpo_jax.train.setup import Trainer
+    from mmpo_jax.data.tokenizer_protocol import Tokenizer
+    from mmpo_jax.train.run_data import RunData
+    from mmpo_jax.train.setup import Evaluator
 
-
-@dataclass
-class EvalOptions:
-    """What `evaluate_trainer` computes besides the preference metrics (the eval flags)."""
-
-    capability: bool = False
-    capability_reference: bool = False
-    capability_template: Literal["plain", "chat"] = "plain"
-    capability_file: str | None = None
-    capability_limit: int = 0
-    win_rate: bool = False
-    win_rate_limit: int = 0
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    win_rate_batch_size: int = DEFAULT_BATCH_SIZE
-    save_generations: str | None = None
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "EvalOptions":
-        names = [f for f in cls.__dataclass_fields__]
-        return cls(**{n: getattr(args, n) for n in names if hasattr(args, n)})
-
-    def check(self) -> None:
-        """A UserError naming the bad option, before anything is loaded."""
-        if self.capability_reference and not self.capability:
-            raise UserError("--capability-reference needs --capability")
-        if self.capability_limit < 0:
-            raise UserError(f"--capability-limit={self.capability_limit}: must be >= 0 (0 = all items)")
-        if self.save_generations and not self.win_rate:
-            raise UserError("--save-generations needs --win-rate")
-        if self.win_rate_limit < 0:
-            raise UserError(f"--win-rate-limit={self.win_rate_limit}: must be >= 0 (0 = every test prompt)")
-        if self.max_new_tokens < 1:
-            raise UserError(f"--max-new-tokens={self.max_new_tokens}: must be >= 1")
-        if self.win_rate_batch_size < 1:
-            raise UserError(f"--win-rate-batch-size={self.win_rate_batch_size}: must be >= 1")
-
-    def settings(self) -> dict[str, Any]:
-        """The options that change the numbers (not where generations are saved)."""
-        out = asdict(self)
-        out.pop("save_generations")
-        out.pop("win_rate_batch_size")  # greedy answers do not depend on the batching
-        return out
+__all__ = ["EvalOptions", "EvalResult", "capability_metrics", "evaluate_trainer", "load_target"]
 
 
 @dataclass
@@ -70,12 +38,9 @@ class EvalResult:
     num_test_pairs: int = 0
 
 
-def capability_metrics(options: EvalOptions, trainer: Trainer, tokenizer: Any) -> dict[str, float]:
+def capability_metrics(options: EvalOptions, trainer: Evaluator, tokenizer: Tokenizer) -> dict[str, float]:
     """The `capability/*` (and with `capability_reference` `capability_ref/*`) numbers;
     `options`: an `EvalOptions` (or the parsed flags)."""
-    from mmpo_jax.data.probe import load_probe
-    from mmpo_jax.eval.capability import flat_metrics, probe_accuracy
-
     if options.capability_limit < 0:
         raise UserError(f"--capability-limit={options.capability_limit}: must be >= 0 (0 = all items)")
     items = load_probe(options.capability_file)
@@ -91,7 +56,7 @@ def capability_metrics(options: EvalOptions, trainer: Trainer, tokenizer: Any) -
     return out
 
 
-def evaluate_trainer(trainer: Trainer, options: EvalOptions, *, what: str = "the policy", data: RunData | None = None,
+def evaluate_trainer(trainer: Evaluator, options: EvalOptions, *, what: str = "the policy", data: RunData | None = None,
                      preference: dict[str, float] | None = None,
                      log: Callable[[str], None] | None = None) -> EvalResult:
     """Every metric `options` asks for, of `trainer`'s policy (as it is now).
@@ -100,10 +65,6 @@ def evaluate_trainer(trainer: Trainer, options: EvalOptions, *, what: str = "the
     --capability works). preference: the test split's metrics already computed (e.g.
     the run's final eval), instead of evaluating again.
     """
-    from mmpo_jax.eval.preference import evaluate
-    from mmpo_jax.train.loop import attach_reference_tables, load_data
-    from mmpo_jax.train.setup import check_vocab
-
     say = log or (lambda text: None)
     cfg = trainer.cfg
     with_test = cfg.data.test_files is not None
@@ -118,8 +79,6 @@ def evaluate_trainer(trainer: Trainer, options: EvalOptions, *, what: str = "the
             raise UserError("no test data: set data.test_files (e.g. data.test_files=builtin:demo)")
         tokenizer = run_data.tokenizer
     else:  # --capability alone: the probe needs only the tokenizer
-        from mmpo_jax.data.tokenizers import tokenizer_of
-
         tokenizer = tokenizer_of(cfg.data, cfg.model.path)
     check_vocab(tokenizer, trainer.arch, cfg)
     test = run_data.test if run_data is not None else None
@@ -127,12 +86,6 @@ def evaluate_trainer(trainer: Trainer, options: EvalOptions, *, what: str = "the
     if options.capability:
         result.metrics.update(capability_metrics(options, trainer, tokenizer))
     if options.win_rate:
-        from mmpo_jax.eval.win_rate import (
-            evaluate_win_rate,
-            prefixed,
-            write_generations,
-        )
-
         wr = evaluate_win_rate(trainer, tokenizer, limit=options.win_rate_limit,
                                max_new_tokens=options.max_new_tokens, batch_size=options.win_rate_batch_size,
                                policy=what, log=say)
@@ -151,16 +104,12 @@ def evaluate_trainer(trainer: Trainer, options: EvalOptions, *, what: str = "the
     return result
 
 
-def load_target(target_text: str, overrides: list[str]) -> tuple[Trainer, int, str]:
-    """`(trainer, step, description)` of a run directory (its latest checkpoint) or a
-    config (its initial model)."""
-    from mmpo_jax.config import load_config, split_config_and_overrides
-    from mmpo_jax.train.loop import names_a_run, restore_run
-    from mmpo_jax.train.setup import build_trainer
-
+def load_target(target_text: str, overrides: list[str]) -> tuple[Evaluator, int, str]:
+    """`(evaluator, step, description)` of a run directory (its latest checkpoint's policy
+    and reference, no optimizer state: `restore_inference`) or a config (its initial model)."""
     if names_a_run(target_text):
-        trainer, step = restore_run(target_text, overrides)
-        return trainer, step, f"{target_text} (step {step})"
+        run, step = restore_inference(target_text, overrides, reference=True)
+        return run, step, f"{target_text} (step {step})"
     path, rest = split_config_and_overrides([target_text, *overrides])
     cfg = load_config(path, rest)
     return build_trainer(cfg), 0, f"{target_text} (initial model)"

@@ -15,7 +15,7 @@ so a policy that answers exactly as its reference scores 0.5. Also reported:
 `reference_judge_accuracy` (the reference's).
 
 Two halves: `win_rate` / `judge_win_rate` count verdicts (pure, no model);
-`evaluate_win_rate` generates the answers with a `Trainer`'s policy and reference.
+`evaluate_win_rate` generates the answers with an `Evaluator`'s policy and reference.
 
 The reference model is the one the run started from (`reference_model`):
 `model.reference=separate`: its frozen copy (the initial policy, or
@@ -34,17 +34,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mmpo_jax.data.demo_judge import FORMATS, judge
+from mmpo_jax.data.sources import read_source, source_specs
+from mmpo_jax.data.tokenizers import special_ids
 from mmpo_jax.errors import UserError
+from mmpo_jax.eval.generate import GenerationConfig, eos_ids, generate, generation_config_eos, tokenize_prompts
+from mmpo_jax.eval.options import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS
+from mmpo_jax.files import write_text_atomic
+from mmpo_jax.train.reference import held_model
+from mmpo_jax.train.setup import initial_reference
 
 if TYPE_CHECKING:
+    from mmpo_jax.data.tokenizer_protocol import Tokenizer
     from mmpo_jax.models.decoder import Decoder
-    from mmpo_jax.train.setup import Trainer
+    from mmpo_jax.train.setup import Evaluator
 
 PREFIX = "win_rate"
 # Keys of `win_rate`'s result, in the order they are printed.
 KEYS = ("win_rate", "judge_accuracy", "reference_judge_accuracy", "wins", "ties", "losses", "n")
-DEFAULT_MAX_NEW_TOKENS = 64  # the demo answers are at most 22 builtin:tiny tokens
-DEFAULT_BATCH_SIZE = 16
+# DEFAULT_MAX_NEW_TOKENS, DEFAULT_BATCH_SIZE: in `mmpo_jax.eval.options` (the flags' defaults)
 # The fields the judge reads besides the prompt (see `demo_tasks`).
 JUDGE_FIELDS = ("format", "answer", "options")
 
@@ -88,8 +96,6 @@ def win_rate(policy_ok: Sequence[bool], reference_ok: Sequence[bool]) -> dict[st
 
 def judge_verdicts(records: Sequence[Mapping[str, Any]], responses: Sequence[str]) -> list[bool]:
     """`judge(record, response)` of each record and its response."""
-    from mmpo_jax.data.demo_judge import judge
-
     if len(records) != len(responses):
         raise ValueError(f"{len(records)} records but {len(responses)} responses")
     return [bool(judge(rec, resp)) for rec, resp in zip(records, responses)]
@@ -112,8 +118,6 @@ def prefixed(metrics: Mapping[str, float], prefix: str = PREFIX) -> dict[str, fl
 # --------------------------------------------------------------------------- #
 def check_judge_fields(rows: Sequence[Mapping[str, Any]], where: Sequence[str]) -> None:
     """Every row must have a prompt and the fields the judge reads, with a known format."""
-    from mmpo_jax.data.demo_judge import FORMATS
-
     for w, row in zip(where, rows):
         missing = [k for k in ("prompt",) + JUDGE_FIELDS if k not in row]
         if missing:
@@ -129,8 +133,6 @@ def judged_rows(cfg: Any, limit: int = 0) -> tuple[list[dict[str, Any]], list[st
     """`(rows, where)`: the raw rows of `data.test_files` (every source, in order; the
     first `limit`, 0 = all) with the judge's fields checked, and a name of each row for
     errors."""
-    from mmpo_jax.data.sources import read_source, source_specs
-
     if limit < 0:
         raise UserError(f"--win-rate-limit={limit}: must be >= 0 (0 = every test prompt)")
     specs = source_specs(cfg.data, "test")
@@ -155,14 +157,11 @@ def judged_rows(cfg: Any, limit: int = 0) -> tuple[list[dict[str, Any]], list[st
 # --------------------------------------------------------------------------- #
 # The models
 # --------------------------------------------------------------------------- #
-def reference_model(trainer: Trainer) -> tuple[Decoder, str]:
+def reference_model(trainer: Evaluator) -> tuple[Decoder, str]:
     """`(model, description)`: the model `trainer`'s run started from (see the module
     docstring), as a `Decoder` on the trainer's mesh."""
-    from mmpo_jax.train.reference import held_model, reference_mode
-    from mmpo_jax.train.setup import initial_reference
-
     cfg = trainer.cfg
-    mode = reference_mode(trainer.sdef.reference_mode)
+    mode = trainer.sdef.reference_mode
     held = held_model(trainer)
     if held is not None:
         return held, mode.describe(cfg)
@@ -170,13 +169,11 @@ def reference_model(trainer: Trainer) -> tuple[Decoder, str]:
                                         f"(model.reference={mode.name} keeps no reference model in the state)")
 
 
-def generate_responses(model: Decoder, tokenizer: Any, prompts: Sequence[Sequence[int]], config: Any,
+def generate_responses(model: Decoder, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], config: Any,
                        batch_size: int = DEFAULT_BATCH_SIZE,
                        progress: Callable[[int], None] | None = None) -> list[str]:
     """The decoded responses (special tokens dropped) of `model` to token-id `prompts`,
     `batch_size` prompts per `generate` call (one compiled shape for every batch)."""
-    from mmpo_jax.eval.generate import generate
-
     if batch_size < 1:
         raise UserError(f"win rate batch size {batch_size}: must be >= 1")
     out: list[str] = []
@@ -206,20 +203,12 @@ class WinRateResult:
     records: list[dict[str, Any]] = field(default_factory=list)
 
 
-def evaluate_win_rate(trainer: Trainer, tokenizer: Any, *, limit: int = 0,
+def evaluate_win_rate(trainer: Evaluator, tokenizer: Tokenizer, *, limit: int = 0,
                       max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = DEFAULT_BATCH_SIZE,
                       policy: str = "the policy", log: Callable[[str], None] | None = None) -> WinRateResult:
     """Greedy answers of `trainer`'s policy and reference model to the test prompts of its
     config (the first `limit`, 0 = all), judged and counted; see the module docstring.
     """
-    from mmpo_jax.data.tokenizers import special_ids
-    from mmpo_jax.eval.generate import (
-        GenerationConfig,
-        eos_ids,
-        generation_config_eos,
-        tokenize_prompts,
-    )
-
     say = log or (lambda text: None)
     cfg = trainer.cfg
     rows, where = judged_rows(cfg, limit)
@@ -256,8 +245,6 @@ def evaluate_win_rate(trainer: Trainer, tokenizer: Any, *, limit: int = 0,
 
 def write_generations(path: str | Path, result: WinRateResult) -> None:
     """JSON lines: one record per prompt (see `WinRateResult.records`)."""
-    from mmpo_jax.files import write_text_atomic
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in result.records))

@@ -5,7 +5,7 @@
 Every type reads the per-pair log-ratios `lr_c = pc - rc`, `lr_r = pr - rr`; the
 ones TRL generalises to f-divergences read the scores `f(lr)` instead
 (`loss.f_divergence_type`). `docs/losses.md` gives each formula and its source;
-`mmpo_jax.losses.registry` names the types. Inputs are `[N]`; `pair_mask` and
+`mmpo_jax.losses.declarations` names the types. Inputs are `[N]`; `pair_mask` and
 `axis_name` work as in `mmpo_jax.losses.mmpo_loss` (global means over the real
 pairs, and `aot`'s sorts over the GLOBAL batch).
 """
@@ -29,7 +29,7 @@ from mmpo_jax.losses.reduce import (
     stop_metrics,
     token_mean_nll,
 )
-from mmpo_jax.losses.registry import PER_TOKEN_LOSS_TYPES, dpo_type_problem
+from mmpo_jax.losses.declarations import PER_TOKEN_LOSS_TYPES, dpo_type_problem
 
 Array = jax.Array
 log_sigmoid = jax.nn.log_sigmoid

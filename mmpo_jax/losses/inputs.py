@@ -4,7 +4,7 @@
 
 The train and eval steps build it from the policy's `[pairs, 2]` log-probs and pass it
 whole through `shard_map`; the PyTorch reference builds the same struct of tensors.
-`mmpo_jax.losses.registry.call_arguments` picks from it what a loss reads.
+`mmpo_jax.losses.binding.BoundLoss` picks from it what a loss reads.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Preference losses on per-pair sequence log-probs: MMPO, SimPO and SFT here; DPO with
 TRL's loss types (`mmpo_jax.losses.dpo`), CPO and ORPO (`mmpo_jax.losses.policy`)
-imported, so every loss is `mmpo_jax.losses.<name>_loss`.
+imported, so every loss is `mmpo_jax.losses.mmpo.<name>_loss`.
 
-The contract is `docs/losses.md`; `mmpo_jax.losses.registry` declares each loss (what it
-reads, its defaults, its metrics). Every function here is pure: it takes
+The contract is `docs/losses.md`; `mmpo_jax.losses.declarations` declares each loss (what
+it reads, its defaults, its metrics), `mmpo_jax.losses.registry` binds it to its function. Every function here is pure: it takes
 `[N]` arrays of sequence log-probs (one entry per preference pair) and returns
 `(loss, metrics)`, `metrics` a dict of scalar arrays with TRL's names.
 
@@ -21,24 +21,19 @@ gradient.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mmpo_jax.losses import registry as loss_registry
-from mmpo_jax.losses.inputs import LossInputs
 from mmpo_jax.losses.reduce import AxisName, Metrics, Reducer, prepare, reward_metrics, stop_metrics, token_mean_nll
 from mmpo_jax.losses.dpo import dpo_loss
 from mmpo_jax.losses.policy import cpo_loss, orpo_loss
 
-if TYPE_CHECKING:
-    from mmpo_jax.config_schema import LossConfig
-
 Array = jax.Array
 
-__all__ = ["configured_loss", "cpo_loss", "dpo_loss", "mmpo_loss", "orpo_loss", "sft_loss", "simpo_loss"]
+__all__ = ["cpo_loss", "dpo_loss", "mmpo_loss", "orpo_loss", "sft_loss", "simpo_loss"]
 
 
 
@@ -245,21 +240,3 @@ def sft_loss(
         rc, rr = cleaned[2:4]
         metrics.update(reward_metrics(red, beta * (pc - rc), beta * (pr - rr)))
     return loss, stop_metrics(metrics, loss)
-
-
-def configured_loss(
-    loss_cfg: LossConfig,
-    inputs: LossInputs,
-    *,
-    axis_name: AxisName = None,
-    name: str | None = None,
-    beta: float | None = None,
-) -> tuple[Array, Metrics]:
-    """The loss the `loss` config section names (or `name`, `beta`) on `inputs` `[pairs]`.
-
-    What each loss reads from `inputs` and the config is its declaration in
-    `mmpo_jax.losses.registry` (`call_arguments`, shared with the PyTorch reference).
-    """
-    spec, args, kwargs = loss_registry.call_arguments(loss_cfg, inputs, name=name, beta=beta)
-    fn = globals()[spec.function]
-    return fn(*args, axis_name=axis_name, **kwargs)

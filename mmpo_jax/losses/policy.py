@@ -20,7 +20,7 @@ from mmpo_jax.losses.reduce import (
     stop_metrics,
     token_mean_nll,
 )
-from mmpo_jax.losses.registry import CPO_LOSS_TYPES
+from mmpo_jax.losses.declarations import CPO_LOSS_TYPES
 from mmpo_jax.losses.dpo import conservative_sigmoid
 
 Array = jax.Array

@@ -1,351 +1,73 @@
-"""Every preference loss, declared once (`docs/losses.md` defines each).
+"""Every preference loss bound to its JAX function: `LOSSES[name]` is a `LossSpec`, the
+loss's declaration (`mmpo_jax.losses.declarations`: what it reads, its defaults, its
+keys and metrics) and the function itself.
 
-A `LossSpec` says what a loss needs from the batch (reference log-probs, the entropy
-bonus, token counts), its defaults (`beta`, `average_logps`), the `loss.*` keys it
-reads and the metrics it reports. Everything else reads it: the config's choices and
-defaults, the dispatch of the JAX step and of the PyTorch reference (`call_arguments`),
-`mmpo-jax losses`, `convert-config` and `sweep`.
+    loss = bind_loss(cfg.loss)                 # once per step function
+    value, metrics = loss(inputs, axis_name=BATCH_AXES)
 
-Adding a loss: a `LossSpec` in `LOSSES`, its JAX function `<name>_loss` in
-`mmpo_jax.losses` and its PyTorch twin of the same name in `mmpo_jax.torch_ref.losses`
-(same arguments: `[pairs]` log-probs first, then keywords), and their tests.
-
-This module imports neither jax nor torch: the config and the CLI read it.
+Adding a loss: `docs/losses.md`, "Adding a loss".
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING
+
+import jax
+
+from mmpo_jax.losses.binding import BoundLoss, LossFunction, bind
+from mmpo_jax.losses.declarations import DECLARATIONS, LOSS_NAMES, LossDeclaration, declaration_of
+from mmpo_jax.losses.dpo import dpo_loss
+from mmpo_jax.losses.inputs import LossInputs
+from mmpo_jax.losses.mmpo import mmpo_loss, sft_loss, simpo_loss
+from mmpo_jax.losses.policy import cpo_loss, orpo_loss
+from mmpo_jax.losses.reduce import AxisName, Metrics
 
 if TYPE_CHECKING:
     from mmpo_jax.config_schema import LossConfig
 
-# What a loss does with reference log-probs: needs them; reads them when the run has
-# a reference, for its rewards/* metrics only; never reads them.
-ReferenceUse = Literal["required", "metrics_only", "unused"]
-
-BASE_METRICS = ("loss", "logps/chosen", "logps/rejected")
-NLL_METRIC = "nll_loss"
-REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
-ENTROPY_METRIC = "entropy"
-
 
 @dataclass(frozen=True)
 class LossSpec:
-    """One loss: what it needs, its defaults, its keys and its metrics."""
+    """One loss: its declaration and its JAX function (`[pairs]` log-probs first, then
+    keywords; `axis_name` for the global statistics under `shard_map`)."""
 
-    name: str
-    title: str  # as the papers write it, for messages
-    summary: str
-    reference_use: ReferenceUse
-    # loss.* keys passed to the function as keyword arguments of the same name
-    options: tuple[str, ...] = ()
-    # the default of loss.beta (for sft: the scale of its rewards/* metrics only)
-    beta: float = 0.1
-    # the default of loss.average_logps; `averaged_only`: true is the only value allowed
-    average_logps: bool = False
-    averaged_only: bool = False
-    # takes the per-pair entropy bonus (`entropy`, with loss.entropy_weight > 0,
-    # estimated as loss.entropy_estimator says)
-    entropy: bool = False
-    # the token counts it takes (`chosen_tokens`, `rejected_tokens`) with sequence sums
-    token_counts: tuple[str, ...] = ()
-    # takes `averaged` (whether the inputs are per-token means) and its token counts
-    # whatever the reduction (its NLL term turns means back into sums)
-    reads_averaged: bool = False
-    # takes the chosen rows' log-prob sum and token count over every predicted token,
-    # prompt included (`chosen_sequence_logps`, `chosen_sequence_tokens`)
-    sequence_nll: bool = False
-    # loss.* keys the step reads for it (how log-probs are reduced, weights), not the function
-    step_options: tuple[str, ...] = ()
-    # defaults of its options where they differ from the config's (`loss.gamma`)
-    option_defaults: tuple[tuple[str, float], ...] = ()
-    # `loss.loss_type` values whose default `average_logps` is true (CPO: as TRL's)
-    averaged_types: tuple[str, ...] = ()
-    # metrics besides BASE_METRICS and REWARD_METRICS (ENTROPY_METRIC comes with the entropy)
-    metrics: tuple[str, ...] = ()
-    # how the MMPO authors' fork (objective_type) and TRL (loss_type) name it, for convert-config
-    objective_type: str | None = None
-    trl_loss_type: str | None = None
+    declaration: LossDeclaration
+    function: LossFunction
 
     @property
-    def function(self) -> str:
-        """The function's name in `mmpo_jax.losses` and `mmpo_jax.torch_ref.losses`."""
-        return f"{self.name}_loss"
-
-    @property
-    def config_keys(self) -> tuple[str, ...]:
-        """The `loss.*` keys this loss reads (the others do nothing for it)."""
-        keys = ("name", "beta", *self.options, *self.step_options)
-        if self.entropy:
-            keys += ("entropy_estimator",)
-        return keys + ("average_logps",)
-
-    def metric_names(self, *, reference: bool, entropy: bool, components: tuple[str, ...] = ()
-                     ) -> tuple[str, ...]:
-        """The metrics it returns, in order, given a reference and the entropy bonus or not,
-        and for a mixture of loss types (`components`, see `mixture`) one per component."""
-        rewards = self.reference_use != "metrics_only" or reference
-        names = BASE_METRICS + (REWARD_METRICS if rewards else ()) + self.metrics
-        if len(components) > 1:
-            names += tuple(f"loss/{kind}" for kind in components)
-        return names + ((ENTROPY_METRIC,) if entropy and self.entropy else ())
-
-    def option_default(self, key: str, fallback: float) -> float:
-        return dict(self.option_defaults).get(key, fallback)
-
-
-# TRL 1.16 DPOTrainer's loss types: name -> (what it is, its source). docs/losses.md has the formulas.
-DPO_LOSS_TYPES: dict[str, tuple[str, str]] = {
-    "sigmoid": ("DPO's logistic loss (conservative with label_smoothing)", "Rafailov et al. 2023; cDPO"),
-    "hinge": ("hinge loss on the margin (SLiC)", "Zhao et al. 2023, arXiv 2305.10425"),
-    "ipo": ("squared loss to 1/(2 beta) on per-token margins (IPO)", "Azar et al. 2023, arXiv 2310.12036"),
-    "exo_pair": ("reverse KL to the smoothed labels (EXO)", "Ji et al. 2024, arXiv 2402.00856"),
-    "nca_pair": ("noise contrastive alignment, pairwise (NCA)", "Chen et al. 2024, arXiv 2402.05369"),
-    "robust": ("unbiased under label noise label_smoothing (rDPO)", "Chowdhury et al. 2024, arXiv 2403.00409"),
-    "bco_pair": ("binary classifier optimisation, pairwise (BCO)", "Jung et al. 2024, arXiv 2404.04656"),
-    "sppo_hard": ("SPPO with hard preference probabilities", "Wu et al. 2024, arXiv 2405.00675"),
-    "aot": ("alignment via optimal transport, paired: sorted margins", "Melnyk et al. 2024, arXiv 2406.05882"),
-    "aot_unpaired": ("AOT, unpaired: sorted log-ratios", "Melnyk et al. 2024, arXiv 2406.05882"),
-    "apo_zero": ("anchored preference optimisation, chosen up", "D'Oosterlinck et al. 2024, arXiv 2408.06266"),
-    "apo_down": ("APO, both down", "D'Oosterlinck et al. 2024, arXiv 2408.06266"),
-    "discopop": ("the discovered log-ratio-modulated loss", "Chris Lu et al. 2024, arXiv 2406.08414"),
-    "sft": ("token-mean NLL of the chosen answers (RPO's term)", "Pang et al. 2024, arXiv 2404.19733"),
-    "sigmoid_norm": ("sigmoid loss on per-token margins", "TRL 1.16"),
-}
-F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
-# the types TRL allows a non-default f_divergence_type with (the others have no valid f-DPO form)
-F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
-# divide the scores by each answer's token count: sequence sums only (not average_logps)
-PER_TOKEN_LOSS_TYPES = ("ipo", "sigmoid_norm")
-# batch-level: sort over the global batch
-SORTING_LOSS_TYPES = ("aot", "aot_unpaired")
-# TRL 1.16 CPOTrainer's loss types
-CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
-
-
-def dpo_type_problem(types: Sequence[str], weights: Sequence[float] | None, *, f_divergence_type: str,
-                     label_smoothing: float, weighted: bool) -> tuple[str, str] | None:
-    """The first rule a DPO loss-type mixture breaks, as `(option, what is wrong)`, or
-    None: the one copy of these rules, which the config (naming the `loss.` key) and
-    `dpo_loss` (a library caller's arguments) both apply. `weighted`: WPO's pair weights."""
-    unknown = [t for t in types if t not in DPO_LOSS_TYPES]
-    if unknown or not types:
-        return "loss_type", f"choose from {', '.join(DPO_LOSS_TYPES)} (one name or a list)"
-    if len(set(types)) != len(types):
-        return "loss_type", "names a loss type twice; give it once with its weight in loss.loss_weights"
-    if weights is not None and len(weights) != len(types):
-        return "loss_weights", f"needs one weight per loss.loss_type ({len(types)})"
-    refused = [t for t in types if t not in F_DIVERGENCE_LOSS_TYPES]
-    if f_divergence_type != "reverse_kl" and refused:
-        return "f_divergence_type", (f"does not apply to loss_type {', '.join(refused)} (TRL allows it with "
-                                     f"{', '.join(F_DIVERGENCE_LOSS_TYPES)}); use reverse_kl")
-    if "exo_pair" in types and not label_smoothing > 0:
-        return "label_smoothing", "loss_type exo_pair needs label_smoothing > 0 (the EXO paper uses 1e-3)"
-    sorting = [t for t in types if t in SORTING_LOSS_TYPES]
-    if weighted and sorting:
-        return "use_weighting", (f"does not apply to loss_type {', '.join(sorting)} (it sorts the pairs, so "
-                                 "per-pair weights would not line up; TRL refuses it too)")
-    return None
-
-
-def reduction(loss_cfg: LossConfig) -> dict[str, Any]:
-    """How the step reduces per-token log-probs to the sequence log-probs `loss_cfg`'s loss
-    reads, policy and reference alike: `pair_logps`' `average` and `ld_alpha` (the
-    precomputed reference cache keys on these)."""
-    assert loss_cfg.average_logps is not None, "a settled LossConfig"
-    ld = loss_cfg.ld_alpha if "ld_alpha" in spec_of(loss_cfg.name).step_options else None
-    return {"average": bool(loss_cfg.average_logps), "ld_alpha": ld}
-
-
-def weighting(loss_cfg: LossConfig) -> bool:
-    """Whether the step computes WPO's pair weights for `loss_cfg` (`loss.use_weighting`)."""
-    return "use_weighting" in spec_of(loss_cfg.name).step_options and loss_cfg.use_weighting
-
-
-def mixture(loss_cfg: LossConfig) -> tuple[str, ...]:
-    """The loss types `loss_cfg` mixes (one for a single type; none for a loss without types)."""
-    if "loss_type" not in spec_of(loss_cfg.name).options:
-        return ()
-    kinds = loss_cfg.loss_type
-    return (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    def name(self) -> str:
+        return self.declaration.name
 
 
 LOSSES: dict[str, LossSpec] = {
     spec.name: spec
     for spec in (
-        LossSpec(
-            name="mmpo",
-            title="MMPO",
-            summary="maximum marginal likelihood of the preferred output (the paper's method)",
-            reference_use="required",
-            options=("reward_epsilon", "rejected_epsilon", "norm_eps", "aux_weight", "normalize",
-                     "entropy_weight"),
-            entropy=True,
-            metrics=("mmpo/score_chosen", "mmpo/score_rejected", "mmpo/score_accuracy", "mmpo/reward_range"),
-            objective_type="mmpo",
-        ),
-        LossSpec(
-            name="dpo",
-            title="DPO",
-            summary="direct preference optimisation, with TRL's loss types and their mixtures",
-            reference_use="required",
-            options=("loss_type", "loss_weights", "label_smoothing", "f_divergence_type",
-                     "f_alpha_divergence_coef", "discopop_tau"),
-            token_counts=("chosen_tokens", "rejected_tokens"),
-            step_options=("use_weighting", "ld_alpha"),
-            objective_type="dpo",
-            trl_loss_type="sigmoid",
-        ),
-        LossSpec(
-            name="simpo",
-            title="SimPO",
-            summary="SimPO: reference-free, length-averaged log-probs with a target margin",
-            reference_use="unused",
-            options=("gamma",),
-            option_defaults=(("gamma", 1.0),),
-            beta=2.0,
-            average_logps=True,
-            averaged_only=True,
-            objective_type="simpo",
-            trl_loss_type="simpo",
-        ),
-        LossSpec(
-            name="sft",
-            title="SFT",
-            summary="supervised fine-tuning on the chosen answers (the rejected only reported)",
-            reference_use="metrics_only",
-            token_counts=("chosen_tokens",),
-        ),
-        LossSpec(
-            name="cpo",
-            title="CPO",
-            summary="contrastive preference optimisation: reference-free, plus the chosen answers' NLL",
-            reference_use="unused",
-            options=("loss_type", "label_smoothing", "gamma", "cpo_alpha", "alphapo_alpha"),
-            option_defaults=(("gamma", 0.5),),
-            token_counts=("chosen_tokens",),
-            reads_averaged=True,
-            averaged_types=("ipo", "simpo"),
-            metrics=(NLL_METRIC,),
-        ),
-        LossSpec(
-            name="orpo",
-            title="ORPO",
-            summary="odds-ratio preference optimisation: reference-free, NLL plus the log odds ratio",
-            reference_use="unused",
-            average_logps=True,
-            averaged_only=True,
-            sequence_nll=True,
-            metrics=(NLL_METRIC, "log_odds_ratio", "log_odds_chosen"),
-        ),
+        LossSpec(DECLARATIONS["mmpo"], mmpo_loss),
+        LossSpec(DECLARATIONS["dpo"], dpo_loss),
+        LossSpec(DECLARATIONS["simpo"], simpo_loss),
+        LossSpec(DECLARATIONS["sft"], sft_loss),
+        LossSpec(DECLARATIONS["cpo"], cpo_loss),
+        LossSpec(DECLARATIONS["orpo"], orpo_loss),
     )
 }
-LOSS_NAMES = tuple(LOSSES)
-
-
-def loss_name_hint(name: str) -> str | None:
-    """The keys that ask for `name` when it is not a loss name but one of TRL's DPO loss types
-    (`loss.name=ipo` is `loss.name=dpo loss.loss_type=ipo`, as TRL's DPOConfig(loss_type=...))."""
-    if name in LOSSES:
-        return None
-    if name in DPO_LOSS_TYPES:
-        return f"{name} is a DPO loss type (TRL's DPOConfig loss_type): set loss.name=dpo loss.loss_type={name}"
-    if name == "rpo":  # TRL's RPO is DPO's sigmoid plus the chosen answers' NLL (rpo_alpha)
-        return "RPO is DPO's sigmoid loss plus the chosen answers' NLL: set loss.name=dpo loss.loss_type=[sigmoid,sft]"
-    return None
-# Losses that run without a reference model (`model.reference: auto` gives none for them).
-REFERENCE_FREE_LOSSES = tuple(name for name, spec in LOSSES.items() if spec.reference_use != "required")
+# a declared loss without its function fails here, at import
+assert tuple(LOSSES) == LOSS_NAMES, "one LossSpec per declared loss, in the declarations' order"
 
 
 def spec_of(name: str) -> LossSpec:
-    """The declaration of loss `name` (a ValueError naming the choices if there is none)."""
-    try:
-        return LOSSES[name]
-    except KeyError:
-        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}") from None
+    """The loss `name` (a ValueError naming the choices if there is none)."""
+    return LOSSES[declaration_of(name).name]
 
 
-def entropy_estimator(loss_cfg: LossConfig) -> Literal["token", "score_function"] | None:
-    """The estimator of the entropy bonus the step computes for `loss_cfg`, or None when
-    its loss takes none or `entropy_weight` is 0 (then no entropy is computed)."""
-    if spec_of(loss_cfg.name).entropy and loss_cfg.entropy_weight > 0:
-        return loss_cfg.entropy_estimator
-    return None
+def bind_loss(loss_cfg: LossConfig, *, name: str | None = None, beta: float | None = None) -> BoundLoss:
+    """The JAX loss the settled `loss_cfg` names (or `name` at its own defaults, `beta`),
+    its config's arguments bound: call it on each micro-batch's `LossInputs`."""
+    return bind(loss_cfg, lambda loss: LOSSES[loss].function, name=name, beta=beta)
 
 
-def settings(loss_cfg: LossConfig, name: str | None = None) -> tuple[float, bool]:
-    """`(beta, average_logps)` loss `name` runs with: the config's for the configured loss,
-    the loss's own defaults for another (the example batch runs every loss)."""
-    if name is None or name == loss_cfg.name:
-        assert loss_cfg.beta is not None and loss_cfg.average_logps is not None, "a settled LossConfig"
-        return float(loss_cfg.beta), bool(loss_cfg.average_logps)
-    return settings(dataclasses.replace(type(loss_cfg)(), name=name).settled())
-
-
-def call_arguments(loss_cfg: LossConfig, inputs: Any, *, name: str | None = None,
-                   beta: float | None = None) -> tuple[LossSpec, tuple[Any, ...], dict[str, Any]]:
-    """The function, positional and keyword arguments of the loss `loss_cfg` names (or
-    `name`) on `inputs` (a `mmpo_jax.losses.inputs.LossInputs` of JAX or torch arrays).
-
-    The one dispatch from a config to a loss call, for JAX and PyTorch alike: the
-    reference log-probs when the loss reads them, the entropy bonus when given (else
-    `entropy_weight` 0), the chosen token counts for a token-mean loss on sequence sums,
-    and the `options` keys of the config.
-    """
-    spec = spec_of(loss_cfg.name if name is None else name)
-    if spec.name != loss_cfg.name:
-        # another loss than the configured one runs with its own defaults throughout
-        loss_cfg = dataclasses.replace(type(loss_cfg)(), name=spec.name).settled()
-    own_beta, average = settings(loss_cfg)
-    args: tuple[Any, ...] = (inputs.policy_chosen, inputs.policy_rejected)
-    has_reference = inputs.ref_chosen is not None
-    if spec.reference_use == "required" and not has_reference:
-        raise ValueError(f"loss {spec.name!r} needs reference log-probs (ref_chosen, ref_rejected)")
-    if spec.reference_use != "unused" and has_reference:
-        args += (inputs.ref_chosen, inputs.ref_rejected)
-    kwargs: dict[str, Any] = {"beta": own_beta if beta is None else beta}
-    kwargs.update({key: getattr(loss_cfg, key) for key in spec.options})
-    if spec.entropy:
-        kwargs["entropy"] = inputs.entropy
-        if inputs.entropy is None:
-            kwargs["entropy_weight"] = 0.0
-    if spec.reads_averaged:
-        kwargs["averaged"] = average
-    if spec.token_counts and (spec.reads_averaged or not average):
-        kwargs.update({key: getattr(inputs, key) for key in spec.token_counts if getattr(inputs, key) is not None})
-    if "use_weighting" in spec.step_options and loss_cfg.use_weighting:
-        if inputs.pair_weights is None:
-            raise ValueError("loss.use_weighting: the step gives WPO's pair_weights with the log-probs")
-        kwargs["pair_weights"] = inputs.pair_weights
-    if "ld_alpha" in spec.step_options and inputs.chosen_unweighted_logps is not None:
-        kwargs["chosen_unweighted_logps"] = inputs.chosen_unweighted_logps
-    if spec.sequence_nll:
-        if inputs.chosen_sequence_logps is None or inputs.chosen_sequence_tokens is None:
-            raise ValueError(f"loss {spec.name!r} needs the chosen rows' whole-sequence log-probs "
-                             "(chosen_sequence_logps, chosen_sequence_tokens)")
-        kwargs["chosen_sequence_logps"] = inputs.chosen_sequence_logps
-        kwargs["chosen_sequence_tokens"] = inputs.chosen_sequence_tokens
-    kwargs["pair_mask"] = inputs.pair_mask
-    return spec, args, kwargs
-
-
-def used_inputs(loss_cfg: LossConfig, inputs: Any) -> Any:
-    """`inputs` without the fields the configured loss does not read (None), so a step
-    passes only what it uses into `shard_map`."""
-    spec, args, kwargs = call_arguments(loss_cfg, inputs)
-    keep_ref = len(args) == 4
-    return inputs.replace(
-        ref_chosen=inputs.ref_chosen if keep_ref else None,
-        ref_rejected=inputs.ref_rejected if keep_ref else None,
-        chosen_tokens=kwargs.get("chosen_tokens"),
-        rejected_tokens=kwargs.get("rejected_tokens"),
-        entropy=kwargs.get("entropy"),
-        chosen_sequence_logps=kwargs.get("chosen_sequence_logps"),
-        chosen_sequence_tokens=kwargs.get("chosen_sequence_tokens"),
-        pair_weights=kwargs.get("pair_weights"),
-        chosen_unweighted_logps=kwargs.get("chosen_unweighted_logps"),
-    )
+def configured_loss(loss_cfg: LossConfig, inputs: LossInputs, *, axis_name: AxisName = None,
+                    name: str | None = None, beta: float | None = None) -> tuple[jax.Array, Metrics]:
+    """`bind_loss(loss_cfg, name=name, beta=beta)` on `inputs` `[pairs]`, once (a caller
+    that runs it per micro-batch binds it once itself)."""
+    return bind_loss(loss_cfg, name=name, beta=beta)(inputs, axis_name=axis_name)

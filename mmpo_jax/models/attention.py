@@ -2,19 +2,20 @@
 
 `MaskSpec` says which keys a query sees and how its scores are shaped: causal,
 a sliding window, a logit soft-cap. `attention` attends over whole sequences
-(training, eval), optionally packed (`segment_ids`: a query sees only its own
-segment) or branched (the shared-prompt layout, `branched_segments`: a pair's rejected
-answer follows its chosen one in the row and must not see it); `cached_attention`
+(training, eval), optionally in the `Segments` of packed rows (a query sees only its
+own segment) or of branched ones (the shared-prompt layout, `branched_segments`: a pair's
+rejected answer follows its chosen one in the row and must not see it); `cached_attention`
 attends over a KV cache (generation), where the caller's `allowed` mask holds what the
 cache layout knows (causality, padding, the window).
 
-Backends. `xla` and `cudnn` are `jax.nn.dot_product_attention`'s (cuDNN's fused
+Kernels (chosen once at build time from the table of `mmpo_jax.models.kernels`; here
+they are only dispatched to). `xla` and `cudnn` are `jax.nn.dot_product_attention`'s (cuDNN's fused
 kernel on GPU), `splash` the Pallas TPU kernel (`mmpo_jax.models.splash`: segment ids,
 windows and the soft-cap inside the kernel), `pallas_gpu` the Pallas GPU flash kernel
 (`mmpo_jax.models.pallas_gpu`: causal, segment ids). Otherwise a soft-cap, which
 `jax.nn.dot_product_attention` does not take, and the KV cache use the explicit-scores
 path here (float32 scores and softmax, as the xla backend). With segment ids the xla
-backend masks a dense `[T, T]` score matrix: on GPU `auto` says so when it picks it.
+backend masks a dense `[T, T]` score matrix: on GPU `auto`'s start line says so.
 Masked scores are a large finite negative rather than -inf, so a query that sees no
 key (a padding position) gets uniform weights instead of NaN.
 """
@@ -27,12 +28,12 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
-from mmpo_jax.errors import UserError
-from mmpo_jax.models.options import ATTENTION_CHOICES
+from mmpo_jax.models.kernels import KERNELS
+from mmpo_jax.models.pallas_gpu import pallas_gpu_attention
+from mmpo_jax.models.splash import splash_attention
 
-# the kernels `jax.nn.dot_product_attention` runs: the `model.attention` choices but `auto`
-IMPLEMENTATIONS = tuple(c for c in ATTENTION_CHOICES if c != "auto")
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
@@ -75,47 +76,64 @@ def branched_segments(segment_ids: jax.Array, branches: jax.Array) -> jax.Array:
     return jnp.stack([twice + (branches == 2), twice + (branches == 1)]).astype(segment_ids.dtype)
 
 
+@struct.dataclass
+class Segments:
+    """Which tokens of packed rows attend to each other beyond causality, as a batch
+    layout hands them to the model (`mmpo_jax.data.layout.Layout.attention_segments`).
+
+    ids `[B, T]` int: a query sees only keys of its own segment; with `branched` (static),
+    `[2, B, T]`: the two views of `branched_segments` (a shared-prompt row)."""
+
+    ids: jax.Array
+    branched: bool = struct.field(pytree_node=False, default=False)
+
+    @classmethod
+    def branched_rows(cls, segment_ids: jax.Array, branches: jax.Array) -> Segments:
+        """The segments of shared-prompt rows, from segment_ids and branches `[B, T]`."""
+        return cls(branched_segments(segment_ids, branches), branched=True)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, *, scale: float,
               implementation: Literal["xla", "cudnn", "splash", "pallas_gpu"],
-              segment_ids: jax.Array | None = None, mesh: jax.sharding.Mesh | None = None,
+              segments: Segments | None = None, mesh: jax.sharding.Mesh | None = None,
               interpret: bool = False) -> jax.Array:
     """Grouped-query attention of q `[B, T, N, H]` over k, v `[B, T, K, H]` (K kv heads
     divide the N query heads: query head n reads kv head n // (N // K)).
 
-    segment_ids `[B, T]` int: packed sequences, a query sees only keys of its own
-    segment; `[2, B, T]`: the two views of `branched_segments`. `implementation`: 'xla',
-    'cudnn', 'splash' or 'pallas_gpu' (`ModelOptions.attention_implementation`); the Pallas kernels run under `mesh`'s
-    shard_map when given, in Pallas interpret mode with `interpret` (off their backend).
-    Returns `[B, T, N, H]` in v's dtype.
+    segments: packed rows, a query sees only keys of its own segment (or, branched, as
+    the two views of `branched_segments` allow). `implementation`: 'xla', 'cudnn', 'splash'
+    or 'pallas_gpu', chosen at build time (`ModelOptions.kernel`, from the table of
+    `mmpo_jax.models.kernels`, which refuses a mask the kernel does not take); the Pallas
+    kernels run under `mesh`'s shard_map when given, in Pallas interpret mode with
+    `interpret` (off their backend). Returns `[B, T, N, H]` in v's dtype.
     """
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"attention implementation {implementation!r}: one of {IMPLEMENTATIONS}")
-    if segment_ids is not None and segment_ids.ndim == 3 and implementation in ("splash", "pallas_gpu"):
-        views = [attention(q, k, v, spec, scale=scale, implementation=implementation, segment_ids=ids,
-                           mesh=mesh, interpret=interpret) for ids in segment_ids]
-        rejected = (segment_ids[0] % 2 == 1)[:, :, None, None]
+    if implementation not in KERNELS:
+        raise ValueError(f"attention implementation {implementation!r}: one of {', '.join(KERNELS)}")
+    # a caller that skipped the build-time choice: a bug to report, not a mask to drop
+    lacking = KERNELS[implementation].lacks_masks(segments=segments is not None, causal=spec.causal,
+                                                  sliding_window=spec.sliding_window is not None,
+                                                  soft_cap=spec.soft_cap is not None)
+    if lacking:
+        raise ValueError(f"attention implementation {implementation!r} {'; it '.join(lacking)} "
+                         "(ModelOptions.for_model chooses a kernel that takes the model's masks)")
+    if segments is not None and segments.branched and implementation in ("splash", "pallas_gpu"):
+        views = [attention(q, k, v, spec, scale=scale, implementation=implementation, segments=Segments(ids),
+                           mesh=mesh, interpret=interpret) for ids in segments.ids]
+        rejected = (segments.ids[0] % 2 == 1)[:, :, None, None]
         return jnp.where(rejected, views[1], views[0])
+    # the kernels' own segment ids `[B, T]` (branched rows took the two calls above)
+    segment_ids = None if segments is None else segments.ids
     if implementation == "splash":
-        from mmpo_jax.models.splash import splash_attention
-
         return splash_attention(q, k, v, spec, scale=scale, segment_ids=segment_ids, mesh=mesh,
                                 interpret=interpret)
     if implementation == "pallas_gpu":
-        if spec.sliding_window is not None or spec.soft_cap is not None or not spec.causal:
-            raise UserError("model.attention=pallas_gpu: the Pallas GPU kernel is causal without a "
-                            "sliding window or logit soft-cap; set model.attention to auto or xla")
-        from mmpo_jax.models.pallas_gpu import pallas_gpu_attention
-
         return pallas_gpu_attention(q, k, v, scale=scale, segment_ids=segment_ids, mesh=mesh,
                                     interpret=interpret)
-    if implementation == "cudnn" and (spec.soft_cap is not None or segment_ids is not None):
-        what = "a logit soft-cap" if spec.soft_cap is not None else "segment ids (packed sequences)"
-        raise UserError(f"the cuDNN attention here takes no {what}: set model.attention=xla")
     if spec.soft_cap is not None:
-        allowed = sequence_mask(spec, q.shape[1], segment_ids)
+        allowed = sequence_mask(spec, q.shape[1], segments)
         return _scores_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), allowed, scale,
                                  spec.soft_cap)
-    mask = None if segment_ids is None else same_segment(segment_ids)[:, None]  # [B, 1, T, T]
+    mask = None if segments is None else same_segment(segments)[:, None]  # [B, 1, T, T]
     window = None if spec.sliding_window is None else (spec.sliding_window - 1, 0)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=spec.causal,
                                         local_window_size=window, implementation=implementation)
@@ -138,9 +156,9 @@ def window_mask(query_slots: jax.Array, num_slots: int, window: int) -> jax.Arra
     return query_slots[:, None] - jnp.arange(num_slots)[None, :] < window
 
 
-def sequence_mask(spec: MaskSpec, length: int, segment_ids: jax.Array | None = None) -> jax.Array:
+def sequence_mask(spec: MaskSpec, length: int, segments: Segments | None = None) -> jax.Array:
     """`[B or 1, T, T]` bool, True where query i may see key j under `spec` (and, with
-    segment_ids `[B, T]` or `[2, B, T]`, only as `same_segment` allows)."""
+    `segments`, only as `same_segment` allows)."""
     i = jnp.arange(length)[:, None]
     j = jnp.arange(length)[None, :]
     allowed = jnp.ones((length, length), bool)
@@ -149,20 +167,21 @@ def sequence_mask(spec: MaskSpec, length: int, segment_ids: jax.Array | None = N
     if spec.sliding_window is not None:
         allowed &= window_mask(jnp.arange(length), length, spec.sliding_window)
     allowed = allowed[None]
-    if segment_ids is not None:
-        allowed = allowed & same_segment(segment_ids)
+    if segments is not None:
+        allowed = allowed & same_segment(segments)
     return allowed
 
 
-def same_segment(segment_ids: jax.Array) -> jax.Array:
-    """`[B, T, T]` bool: query i and key j share a segment (segment_ids `[B, T]`), or, for
-    the two views of `branched_segments` `[2, B, T]`, share one in either view: the whole
+def same_segment(segments: Segments) -> jax.Array:
+    """`[B, T, T]` bool: query i and key j share a segment, or, for the two views of
+    branched `segments` (`branched_segments`), share one in either view: the whole
     branched mask in one dense call (the prompt sees itself, each answer the prompt and
     itself; causality hides a later answer from the chosen one)."""
     def same(ids: jax.Array) -> jax.Array:
         return ids[:, :, None] == ids[:, None, :]
 
-    return same(segment_ids) if segment_ids.ndim == 2 else same(segment_ids[0]) | same(segment_ids[1])
+    ids = segments.ids
+    return same(ids[0]) | same(ids[1]) if segments.branched else same(ids)
 
 
 def _scores_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, scale: float,

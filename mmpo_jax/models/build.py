@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mmpo_jax import sharding as shd
 from mmpo_jax.errors import UserError
 from mmpo_jax.models.hf_weights import HFTensor, group_by_param, state_key
 from mmpo_jax.models.decoder import Decoder
@@ -47,8 +48,6 @@ def build_model(
     raising KeyError) or a wrongly shaped one raises a `UserError` naming it and the
     expected shape.
     """
-    from mmpo_jax import sharding as shd
-
     scale = 0.02 if init_scale is None else float(init_scale)
 
     def make() -> Decoder:
@@ -66,7 +65,7 @@ def build_model(
         out_shardings = target
 
         @partial(jax.jit, out_shardings=out_shardings)
-        def init_state():
+        def init_state() -> nnx.State:
             return nnx.split(make())[1]
 
         return nnx.merge(graphdef, init_state())
@@ -102,16 +101,17 @@ def build_model(
     return nnx.merge(graphdef, state)
 
 
-def _sharding_for(target, path, mesh):
+def _sharding_for(target: nnx.State | None, path: tuple[Any, ...], mesh: jax.sharding.Mesh | None
+                  ) -> jax.sharding.Sharding:
     if target is None:
         return jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    node = target
+    node: Any = target  # a State, then its sub-States, then the Variable at `path`
     for p in path:
         node = node[p]
     return node.get_value() if hasattr(node, "get_value") else node
 
 
-def _load_param(tensors: list[HFTensor], shape: tuple[int, ...], dtype: Any, sharding,
+def _load_param(tensors: list[HFTensor], shape: tuple[int, ...], dtype: Any, sharding: jax.sharding.Sharding,
                 get_tensor: Callable[[str], np.ndarray], stacked: bool) -> jax.Array:
     """One parameter, read from its HF tensor(s) (one per layer when stacked).
 

@@ -35,23 +35,38 @@ permutation (GGUF's llama.cpp permutation is undone by the GGUF reader).
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
-from mmpo_jax.models.attention import MaskSpec, attention, cached_attention, window_mask
+from mmpo_jax.models.attention import MaskSpec, Segments, attention, cached_attention, window_mask
 from mmpo_jax.models.layers import ACTIVATION_FNS, RMSNorm, apply_rope, apply_rope_rows, dropout, param
 from mmpo_jax.models.decoder_config import DecoderConfig
 from mmpo_jax.models.rope import inv_freq as rope_inv_freq
 from mmpo_jax.models.lora import add_delta, add_lora_params, lora_delta
 from mmpo_jax.models.options import ModelOptions
+from mmpo_jax.sharding import logical_to_spec
 
-# (cos, sin) for full-attention layers, then for sliding ones (the same arrays unless
-# the sliding layers have their own RoPE base, as Gemma 3's)
-Ropes = tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+@struct.dataclass
+class Ropes:
+    """The RoPE tables `(cos, sin)` of full-attention layers and of sliding ones (the same
+    arrays unless the sliding layers have their own RoPE base, as Gemma 3's): `[T,
+    head_dim]` shared by every row, or with `per_row` (static) `[B, T, head_dim]`, each
+    row at its own positions (packed rows, generation)."""
+
+    full: tuple[jax.Array, jax.Array]
+    sliding: tuple[jax.Array, jax.Array]
+    per_row: bool = struct.field(pytree_node=False, default=False)
+
+    def apply(self, x: jax.Array, local: bool) -> jax.Array:
+        """x `[B, T, N, H]` rotated by the tables of a sliding (`local`) or full layer."""
+        cos, sin = self.sliding if local else self.full
+        return (apply_rope_rows if self.per_row else apply_rope)(x, cos, sin)
+
+
 # whether a layer is a sliding one: static, or traced (scanned layers of mixed kinds)
 Sliding = bool | jax.Array
 
@@ -103,10 +118,10 @@ class Attention(nnx.Module):
         self.masks = (MaskSpec(causal=True, soft_cap=cap),
                       MaskSpec(causal=True, sliding_window=cfg.sliding_window, soft_cap=cap))
         self.compute_dtype = options.compute_dtype
-        self.implementation = options.attention_implementation(hd, soft_cap=cap is not None,
-                                                               sliding_window=cfg.sliding_window is not None)
-        # `auto` chose cuDNN, which takes no segment ids: packed rows then go to xla, said aloud
-        self.segments_to_xla = options.attention == "auto" and self.implementation == "cudnn"
+        # the kernel chosen once for this architecture, backend and layout (`Decoder` applies
+        # `ModelOptions.for_model`): static, nothing switches it at trace time
+        assert options.kernel is not None, "ModelOptions.for_model(cfg) chooses the attention kernel"
+        self.implementation = options.kernel
         # the Pallas kernels run in shard_map over the mesh, interpreted off their backend
         self.mesh = mesh
         self.interpret = options.interprets(self.implementation)
@@ -115,7 +130,7 @@ class Attention(nnx.Module):
         """q `[B, T, heads, head_dim]`, k, v `[B, T, kv_heads, head_dim]` of x `[B, T, D]`, before RoPE."""
         cd = self.compute_dtype
 
-        def proj(t, kernel, bias):
+        def proj(t: str, kernel: nnx.Param, bias: nnx.Param | None) -> jax.Array:
             y = jnp.einsum("btd,dnh->btnh", x, kernel[...].astype(cd))
             y = add_delta(y, lora_delta(self, t, x, self.lora, lora_key, cd))
             return y if bias is None else y + bias[...].astype(cd)
@@ -133,28 +148,17 @@ class Attention(nnx.Module):
         return y if self.o_bias is None else y + self.o_bias[...].astype(cd)
 
     def __call__(self, x: jax.Array, ropes: Ropes, sliding: Sliding,
-                 lora_key: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
-        """x `[B, T, D]`; ropes: `(cos, sin)` `[T, head_dim]` (or `[B, T, head_dim]`, each
-        row at its own positions: packed rows) for full and for sliding layers; sliding:
+                 lora_key: jax.Array | None = None, segments: Segments | None = None) -> jax.Array:
+        """x `[B, T, D]`; ropes: the RoPE tables of full and sliding layers; sliding:
         whether this layer is a sliding one, a Python bool or (scanned layers of mixed
-        kinds) a traced bool that picks the branch at run time; segment_ids `[B, T]`:
-        packed rows, a token attends only within its segment (`[2, B, T]`: shared-prompt
-        rows, see `mmpo_jax.models.attention.branched_segments`)."""
+        kinds) a traced bool that picks the branch at run time; segments: packed rows, a
+        token attends only within its segment (branched: shared-prompt rows, see
+        `mmpo_jax.models.attention.branched_segments`)."""
         q, k, v = self._project(x, lora_key)
 
-        implementation = self.implementation
-        if segment_ids is not None and self.segments_to_xla:
-            implementation = "xla"
-            warnings.warn("packed rows on GPU: the cuDNN attention here takes no segment ids, so the "
-                          "attention is XLA's with a dense [T, T] mask per row; model.attention="
-                          "pallas_gpu runs the fused Pallas kernel with segment ids instead "
-                          "(model.attention=xla keeps XLA's without this warning)", stacklevel=2)
-
         def run(local: bool) -> jax.Array:
-            cos, sin = ropes[local]
-            rope = apply_rope if cos.ndim == 2 else apply_rope_rows
-            return attention(rope(q, cos, sin), rope(k, cos, sin), v, self.masks[local],
-                             scale=self.scale, implementation=implementation, segment_ids=segment_ids,
+            return attention(ropes.apply(q, local), ropes.apply(k, local), v, self.masks[local],
+                             scale=self.scale, implementation=self.implementation, segments=segments,
                              mesh=self.mesh, interpret=self.interpret)
 
         if isinstance(sliding, bool):
@@ -170,14 +174,14 @@ class Attention(nnx.Module):
         """Attention with a KV cache (generation; no dropout).
 
         x `[B, T, D]` are the tokens of cache slots `slot .. slot+T-1` (`slot` an int32
-        scalar, the same for every row: rows are left-padded); ropes: `(cos, sin)`
-        `[B, T, head_dim]` at each row's own positions, for full and for sliding layers;
+        scalar, the same for every row: rows are left-padded); ropes: the RoPE tables
+        (`per_row`) at each row's own positions, for full and for sliding layers;
         cache_k/cache_v `[B, kv_heads, S, head_dim]`; masks: `[B, T, S]` bool, True where
         a query may see a key slot, for full and for sliding layers. Returns
         `(y [B, T, D], cache_k, cache_v)` with this chunk's keys and values written.
         """
         q, k, v = self._project(x, None)
-        (cos, sin), mask = _pick(sliding, ropes), _pick(sliding, masks)
+        (cos, sin), mask = _pick(sliding, (ropes.full, ropes.sliding)), _pick(sliding, masks)
         q = apply_rope_rows(q, cos, sin)
         k = apply_rope_rows(k, cos, sin)
         start = (0, 0, slot, 0)
@@ -207,7 +211,7 @@ class MLP(nnx.Module):
     def __call__(self, x: jax.Array, lora_key: jax.Array | None = None) -> jax.Array:
         cd = self.compute_dtype
 
-        def proj(t, h):
+        def proj(t: str, h: jax.Array) -> jax.Array:
             y = h @ getattr(self, f"{t}_kernel")[...].astype(cd)
             return add_delta(y, lora_delta(self, t, h, self.lora, lora_key, cd))
 
@@ -244,11 +248,11 @@ class DecoderLayer(nnx.Module):
         return self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), key))
 
     def __call__(self, x: jax.Array, ropes: Ropes, sliding: Sliding,
-                 dropout_key: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+                 dropout_key: jax.Array | None = None, segments: Segments | None = None) -> jax.Array:
         k1 = k2 = k3 = k4 = None
         if dropout_key is not None:
             k1, k2, k3, k4 = jax.random.split(dropout_key, 4)
-        a = self._attention_out(self.self_attn(self.input_layernorm(x), ropes, sliding, k3, segment_ids))
+        a = self._attention_out(self.self_attn(self.input_layernorm(x), ropes, sliding, k3, segments))
         if k1 is not None and self.dropout > 0:
             a = dropout(a, self.dropout, k1)
         x = x + a
@@ -275,11 +279,12 @@ def _remat_policy(name: str) -> Callable | None:
 
 
 def _layer_fn(remat: str, static_sliding: bool) -> Callable:
-    """`(layer, x, ropes, sliding, key, segment_ids) -> x`, rematerialised per `remat`;
+    """`(layer, x, ropes, sliding, key, segments) -> x`, rematerialised per `remat`;
     `static_sliding`: `sliding` is a Python bool (kept static through the remat)."""
 
-    def run(layer: DecoderLayer, x, ropes, sliding, key, segment_ids):
-        return layer(x, ropes, sliding, key, segment_ids)
+    def run(layer: DecoderLayer, x: jax.Array, ropes: Ropes, sliding: Sliding, key: jax.Array | None,
+            segments: Segments | None) -> jax.Array:
+        return layer(x, ropes, sliding, key, segments)
 
     if remat == "none":
         return run
@@ -299,6 +304,9 @@ class Decoder(nnx.Module):
     def __init__(self, cfg: DecoderConfig, options: ModelOptions, *, rngs: nnx.Rngs,
                  init_scale: float = 0.02, mesh: jax.sharding.Mesh | None = None):
         self.cfg = cfg
+        # the attention kernel chosen here, once, for this architecture (a UserError where
+        # the requested one cannot run it)
+        options = options.for_model(cfg)
         self.options = options
         # With a mesh, activations between layers are constrained to the batch axes
         # (`batch` rule of mmpo_jax.sharding): FSDP gathers weights, not activations.
@@ -340,12 +348,13 @@ class Decoder(nnx.Module):
         return self.lm_head[...].astype(cd)
 
     def rope(self, seq_len: int) -> Ropes:
-        """`(cos, sin)` `[T, head_dim]` for positions 0..T-1, for full then sliding layers."""
-        return self.rope_at(jnp.arange(seq_len, dtype=jnp.int32))
+        """The tables `[T, head_dim]` of positions 0..T-1, shared by every row."""
+        return self.rope_at(jnp.arange(seq_len, dtype=jnp.int32), per_row=False)
 
-    def rope_at(self, positions: jax.Array) -> Ropes:
-        """`(cos, sin)` `[*positions.shape, head_dim]` at int positions, for full then
-        sliding layers; angles in float32, cast to the compute dtype."""
+    def rope_at(self, positions: jax.Array, per_row: bool = True) -> Ropes:
+        """The tables `[*positions.shape, head_dim]` at int positions (`[B, T]` each row's
+        own with `per_row`, else `[T]`), for full and sliding layers; angles in float32,
+        cast to the compute dtype."""
         cfg, cd = self.cfg, self.options.compute_dtype
 
         def table(theta: float, scaling: dict | None) -> tuple[jax.Array, jax.Array]:
@@ -357,9 +366,8 @@ class Decoder(nnx.Module):
             return (jnp.cos(emb) * f).astype(cd), (jnp.sin(emb) * f).astype(cd)
 
         full = table(cfg.rope_theta, cfg.rope_scaling)
-        if cfg.rope_local_base_freq is None:
-            return full, full
-        return full, table(cfg.rope_local_base_freq, None)
+        local = full if cfg.rope_local_base_freq is None else table(cfg.rope_local_base_freq, None)
+        return Ropes(full, local, per_row=per_row)
 
     def _scanned_kinds(self) -> jax.Array | None:
         """The layers' kinds `[layers]` bool (sliding or not) as a scanned input, or None
@@ -370,7 +378,6 @@ class Decoder(nnx.Module):
     def _constrain(self, x: jax.Array) -> jax.Array:
         if self.mesh is None:
             return x
-        from mmpo_jax.sharding import logical_to_spec
 
         spec = logical_to_spec(("batch", "seq", "act_embed"), x.shape, self.mesh)
         return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(self.mesh, spec))
@@ -381,7 +388,6 @@ class Decoder(nnx.Module):
         if self.mesh is not None:
             # FSDP: gather the table over `fsdp` first (as XLA does for matmul weights);
             # the lookup then splits over the vocab shards without resharding activations.
-            from mmpo_jax.sharding import logical_to_spec
 
             spec = logical_to_spec(("vocab", None), table.shape, self.mesh)
             table = jax.lax.with_sharding_constraint(table, jax.sharding.NamedSharding(self.mesh, spec))
@@ -392,13 +398,13 @@ class Decoder(nnx.Module):
         return self._constrain(x)
 
     def __call__(self, input_ids: jax.Array, *, dropout_key: jax.Array | None = None,
-                 positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+                 positions: jax.Array | None = None, segments: Segments | None = None) -> jax.Array:
         """Final hidden states `[B, T, D]`; `dropout_key` turns dropout on (training).
 
-        Packed rows (`mmpo_jax.data.packing`): positions `[B, T]` int32, each token's
-        RoPE position (restarting at 0 per sequence), and segment_ids `[B, T]` int32
-        (a token attends only to earlier tokens of its own segment), or `[2, B, T]`
-        for shared-prompt rows (`mmpo_jax.models.attention.branched_segments`)."""
+        Packed rows (`mmpo_jax.data.layout`): positions `[B, T]` int32, each token's
+        RoPE position (restarting at 0 per sequence), and the layout's `segments` (a
+        token attends only to earlier tokens of its own segment; branched for
+        shared-prompt rows, `mmpo_jax.models.attention.branched_segments`)."""
         cfg, options = self.cfg, self.options
         x = self._embed(input_ids)
         ropes = self.rope(input_ids.shape[1]) if positions is None else self.rope_at(positions)
@@ -414,17 +420,19 @@ class Decoder(nnx.Module):
             @nnx.scan(in_axes=(nnx.Carry, 0, None, 0 if kinds is not None else None, 0 if use_dropout else None,
                                None),
                       out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
-            def body(h, layer, ropes, sliding, key, segments):
+            def body(h: jax.Array, layer: DecoderLayer, ropes: Ropes, sliding: Sliding | None, key: jax.Array | None,
+                     segments: Segments | None) -> jax.Array:
                 return self._constrain(layer_fn(layer, h, ropes, cfg.layer_sliding[0] if kinds is None else sliding,
                                                 key, segments))
 
-            x = body(x, self.layers, ropes, kinds, keys, segment_ids)
+            assert isinstance(self.layers, DecoderLayer)  # one module, its arrays stacked over layers
+            x = body(x, self.layers, ropes, kinds, keys, segments)
         else:
             assert isinstance(self.layers, nnx.List)
             layer_fn = _layer_fn(options.remat, static_sliding=True)
             for i, layer in enumerate(self.layers):
                 x = self._constrain(layer_fn(layer, x, ropes, cfg.layer_sliding[i],
-                                             keys[i] if keys is not None else None, segment_ids))
+                                             keys[i] if keys is not None else None, segments))
         return self._constrain(self.norm(x))
 
     def decode(self, input_ids: jax.Array, positions: jax.Array, cache: tuple[jax.Array, jax.Array],
@@ -453,11 +461,13 @@ class Decoder(nnx.Module):
 
             @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0, 0 if kinds is not None else None), out_axes=(nnx.Carry, 0),
                       transform_metadata={nnx.PARTITION_NAME: "layers"})
-            def body(h, layer, ck, cv, sliding):
-                h, ck, cv = layer.decode(h, ropes, cfg.layer_sliding[0] if kinds is None else sliding, ck, cv,
+            def body(h: jax.Array, layer: DecoderLayer, ck: jax.Array, cv: jax.Array, sliding: Sliding | None
+                     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+                h, ck, cv = layer.decode(h, ropes, cfg.layer_sliding[0] if sliding is None else sliding, ck, cv,
                                          slot, masks)
                 return self._constrain(h), (ck, cv)
 
+            assert isinstance(self.layers, DecoderLayer)  # as in `__call__`
             x, (cache_k, cache_v) = body(x, self.layers, cache_k, cache_v, kinds)
         else:
             ks, vs = [], []

@@ -17,6 +17,7 @@ from mmpo_jax.models.families import (
     Family,
     pattern_layer_types,
 )
+from mmpo_jax.models.hf_config import read_hf_config, write_hf_config
 from mmpo_jax.models.rope import rope_type as _rope_type
 
 if TYPE_CHECKING:
@@ -176,8 +177,6 @@ class DecoderConfig:
         Unsupported model types, rope types, activations and options raise a
         `UserError` naming them.
         """
-        from mmpo_jax.models.hf_config import read_hf_config
-
         return cls(**read_hf_config(d))
 
     def to_hf_dict(self) -> dict:
@@ -186,8 +185,6 @@ class DecoderConfig:
         Writes both transformers 5's `rope_parameters` and transformers 4's
         `rope_theta`/`rope_scaling`, so older readers (and vLLM) agree.
         """
-        from mmpo_jax.models.hf_config import write_hf_config
-
         return write_hf_config(self)
 
 

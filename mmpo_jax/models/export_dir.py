@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,8 +223,6 @@ def clear_leftovers(final: Path) -> list[str]:
 def _fresh_sibling(final: Path, what: str) -> Path:
     """A new directory `.<name>.<what>-<pid>-<random>` beside `final` (same filesystem:
     renames are atomic), made by us alone (mkdir fails if it exists)."""
-    import secrets
-
     path = final.parent / f".{final.name}.{what}-{os.getpid()}-{secrets.token_hex(3)}"
     path.mkdir()
     return path
@@ -313,8 +313,6 @@ def bucket_export(url: str, *, overwrite: bool = False) -> Iterator[Path]:
     try refuses it unless it is cleared. Files of the earlier export that the new one
     does not have are deleted. A copy the bucket cuts off (it stops answering, refuses a
     write) is one UserError saying so and what to do."""
-    import tempfile
-
     check_bucket_target(url, overwrite=overwrite)
     with tempfile.TemporaryDirectory(prefix="mmpo-export-") as staging:
         local = Path(staging) / "export"

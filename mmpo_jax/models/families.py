@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mmpo_jax.choices import MODEL_TYPES
+
 
 def pattern_layer_types(num_layers: int, every: int) -> tuple[str, ...]:
     """Every `every`-th layer full attention, the others sliding (Gemma's default)."""
@@ -59,7 +61,9 @@ FAMILIES: dict[str, Family] = {
     "gemma3": Family("Gemma3ForCausalLM", "gemma3_text", qk_norm=True, o_bias=True, gemma_norms=True,
                      activation="gelu_pytorch_tanh", window_pattern=6, local_rope_theta=10000.0),
 }
-SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+# the names the config checks `model.init.model_type` against, a leaf's (it imports no model)
+SUPPORTED_MODEL_TYPES = MODEL_TYPES
+assert tuple(FAMILIES) == SUPPORTED_MODEL_TYPES, "one row per mmpo_jax.choices.MODEL_TYPES, in its order"
 
 # config.json model types read as one of ours (besides our own names)
 HF_MODEL_TYPES = {"gemma3_text": "gemma3"}

@@ -23,10 +23,16 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
+import gguf
 import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf.quants import dequantize
 
+from mmpo_jax.config_schema import MODEL_DIM_LIMITS
 from mmpo_jax.errors import UserError
+from mmpo_jax.models.decoder_config import DecoderConfig
 from mmpo_jax.models.families import FAMILIES
+from mmpo_jax.models.hf_weights import hf_weight_names
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
@@ -170,8 +176,6 @@ def llama3_rope_scaling_from_factors(
 # --------------------------------------------------------------------------- #
 def _field_value(field: Any) -> Any:
     """A metadata value as Python: str, int, float, bool, or a list of those."""
-    from gguf import GGUFValueType
-
     types = list(field.types)
     if not types:
         return None
@@ -206,10 +210,6 @@ def _read_gguf(path: str, mtime_ns: int, size: int) -> tuple[Any, dict[str, Any]
     vocabulary strings for SmolLM2). The reader memory-maps the file, so keeping it
     holds no tensor data; `mtime_ns` and `size` key the cache so a rewritten file is
     read anew."""
-    try:
-        from gguf import GGUFReader
-    except ImportError as err:  # pragma: no cover - gguf is a dependency
-        raise UserError(f"reading GGUF files needs the 'gguf' package: {err}") from None
     try:
         reader = GGUFReader(path)
     except Exception as err:
@@ -346,12 +346,6 @@ class GGUFCheckpoint:
         refused), from the gguf package's tensor-name map of the architecture. Built on
         first use, after the metadata's sizes are checked: the map has one entry per
         block and tensor kind, so an absurd block count must stop before it."""
-        import gguf
-
-        from mmpo_jax.config_schema import MODEL_DIM_LIMITS
-        from mmpo_jax.models.hf_weights import hf_weight_names
-        from mmpo_jax.models.decoder_config import DecoderConfig
-
         blocks = int(self._arch("block_count") or 0)
         if not 0 < blocks <= MODEL_DIM_LIMITS["num_hidden_layers"]:
             raise UserError(f"'{self.path}': {self.architecture}.block_count={blocks} must be in "
@@ -382,9 +376,6 @@ class GGUFCheckpoint:
         return sorted(self._hf_to_gguf)
 
     def _dequantize(self, tensor: Any) -> np.ndarray:
-        from gguf import GGMLQuantizationType
-        from gguf.quants import dequantize
-
         shape = tuple(int(d) for d in reversed(list(tensor.shape)))  # ggml order is reversed
         try:
             if tensor.tensor_type == GGMLQuantizationType.BF16:
@@ -428,6 +419,7 @@ class GGUFCheckpoint:
         if model == "gpt2":
             tok = self._byte_level_bpe()
         else:
+            # lazy: transformers takes ~1 s to import, and only a GGUF's tokenizer needs it
             from transformers import PreTrainedTokenizerFast
 
             try:
@@ -449,8 +441,9 @@ class GGUFCheckpoint:
         return tokens[idx] if idx is not None and 0 <= idx < len(tokens) else None
 
     def _byte_level_bpe(self) -> Any:
+        # lazy: with transformers (see `tokenizer`); `tokenizers` is its backend
         from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-        from transformers import PreTrainedTokenizerFast
+        from transformers import PreTrainedTokenizerFast  # lazy: as the line above
 
         tokens: list[str] = self.metadata["tokenizer.ggml.tokens"]
         types = self.metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)

@@ -13,9 +13,11 @@ import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Iterable
 
+import ml_dtypes
 import numpy as np
 
 from mmpo_jax.errors import UserError
+from mmpo_jax.models.hf_weights import iter_hf_weights
 from mmpo_jax.models.pretrained import (
     CONFIG_FILE,
     DEFAULT_MAX_SHARD_BYTES,
@@ -25,6 +27,7 @@ from mmpo_jax.models.pretrained import (
 from mmpo_jax.models.export_dir import export_directory
 
 if TYPE_CHECKING:
+    from mmpo_jax.data.tokenizer_protocol import Tokenizer
     from mmpo_jax.models.decoder import Decoder
     from mmpo_jax.models.decoder_config import DecoderConfig
 
@@ -38,7 +41,6 @@ _NP_TO_ST = {
 def _st_code(dtype: np.dtype) -> str:
     if dtype in _NP_TO_ST:
         return _NP_TO_ST[dtype]
-    import ml_dtypes
 
     if dtype == np.dtype(ml_dtypes.bfloat16):
         return "BF16"
@@ -110,7 +112,7 @@ class _ShardWriter:
 def export_hf(
     model: Decoder,
     cfg: DecoderConfig,
-    tokenizer: Any,
+    tokenizer: Tokenizer | None,
     out_dir: str | os.PathLike,
     *,
     dtype: str = "float32",
@@ -131,8 +133,6 @@ def export_hf(
     (`export_directory`, which adds `mmpo_export.json`, with `about` in it), so a failure
     leaves `out_dir` as it was.
     """
-    from mmpo_jax.models.hf_weights import iter_hf_weights
-
     _np_dtype(dtype)  # an unknown dtype is refused before anything is created
     with export_directory(out_dir, kind="hf", overwrite=overwrite, about={"dtype": dtype, **(about or {})}) as out:
         write_hf_files(out, cfg, tokenizer, weights if weights is not None else iter_hf_weights(model),
@@ -143,7 +143,7 @@ def export_hf(
 def write_hf_files(
     out: Path,
     cfg: DecoderConfig,
-    tokenizer: Any,
+    tokenizer: Tokenizer | None,
     weights: Iterable[tuple[str, np.ndarray]],
     *,
     dtype: str = "float32",
@@ -180,7 +180,5 @@ def _np_dtype(dtype: str) -> np.dtype:
     if dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"export dtype '{dtype}' is not supported; choose float32, bfloat16 or float16")
     if dtype == "bfloat16":
-        import ml_dtypes
-
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(dtype)

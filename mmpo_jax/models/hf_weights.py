@@ -12,10 +12,14 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from mmpo_jax.models.decoder import Decoder
 from mmpo_jax.models.decoder_config import DecoderConfig
 from mmpo_jax.models.lora import merge_lora
+
+# one tensor's layout change: transformers' to ours, or back
+Relayout = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -30,34 +34,40 @@ class HFTensor:
     # transformers' shape
     hf_shape: tuple[int, ...]
     # to_ours(np hf array) -> our layout; to_hf(np ours) -> hf layout
-    to_ours: Callable[[np.ndarray], np.ndarray] = field(compare=False, default=lambda a: a)
-    to_hf: Callable[[np.ndarray], np.ndarray] = field(compare=False, default=lambda a: a)
+    to_ours: Relayout = field(compare=False, default=lambda a: a)
+    to_hf: Relayout = field(compare=False, default=lambda a: a)
 
 
-def _linear_in_out(out_shape: tuple[int, ...], in_dim: int):
+def _linear_in_out(out_shape: tuple[int, ...], in_dim: int) -> tuple[Relayout, Relayout]:
     """torch [out, in] <-> ours [in, *out_shape]."""
-    def to_ours(a):
+    def to_ours(a: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(a.T).reshape((in_dim, *out_shape))
 
-    def to_hf(a):
+    def to_hf(a: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(a.reshape(in_dim, -1).T)
 
     return to_ours, to_hf
 
 
-def _o_proj(h: int, hd: int, d: int):
+def _o_proj(h: int, hd: int, d: int) -> tuple[Relayout, Relayout]:
     """torch o_proj [d, h*hd] <-> ours [h, hd, d]."""
-    def to_ours(a):
+    def to_ours(a: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(a.T).reshape(h, hd, d)
 
-    def to_hf(a):
+    def to_hf(a: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(a.reshape(h * hd, d).T)
 
     return to_ours, to_hf
 
 
-def _reshape(shape: tuple[int, ...], hf_shape: tuple[int, ...]):
-    return (lambda a: a.reshape(shape)), (lambda a: a.reshape(hf_shape))
+def _reshape(shape: tuple[int, ...], hf_shape: tuple[int, ...]) -> tuple[Relayout, Relayout]:
+    def to_ours(a: np.ndarray) -> np.ndarray:
+        return a.reshape(shape)
+
+    def to_hf(a: np.ndarray) -> np.ndarray:
+        return a.reshape(hf_shape)
+
+    return to_ours, to_hf
 
 
 def _tensor_table(cfg: DecoderConfig) -> list[HFTensor]:
@@ -170,8 +180,6 @@ def iter_hf_weights(model: Decoder) -> Iterator[tuple[str, np.ndarray]]:
         if layer is not None and scan:
             value = value[layer]
         if isinstance(value, jax.Array) and not value.is_fully_addressable:
-            from jax.experimental import multihost_utils
-
             value = multihost_utils.process_allgather(value, tiled=True)
         return np.asarray(jax.device_get(value)).astype(np.float32)
 

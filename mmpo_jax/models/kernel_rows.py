@@ -16,6 +16,9 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from mmpo_jax.sharding import BATCH_AXES
 
 Kernel = Callable[[jax.Array, jax.Array, jax.Array, "jax.Array | None"], jax.Array]
 
@@ -40,9 +43,6 @@ def per_device(kernel: Kernel, q: jax.Array, k: jax.Array, v: jax.Array, segment
     directly, without one); q `[B, T, N, H]`, k/v `[B, T, K, H]`, segment_ids `[B, T]`."""
     if mesh is None:
         return kernel(q, k, v, segment_ids)
-    from jax.sharding import PartitionSpec as P
-
-    from mmpo_jax.sharding import BATCH_AXES
 
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     rows = BATCH_AXES if q.shape[0] % batch_shards == 0 else None

@@ -20,11 +20,21 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
+import jax
 import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from safetensors.numpy import save_file
 
+from mmpo_jax import storage
 from mmpo_jax.errors import UserError
+from mmpo_jax.models.export_dir import export_directory
+from mmpo_jax.models.hf_export import write_hf_files
+from mmpo_jax.models.hf_weights import iter_hf_weights
+from mmpo_jax.paths import resolve
 
 if TYPE_CHECKING:
+    from mmpo_jax.data.tokenizer_protocol import Tokenizer
     from mmpo_jax.models.decoder import Decoder
 
 MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
@@ -37,8 +47,6 @@ BASE_DIR = "base"
 
 def iter_peft_weights(model: Decoder) -> Iterator[tuple[str, np.ndarray]]:
     """`(peft_name, float32 [torch layout])` of every adapter matrix, layer by layer."""
-    from flax import nnx
-
     lora = model.options.lora
     if lora is None:
         raise UserError("the run has no LoRA adapters (model.lora.rank is 0); export the full model instead")
@@ -67,9 +75,6 @@ def peft_base_name(model_path: str) -> str | None:
     chose them). A GGUF file, local, in a package or on the hub, loads only with
     `gguf_file=`, which PEFT never passes; transformers reads no gs:// URL.
     """
-    from mmpo_jax import storage
-    from mmpo_jax.paths import resolve
-
     if storage.is_url(model_path):
         return None
     text = resolve(model_path)
@@ -85,10 +90,6 @@ def iter_base_hf_weights(model: Decoder) -> Iterator[tuple[str, np.ndarray]]:
     """`iter_hf_weights` of the base that `model`'s adapters apply to: its weights as loaded,
     the adapters not merged in (they are frozen in a LoRA run, so these are the base
     exactly, in the parameter dtype the adapters were trained against)."""
-    from flax import nnx
-
-    from mmpo_jax.models.hf_weights import iter_hf_weights
-
     # A second module over the same arrays (no copy) that reads as having no adapters:
     # iter_hf_weights merges whatever `options.lora` names.
     base = nnx.merge(*nnx.split(model))
@@ -97,12 +98,8 @@ def iter_base_hf_weights(model: Decoder) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def _value(var: Any) -> Any:
-    import jax
-
     value = var.get_value() if hasattr(var, "get_value") else var.value
     if isinstance(value, jax.Array) and not value.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
         value = multihost_utils.process_allgather(value, tiled=True)
     return jax.device_get(value)
 
@@ -111,7 +108,7 @@ def export_peft_adapter(
     model: Decoder,
     out_dir: str | os.PathLike,
     base_model: str,
-    tokenizer: Any = None,
+    tokenizer: Tokenizer | None = None,
     *,
     base_dtype: str | None = None,
     overwrite: bool = False,
@@ -127,8 +124,6 @@ def export_peft_adapter(
     is written beside it and renamed into place (`checkpoints.export_directory`), so a
     failure leaves `out_dir` as it was and no file of anyone else's is ever touched.
     """
-    from mmpo_jax.models.export_dir import export_directory
-
     lora = model.options.lora
     tensors = dict(iter_peft_weights(model))
     if base_dtype is not None:
@@ -136,16 +131,12 @@ def export_peft_adapter(
     with export_directory(out_dir, kind="peft_adapter", overwrite=overwrite, about=about) as out:
         _write_adapter(out, tensors, lora, base_model, tokenizer)
         if base_dtype is not None:
-            from mmpo_jax.models.hf_export import write_hf_files
-
             write_hf_files(out / BASE_DIR, model.cfg, tokenizer, iter_base_hf_weights(model), dtype=base_dtype)
     return Path(out_dir)
 
 
-def _write_adapter(out: Path, tensors: dict[str, np.ndarray], lora: Any, base_model: str, tokenizer: Any) -> None:
+def _write_adapter(out: Path, tensors: dict[str, np.ndarray], lora: Any, base_model: str, tokenizer: Tokenizer | None) -> None:
     """The adapter's files, into the (temporary) directory `out`."""
-    from safetensors.numpy import save_file
-
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {
         "peft_type": "LORA",

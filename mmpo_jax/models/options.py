@@ -5,17 +5,20 @@ checkpoint."""
 from __future__ import annotations
 
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import jax
 import jax.numpy as jnp
 
 from mmpo_jax.config_schema import LORA_TARGETS, ModelConfig
+from mmpo_jax.config_settle import settled_compute_dtype
 from mmpo_jax.errors import UserError
+from mmpo_jax.models.kernels import KERNELS, KernelChoice, KernelName, Needs, choose_kernel
 
 if TYPE_CHECKING:
     from mmpo_jax.config_schema import LoraConfig
+    from mmpo_jax.models.decoder_config import DecoderConfig
 
 # the `model` section's choices, read from its declaration
 REMAT_CHOICES: tuple[str, ...] = typing.get_args(typing.get_type_hints(ModelConfig)["remat"])
@@ -63,10 +66,10 @@ class ModelOptions:
     - `compute_dtype`: dtype of matmuls and activations (parameters are cast to it in
       the forward). RMSNorm statistics, RoPE angles and attention softmax are float32
       internally; the log-softmax over the vocabulary (`mmpo_jax.logprobs`) is float32.
-    - `attention`: 'xla' (`jax.nn.dot_product_attention(implementation='xla')`),
-      'cudnn' (cuDNN flash attention: GPU, bf16/fp16 only), 'auto' (cudnn on GPU with a
-      bf16/fp16 compute dtype and a head_dim cuDNN takes, and no attention soft-cap;
-      else xla).
+    - `attention`: the kernel asked for, `model.attention`: 'auto', 'xla', 'cudnn',
+      'splash', 'pallas_gpu' (`mmpo_jax.models.kernels.KERNELS` says what each takes).
+      `auto`: splash on TPU; on GPU cuDNN with a bf16/fp16 compute dtype, a head_dim up
+      to 128 and neither an attention soft-cap nor segment ids; else xla.
     - `scan_layers`: the layers' weights are stacked on a leading `layers` axis and run
       with `nnx.scan`, so compile time does not grow with depth.
     - `remat`: per-layer rematerialisation in the backward pass:
@@ -76,6 +79,12 @@ class ModelOptions:
     - `dropout`: rate on the attention and MLP outputs (the residual branches); only
       applied when `Decoder.__call__` gets a `dropout_key`.
     - `lora`: LoRA adapters on some projections (None = none); see the module docstring.
+    - `backend`: the backend `auto` choices are settled for ("cpu", "gpu", "tpu"; None:
+      this process's); `segments`: the batch layout hands the model segment ids (packed
+      rows), which not every kernel takes.
+    - `kernel`: the attention kernel the model runs, chosen once for its architecture
+      (`for_model`, which the decoder applies when it is built); None until then. It is
+      static in the model's graphdef, so nothing switches kernels at trace time.
 
     Frozen: change a copy with `dataclasses.replace(options, remat="full")`.
     """
@@ -87,8 +96,9 @@ class ModelOptions:
     remat: Literal["none", "full", "dots"] = "none"
     dropout: float = 0.0
     lora: LoraOptions | None = None
-    # the backend `auto` choices are settled for ("cpu", "gpu", "tpu"); None: this process's
     backend: str | None = None
+    segments: bool = False
+    kernel: KernelName | None = None
 
     def __post_init__(self) -> None:
         # frozen (hashable: it is static in the model's graphdef); normalise dtypes
@@ -100,6 +110,8 @@ class ModelOptions:
                 f"attention '{self.attention}' is not supported; choose one of "
                 f"{', '.join(ATTENTION_CHOICES)}"
             )
+        if self.kernel is not None and self.kernel not in KERNELS:
+            raise ValueError(f"kernel {self.kernel!r}: one of {', '.join(KERNELS)}")
         if self.remat not in REMAT_CHOICES:
             raise UserError(
                 f"remat '{self.remat}' is not supported; choose one of {', '.join(REMAT_CHOICES)}"
@@ -108,23 +120,23 @@ class ModelOptions:
             raise UserError(f"dropout={self.dropout} must be in [0, 1)")
 
     @classmethod
-    def from_config(cls, model_cfg: ModelConfig, backend: str | None = None) -> "ModelOptions":
+    def from_config(cls, model_cfg: ModelConfig, backend: str | None = None,
+                    segments: bool = False) -> "ModelOptions":
         """From the `model` config section (`mmpo_jax.config_schema.ModelConfig`), its `auto`
         settled for `backend` ("cpu", "gpu", "tpu"; None: this process's JAX backend),
-        so an ahead-of-time compile for a TPU resolves as a TPU run does."""
+        so an ahead-of-time compile for a TPU resolves as a TPU run does; `segments`: the
+        run's batch layout hands the model segment ids (packed rows)."""
         backend = jax.default_backend() if backend is None else backend
-        compute = model_cfg.compute_dtype
-        if compute == "auto":
-            compute = "float32" if backend == "cpu" else "bfloat16"
         return cls(
             param_dtype=model_cfg.param_dtype,
-            compute_dtype=compute,
+            compute_dtype=settled_compute_dtype(model_cfg.compute_dtype, backend),
             attention=model_cfg.attention,
             scan_layers=model_cfg.scan_layers,
             remat=model_cfg.remat,
             dropout=model_cfg.dropout,
             lora=lora_options(model_cfg.lora),
             backend=backend,
+            segments=segments,
         )
 
     @property
@@ -135,49 +147,38 @@ class ModelOptions:
     def interprets(self, implementation: str) -> bool:
         """Whether a Pallas kernel runs in interpret mode: off the backend it is written
         for (splash: TPU, pallas_gpu: GPU), exact and slow, as the tests run it."""
-        return {"splash": self.target != "tpu", "pallas_gpu": self.target != "gpu"}.get(implementation, False)
+        return KERNELS[implementation].interprets(self.target)
 
     @property
     def uses_dropout(self) -> bool:
         """Whether training draws dropout masks (residual or LoRA dropout)."""
         return self.dropout > 0 or (self.lora is not None and self.lora.dropout > 0)
 
-    def attention_implementation(self, head_dim: int, soft_cap: bool = False, sliding_window: bool = False
-                                 ) -> Literal["xla", "cudnn", "splash", "pallas_gpu"]:
-        """The attention kernel: 'xla' or 'cudnn' (`jax.nn.dot_product_attention`'s),
-        'splash' (the Pallas TPU kernel, `mmpo_jax.models.splash`; `auto` on TPU) or
-        'pallas_gpu' (the Pallas GPU kernel, `mmpo_jax.models.pallas_gpu`; opt-in).
+    def attention_choice(self, head_dim: int, soft_cap: bool = False, sliding_window: bool = False
+                         ) -> KernelChoice:
+        """The kernel `attention` settles on for a model of `head_dim` (`soft_cap`: it caps
+        its attention scores, Gemma 2; `sliding_window`: some layers attend within a
+        window) on `target` with this layout (`segments`), and `auto`'s reason; a
+        `UserError` naming the keys and the fix where the requested kernel cannot run
+        (`mmpo_jax.models.kernels.choose_kernel`)."""
+        needs = Needs(jnp.dtype(self.compute_dtype).name, self.segments, head_dim, soft_cap, sliding_window)
+        return choose_kernel(self.attention, needs, self.target)
 
-        `soft_cap`: the model caps its attention scores (Gemma 2), which
-        `jax.nn.dot_product_attention` has no argument for: `auto` is then splash on TPU,
-        else xla (the explicit-scores path), and `cudnn` a `UserError`. `sliding_window`:
-        some layers attend within a window, which the Pallas GPU kernel does not take."""
-        backend = self.target
-        if soft_cap and self.attention == "cudnn":
-            raise UserError("model.attention=cudnn: cuDNN attention takes no attention logit soft-cap "
-                            "(Gemma 2's attn_logit_softcapping); set model.attention to auto or xla")
-        if self.attention == "splash" and backend == "gpu":
-            raise UserError("model.attention=splash is a TPU kernel (on a GPU it would run in Pallas "
-                            "interpret mode, far too slow); set model.attention to auto, pallas_gpu, "
-                            "cudnn or xla")
-        if self.attention == "pallas_gpu":
-            if backend == "tpu":
-                raise UserError("model.attention=pallas_gpu is a GPU (Triton) kernel; on TPU set "
-                                "model.attention to auto or splash")
-            if soft_cap or sliding_window:
-                what = "an attention logit soft-cap" if soft_cap else "a sliding window"
-                raise UserError(f"model.attention=pallas_gpu: the Pallas GPU kernel takes no {what} "
-                                f"(this model has one); set model.attention to auto or xla")
-        if self.attention != "auto":
-            return self.attention
-        if backend == "tpu":
-            return "splash"
-        if soft_cap:
-            return "xla"
-        low_precision = jnp.dtype(self.compute_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-        if backend == "gpu" and low_precision and head_dim % 8 == 0 and head_dim <= 128:
-            return "cudnn"
-        return "xla"
+    def attention_implementation(self, head_dim: int, soft_cap: bool = False, sliding_window: bool = False
+                                 ) -> KernelName:
+        """The kernel alone of `attention_choice`: 'xla' or 'cudnn'
+        (`jax.nn.dot_product_attention`'s), 'splash' (`mmpo_jax.models.splash`) or
+        'pallas_gpu' (`mmpo_jax.models.pallas_gpu`)."""
+        return self.attention_choice(head_dim, soft_cap, sliding_window).kernel
+
+    def model_choice(self, arch: DecoderConfig) -> KernelChoice:
+        """`attention_choice` for the architecture `arch`."""
+        return self.attention_choice(arch.head_dim, soft_cap=arch.attn_logit_softcapping is not None,
+                                     sliding_window=arch.sliding_window is not None)
+
+    def for_model(self, arch: DecoderConfig) -> "ModelOptions":
+        """These options with `kernel` chosen for `arch` (the same again when it is set)."""
+        return replace(self, kernel=self.model_choice(arch).kernel)
 
 
 def lora_options(lora_cfg: LoraConfig | None) -> LoraOptions | None:

@@ -5,8 +5,8 @@ fused attention here that takes segment ids: packed rows on a GPU without a dens
 
 The kernel is causal and masks other segments' keys inside the blocks it computes; it
 takes neither a sliding window nor a logit soft-cap, so Mistral's window and Gemma 2's
-cap are refused (`ModelOptions.attention_implementation`). It has one kv head per query
-head: grouped-query k and v are repeated to the query heads on each device (their
+cap are refused at build time (its row of `mmpo_jax.models.kernels.KERNELS`). It has one
+kv head per query head: grouped-query k and v are repeated to the query heads on each device (their
 gradients sum back through the repeat). Scores are scaled by the kernel.
 
 Its row length must be a multiple of its block: rows are padded up to a multiple of
@@ -18,6 +18,7 @@ for tests.
 from __future__ import annotations
 
 from functools import partial
+from types import ModuleType
 from typing import Any
 
 import jax
@@ -26,18 +27,25 @@ import jax.numpy as jnp
 from mmpo_jax.errors import UserError
 from mmpo_jax.models.kernel_rows import pad_rows, per_device
 
+_MHA: ModuleType | None
+_MHA_MISSING: ImportError | None = None
+try:
+    from jax.experimental.pallas.ops.gpu import attention as _gpu_attention
+
+    _MHA = _gpu_attention
+except ImportError as err:  # told when the kernel is asked for (`_mha`), not at import
+    _MHA, _MHA_MISSING = None, err
+
 BLOCK = 128  # the kernel's forward query and key blocks (its default); rows pad to a multiple
 
 
 def _mha() -> Any:
     """The kernel, or a `UserError` naming the way out where this JAX lacks it."""
-    try:
-        from jax.experimental.pallas.ops.gpu import attention
-    except ImportError as err:  # an older or trimmed JAX: say so rather than fall back quietly
+    if _MHA is None:  # an older or trimmed JAX: say so rather than fall back quietly
         raise UserError(f"model.attention=pallas_gpu needs jax.experimental.pallas.ops.gpu.attention, "
-                        f"which this JAX {jax.__version__} cannot import ({err}); set model.attention "
-                        f"to auto or xla") from err
-    return attention
+                        f"which this JAX {jax.__version__} cannot import ({_MHA_MISSING}); set model.attention "
+                        f"to auto or xla") from _MHA_MISSING
+    return _MHA
 
 
 def _local(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, *, scale: float,

@@ -32,19 +32,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+import ml_dtypes
 import numpy as np
+from safetensors import safe_open
 
+from mmpo_jax import storage
+from mmpo_jax.config_schema import MODEL_DIM_LIMITS, model_dims_problem
 from mmpo_jax.errors import UserError, first_line
+from mmpo_jax.models.build import build_model
+from mmpo_jax.models.decoder_config import DecoderConfig
 from mmpo_jax.models.families import TEXT_TOWERS
+from mmpo_jax.models.gguf import GGUFCheckpoint
 from mmpo_jax.models.hf_config import text_config
+from mmpo_jax.models.hf_weights import hf_weight_names
+from mmpo_jax.models.options import ModelOptions
 from mmpo_jax.models.safetensors_header import SafetensorsHeader, read_header
+from mmpo_jax.paths import resolve
 
 if TYPE_CHECKING:
     import jax
 
     from mmpo_jax.models.decoder import Decoder
-    from mmpo_jax.models.decoder_config import DecoderConfig
-    from mmpo_jax.models.options import ModelOptions
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -113,9 +121,6 @@ def open_checkpoint(path_or_hub_id: str | os.PathLike) -> CheckpointSource:
 
 def resolve_checkpoint_path(path_or_hub_id: str | os.PathLike) -> Path:
     """A local path for a local path, or the downloaded snapshot for a hub id."""
-    from mmpo_jax import storage
-    from mmpo_jax.paths import resolve
-
     text = storage.fetched(resolve(os.fspath(path_or_hub_id)), "the model")
     if not text:
         raise UserError("no model path given; pass an HF directory, a .gguf file or a hub id")
@@ -148,9 +153,9 @@ def _hub_download_or_explain(text: str, local: Path, repo_id: str, filename: str
 
 def _hub_download(repo_id: str, filename: str | None = None) -> Path:
     """Downloads (or finds in the HF cache) a hub model; errors say what to do instead."""
-    try:
+    try:  # lazy: only a hub id needs it, and the message below says what to install without it
         import huggingface_hub
-        from huggingface_hub import errors as hf_errors
+        from huggingface_hub import errors as hf_errors  # lazy: as the line above
     except ImportError:  # pragma: no cover - a transformers dependency
         raise UserError(
             f"'{repo_id}' is not a local path, and downloading from the hub needs huggingface_hub"
@@ -201,8 +206,6 @@ def _hub_download(repo_id: str, filename: str | None = None) -> Path:
 
 # ------------------------------------------------------------------- GGUF ---
 def _open_gguf(path: Path) -> CheckpointSource:
-    from mmpo_jax.models.gguf import GGUFCheckpoint
-
     ckpt = GGUFCheckpoint(path)
     try:
         hf_config = ckpt.hf_config()
@@ -253,8 +256,6 @@ def check_hf_dims(hf_config: dict[str, Any], where: str, names: dict[str, str] |
     built, so a bad file fails at once instead of in a JAX traceback or a hang.
     `names` maps a key to how the file calls it (GGUF metadata keys).
     """
-    from mmpo_jax.config_schema import MODEL_DIM_LIMITS, model_dims_problem
-
     dims: dict[str, Any] = {key: hf_config.get(key) for key in MODEL_DIM_LIMITS}
     # `DecoderConfig.from_hf_dict` reads 0 / null for these as "not given" (`or` a derived value).
     for key in ("num_key_value_heads", "head_dim"):
@@ -294,8 +295,6 @@ _ST_DTYPES = {
 
 
 def _ml_dtype(code: str) -> Any:
-    import ml_dtypes
-
     table = {
         "BF16": ml_dtypes.bfloat16,
         "F8_E4M3": ml_dtypes.float8_e4m3fn,
@@ -364,8 +363,6 @@ class SafetensorsReader:
         info = header.tensors[name]
         try:
             if info.dtype in _ST_DTYPES:
-                from safetensors import safe_open
-
                 if path not in self._handles:
                     self._handles[path] = safe_open(str(path), framework="numpy")
                 return self._handles[path].get_tensor(name)
@@ -390,7 +387,7 @@ class TorchBinReader:
 
     @classmethod
     def from_dir(cls, directory: Path) -> "TorchBinReader":
-        try:
+        try:  # lazy: torch is optional (as every torch import here), needed only for .bin weights
             import torch  # noqa: F401
         except ImportError:
             raise UserError(
@@ -410,7 +407,7 @@ class TorchBinReader:
 
     @staticmethod
     def _load(path: Path) -> Any:
-        import torch
+        import torch  # lazy: optional (see `from_dir`)
 
         try:
             return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
@@ -421,15 +418,13 @@ class TorchBinReader:
         return set(self.files)
 
     def get(self, name: str) -> np.ndarray:
-        import torch
+        import torch  # lazy: optional (see `from_dir`)
 
         path = self.files[name]  # KeyError when absent
         if path not in self._loaded:
             self._loaded = {path: self._load(path)}  # one shard open at a time
         t = self._loaded[path][name]
         if t.dtype == torch.bfloat16:
-            import ml_dtypes
-
             return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return t.numpy()
 
@@ -492,7 +487,7 @@ def load_hf_tokenizer(directory: str | os.PathLike) -> Any:
     directory = Path(directory)
     if not any((directory / f).is_file() for f in TOKENIZER_FILES):
         return None
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: transformers takes ~1 s to import; only a tokenizer needs it
 
     try:
         return AutoTokenizer.from_pretrained(str(directory))
@@ -548,10 +543,6 @@ def load_checkpoint(
     Raises `UserError` for a bad path, an unsupported architecture, or a missing or
     misshaped tensor, saying what to fix.
     """
-    from mmpo_jax.models.build import build_model
-    from mmpo_jax.models.decoder_config import DecoderConfig
-    from mmpo_jax.models.options import ModelOptions
-
     source = open_checkpoint(path_or_hub_id)
     try:
         cfg = DecoderConfig.from_hf_dict(source.hf_config)
@@ -575,8 +566,6 @@ def load_checkpoint(
 
 def check_tensors(source: CheckpointSource, cfg: DecoderConfig) -> None:
     """Every tensor the architecture needs is in the checkpoint, or a UserError listing those missing."""
-    from mmpo_jax.models.hf_weights import hf_weight_names
-
     missing = [n for n in hf_weight_names(cfg) if n not in source.names]
     if missing:
         shown = ", ".join(missing[:6]) + (f" ... ({len(missing)} in all)" if len(missing) > 6 else "")

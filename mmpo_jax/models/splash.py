@@ -16,11 +16,13 @@ interpret mode: exact, slow, for tests.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
 from mmpo_jax.models.kernel_rows import pad_rows, per_device
 
@@ -39,9 +41,7 @@ def block_size(length: int) -> int:
     raise ValueError(f"length {length} is not a multiple of {BLOCK}")
 
 
-def _kernel(spec: MaskSpec, length: int, group: int, interpret: bool):
-    from jax.experimental.pallas.ops.tpu import splash_attention as sa
-
+def _kernel(spec: MaskSpec, length: int, group: int, interpret: bool) -> Callable[..., jax.Array]:
     one: sa.Mask
     if spec.sliding_window is not None:
         one = sa.LocalMask((length, length), window_size=(spec.sliding_window - 1, 0), offset=0)
@@ -61,8 +61,6 @@ def _kernel(spec: MaskSpec, length: int, group: int, interpret: bool):
 def _local(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, *, spec: MaskSpec,
            scale: float, interpret: bool) -> jax.Array:
     """Splash attention on one device's rows: q `[B, T, N, H]`, k/v `[B, T, K, H]`."""
-    from jax.experimental.pallas.ops.tpu import splash_attention as sa
-
     t = q.shape[1]
     q, k, v, segment_ids = pad_rows(q, k, v, segment_ids, BLOCK)
     b, padded, n, h = q.shape
@@ -72,7 +70,7 @@ def _local(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | No
     qg = (q * jnp.asarray(scale, q.dtype)).reshape(b, padded, kv, n // kv, h).transpose(0, 2, 3, 1, 4)
     kk, vv = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
-    def row(qr, kr, vr, seg):
+    def row(qr: jax.Array, kr: jax.Array, vr: jax.Array, seg: jax.Array | None) -> jax.Array:
         segments = None if seg is None else sa.SegmentIds(q=seg, kv=seg)
         return jax.vmap(lambda qh, kh, vh: kernel(qh, kh, vh, segment_ids=segments))(qr, kr, vr)
 

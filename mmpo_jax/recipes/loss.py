@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, NoReturn
 
 from mmpo_jax.errors import UserError
-from mmpo_jax.losses.registry import CPO_LOSS_TYPES, DPO_LOSS_TYPES, LOSSES
+from mmpo_jax.losses.declarations import CPO_LOSS_TYPES, DPO_LOSS_TYPES, DECLARATIONS as LOSSES
 from mmpo_jax.recipes.part import Part, Recipe, config_rule
 from mmpo_jax.recipes.reading import as_bool, as_float, is_off
 from mmpo_jax.recipes.render import flow_yaml

@@ -125,9 +125,8 @@ def config_rule(path: str, value: Any, **others: Any) -> str | None:
         section, depth = hint, depth + 1
     prefix, key, entry = ".".join(names[:depth]), names[depth], names[depth + 1 :]
     # a deeper path names an entry of a mapping key (the source of data.mixture)
+    # unsettled, as config_from_dict validates what was written (an unset key is its default)
     node = section(**others, **{key: {".".join(entry): value} if entry else value})
-    if hasattr(node, "settled"):
-        node = node.settled()  # as config_from_dict settles a section before validating it
     try:
         node.validate(prefix)
     except ConfigError as err:

@@ -8,13 +8,24 @@ from __future__ import annotations
 
 import contextlib
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from mmpo_jax.data.tokenizers import tokenizer_of
 from mmpo_jax.errors import UserError, first_line
+from mmpo_jax.logprobs import model_token_logps
+from mmpo_jax.models.hf_export import export_hf
+from mmpo_jax.models.hf_weights import iter_hf_weights
+from mmpo_jax.models.options import ModelOptions
+from mmpo_jax.models.pretrained import load_checkpoint, open_checkpoint
+from mmpo_jax.train.run_restore import restore_inference
 
 if TYPE_CHECKING:
     from mmpo_jax.models.decoder import Decoder
@@ -223,18 +234,12 @@ def build_batch(args: ModelComparison, tokenizer: Any, vocab_size: int, pad_id: 
 def ours_logps(model: Decoder, batch: Batch, chunk: int, grads: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Per-token log-probs `[B, T]` (aligned with the ids) and, with `grads`, the
     gradient of the summed completion log-probs per transformers tensor name."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from mmpo_jax.logprobs import model_token_logps
-    from mmpo_jax.models.hf_weights import iter_hf_weights
-
     ids = jnp.asarray(batch.ids)
     completion = jnp.asarray(batch.completion)
 
-    def total(m):
+    def total(m: Decoder) -> tuple[jax.Array, jax.Array]:
         lp = model_token_logps(m, ids, chunk=chunk)
+        assert not isinstance(lp, tuple)  # no entropy asked for: the log-probs alone
         return jnp.sum(jnp.where(completion, lp, 0.0)), lp
 
     with jax.default_matmul_precision("highest"):
@@ -251,6 +256,7 @@ def ours_logps(model: Decoder, batch: Batch, chunk: int, grads: bool) -> tuple[n
 def load_torch_model(source: Any, dtype: str = "float32") -> Any:
     """transformers' model of the checkpoint, float32 (or float64), eager attention, CPU."""
     try:
+        # lazy: torch and transformers are optional (the `torch` extra), needed only here
         import torch
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
@@ -280,7 +286,7 @@ def load_torch_model(source: Any, dtype: str = "float32") -> Any:
 
 
 def torch_logps(model: Any, batch: Batch, grads: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    import torch
+    import torch  # lazy: optional (the `torch` extra); `load_torch_model` has checked it is there
 
     ids = torch.as_tensor(batch.ids, dtype=torch.long)
     valid_tok = torch.zeros_like(ids)
@@ -306,9 +312,6 @@ def torch_logps(model: Any, batch: Batch, grads: bool) -> tuple[np.ndarray, dict
 
 def compare(args: ModelComparison) -> dict[str, Any]:
     """Runs the comparison; returns the JSON-able result."""
-    from mmpo_jax.models.pretrained import load_checkpoint, open_checkpoint
-    from mmpo_jax.models.options import ModelOptions
-
     if args.max_examples < 1 or args.max_length < 2 or args.chunk < 1:
         raise UserError("--max-examples must be >= 1, --max-length >= 2 and --chunk >= 1")
     if args.data and not Path(args.data).is_file():
@@ -339,14 +342,7 @@ def is_run_dir(path: str) -> bool:
 def _run_dir_and_export(run_dir: str, stack: contextlib.ExitStack) -> tuple[Any, Any, Any, Any]:
     """Our policy of the run's latest checkpoint (float32, LoRA adapters as they are), and its
     `mmpo-jax export` in a temporary directory, which transformers loads on the other side."""
-    import tempfile
-
-    from mmpo_jax.data.tokenizers import tokenizer_of
-    from mmpo_jax.models.pretrained import open_checkpoint
-    from mmpo_jax.models.hf_export import export_hf
-    from mmpo_jax.train.loop import restore_run
-
-    trainer, _ = restore_run(run_dir, ["model.compute_dtype=float32", "model.attention=xla"])
+    trainer, _ = restore_inference(run_dir, ["model.compute_dtype=float32", "model.attention=xla"])
     if trainer.cfg.model.param_dtype != "float32":
         raise UserError(f"{run_dir}: compare reads float32 runs (model.param_dtype={trainer.cfg.model.param_dtype})")
     model = trainer.sdef.policy(trainer.state)
@@ -357,8 +353,6 @@ def _run_dir_and_export(run_dir: str, stack: contextlib.ExitStack) -> tuple[Any,
 
 
 def _compare_loaded(args: ModelComparison, model: Decoder, cfg: DecoderConfig, tokenizer: Any, source: Any) -> dict[str, Any]:
-    import jax
-
     pad_id = cfg.pad_token_id if isinstance(cfg.pad_token_id, int) and 0 <= cfg.pad_token_id < cfg.vocab_size else 0
     batch, notes = build_batch(args, tokenizer, cfg.vocab_size, pad_id)
     if source.kind == "gguf" and cfg.rope_type == "llama3":

@@ -17,9 +17,22 @@ import dataclasses
 import tempfile
 from typing import TYPE_CHECKING, Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from mmpo_jax.config import load_config
+from mmpo_jax.data.batches import train_batches
+from mmpo_jax.data.layout import device_batch
 from mmpo_jax.errors import UserError
+from mmpo_jax.models.hf_export import export_hf
+from mmpo_jax.models.hf_weights import iter_hf_weights
+from mmpo_jax.models.lora_export import iter_peft_weights
+from mmpo_jax.train.run_config import with_run_length
+from mmpo_jax.train.run_data import attach_reference_tables, load_data
+from mmpo_jax.train.setup import build_trainer, check_vocab, run_reference
+from mmpo_jax.train.step import loss_and_grads
 
 if TYPE_CHECKING:
     from mmpo_jax.models.decoder import Decoder
@@ -46,9 +59,6 @@ def _float32_no_dropout_note(cfg: RunConfig) -> str | None:
 
 def _perturb_lora_b(trainer: Trainer, std: float, seed: int) -> None:
     """B = 0 at init hides A's gradient; a random B makes every adapter gradient non-zero."""
-    import jax
-    from flax import nnx
-
     flat = nnx.to_flat_state(trainer.state.trainable)
     key = jax.random.key(seed)
     for i, (path, var) in enumerate(flat):
@@ -60,11 +70,10 @@ def _perturb_lora_b(trainer: Trainer, std: float, seed: int) -> None:
 
 def _torch_model(module: Decoder, arch: DecoderConfig) -> Any:
     """transformers' model holding `module`'s weights (LoRA merged), float32, eager attention."""
+    # lazy: torch and transformers are optional (the `torch` extra); `compare_step` checked them
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
-
-    from mmpo_jax.models.hf_export import export_hf
 
     hf_logging.set_verbosity_error()
     with tempfile.TemporaryDirectory(prefix="mmpo-compare-") as tmp:
@@ -80,24 +89,8 @@ def _relative(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def compare_step(config: str | None, overrides: list[str], lora_b_std: float, seed: int) -> dict[str, Any]:
-    import jax
-    import jax.numpy as jnp
-
-    from mmpo_jax.config import load_config
-    from mmpo_jax.data.batches import train_batches
-    from mmpo_jax.models.hf_weights import iter_hf_weights
-    from mmpo_jax.models.lora_export import iter_peft_weights
-    from mmpo_jax.train.loop import attach_reference_tables, load_data
-    from mmpo_jax.train.setup import (
-        build_trainer,
-        check_vocab,
-        device_batch,
-        run_reference,
-    )
-    from mmpo_jax.train.run_config import with_run_length
-    from mmpo_jax.train.step import loss_and_grads
-
     try:
+        # lazy: torch and transformers are optional (the `torch` extra); torch_ref.step imports both
         import torch
 
         from mmpo_jax.torch_ref import step as torch_step

@@ -13,11 +13,17 @@ over that group. Metrics are 0-d tensors.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from mmpo_jax.torch_ref.pairs import Tensor, _Batch, _reward_metrics, _token_mean_nll
 from mmpo_jax.torch_ref.trl_losses import cpo_loss, dpo_loss, orpo_loss
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["cpo_loss", "dpo_loss", "mmpo_loss", "orpo_loss", "sft_loss", "simpo_loss"]
 
@@ -37,7 +43,7 @@ def mmpo_loss(
     entropy: Tensor | None = None,
     entropy_weight: float = 0.0,
     pair_mask: Tensor | None = None,
-    group=None,
+    group: ProcessGroup | None = None,
 ) -> tuple[Tensor, dict]:
     """MMPO as the contract states it; returns (loss, metrics)."""
     if normalize not in ("minmax", "none"):
@@ -92,7 +98,7 @@ def simpo_loss(
     beta: float,
     gamma: float,
     pair_mask: Tensor | None = None,
-    group=None,
+    group: ProcessGroup | None = None,
 ) -> tuple[Tensor, dict]:
     """SimPO (reference-free) on length-averaged log-probs; returns (loss, metrics)."""
     b = _Batch([policy_chosen_logps, policy_rejected_logps], pair_mask, group)
@@ -117,7 +123,7 @@ def sft_loss(
     chosen_tokens: Tensor | None = None,
     beta: float = 0.1,
     pair_mask: Tensor | None = None,
-    group=None,
+    group: ProcessGroup | None = None,
 ) -> tuple[Tensor, dict]:
     """SFT: the negative log-likelihood of the chosen answers (rejected ignored).
 
@@ -144,3 +150,15 @@ def sft_loss(
         rc, rr = b.tensors[2], b.tensors[3]
         metrics.update(_reward_metrics(b, beta * (pc - rc), beta * (pr - rr)))
     return loss, metrics
+
+
+# loss name -> its PyTorch function, as `mmpo_jax.losses.registry.LOSSES` binds the JAX ones
+# (`tests/test_loss_registry.py` checks both against the declarations)
+LOSS_FUNCTIONS: dict[str, Callable[..., tuple[Tensor, dict[str, Tensor]]]] = {
+    "mmpo": mmpo_loss,
+    "dpo": dpo_loss,
+    "simpo": simpo_loss,
+    "sft": sft_loss,
+    "cpo": cpo_loss,
+    "orpo": orpo_loss,
+}

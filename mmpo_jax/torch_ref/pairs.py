@@ -3,7 +3,13 @@ for the PyTorch reference losses (`mmpo_jax.torch_ref.losses`)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+from torch.autograd.function import FunctionCtx
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 Tensor = torch.Tensor
 
@@ -18,22 +24,22 @@ class _GlobalSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, group) -> Tensor:
-        import torch.distributed as dist
+    def forward(ctx: FunctionCtx, x: Tensor, group: ProcessGroup) -> Tensor:
+        import torch.distributed as dist  # lazy: needed only with a process group (group=None never reaches it)
 
         y = x.clone()
         dist.all_reduce(y, op=dist.ReduceOp.SUM, group=group)
         return y
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
         return grad, None
 
 
-def _all_reduce(x: Tensor, op: str, group) -> Tensor:
+def _all_reduce(x: Tensor, op: str, group: ProcessGroup | None) -> Tensor:
     if group is None:
         return x
-    import torch.distributed as dist
+    import torch.distributed as dist  # lazy: as in `_GlobalSum.forward`
 
     if op == "sum":
         return _GlobalSum.apply(x, group)
@@ -45,7 +51,7 @@ def _all_reduce(x: Tensor, op: str, group) -> Tensor:
 class _Batch:
     """Per-pair tensors with padding pairs removed from all statistics."""
 
-    def __init__(self, tensors: list[Tensor], pair_mask: Tensor | None, group):
+    def __init__(self, tensors: list[Tensor], pair_mask: Tensor | None, group: ProcessGroup | None) -> None:
         dtype = torch.promote_types(tensors[0].dtype, torch.float32)
         for t in tensors[1:]:
             dtype = torch.promote_types(dtype, t.dtype)

@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmpo_jax.losses import registry as loss_registry
+from mmpo_jax.losses import declarations as loss_declarations
+from mmpo_jax.losses.binding import bind
 from mmpo_jax.losses.inputs import LossInputs
-from mmpo_jax.torch_ref import losses as ref_losses
+from mmpo_jax.torch_ref.losses import LOSS_FUNCTIONS
 
 if TYPE_CHECKING:
     from mmpo_jax.config_schema import LossConfig
@@ -104,9 +105,8 @@ def pair_logps(model: nn.Module, input_ids: np.ndarray, loss_mask: np.ndarray, *
 
 def configured_loss(loss_cfg: LossConfig, inputs: LossInputs) -> tuple[torch.Tensor, dict]:
     """The PyTorch twin of the loss `loss_cfg` names, on a `LossInputs` of `[pairs]` tensors,
-    called as `mmpo_jax.losses.configured_loss` calls the JAX one (`call_arguments`)."""
-    spec, args, kwargs = loss_registry.call_arguments(loss_cfg, inputs)
-    return getattr(ref_losses, spec.function)(*args, **kwargs)
+    its arguments bound as the JAX step binds them (`mmpo_jax.losses.binding.bind`)."""
+    return bind(loss_cfg, LOSS_FUNCTIONS.__getitem__)(inputs)
 
 
 def step_loss_and_grads(
@@ -121,8 +121,8 @@ def step_loss_and_grads(
     `pair_mask`, and `ref_logps` when `reference` is None and the loss needs one)."""
     n = grad_accum
     assert loss_cfg.average_logps is not None, "a settled LossConfig"
-    spec = loss_registry.spec_of(loss_cfg.name)
-    estimator = loss_registry.entropy_estimator(loss_cfg)
+    spec = loss_declarations.declaration_of(loss_cfg.name)
+    estimator = loss_declarations.entropy_estimator(loss_cfg)
     policy.zero_grad(set_to_none=True)
     sums: dict[str, float] = {}
     for a in range(n):

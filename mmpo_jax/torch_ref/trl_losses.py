@@ -12,11 +12,16 @@ they take no group.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from mmpo_jax.torch_ref.pairs import Tensor, _Batch, _reward_metrics, _token_mean_nll
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 
 def _f_divergence_scores(logratios: Tensor, kind: str, coef: float) -> Tensor:
@@ -47,8 +52,8 @@ def dpo_loss(
     ref_rejected_logps: Tensor,
     *,
     beta: float,
-    loss_type="sigmoid",
-    loss_weights=None,
+    loss_type: str | Sequence[str] = "sigmoid",
+    loss_weights: Sequence[float] | None = None,
     label_smoothing: float = 0.0,
     f_divergence_type: str = "reverse_kl",
     f_alpha_divergence_coef: float = 0.5,
@@ -58,7 +63,7 @@ def dpo_loss(
     pair_weights: Tensor | None = None,
     chosen_unweighted_logps: Tensor | None = None,
     pair_mask: Tensor | None = None,
-    group=None,
+    group: ProcessGroup | None = None,
 ) -> tuple[Tensor, dict]:
     """TRL's DPO loss for `loss_type` (a name or a list, weighted by `loss_weights`);
     `sigmoid` keeps the conservative-DPO label smoothing."""
@@ -167,7 +172,7 @@ def cpo_loss(
     chosen_tokens: Tensor | None = None,
     averaged: bool = False,
     pair_mask: Tensor | None = None,
-    group=None,
+    group: ProcessGroup | None = None,
 ) -> tuple[Tensor, dict]:
     """TRL's `CPOTrainer.cpo_loss` plus `cpo_alpha` x the chosen completions' cross-entropy."""
     b = _Batch([policy_chosen_logps, policy_rejected_logps], pair_mask, group)
@@ -218,7 +223,7 @@ def orpo_loss(
     chosen_sequence_logps: Tensor,
     chosen_sequence_tokens: Tensor,
     pair_mask: Tensor | None = None,
-    group=None,
+    group: ProcessGroup | None = None,
 ) -> tuple[Tensor, dict]:
     """TRL's `ORPOTrainer`: the chosen rows' cross-entropy (prompt included) minus
     `beta` x the mean log-sigmoid of the log odds ratio of the averaged log-probs."""

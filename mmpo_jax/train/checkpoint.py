@@ -36,7 +36,10 @@ it is finite; otherwise it is set aside the same way, named.
 
 Restoring takes an abstract target (a pytree of `jax.ShapeDtypeStruct` with
 `.sharding`, or of arrays) and puts every array on the target's sharding, so a
-checkpoint written on one mesh (or number of processes) resumes on another.
+checkpoint written on one mesh (or number of processes) resumes on another. A target
+leaf that is `SKIP` (`skipped(tree)`) is not read at all: it comes back as `SKIP`, so
+eval, export and generate restore the policy without allocating the optimizer's moments
+or the reference (`run_restore.restore_inference`).
 
 `output_dir` may be a `gs://` URL: orbax writes the arrays there through tensorstore,
 and this module reads and moves files through `mmpo_jax.storage` (a move on GCS is a
@@ -50,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn
@@ -62,6 +66,13 @@ from etils import epath
 from mmpo_jax import storage
 from mmpo_jax.errors import UserError, first_line
 from mmpo_jax.storage import Location
+from mmpo_jax.train.checkpoint_bucket import (
+    ASK_BUCKET_EVERY_S,
+    BucketCheckpointManager,
+    bound_tensorstore_retries,
+    bucket_failure,
+    skip_joining_at_exit,
+)
 from mmpo_jax.train.step_files import (  # noqa: F401  (names other modules read from here too)
     STATE_ITEM,
     CONFIG_ITEM,
@@ -95,6 +106,14 @@ from mmpo_jax.train.step_files import (  # noqa: F401  (names other modules read
 
 if TYPE_CHECKING:
     from mmpo_jax.train.state import TrainState
+
+# A restore target's leaf left on disk (orbax's placeholder: never read, no memory).
+SKIP: Any = ocp.PLACEHOLDER
+
+
+def skipped(tree: Any) -> Any:
+    """`tree` (a restore target's subtree) with every leaf `SKIP`."""
+    return jax.tree.map(lambda _: SKIP, tree)
 
 # Orbax's CheckpointManager logs this (absl, WARNING) whenever it is built with
 # read_only=True, whatever the directory's permissions: it describes the mode eval,
@@ -184,8 +203,8 @@ class Checkpointer:
         manager: Any = ocp.CheckpointManager
         if storage.is_url(self.directory):
             storage.bound_fsspec_gcs()
-            _bound_tensorstore_retries(storage.timeout_s())
-            manager = functools.partial(_BucketCheckpointManager, give_up=self._give_up)
+            bound_tensorstore_retries(storage.timeout_s())
+            manager = functools.partial(BucketCheckpointManager, give_up=self._give_up)
         options = ocp.CheckpointManagerOptions(
             # read-only: orbax would reset these itself, logging a warning each.
             save_interval_steps=0 if read_only else 1,
@@ -286,7 +305,8 @@ class Checkpointer:
 
         `target`: a pytree shaped like the saved state whose leaves are
         `jax.ShapeDtypeStruct`s with a `.sharding` (or arrays); each array is
-        restored onto its leaf's sharding, whatever mesh it was saved from.
+        restored onto its leaf's sharding, whatever mesh it was saved from; a
+        `SKIP` leaf is not read and comes back `SKIP`.
         Raises UserError when there is no such checkpoint, or when its leaves
         (names, shapes, dtypes) differ from the target's, naming them.
         """
@@ -301,6 +321,13 @@ class Checkpointer:
             )
         self._check_matches(step, target)
         _check_shardings(target)
+        if any(leaf is SKIP for leaf in jax.tree.leaves(target)):
+            # StandardRestore refuses placeholders: the state item is orbax's PyTree format
+            # (what StandardSave writes), read with the handler that skips them
+            where = epath.Path(storage.join(self._step_dir(step), STATE_ITEM))
+            partial = ocp.args.PyTreeRestore(item=target,
+                                             restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+            return ocp.PyTreeCheckpointHandler().restore(where, args=partial), self.read_config(step)
         args = ocp.args.Composite(
             **{
                 STATE_ITEM: ocp.args.StandardRestore(target),
@@ -401,7 +428,8 @@ class Checkpointer:
         metadata = self._manager.metadata(step).item_metadata[STATE_ITEM]
         tree = getattr(metadata, "tree", metadata)  # TreeMetadata, or a bare tree
         saved = {m.name: m for m in jax.tree.leaves(tree)}
-        wanted = _leaf_specs(target)
+        # a skipped leaf must exist (orbax matches the whole tree) but is not read: any shape will do
+        wanted = {name: saved.get(name, leaf) if leaf is SKIP else leaf for name, leaf in _leaf_specs(target).items()}
         problems = tree_mismatches(saved, wanted)
         if problems:
             listed = "\n  ".join(problems[:_MAX_LISTED])
@@ -436,8 +464,6 @@ class Checkpointer:
         if not storage.is_url(self.directory):
             self._manager.wait_until_finished()
             return
-        import threading
-
         steps = self._manager.all_steps()  # before the wait: a failed save leaves orbax's list
         failed: list[BaseException] = []
 
@@ -451,7 +477,7 @@ class Checkpointer:
         waiter.start()
         while True:
             # a bucket already found gone is asked at once (one try: `storage.outage`)
-            waiter.join(0 if storage.outage() else min(storage.timeout_s() / 2, _ASK_BUCKET_EVERY_S))
+            waiter.join(0 if storage.outage() else min(storage.timeout_s() / 2, ASK_BUCKET_EVERY_S))
             if not waiter.is_alive():
                 break
             try:
@@ -461,7 +487,7 @@ class Checkpointer:
             except Exception:  # an answer all the same (a refusal, a listing error): the bucket is there
                 pass
         if failed:
-            why = _bucket_failure(failed[0], self.directory)
+            why = bucket_failure(failed[0], self.directory)
             if why is None:
                 raise failed[0]
             self._give_up(max(steps, default=None), why, steps)
@@ -474,7 +500,7 @@ class Checkpointer:
                   "answers, to resume from it") if older else \
             "no earlier checkpoint was saved: run the same command again once the bucket answers"
         storage.mark_outage(why)
-        _skip_joining_at_exit()
+        skip_joining_at_exit()
         self._gave_up = UserError(f"the checkpoint of step {step} was not saved to {self.directory}: {why}; {intact}")
         raise self._gave_up
 
@@ -500,82 +526,6 @@ class StepVanished(Exception):
     def __init__(self, step: int) -> None:
         super().__init__(f"checkpoint step {step} was deleted while it was read")
         self.step = step
-
-
-class _BucketCheckpointManager(ocp.CheckpointManager):
-    """orbax's manager of a bucket's checkpoints, whose `save` writes a step's first files
-    before it returns: one that the bucket cuts off raises `give_up`'s UserError, naming
-    the step (the one in flight is the newest: orbax saves one step at a time)."""
-
-    def __init__(self, *args: Any, give_up: Callable[[int | None, str, list[int]], NoReturn],
-                 **kwargs: Any) -> None:
-        self._mmpo_give_up = give_up
-        super().__init__(*args, **kwargs)
-
-    def save(self, step: int, *args: Any, **kwargs: Any) -> bool:
-        steps = self.all_steps()
-        try:
-            return bool(super().save(step, *args, **kwargs))
-        except Exception as err:
-            why = _bucket_failure(err, str(self.directory))
-            if why is None:
-                raise
-            self._mmpo_give_up(step, why, steps)
-
-
-def _bucket_failure(err: BaseException, directory: Location) -> str | None:
-    """What a save's error says of the bucket that cut it off (None: not the bucket's doing,
-    e.g. a bug, raised as it is)."""
-    if isinstance(err, storage.StorageUnreachable):
-        return err.why
-    bucket = storage.bucket_of(directory)
-    if storage.is_unreachable_error(err):
-        return f"cannot reach the bucket '{bucket}' ({type(err).__name__}: {first_line(err)})"
-    if isinstance(err, OSError):  # gcsfs's refusals (403, an upload session the bucket lost, ...)
-        return f"the bucket '{bucket}' refused a write ({type(err).__name__}: {first_line(err)})"
-    return None
-
-
-# While a save to a bucket runs, the bucket is asked this often whether it still answers
-# (one listing of the checkpoints directory).
-_ASK_BUCKET_EVERY_S = 2.0
-
-
-def _bound_tensorstore_retries(seconds: float) -> None:
-    """Makes orbax's tensorstore contexts retry a GCS request for about `seconds`
-    (`storage.tensorstore_retries`), not tensorstore's quarter of an hour, so that the save
-    threads of a bucket that went away end with an error rather than outlive the run. orbax
-    0.12 builds each context from these two dicts; should they go, the wait still gives up
-    on a bucket that does not answer (`Checkpointer._wait_for_orbax`)."""
-    try:
-        from orbax.checkpoint._src.serialization import tensorstore_utils
-    except ImportError:  # pragma: no cover - another orbax layout
-        return
-    for name in ("_BASE_TS_CONTEXT", "_DEFAULT_OCDBT_TS_CONTEXT"):
-        spec = getattr(tensorstore_utils, name, None)
-        if isinstance(spec, dict):
-            spec["gcs_request_retries"] = storage.tensorstore_retries(seconds)
-
-
-@functools.lru_cache(maxsize=1)
-def _skip_joining_at_exit() -> None:
-    """Makes a process whose save to a bucket was given up exit without joining orbax's
-    save threads: Python joins every non-daemon thread and concurrent.futures worker before
-    it exits, and those may still be retrying the bucket (tensorstore's requests, up to the
-    timeout each), logging as they fail. `threading._register_atexit` hooks run before those
-    joins: this one ends the process there, with the CLI's status for the UserError raised."""
-    import os
-    import sys
-    import threading
-
-    def leave() -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(2)
-
-    register = getattr(threading, "_register_atexit", None)
-    if register is not None:
-        register(leave)
 
 
 # -- pure helpers -------------------------------------------------------------

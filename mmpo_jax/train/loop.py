@@ -11,82 +11,51 @@ decides that on device); the loop then stops with `NonFiniteStep`, naming the st
 and the last checkpoint (good when its checksums verify it), and writes neither its
 metrics nor a checkpoint. SIGINT (Ctrl-C), SIGTERM (preemption) and SIGHUP (the terminal
 closed) finish the step in flight, save a checkpoint and return (every process of a
-multi-process run at the same step).
+multi-process run at the same step: `run_signals`). Reading run directories and the
+resume policy are `run_restore` and `run_config`; the data, `run_data`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import os
 import signal
-import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import jax
-import numpy as np
 
 from mmpo_jax import storage
 from mmpo_jax.config import applicable_dict, config_to_yaml
 from mmpo_jax.config_schema import RunConfig
+from mmpo_jax.data.batches import real_tokens, train_batches
+from mmpo_jax.data.layout import device_batch
+from mmpo_jax.data.prefetch import BatchTimes, prefetched
+from mmpo_jax.distributed import check_same_run
 from mmpo_jax.errors import UserError
-from mmpo_jax.eval.preference import evaluate
 from mmpo_jax.files import write_text_atomic
-from mmpo_jax.storage import Location
-from mmpo_jax.train.checkpoint import (
-    CHECKPOINTS_DIR,
-    INCOMPLETE_DIR,
-    Checkpointer,
-    check_checkpoints_dir,
-    saved_config_text,
-    step_dirs,
-)
+from mmpo_jax.train.checkpoint import CHECKPOINTS_DIR, Checkpointer, check_checkpoints_dir
 from mmpo_jax.train.metrics import MetricsWriter, Progress, Throughput
-from mmpo_jax.train.trackers import TrackerSet, check_installed, make_trackers, report_to
+from mmpo_jax.train.preference_eval import eval_line, evaluate, timed_eval
 from mmpo_jax.train.preflight import check_batch_fits, check_paths
 from mmpo_jax.train.report import Stages, count_text, end_summary
+from mmpo_jax.train.run_config import check_saved_config, finished_line, record_config_change, with_run_length
+from mmpo_jax.train.run_data import RunData, attach_reference_tables, load_stage
 from mmpo_jax.train.run_files import METRICS_FILE
 from mmpo_jax.train.run_lock import RunLock
-from mmpo_jax.train.run_config import (
-    check_resume_config,
-    config_differences,
-    record_config_change,
-    schedule_change_lines,
-    with_run_length,
-)
 from mmpo_jax.train.run_mirror import RunFiles
-from mmpo_jax.train.run_restore import restore_run, saved_run_config  # noqa: F401 (the commands' entry points)
-from mmpo_jax.train.setup import (
-    Trainer,
-    build_trainer,
-    check_vocab,
-    device_batch,
-    initial_reference,
-)
+from mmpo_jax.train.run_restore import latest_complete_step, resume_from
+from mmpo_jax.train.run_signals import Interrupt
+from mmpo_jax.train.setup import Trainer, build_trainer, check_vocab
+from mmpo_jax.train.trackers import TrackerSet, check_installed, make_trackers, report_to
 
 if TYPE_CHECKING:
-    from mmpo_jax.data.batches import PreferenceBatch
-    from mmpo_jax.data.packing import PackedBatch
-    from mmpo_jax.data.pipeline import PreferenceData
     from mmpo_jax.train.state import TrainState
 
 
 class NonFiniteStep(UserError):
     """A step's loss, gradient or update was not finite; the run stopped without applying it."""
-
-
-@dataclass
-class RunData:
-    """The tokenized splits and, with `model.reference=precomputed`, their reference tables."""
-
-    tokenizer: Any
-    train: PreferenceData
-    test: PreferenceData | None
-    train_ref: np.ndarray | None = None
-    test_ref: np.ndarray | None = None
 
 
 @dataclass
@@ -100,124 +69,6 @@ class RunResult:
     seconds: float = 0.0
     # an interrupted run's process exit status: 130 after SIGINT, 143 after SIGTERM, 129 after SIGHUP
     exit_status: int = 0
-
-
-def load_data(cfg: RunConfig, log: Callable[[str], None] | None = None) -> RunData:
-    """The tokenizer and both splits; `log` hears each stage (tokenizing or the cache)."""
-    from mmpo_jax.data.pipeline import load_preference_data
-    from mmpo_jax.data.tokenizers import tokenizer_of
-
-    tokenizer = tokenizer_of(cfg.data, cfg.model.path)
-    train = load_preference_data(cfg.data, "train", tokenizer, log=log)
-    assert train is not None  # a train split without sources is refused (data.sources.source_specs)
-    test = load_preference_data(cfg.data, "test", tokenizer, log=log)
-    return RunData(tokenizer=tokenizer, train=train, test=test)
-
-
-def attach_reference_tables(cfg: RunConfig, trainer: Trainer, data: RunData, log: Callable[[str], None],
-                            splits: tuple[str, ...] = ("train", "test")) -> None:
-    """Mode `precomputed`: the reference tables of `splits` (an evaluation asks for the
-    test split only), from the cache or one pass of the initial reference, loaded for it."""
-    from mmpo_jax.train.reference import reference_mode
-    from mmpo_jax.train.reference_cache import reference_table
-
-    if not reference_mode(cfg.model.reference).precomputed:
-        return
-
-    # cached: a pass over both splits loads the model once
-    load = functools.cache(functools.partial(initial_reference, trainer))
-    if "train" in splits:
-        data.train_ref = reference_table(cfg, load, data.train, "train", trainer.mesh, log)
-    if "test" in splits and data.test is not None:
-        data.test_ref = reference_table(cfg, load, data.test, "test", trainer.mesh, log)
-
-
-def abstract_state(state: Any) -> Any:
-    """The state's shapes, dtypes and shardings: the restore target."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-
-
-def _tokens(batch: PreferenceBatch | PackedBatch) -> int:
-    """Real tokens (`batches.real_tokens`) of the global batch, from this process's share."""
-    from mmpo_jax.data.batches import real_tokens
-
-    return real_tokens(batch) * jax.process_count()
-
-
-class SecondSignal(KeyboardInterrupt):
-    """The second SIGINT, SIGTERM or SIGHUP of a run: it stops at once, the process exiting
-    with `exit_status` (128 + the signal, as a shell reports a process the signal ended)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.exit_status = 128 + signum
-
-
-class _Interrupt:
-    """SIGINT (Ctrl-C), SIGTERM (a preemption notice: a Spot VM's shutdown, SLURM's
-    or Kubernetes' stop) and SIGHUP (the terminal closed) set a flag the loop reads between
-    steps; a second signal of the same kind aborts at once (`SecondSignal`). In a
-    multi-process run, SIGTERM is left to JAX's preemption service (`jax.distributed.initialize`
-    starts it and it takes SIGTERM as its notice: a Python handler would take the signal from
-    it), which the loop asks at every step."""
-
-    def __init__(self) -> None:
-        self.requested: int | None = None  # the signal that asked for the stop
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "_Interrupt":
-        def handler(signum: int, frame: Any) -> None:
-            if self.requested == signum:
-                raise SecondSignal(signum)
-            if signum == signal.SIGHUP:
-                _leave_the_terminal()
-            self.requested = signum
-
-        signals = [signal.SIGINT, signal.SIGHUP] + ([signal.SIGTERM] if jax.process_count() == 1 else [])
-        for sig in signals:
-            try:
-                self._previous[sig] = signal.signal(sig, handler)
-            except ValueError:  # not the main thread: no handler, signals behave as usual
-                pass
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-
-    def stop_now(self, step: int) -> bool:
-        """Whether the run stops after `step`. In a multi-process run every process
-        must stop at the same step (the checkpoint save is collective: a process that
-        stops alone leaves the others waiting in it), so a Ctrl-C on any process stops
-        them all (the flag travels with one small all-gather per step), and a SIGTERM
-        to any of them stops all at the step the preemption service agrees on."""
-        if jax.process_count() == 1:
-            return self.requested is not None
-        from jax.experimental import multihost_utils
-
-        if multihost_utils.reached_preemption_sync_point(step):
-            self.requested = int(signal.SIGTERM)
-        local = np.int32(self.requested in (signal.SIGINT, signal.SIGHUP))
-        return bool(np.any(multihost_utils.process_allgather(local))) or self.requested is not None
-
-    @property
-    def exit_status(self) -> int:
-        """128 + the signal number, as a shell reports a process the signal ended."""
-        return 128 + int(self.requested or signal.SIGINT)
-
-
-def _leave_the_terminal() -> None:
-    """Points stdout and stderr at /dev/null where they are a terminal (a character device):
-    after SIGHUP it is gone, and a write to it would fail (EIO) before the checkpoint is saved.
-    Pipes and files (nohup, tee, a log) keep the run's last lines."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        for fd in (1, 2):
-            with contextlib.suppress(OSError):
-                if stat.S_ISCHR(os.fstat(fd).st_mode):
-                    os.dup2(devnull, fd)
-    finally:
-        os.close(devnull)
 
 
 def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None,
@@ -243,12 +94,10 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None,
         assert trainer is None, "build a trainer from the with_run_length config: its schedule needs the length"
         check_paths(cfg)
         paths_checked = True
-        data = _load_stage(cfg, stages, say) if data is None else data
+        data = load_stage(cfg, stages, say) if data is None else data
         cfg, line = with_run_length(cfg, len(data.train))
         say(line or "")
     config_yaml = config_to_yaml(cfg)
-    from mmpo_jax.distributed import check_same_run
-
     check_same_run(config_yaml)
     tc = cfg.train
     check_installed(report_to(tc.report_to))
@@ -257,25 +106,23 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None,
     if trainer is None and done is not None and done >= tc.steps:
         # a finished run is known from its checkpoint directory: no model to load for that, but
         # its config must be this one (else `train X && export` would ship another run's model)
-        check_resume_config(saved_config_text(storage.join(out, CHECKPOINTS_DIR, str(done))), config_yaml,
-                            allow_config_change, finished=True)
-        _say_finished(out, done, tc.steps, say)
+        check_saved_config(out, done, config_yaml, allow_config_change, finished=True)
+        say(finished_line(out, done, tc.steps))
         return RunResult("finished", done, done, {}, time.time() - start_time)
     with contextlib.ExitStack() as held:
         lock: RunLock | None = None
         if lead and files.local.is_dir():  # a run directory in use: refused before anything is loaded
             lock = held.enter_context(RunLock(files.local, say))
         if done is not None:
-            check_resume_config(saved_config_text(storage.join(out, CHECKPOINTS_DIR, str(done))), config_yaml,
-                                allow_config_change, finished=done >= tc.steps)
+            check_saved_config(out, done, config_yaml, allow_config_change, finished=done >= tc.steps)
         if (data is None or trainer is None) and not paths_checked:
             check_paths(cfg)  # (a hub id is resolved here: once is enough)
         if data is None:
-            data = _load_stage(cfg, stages, say)
+            data = load_stage(cfg, stages, say)
         check_batch_fits(data.train, cfg.data.batch_size)
         if trainer is None:
             stages.start(f"loading the model {cfg.model.path or '(random init of model.init)'}")
-            trainer = build_trainer(cfg)
+            trainer = build_trainer(cfg, say=say)
             stages.end(_model_text(trainer))
         check_vocab(data.tokenizer, trainer.arch, cfg)
         attach_reference_tables(cfg, trainer, data, say)
@@ -299,13 +146,6 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None,
     return result
 
 
-def _load_stage(cfg: RunConfig, stages: Stages, say: Callable[[str], None]) -> RunData:
-    stages.start(f"loading the tokenizer {cfg.data.tokenizer} and the data")
-    data = load_data(cfg, log=say)
-    stages.end(f"data: {len(data.train)} train pairs" + (f", {len(data.test)} test pairs" if data.test else ""))
-    return data
-
-
 def _run(trainer: Trainer, data: RunData, config_yaml: str, stages: Stages,
          say: Callable[[str], None], lock: RunLock | None, files: RunFiles) -> RunResult:
     """The run once everything is loaded: restore, the evals, the steps, the final save
@@ -315,25 +155,11 @@ def _run(trainer: Trainer, data: RunData, config_yaml: str, stages: Stages,
     lead = jax.process_index() == 0
     # periodic saves in the background (the arrays copied to host memory first): the steps
     # go on while the files are written; the final and the interrupted save wait for theirs
-    with Checkpointer(out, keep=tc.keep_checkpoints, async_save=True) as ckpt, _Interrupt() as interrupt:
-        restored = ckpt.restore_latest(abstract_state(trainer.state))
-        state, start = (restored.state, restored.step) if restored else (trainer.state, 0)
-        if not start and ckpt.moved_corrupt:
-            raise UserError(
-                f"every checkpoint of {out} was corrupt and is moved to {storage.join(out, INCOMPLETE_DIR)} "
-                f"({', '.join(storage.name(p) for p in ckpt.moved_corrupt)}; the warnings above say which file): "
-                "nothing is left to resume from. Run the same command again to start over from step 0."
-            )
-        changes: list[str] = []
-        if restored:
-            changes = config_differences(restored.config_yaml, config_yaml)
-            if changes:
-                say("warning: the config differs from the checkpoint's in " + ", ".join(changes))
-                for line in schedule_change_lines(restored.config_yaml, cfg, start):
-                    say("warning: " + line)
-            say(f"resuming from {storage.join(out, CHECKPOINTS_DIR, str(start))} (step {start} of {tc.steps})")
+    with Checkpointer(out, keep=tc.keep_checkpoints, async_save=True) as ckpt, Interrupt() as interrupt:
+        resumed = resume_from(ckpt, trainer, config_yaml, say)
+        state, start, changes = resumed.state, resumed.start, resumed.changes
         if start >= tc.steps:
-            _say_finished(out, start, tc.steps, say)
+            say(finished_line(out, start, tc.steps))
             trainer.state = state  # the caller's trainer holds the finished run, not its initial weights
             return RunResult("finished", start, start)
         if lock is not None:
@@ -349,7 +175,7 @@ def _run(trainer: Trainer, data: RunData, config_yaml: str, stages: Stages,
                                tensorboard="tensorboard" in report_to(tc.report_to)) as writer:
                 eval_metrics: dict[str, float] = {}
                 if data.test is not None and start == 0:
-                    eval_metrics = _timed_eval(trainer, state, data, 0, writer, stages)
+                    eval_metrics = timed_eval(trainer, state, data, 0, writer, stages)
                 say(f"training steps {start + 1}-{tc.steps}, {cfg.data.batch_size} pairs each "
                     "(the first step compiles the train step)")
                 state, result = _steps(trainer, state, data, ckpt, writer, interrupt, start, config_yaml, say,
@@ -358,7 +184,7 @@ def _run(trainer: Trainer, data: RunData, config_yaml: str, stages: Stages,
                 step = result.step
                 if result.status == "finished":
                     if data.test is not None and (tc.eval_every <= 0 or step % tc.eval_every != 0):
-                        eval_metrics = _timed_eval(trainer, state, data, step, writer, stages)
+                        eval_metrics = timed_eval(trainer, state, data, step, writer, stages)
                     else:
                         eval_metrics = result.eval
                 stages.start(f"saving the checkpoint of step {step}")
@@ -378,23 +204,6 @@ def _run(trainer: Trainer, data: RunData, config_yaml: str, stages: Stages,
     return result
 
 
-def latest_complete_step(output_dir: Location) -> int | None:
-    """The newest complete, uncorrupted checkpoint step of a run directory, read from its files only."""
-    from mmpo_jax.train.checkpoint import corruption_reason, incomplete_reason
-
-    root = storage.join(output_dir, CHECKPOINTS_DIR)
-    for step in step_dirs(root):
-        step_dir = storage.join(root, str(step))
-        if incomplete_reason(step_dir) is None and corruption_reason(step_dir) is None:
-            return step
-    return None
-
-
-def _say_finished(out: Location, step: int, max_steps: int, say: Callable[[str], None]) -> None:
-    say(f"{out} already holds a finished run ({step} of train.max_steps={max_steps} steps); "
-        "raise train.max_steps to continue it, or choose another train.output_dir")
-
-
 def _model_text(trainer: Trainer) -> str:
     trainable = sum(x.size for x in jax.tree.leaves(trainer.state.trainable))
     total = trainable + sum(x.size for x in jax.tree.leaves(trainer.state.frozen))
@@ -402,34 +211,15 @@ def _model_text(trainer: Trainer) -> str:
     how = f"LoRA rank {lora.rank}" if lora is not None else "full fine-tuning"
     devices = trainer.mesh.devices.size
     return (f"model: {count_text(total)} parameters, {count_text(trainable)} trained ({how}), "
-            f"reference {trainer.cfg.model.reference}, on {devices} {jax.default_backend()} "
+            f"reference {trainer.sdef.reference_mode.name}, on {devices} {jax.default_backend()} "
             f"device{'s' if devices > 1 else ''}")
 
 
-def _timed_eval(trainer: Trainer, state: TrainState, data: RunData, step: int, writer: MetricsWriter,
-                stages: Stages) -> dict[str, float]:
-    """The eval at `step`, written and printed with its time (the first compiles the eval step)."""
-    assert data.test is not None, "an eval needs test data"
-    n = _eval_pairs(len(data.test), trainer.cfg.data.batch_size, trainer.cfg.train.eval_batches)
-    stages.start(f"evaluating {n} test pairs at step {step}" + (" (the first batch compiles the eval step)" if step == 0 else ""))
-    metrics = evaluate(trainer, state, data.test, data.test_ref, trainer.cfg.train.eval_batches)
-    writer.write(step, metrics, prefix="eval/")
-    stages.end(_eval_line(step, metrics))
-    return metrics
-
-
-def _eval_pairs(rows: int, batch_size: int, max_batches: int) -> int:
-    return rows if max_batches <= 0 else min(rows, max_batches * batch_size)
-
-
 def _steps(trainer: Trainer, state: TrainState, data: RunData, ckpt: Checkpointer, writer: MetricsWriter,
-           interrupt: _Interrupt, start: int, config_yaml: str, say: Callable[[str], None],
+           interrupt: Interrupt, start: int, config_yaml: str, say: Callable[[str], None],
            push: Callable[[], None]) -> tuple[TrainState, RunResult]:
     """The train steps from `start`, with their logs, evals and periodic saves (`push`:
     copies the run's log files to a bucket output dir after each save)."""
-    from mmpo_jax.data.batches import train_batches
-    from mmpo_jax.data.prefetch import BatchTimes, prefetched
-
     cfg = trainer.cfg
     tc = cfg.train
     times = BatchTimes()
@@ -443,8 +233,8 @@ def _steps(trainer: Trainer, state: TrainState, data: RunData, ckpt: Checkpointe
     with Progress(tc.steps, start_step=start, enabled=jax.process_index() == 0) as progress:
         while step < tc.steps:
             host = next(feed)
-            state, metrics = trainer.train_step(state, device_batch(host, trainer.mesh, data.train_ref))
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            state, step_metrics = trainer.train_step(state, device_batch(host, trainer.mesh, data.train_ref))
+            metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
             if metrics.pop("nonfinite"):
                 ckpt.wait()  # name only a checkpoint that is complete on disk
                 raise NonFiniteStep(
@@ -455,7 +245,7 @@ def _steps(trainer: Trainer, state: TrainState, data: RunData, ckpt: Checkpointe
                     f"(`mmpo-jax inspect-data`, global batch {step})"
                 )
             step += 1
-            rate = throughput.mark(_tokens(host))
+            rate = throughput.mark(real_tokens(host) * jax.process_count())  # the global batch's, from this share
             metrics["tokens_per_second"] = rate if rate is not None else float("nan")
             if step % tc.log_every == 0 or step == tc.steps:
                 writer.write(step, metrics)
@@ -464,7 +254,7 @@ def _steps(trainer: Trainer, state: TrainState, data: RunData, ckpt: Checkpointe
                 progress.pause()
                 eval_metrics = evaluate(trainer, state, data.test, data.test_ref, tc.eval_batches)
                 writer.write(step, eval_metrics, prefix="eval/")
-                progress.message(_eval_line(step, eval_metrics))
+                progress.message(eval_line(step, eval_metrics))
                 throughput.reset()
             if tc.save_every > 0 and step % tc.save_every == 0 and step < tc.steps:
                 progress.pause()
@@ -494,11 +284,6 @@ def _last_checkpoint(ckpt: Checkpointer, tc: Any) -> str:
             "from the one before")
 
 
-def _eval_line(step: int, m: dict[str, float]) -> str:
-    keys = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
-    return f"eval @ step {step}: " + ", ".join(f"{k} {m[k]:.4g}" for k in keys if k in m)
-
-
 def _trackers(cfg: RunConfig, out: Path, changes: list[str], start: int, say: Callable[[str], None]
               ) -> TrackerSet | None:
     """The run's MLflow / W&B trackers (None when `train.report_to` names neither)."""
@@ -507,9 +292,3 @@ def _trackers(cfg: RunConfig, out: Path, changes: list[str], start: int, say: Ca
         return None
     return make_trackers(names, out, run_name=cfg.train.run_name, mlflow_tracking_uri=cfg.train.mlflow_tracking_uri,
                          config=applicable_dict(cfg), changes=changes, resume_step=start, say=say)
-
-
-def names_a_run(target: str) -> bool:
-    """Whether a CONFIG|RUN_DIR argument names a run: a local directory, or a gs:// URL
-    (a config is a local file)."""
-    return storage.is_url(target) or Path(target).is_dir()

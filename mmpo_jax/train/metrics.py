@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import math
 import os
 import sys
@@ -241,7 +242,7 @@ class MetricsWriter:
 
 def _summary_writer(logdir: Path, purge_step: int) -> Any:
     try:
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter  # lazy: optional (train.report_to: tensorboard only)
     except ImportError as err:
         raise UserError(
             "TensorBoard logging needs the tensorboardX package: `pip install tensorboardX`"
@@ -252,8 +253,6 @@ def _summary_writer(logdir: Path, purge_step: int) -> Any:
     # them with "wb", so a restart within the same second would erase the previous
     # file; nanoseconds keep names unique and in time order (TensorBoard reads
     # the files of a directory in name order).
-    import logging
-
     # tensorboardX logs a warning for every NaN scalar; metrics.jsonl already records them as null
     logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
     return SummaryWriter(logdir=str(logdir), purge_step=purge_step, filename_suffix=f".{time.time_ns()}")

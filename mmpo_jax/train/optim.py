@@ -7,6 +7,7 @@ update has learning rate 0, as in a TRL run of the same config.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -21,7 +22,7 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
     warmup = min(cfg.warmup_steps, total_steps)
     decay_steps = max(total_steps - warmup, 1)
 
-    def schedule(step):
+    def schedule(step: jax.Array | int) -> jax.Array:
         step = jnp.asarray(step, jnp.float32)
         warm = step / max(warmup, 1)
         progress = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)

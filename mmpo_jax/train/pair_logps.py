@@ -6,16 +6,16 @@ completion tokens whose log-prob counts). Chosen and rejected run through the
 model in ONE forward of `2 * pairs` rows, so a pair never straddles devices
 when the pairs axis is split over the batch mesh axes.
 
-A packed batch (`mmpo_jax.data.packing`: `segment_ids` in the batch; `branches` too
-for the shared-prompt layout) runs its rows `[rows, pack]` through the model instead,
-each token predicted from its `sources` position, and `token_outputs` gathers each
-token's values back into the pair-major layout by `token_index`, so every reduction
-below reads the same `[pairs * 2, seq]` arrays for every layout.
+A batch of a packed layout (`mmpo_jax.data.layout`: `Layout.segments`, packed or
+shared-prompt rows) runs its rows `[rows, pack]` through the model instead, in the
+layout's attention segments, each token predicted from its `sources` position, and
+`token_outputs` gathers each token's values back into the pair-major layout by
+`token_index`, so every reduction below reads the same `[pairs * 2, seq]` arrays for
+every layout.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from functools import partial
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from mmpo_jax.logprobs import model_token_logps, sequence_logps
-from mmpo_jax.models.attention import branched_segments
 
 if TYPE_CHECKING:
+    from mmpo_jax.data.layout import DeviceBatch
     from mmpo_jax.models.decoder import Decoder
 
 
@@ -67,24 +67,23 @@ def sequence_mask(loss_mask: jax.Array) -> jax.Array:
     return (upto_last & predicted).astype(jnp.float32)
 
 
-def token_outputs(model: Decoder, batch: Mapping[str, jax.Array], *, chunk: int | None, with_entropy: bool,
+def token_outputs(model: Decoder, batch: DeviceBatch, *, chunk: int | None, with_entropy: bool,
                   with_log_sum_sq: bool, dropout_key: jax.Array | None) -> list[jax.Array]:
     """Per-token log-probs (then entropies, then `log sum_v p_v^2`, as asked) `[pairs * 2,
     seq]` aligned with the pair-major `loss_mask`, for a pair-major or a packed batch."""
     run = partial(model_token_logps, model, chunk=chunk, with_entropy=with_entropy,
                   with_log_sum_sq=with_log_sum_sq, dropout_key=dropout_key)
-    if "segment_ids" not in batch:
-        ids = batch["input_ids"]
+    if not batch.layout.segments:
+        ids = batch.input_ids
         out = run(ids.reshape(-1, ids.shape[-1]))
         return list(out) if isinstance(out, tuple) else [out]
-    segments = batch["segment_ids"]
-    if "branches" in batch:
-        segments = branched_segments(segments, batch["branches"])
-    out = run(batch["input_ids"], positions=batch["positions"], segment_ids=segments, sources=batch["sources"])
-    index = batch["token_index"]  # [pairs, 2, seq] into the rows, flattened
-    # off a sequence (and at its first token, which nothing predicts) the pair-major
-    # values are 0, as the unpacked layout's
-    predicted = (batch["attention_mask"] > 0) & (jnp.arange(index.shape[-1]) >= 1)
+    index, attended = batch.token_index, batch.attention_mask  # [pairs, 2, seq]
+    assert index is not None and attended is not None, f"a {batch.layout.name} batch maps its rows to pairs"
+    out = run(batch.input_ids, positions=batch.positions, segments=batch.layout.attention_segments(batch),
+              sources=batch.sources)
+    # token_index: into the rows, flattened; off a sequence (and at its first token, which
+    # nothing predicts) the pair-major values are 0, as the unpacked layout's
+    predicted = (attended > 0) & (jnp.arange(index.shape[-1]) >= 1)
     flat = index.reshape(-1, index.shape[-1])
     keep = predicted.reshape(flat.shape)
     return [jnp.where(keep, jnp.take(x.reshape(-1), flat, axis=0), 0.0).astype(x.dtype)
@@ -93,7 +92,7 @@ def token_outputs(model: Decoder, batch: Mapping[str, jax.Array], *, chunk: int 
 
 def pair_logps(
     model: Decoder,
-    batch: Mapping[str, jax.Array],
+    batch: DeviceBatch,
     *,
     average: bool,
     chunk: int | None,
@@ -117,7 +116,7 @@ def pair_logps(
       of the completion prefix up to and including token t; its value is not the
       entropy, its gradient adds the score-function part of the sequence entropy's.
     """
-    loss_mask = batch["loss_mask"]
+    loss_mask = batch.loss_mask
     pairs, two, seq = loss_mask.shape
     mask = loss_mask.reshape(pairs * two, seq).astype(jnp.float32)
     parts = token_outputs(model, batch, chunk=chunk, with_entropy=entropy_estimator is not None,

@@ -15,7 +15,11 @@ import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mmpo_jax import storage
+from mmpo_jax.data.sources import local_data_file, source_specs
 from mmpo_jax.errors import UserError
+from mmpo_jax.models.pretrained import resolve_checkpoint_path
+from mmpo_jax.train.checkpoint import CHECKPOINTS_DIR
 
 if TYPE_CHECKING:
     from mmpo_jax.data.pipeline import PreferenceData
@@ -30,18 +34,15 @@ def check_paths(cfg: RunConfig) -> None:
     out = cfg.train.output_dir
     if not out.strip():
         raise UserError("train.output_dir is empty: name the run's directory, e.g. train.output_dir=runs/my-run")
-    from mmpo_jax import storage
 
     if storage.is_url(out):
         storage.check_bucket(out, "train.output_dir")
     else:
         check_local_output_dir(out)
-    from mmpo_jax.data.sources import local_data_file, source_specs
 
     for which in ("train", "test"):
         for src in source_specs(cfg.data, which):
             local_data_file(src)
-    from mmpo_jax.models.pretrained import resolve_checkpoint_path
 
     for key, spec in (("model.path", cfg.model.path), ("model.reference_path", cfg.model.reference_path)):
         if spec:
@@ -71,7 +72,6 @@ def check_local_output_dir(out: str) -> None:
     if fs in PSEUDO_FILE_SYSTEMS:
         raise UserError(f"train.output_dir={out!r} is on the kernel's '{fs}' file system, which cannot hold "
                         "a run's files: choose a directory on a disk")
-    from mmpo_jax.train.checkpoint import CHECKPOINTS_DIR
 
     for link, what in ((path, "train.output_dir"), (path / CHECKPOINTS_DIR, "the run's checkpoints")):
         if link.is_symlink() and not link.exists():

@@ -8,7 +8,7 @@
 - `precomputed`: the reference log-probs arrive with the batch (`ref_logps`
   `[pairs, 2]`), computed in one pass before training (`reference_cache`) by the
   initial model, loaded for that pass only (`setup.initial_reference`).
-- `none`: no reference (losses that need none, `loss_registry.REFERENCE_FREE_LOSSES`).
+- `none`: no reference (losses that need none: `losses.declarations.REFERENCE_FREE_LOSSES`).
 
 Each mode says what it adds to the state (`stored`), its model (`model`), its per-pair
 log-probs for a batch (`logps`), the batch keys it needs and how to describe it; the
@@ -24,12 +24,17 @@ from typing import TYPE_CHECKING, Any
 import jax
 import jax.numpy as jnp
 
+from mmpo_jax.config_model import LORA_BASE_NEEDS_LORA
+from mmpo_jax.train.pair_logps import pair_logps
+from mmpo_jax.train.state import merge_states
+
 if TYPE_CHECKING:
+    from mmpo_jax.data.layout import DeviceBatch
     from mmpo_jax.models.decoder import Decoder
     from mmpo_jax.config_schema import RunConfig
     from mmpo_jax.train.state import StateDef
     from mmpo_jax.train.state import TrainState
-    from mmpo_jax.train.setup import Trainer
+    from mmpo_jax.train.setup import Evaluator
 
 
 def stored_dtype(dtype: Any, compute_dtype: Any) -> Any:
@@ -71,7 +76,7 @@ class ReferenceMode:
 
     def check(self, *, lora: bool) -> None:
         if self.uses_lora_base and not lora:
-            raise ValueError(f"model.reference={self.name} needs LoRA (model.lora.rank > 0)")
+            raise ValueError(f"model.reference={self.name} {LORA_BASE_NEEDS_LORA}")
 
     def stored(self, params: Any, compute_dtype: Any) -> Any:
         """What `TrainState.reference` holds, from the reference's `nnx.Param` state
@@ -90,8 +95,6 @@ class ReferenceMode:
 
     def model(self, sdef: StateDef, state: TrainState) -> Decoder | None:
         """The reference module of `state` (None when the state keeps none)."""
-        from mmpo_jax.train.state import merge_states
-
         if self.stores_weights:
             assert state.reference is not None, f"reference mode {self.name} stores its weights"
             return merge_states(sdef.graphdef, state.reference, state.rest)
@@ -100,14 +103,13 @@ class ReferenceMode:
             return merge_states(sdef.graphdef, zeros, state.frozen, state.rest)
         return None
 
-    def logps(self, sdef: StateDef, state: TrainState, batch: dict[str, jax.Array], *, average: bool,
+    def logps(self, sdef: StateDef, state: TrainState, batch: DeviceBatch, *, average: bool,
               chunk: int | None, ld_alpha: float | None = None) -> jax.Array | None:
         """`[pairs, 2]` reference sequence log-probs of `batch` (no gradient), reduced as the
         policy's (`average`, `ld_alpha`), or None."""
-        from mmpo_jax.train.pair_logps import pair_logps
-
         if self.precomputed:
-            return jax.lax.stop_gradient(batch["ref_logps"].astype(jnp.float32))
+            assert batch.ref_logps is not None, "a precomputed reference's batch holds ref_logps"
+            return jax.lax.stop_gradient(batch.ref_logps.astype(jnp.float32))
         model = self.model(sdef, state)
         if model is None:
             return None
@@ -156,14 +158,16 @@ REFERENCE_MODES: dict[str, ReferenceMode] = {
 
 
 def reference_mode(name: str) -> ReferenceMode:
-    """The mode `name` (a resolved `model.reference`; `auto` is settled by the config)."""
+    """The mode `name` (a resolved `model.reference`; `auto` is settled by the config): the
+    one place the config's string becomes the object that the state, the step and the
+    commands carry (`StateDef.reference_mode`)."""
     try:
         return REFERENCE_MODES[name]
     except KeyError:
         raise ValueError(f"reference mode {name!r} not in {tuple(REFERENCE_MODES)}") from None
 
 
-def held_model(trainer: Trainer) -> Decoder | None:
-    """The reference model `trainer`'s state holds (`separate`, `lora_base`), else None
+def held_model(run: Evaluator) -> Decoder | None:
+    """The reference model `run`'s state holds (`separate`, `lora_base`), else None
     (`precomputed` and `none` keep none: `setup.initial_reference` loads the initial one)."""
-    return reference_mode(trainer.sdef.reference_mode).model(trainer.sdef, trainer.state)
+    return run.sdef.reference_mode.model(run.sdef, run.state)

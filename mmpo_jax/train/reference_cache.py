@@ -30,7 +30,11 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mmpo_jax.losses import registry as loss_registry
+from mmpo_jax import __version__
+from mmpo_jax.data.batches import eval_batches, pack_spec
+from mmpo_jax.data.layout import DeviceBatch, device_batch
+from mmpo_jax.losses import declarations as loss_declarations
+from mmpo_jax.paths import resolve
 from mmpo_jax.config_schema import RunConfig
 from mmpo_jax import storage
 from mmpo_jax.errors import UserError, first_line
@@ -57,14 +61,10 @@ def data_fingerprint(data: PreferenceData) -> str:
 
 
 def cache_key(cfg: RunConfig, data: PreferenceData) -> str:
-    from mmpo_jax import __version__
-
     m = cfg.model
     source = m.reference_path or m.path
     described: dict[str, Any] = {"version": __version__, "source": source}
     if source:
-        from mmpo_jax.paths import resolve
-
         if storage.is_url(source):  # in a bucket: each object's size and generation
             described["files"] = [[rel, st.size, st.version] for rel, st in storage.file_stats(source).items()]
         elif (path := Path(resolve(source)).expanduser()).exists():  # a local checkpoint: its files' sizes and times stand for its content
@@ -79,7 +79,7 @@ def cache_key(cfg: RunConfig, data: PreferenceData) -> str:
         average_logps=cfg.loss.average_logps, data=data_fingerprint(data),
         backend=jax.default_backend(),
     )
-    ld_alpha = loss_registry.reduction(cfg.loss)["ld_alpha"]
+    ld_alpha = loss_declarations.reduction(cfg.loss)["ld_alpha"]
     if ld_alpha is not None:  # (absent otherwise: the keys of runs from before it stay)
         described["ld_alpha"] = ld_alpha
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:20]
@@ -162,16 +162,13 @@ def _table_problem(path: storage.Location, rows: int) -> str | np.ndarray:
 
 
 def compute_table(cfg: RunConfig, model: Decoder, data: PreferenceData, mesh: jax.sharding.Mesh) -> np.ndarray:
-    from mmpo_jax.data.batches import eval_batches
-    from mmpo_jax.train.setup import device_batch, pack_spec
-
     graphdef, state = nnx.split(model)
     replicated = NamedSharding(mesh, P())
 
     @jax.jit
-    def logps(state, batch):
+    def logps(state: nnx.State, batch: DeviceBatch) -> jax.Array:
         out = pair_logps(nnx.merge(graphdef, state), batch, chunk=cfg.model.logprob_chunk,
-                         **loss_registry.reduction(cfg.loss)).logps
+                         **loss_declarations.reduction(cfg.loss)).logps
         return jax.lax.with_sharding_constraint(out, replicated)
 
     bs = cfg.data.batch_size

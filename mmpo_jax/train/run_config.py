@@ -1,7 +1,7 @@
-"""A run's config against the one its checkpoints were trained with, and what a resolved
-run length means: the keys a resume may change, the check of the others (also before a
-finished run is called finished), `train.num_epochs` as steps, and the words for a
-learning-rate schedule that a new `train.max_steps` stretches."""
+"""The resume policy: a run's config against the one its checkpoints were trained with,
+and what a resolved run length means: the keys a resume may change, the check of the
+others (also before a finished run is called finished), `train.num_epochs` as steps, and
+the words for a learning-rate schedule that a new `train.max_steps` stretches."""
 
 from __future__ import annotations
 
@@ -15,9 +15,14 @@ from typing import Any
 
 import yaml
 
+from mmpo_jax import storage
 from mmpo_jax.config import config_from_text, config_to_yaml
 from mmpo_jax.config_schema import RunConfig
+from mmpo_jax.data.batches import steps_per_epoch
 from mmpo_jax.errors import UserError
+from mmpo_jax.storage import Location
+from mmpo_jax.train.checkpoint import CHECKPOINTS_DIR, saved_config_text
+from mmpo_jax.train.optim import learning_rate_schedule
 
 # Keys a resume may change without --allow-config-change: how long, how often and where
 # the run logs, evaluates and saves, the mesh (a checkpoint resumes on any mesh) and how
@@ -74,6 +79,19 @@ def check_resume_config(saved_yaml: str, current_yaml: str, allow: bool, finishe
     )
 
 
+def check_saved_config(output_dir: Location, step: int, current_yaml: str, allow: bool, finished: bool) -> None:
+    """`check_resume_config` of the config saved in checkpoint `step` of `output_dir`
+    (read from its files: no model is loaded for it)."""
+    saved = saved_config_text(storage.join(output_dir, CHECKPOINTS_DIR, str(step)))
+    check_resume_config(saved, current_yaml, allow, finished=finished)
+
+
+def finished_line(output_dir: Location, step: int, max_steps: int) -> str:
+    """What a start says of a run directory whose checkpoint `step` ends the run."""
+    return (f"{output_dir} already holds a finished run ({step} of train.max_steps={max_steps} steps); "
+            "raise train.max_steps to continue it, or choose another train.output_dir")
+
+
 def record_config_change(out: Path, step: int, changes: list[str]) -> None:
     """Appends the resume's config changes to `<out>/config_changes.jsonl`."""
     line = json.dumps({"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changes": changes})
@@ -85,8 +103,6 @@ def epoch_steps(num_epochs: float, train_pairs: int, batch_size: int) -> int:
     """Optimizer steps of `num_epochs` passes over `train_pairs` (TRL's
     ceil(num_train_epochs x steps per epoch)); an epoch is the full global batches it holds
     (`mmpo_jax.data.batches.steps_per_epoch`: the remainder is left out)."""
-    from mmpo_jax.data.batches import steps_per_epoch
-
     return max(1, math.ceil(num_epochs * steps_per_epoch(train_pairs, batch_size)))
 
 
@@ -107,8 +123,6 @@ def schedule_change_lines(saved_yaml: str, cfg: RunConfig, start: int) -> list[s
     """What a resume at `start` with another `train.max_steps` does to the learning rate: the
     schedule is a function of the run's length, so it is recomputed over the new one; the
     rate of step `start` as it was and of the next step as it now is."""
-    from mmpo_jax.train.optim import learning_rate_schedule
-
     saved = config_from_text(saved_yaml, where="the checkpoint's config")
     before, now = saved.train.max_steps, cfg.train.max_steps
     assert before is not None and now is not None, "a run's saved and current max_steps are resolved"

@@ -12,6 +12,7 @@ was killed is taken over with a notice.
 from __future__ import annotations
 
 import json
+import fcntl
 import os
 import socket
 from pathlib import Path
@@ -35,8 +36,6 @@ class RunLock:
         self._claimed = False
 
     def __enter__(self) -> RunLock:
-        import fcntl
-
         fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -6,47 +6,56 @@ and the benchmarks all go through it, so they run the same step, and `aot-check`
 compiles the state of the same `build_model` + `create_state` under `jax.eval_shape`.
 `build_policy` is its first part (the initial policy alone, for `generate`), and
 `initial_reference` loads a run's starting reference again for the modes whose state
-keeps none.
+keeps none. A checkpoint read for inference (`run_restore.restore_inference`) restores
+onto `abstract_run_state` (the same state, never allocated) and becomes an `Evaluator`
+(`build_evaluator`: the eval step, no optimizer).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import jax
-import numpy as np
 import optax
 
 from mmpo_jax.config_schema import RunConfig
+from mmpo_jax.data.layout import layout_of
 from mmpo_jax.errors import UserError
 from mmpo_jax.models.build import build_model
 from mmpo_jax.models.decoder_config import DecoderConfig, model_config_from_init
 from mmpo_jax.models.options import ModelOptions
+from mmpo_jax.models.pretrained import load_checkpoint, open_checkpoint
 from mmpo_jax.sharding import make_mesh
 from mmpo_jax.train.optim import learning_rate_schedule, make_optimizer
-from mmpo_jax.train.reference import reference_mode
+from mmpo_jax.train.reference import ReferenceMode, held_model, reference_mode
 from mmpo_jax.train.state import StateDef, TrainState, create_state, place_abstract_state, state_shardings
-from mmpo_jax.train.step import (StepConfig, batch_shardings, check_batch_divisible, make_eval_step,
-                                 make_train_step)
+from mmpo_jax.train.step import (
+    EvalStepFn,
+    StepConfig,
+    TrainStepFn,
+    check_batch_divisible,
+    make_eval_step,
+    make_train_step,
+)
 
 if TYPE_CHECKING:
+    from mmpo_jax.data.tokenizer_protocol import Tokenizer
     from mmpo_jax.models.decoder import Decoder
-    from mmpo_jax.data.batches import PackSpec, PreferenceBatch
-    from mmpo_jax.data.packing import PackedBatch
+    from mmpo_jax.data.batches import PackSpec
 
 
 def model_options(cfg: RunConfig, backend: str | None = None) -> ModelOptions:
-    """The model options of `cfg` for `backend` (None: this process's JAX backend)."""
-    return ModelOptions.from_config(cfg.model, backend)
+    """The model options of `cfg` for `backend` (None: this process's JAX backend), for
+    its batch layout (a packed `data.packing` hands the model segment ids); the attention
+    kernel is chosen when the model is built, for its architecture."""
+    return ModelOptions.from_config(cfg.model, backend, segments=cfg.data.packing != "none")
 
 
 def load_model(cfg: RunConfig, path: str, options: ModelOptions, mesh: jax.sharding.Mesh) -> tuple[Decoder, DecoderConfig]:
     """`(model, architecture)`: the checkpoint at `path`, or a random init when `path` is ""."""
     if path:
-        from mmpo_jax.models.pretrained import load_checkpoint
-
         model, arch, _ = load_checkpoint(path, options, mesh=mesh, with_tokenizer=False)
         return model, arch
     arch = model_config_from_init(cfg.model.init)
@@ -54,12 +63,27 @@ def load_model(cfg: RunConfig, path: str, options: ModelOptions, mesh: jax.shard
     return model, arch
 
 
-def build_policy(cfg: RunConfig, mesh: jax.sharding.Mesh | None = None) -> tuple[Decoder, DecoderConfig, ModelOptions]:
+def policy_architecture(cfg: RunConfig) -> DecoderConfig:
+    """The architecture `load_model` gives the run's policy, read without its weights:
+    `model.path`'s config.json or GGUF metadata, or `model.init` when the path is ""."""
+    if not cfg.model.path:
+        return model_config_from_init(cfg.model.init)
+
+    return DecoderConfig.from_hf_dict(open_checkpoint(cfg.model.path).hf_config)
+
+
+def build_policy(cfg: RunConfig, mesh: jax.sharding.Mesh | None = None,
+                 say: Callable[[str], None] | None = None) -> tuple[Decoder, DecoderConfig, ModelOptions]:
     """`(model, architecture, options)`: the run's initial policy alone, as `build_trainer`
-    makes it (no optimizer or reference: what `generate` of a config needs)."""
+    makes it (no optimizer or reference: what `generate` of a config needs). The options
+    hold the attention kernel chosen for the architecture; `say` (a run's start lines)
+    is told `auto`'s choice and its reason."""
     mesh = make_mesh(cfg.mesh) if mesh is None else mesh
-    options = model_options(cfg)
-    model, arch = load_model(cfg, cfg.model.path, options, mesh)
+    model, arch = load_model(cfg, cfg.model.path, model_options(cfg), mesh)
+    options = model.options  # `kernel` chosen as the model was built
+    line = options.model_choice(arch).start_line()
+    if say is not None and line is not None:
+        say(line)
     return model, arch, options
 
 
@@ -82,7 +106,7 @@ def load_reference(cfg: RunConfig, options: ModelOptions, mesh: jax.sharding.Mes
     return model
 
 
-def check_vocab(tokenizer: Any, arch: DecoderConfig, cfg: RunConfig) -> None:
+def check_vocab(tokenizer: Tokenizer, arch: DecoderConfig, cfg: RunConfig) -> None:
     """Every token id of `data.tokenizer` must index the model's embedding."""
     n = len(tokenizer)
     if n > arch.vocab_size:
@@ -122,10 +146,13 @@ def step_config(cfg: RunConfig, schedule: Callable[[jax.Array], jax.Array], opti
 
 
 @dataclass
-class Trainer:
-    """A run's model state and its jitted steps (`train_step(state, batch)`, `eval_step`).
+class Evaluator:
+    """A run's model state and its jitted eval step (`eval_step(state, batch)`), what eval,
+    export, generate and the probes read: a `Trainer`, or a restored checkpoint's policy
+    (`run_restore.restore_inference`), whose state may hold no optimizer state (`()`) and
+    no reference (None).
 
-    `train_step` / `eval_step` compile once per batch shape (one per bucket length).
+    `eval_step` compiles once per batch shape (one per bucket length).
     """
 
     cfg: RunConfig
@@ -134,19 +161,27 @@ class Trainer:
     options: ModelOptions
     sdef: StateDef
     state: TrainState
-    optimizer: optax.GradientTransformation
     scfg: StepConfig
-    train_step: Callable
-    eval_step: Callable
+    eval_step: EvalStepFn
     packing: PackSpec | None = None  # `pack_spec(cfg, mesh)`: how the batches are packed
 
 
+@dataclass(kw_only=True)
+class Trainer(Evaluator):
+    """An `Evaluator` that trains: its optimizer and jitted `train_step(state, batch)`
+    (compiled once per batch shape, as `eval_step`)."""
+
+    optimizer: optax.GradientTransformation
+    train_step: TrainStepFn
+
+
 def build_trainer(cfg: RunConfig, mesh: jax.sharding.Mesh | None = None,
-                  devices: list | None = None) -> Trainer:
-    """The initial state and jitted steps of `cfg` on `mesh` (default: from `mesh.*`)."""
+                  devices: list | None = None, say: Callable[[str], None] | None = None) -> Trainer:
+    """The initial state and jitted steps of `cfg` on `mesh` (default: from `mesh.*`);
+    `say`: as `build_policy`'s."""
     mesh = make_mesh(cfg.mesh, devices=devices) if mesh is None else mesh
     check_batch_divisible(cfg.data.batch_size, cfg.optim.grad_accum, mesh)
-    policy, arch, options = build_policy(cfg, mesh)
+    policy, arch, options = build_policy(cfg, mesh, say)
     check_context(arch, cfg)
     mode = reference_mode(cfg.model.reference)
     # precomputed: the reference pass loads its model when it runs (initial_reference),
@@ -158,115 +193,97 @@ def build_trainer(cfg: RunConfig, mesh: jax.sharding.Mesh | None = None,
     optimizer = make_optimizer(cfg.optim, total)
     schedule = learning_rate_schedule(cfg.optim, total)
     sdef, state = create_state(
-        policy, optimizer, lora=options.lora is not None, reference_mode=mode.name,
+        policy, optimizer, lora=options.lora is not None, reference_mode=mode,
         reference_model=reference, seed=cfg.train.seed, mesh=mesh,
     )
     scfg = step_config(cfg, schedule, options)
-    example = example_batch(cfg, mode.name)
+    example = layout_of(cfg.data.packing).example(cfg.data.batch_size, mode)
     shardings = state_shardings(state)
-    n = sum(x.size for x in jax.tree.leaves((state.trainable, state.frozen)))
+    n = _num_params(state)
     return Trainer(
         cfg=cfg, mesh=mesh, arch=arch, options=options, sdef=sdef, state=state, optimizer=optimizer,
         scfg=scfg, train_step=make_train_step(sdef, scfg, optimizer, mesh, shardings, example, n),
-        eval_step=make_eval_step(sdef, scfg, mesh, shardings, example, n), packing=pack_spec(cfg, mesh),
+        eval_step=make_eval_step(sdef, scfg, mesh, shardings, example, n), packing=_pack_spec(cfg, mesh),
     )
 
 
-def initial_reference(trainer: Trainer) -> Decoder:
+def _num_params(state: TrainState) -> int:
+    """The policy's parameter count (the compiler options of the steps read it)."""
+    return sum(x.size for x in jax.tree.leaves((state.trainable, state.frozen)))
+
+
+def abstract_run_state(cfg: RunConfig, mesh: jax.sharding.Mesh
+                       ) -> tuple[DecoderConfig, ModelOptions, StateDef, TrainState]:
+    """`(architecture, options, StateDef, TrainState)` of `cfg`'s run on `mesh`, every
+    array a placed `jax.ShapeDtypeStruct` (`abstract_train_state`): the shapes its
+    checkpoints hold, without reading or allocating any weight. A restore target."""
+    arch, options = policy_architecture(cfg), model_options(cfg)
+    # the optimizer only shapes the (abstract) moments: its schedule's length changes none
+    optimizer = make_optimizer(cfg.optim, cfg.train.max_steps or 1)
+    mode = reference_mode(cfg.model.reference)
+    sdef, state = abstract_train_state(arch, options, optimizer, mesh, reference_mode=mode, seed=cfg.train.seed,
+                                       init_scale=cfg.model.init.init_scale)
+    return arch, options, sdef, state
+
+
+def build_evaluator(cfg: RunConfig, mesh: jax.sharding.Mesh, arch: DecoderConfig, options: ModelOptions,
+                    sdef: StateDef, state: TrainState) -> Evaluator:
+    """The `Evaluator` of `state` (arrays on `mesh`, e.g. a restored checkpoint's): its eval
+    step, compiled for the state as it is (no optimizer state, or no reference, when the
+    state holds none)."""
+    scfg = step_config(cfg, learning_rate_schedule(cfg.optim, cfg.train.max_steps or 1), options)
+    example = layout_of(cfg.data.packing).example(cfg.data.batch_size, sdef.reference_mode)
+    eval_step = make_eval_step(sdef, scfg, mesh, state_shardings(state), example, _num_params(state))
+    return Evaluator(cfg=cfg, mesh=mesh, arch=arch, options=options, sdef=sdef, state=state, scfg=scfg,
+                     eval_step=eval_step, packing=_pack_spec(cfg, mesh))
+
+
+def initial_reference(run: Evaluator) -> Decoder:
     """The run's reference as it was before training, loaded anew from the config:
     `model.reference_path` where the mode reads one (separate, precomputed), else the
     policy's starting point (`model.path`, or the seeded random init, which loads to the
     same weights every time). Loaded with the run's options, so LoRA adapters exist with
     B = 0 and add nothing. For the modes that keep no reference model: the precomputed
     reference pass, and the win rate's comparison model."""
-    cfg = trainer.cfg
-    mode = reference_mode(cfg.model.reference)
+    cfg = run.cfg
+    mode = run.sdef.reference_mode
     if cfg.model.reference_path and (mode.stores_weights or mode.precomputed):
-        reference = load_reference(cfg, trainer.options, trainer.mesh, trainer.arch)
+        reference = load_reference(cfg, run.options, run.mesh, run.arch)
         assert reference is not None  # a reference_path always loads one
         return reference
-    model, _ = load_model(cfg, cfg.model.path, trainer.options, trainer.mesh)
+    model, _ = load_model(cfg, cfg.model.path, run.options, run.mesh)
     return model
 
 
-BATCH_KEYS = ("input_ids", "loss_mask", "pair_mask")
-# a packed batch's rows and the map back to its pairs (mmpo_jax/data/packing.py)
-PACKED_KEYS = (*BATCH_KEYS, "segment_ids", "positions", "sources", "token_index", "attention_mask")
-SHARED_KEYS = (*PACKED_KEYS, "branches")  # data.packing: shared_prompt
-
-
-def pack_spec(cfg: RunConfig, mesh: jax.sharding.Mesh) -> PackSpec | None:
-    """How `cfg`'s batches are packed on `mesh` (None: `data.packing: none`)."""
-    if cfg.data.packing == "none":
+def _pack_spec(cfg: RunConfig, mesh: jax.sharding.Mesh) -> PackSpec | None:
+    """`batches.pack_spec`, None for a layout without packed rows before any data code
+    loads: a step built on arrays of its own (benchmarks/, the GPU image, which has no
+    `datasets`) imports none."""
+    if not layout_of(cfg.data.packing).segments:
         return None
-    # imported here: a step built on arrays of its own (benchmarks/, the GPU image) loads no data code
-    from mmpo_jax.data.batches import PackSpec
+    from mmpo_jax.data.batches import pack_spec  # lazy: see above
 
-    return PackSpec.for_data(cfg.data, mesh.shape["data"] * mesh.shape["fsdp"], cfg.optim.grad_accum)
+    return pack_spec(cfg, mesh)
 
 
-def run_reference(trainer: Trainer) -> Decoder | None:
+def run_reference(run: Evaluator) -> Decoder | None:
     """The run's reference model: the one its state holds (separate, lora_base), the
     initial one loaded again for `precomputed` (its state keeps only log-probs), None
     for `none`."""
-    from mmpo_jax.train.reference import held_model
-
-    held = held_model(trainer)
-    if held is None and reference_mode(trainer.sdef.reference_mode).precomputed:
-        return initial_reference(trainer)
+    held = held_model(run)
+    if held is None and run.sdef.reference_mode.precomputed:
+        return initial_reference(run)
     return held
 
 
-def batch_shapes(pairs: int, seq: int, mode: str, packed: tuple[int, int] | None = None,
-                 shared: bool = False) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """The step's batch, key -> (shape, dtype): `input_ids`, `loss_mask` `[pairs, 2, seq]`
-    int32, `pair_mask` `[pairs]` int32, and the keys of reference mode `mode`
-    (`precomputed`: `ref_logps` `[pairs, 2]` float32), as `device_batch` builds them.
-    `packed` `(rows, pack_length)`: a packed batch (`PACKED_KEYS`), its rows
-    `[rows, pack_length]` and its pair-major arrays `seq` wide; `shared`: a shared-prompt
-    one (`SHARED_KEYS`)."""
-    shapes: dict[str, tuple[tuple[int, ...], Any]] = {
-        "input_ids": ((pairs, 2, seq), np.int32),
-        "loss_mask": ((pairs, 2, seq), np.int32),
-        "pair_mask": ((pairs,), np.int32),
-    }
-    if packed is not None:
-        shapes["input_ids"] = (packed, np.int32)
-        shapes.update({"segment_ids": (packed, np.int32), "positions": (packed, np.int32),
-                       "sources": (packed, np.int32), "token_index": ((pairs, 2, seq), np.int32),
-                       "attention_mask": ((pairs, 2, seq), np.int32)})
-        if shared:
-            shapes["branches"] = (packed, np.int32)
-    for key in reference_mode(mode).batch_keys:
-        shapes[key] = ((pairs, 2), np.float32)
-    return shapes
-
-
-def example_batch(cfg: RunConfig, mode: str) -> dict[str, np.ndarray]:
-    """The keys and dtypes of the step's batch (shapes do not matter: only the shardings are read)."""
-    packed = None if cfg.data.packing == "none" else (cfg.data.batch_size, 16)
-    shapes = batch_shapes(cfg.data.batch_size, 16, mode, packed, cfg.data.packing == "shared_prompt")
-    return {k: np.zeros(shape, dtype) for k, (shape, dtype) in shapes.items()}
-
-
-def abstract_batch(pairs: int, seq: int, mesh: jax.sharding.Mesh, mode: str,
-                   packed: tuple[int, int] | None = None, shared: bool = False
-                   ) -> dict[str, jax.ShapeDtypeStruct]:
-    """`batch_shapes` as ShapeDtypeStructs split over the mesh's batch axes (what an
-    ahead-of-time compile lowers the step with)."""
-    shapes = batch_shapes(pairs, seq, mode, packed, shared)
-    shardings = batch_shardings(mesh, shapes)
-    return {k: jax.ShapeDtypeStruct(s, d, sharding=shardings[k]) for k, (s, d) in shapes.items()}
-
-
 def abstract_train_state(arch: DecoderConfig, options: ModelOptions, optimizer: optax.GradientTransformation,
-                         mesh: jax.sharding.Mesh, *, reference_mode: str, seed: int = 0,
+                         mesh: jax.sharding.Mesh, *, reference_mode: ReferenceMode, seed: int = 0,
                          init_scale: float = 0.02) -> tuple[StateDef, TrainState]:
     """`(StateDef, TrainState)` with a `jax.ShapeDtypeStruct` (shape, dtype, sharding) for
     every array, never allocated: a run's own `build_model` and `create_state` under
     `jax.eval_shape`, placed as a run on `mesh` places them (`place_abstract_state`).
     What `aot-check` and `benchmarks/memory_fit.py` compile."""
-    made: dict[str, Any] = {}
+    made: dict[str, StateDef] = {}
 
     def init() -> TrainState:
         model = build_model(arch, options, mesh=mesh, seed=seed, init_scale=init_scale)
@@ -276,24 +293,3 @@ def abstract_train_state(arch: DecoderConfig, options: ModelOptions, optimizer: 
 
     shapes = jax.eval_shape(init)
     return made["sdef"], place_abstract_state(shapes, optimizer, mesh)
-
-
-def device_batch(batch: PreferenceBatch | PackedBatch, mesh: jax.sharding.Mesh,
-                 ref_table: np.ndarray | None = None) -> dict[str, jax.Array]:
-    """A `PreferenceBatch` or `PackedBatch` (this process's pairs) as the step's global
-    arrays on `mesh`.
-
-    `ref_table` `[rows, 2]` (model.reference=precomputed): the reference log-probs of
-    every example, looked up by `example_index` (padding pairs get 0; they are masked).
-    """
-    from mmpo_jax.data.packing import PackedBatch  # as in `pack_spec`
-
-    keys: tuple[str, ...] = BATCH_KEYS
-    if isinstance(batch, PackedBatch):
-        keys = PACKED_KEYS if batch.branches is None else SHARED_KEYS
-    host = {k: np.asarray(getattr(batch, k)) for k in keys}
-    if ref_table is not None:
-        index = np.asarray(batch.example_index)
-        host["ref_logps"] = np.where((index >= 0)[:, None], ref_table[np.maximum(index, 0)], 0.0).astype(np.float32)
-    shardings = batch_shardings(mesh, host)
-    return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in host.items()}

@@ -24,11 +24,13 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from flax.nnx import filterlib
 
-from mmpo_jax.train.reference import reference_mode as reference_mode_of
+from mmpo_jax.sharding import model_shardings
 
 if TYPE_CHECKING:
     from mmpo_jax.models.decoder import Decoder
+    from mmpo_jax.train.reference import ReferenceMode
 
 
 @flax.struct.dataclass
@@ -50,7 +52,7 @@ class StateDef:
 
     graphdef: nnx.GraphDef
     lora: bool
-    reference_mode: str
+    reference_mode: ReferenceMode
 
     def policy(self, state: TrainState, trainable: nnx.State | None = None) -> Decoder:
         """The policy module from the state (`trainable` overrides the state's)."""
@@ -59,11 +61,9 @@ class StateDef:
 
     def reference(self, state: TrainState) -> Decoder:
         """The reference module of the modes that keep one in the state (`separate`, `lora_base`)."""
-        from mmpo_jax.train.reference import reference_mode
-
-        model = reference_mode(self.reference_mode).model(self, state)
+        model = self.reference_mode.model(self, state)
         if model is None:
-            raise ValueError(f"reference mode {self.reference_mode!r} has no reference model")
+            raise ValueError(f"reference mode {self.reference_mode.name!r} has no reference model")
         return model
 
 
@@ -77,7 +77,7 @@ def merge_states(graphdef: Any, *states: nnx.State) -> Any:
     return nnx.merge(graphdef, *[jax.tree.map(lambda x: x, s) for s in states])
 
 
-def frozen_filter(lora: bool):
+def frozen_filter(lora: bool) -> filterlib.Filter:
     # LoRAParam is a subclass of Param: exclude it explicitly.
     return nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)) if lora else nnx.Param
 
@@ -99,24 +99,24 @@ def create_state(
     optimizer: optax.GradientTransformation,
     *,
     lora: bool,
-    reference_mode: str,
+    reference_mode: ReferenceMode,
     reference_model: Decoder | None = None,
     seed: int = 0,
     mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[StateDef, TrainState]:
     """The initial state of a run.
 
-    `reference_model` (mode `separate` only): the reference; None = a copy of the
-    initial policy. With `mesh`, the optimizer's moments are created sharded as their
-    parameters (FSDP shards the AdamW state with the weights: for full fine-tuning in
-    float32 it is twice the model).
+    `reference_mode`: what the state keeps for the reference (`reference.reference_mode(name)`
+    of a resolved `model.reference`). `reference_model` (mode `separate` only): the
+    reference; None = a copy of the initial policy. With `mesh`, the optimizer's moments
+    are created sharded as their parameters (FSDP shards the AdamW state with the
+    weights: for full fine-tuning in float32 it is twice the model).
     """
-    mode = reference_mode_of(reference_mode)
-    mode.check(lora=lora)
+    reference_mode.check(lora=lora)
     graphdef, trainable, frozen, rest = split_model(model, lora)
     # all Params, LoRA adapters included: the initial policy (or the given reference) as it is
     source = model if reference_model is None else reference_model
-    reference = mode.stored(nnx.state(source, nnx.Param), source.options.compute_dtype) if mode.stores_weights else None
+    reference = reference_mode.stored(nnx.state(source, nnx.Param), source.options.compute_dtype)
     opt_state = init_optimizer_state(optimizer, trainable, mesh)
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -153,7 +153,7 @@ def init_optimizer_state(optimizer: optax.GradientTransformation, trainable: nnx
         return jax.jit(optimizer.init)(trainable)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
-    def on_mesh(x):  # a parameter not yet placed on `mesh` is replicated there later (_onto_mesh)
+    def on_mesh(x: jax.Array) -> jax.sharding.Sharding:  # a parameter not yet placed on `mesh` is replicated there later (_onto_mesh)
         s = x.sharding
         return s if isinstance(s, jax.sharding.NamedSharding) and s.mesh == mesh else replicated
 
@@ -168,7 +168,7 @@ def _onto_mesh(tree: Any, mesh: jax.sharding.Mesh) -> Any:
     device set and the same shardings in as out."""
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
-    def place(x):
+    def place(x: jax.Array) -> jax.Array:
         # A single-device sharding would also differ from the step's outputs'
         # NamedShardings and cost a second compile of the step.
         if isinstance(x.sharding, jax.sharding.NamedSharding) and x.sharding.mesh == mesh:
@@ -184,8 +184,6 @@ def place_abstract_state(state: TrainState, optimizer: optax.GradientTransformat
     sharding a run on `mesh` gives each array: the parameters and the reference by the
     logical-axis rules (as `build_model` places them), the optimizer's moments as their
     parameters (`init_optimizer_state`), the rest replicated (`_onto_mesh`)."""
-    from mmpo_jax.sharding import model_shardings
-
     def placed(tree: Any) -> Any:
         return _with_shardings(tree, model_shardings(tree, mesh))
 

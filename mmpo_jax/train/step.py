@@ -1,7 +1,8 @@
 """The train step and eval step: one jitted function each, sharded over the mesh.
 
-A batch is a dict of arrays, pair-major and split over the batch mesh axes
-(`data` x `fsdp`) along its first axis:
+A batch is a `mmpo_jax.data.layout.DeviceBatch` in its layout (`data.packing`),
+pair-major (or packed rows) and split over the batch mesh axes (`data` x `fsdp`) along
+its first axis:
 
     input_ids   [pairs, 2, seq] int32   chosen at [:, 0], rejected at [:, 1]
     loss_mask   [pairs, 2, seq]         1 on the completion tokens, aligned with input_ids
@@ -24,9 +25,9 @@ are donated) and `metrics["nonfinite"]` is 1.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from functools import partial
-from collections.abc import Mapping
 from typing import Any, Callable
 
 import jax
@@ -36,31 +37,36 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mmpo_jax.losses import mmpo as losses, registry as loss_registry
+from mmpo_jax.losses import declarations as loss_declarations
 from mmpo_jax.config_schema import LossConfig
+from mmpo_jax.data.layout import DeviceBatch, batch_shardings
 from mmpo_jax.errors import UserError
+from mmpo_jax.losses.binding import BoundLoss
 from mmpo_jax.losses.inputs import LossInputs
+from mmpo_jax.losses.registry import bind_loss
 from mmpo_jax.sharding import BATCH_AXES
 from mmpo_jax.train.pair_logps import pair_logps
-from mmpo_jax.train.reference import reference_mode
 from mmpo_jax.train.state import StateDef, TrainState
 
-Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+# The jitted steps (`make_train_step`, `make_eval_step`): `(state, batch) -> (state, metrics)`
+# and `(state, batch) -> metrics`.
+TrainStepFn = Callable[[TrainState, DeviceBatch], tuple[TrainState, Metrics]]
+EvalStepFn = Callable[[TrainState, DeviceBatch], Metrics]
 
 
 # --------------------------------------------------------------------------- #
 # The loss on per-pair log-probs, global over the mesh
 # --------------------------------------------------------------------------- #
-def loss_on_mesh(loss_cfg: LossConfig, mesh: jax.sharding.Mesh, inputs: LossInputs) -> tuple[jax.Array, Metrics]:
-    """The configured loss on `inputs` (`[pairs]` arrays split over the batch mesh axes),
-    with global statistics; only the fields the loss reads enter the `shard_map`."""
+def loss_on_mesh(loss: BoundLoss, mesh: jax.sharding.Mesh, inputs: LossInputs) -> tuple[jax.Array, Metrics]:
+    """The bound loss on `inputs` (`[pairs]` arrays split over the batch mesh axes), with
+    global statistics; only the fields the loss reads enter the `shard_map`."""
 
     def local(used: LossInputs) -> tuple[jax.Array, Metrics]:
-        return losses.configured_loss(loss_cfg, used, axis_name=BATCH_AXES)
+        return loss(used, axis_name=BATCH_AXES)
 
     fn = jax.shard_map(local, mesh=mesh, in_specs=(P(BATCH_AXES),), out_specs=(P(), P()))
-    return fn(loss_registry.used_inputs(loss_cfg, inputs))
+    return fn(loss.used(inputs))
 
 
 # --------------------------------------------------------------------------- #
@@ -77,16 +83,21 @@ class StepConfig:
     dropout: bool  # dropout on (model.dropout > 0) during training
     # TR-DPO: (every N optimizer steps, mixup alpha), or None for a fixed reference
     reference_sync: tuple[int, float] | None = None
+    # `loss` bound to its JAX function once, called on every micro-batch
+    bound_loss: BoundLoss = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bound_loss", bind_loss(self.loss))  # frozen: set once, here
 
 
-def _micro_batches(batch: Batch, n: int) -> Batch:
+def _micro_batches(batch: DeviceBatch, n: int) -> DeviceBatch:
     """`[pairs, ...]` -> `[n, pairs / n, ...]`, micro-batch `a` = pairs `a, a+n, a+2n, ...`.
 
     Strided, not contiguous: each device keeps exactly its own pairs (the pairs
     axis is split into contiguous blocks over devices), so no data moves.
     """
 
-    def split(x):
+    def split(x: jax.Array) -> jax.Array:
         pairs = x.shape[0]
         y = x.reshape(pairs // n, n, *x.shape[1:])
         return jnp.moveaxis(y, 1, 0)
@@ -100,7 +111,7 @@ def _forward_loss(
     mesh: jax.sharding.Mesh,
     state: TrainState,
     trainable: nnx.State,
-    batch: Batch,
+    batch: DeviceBatch,
     dropout_key: jax.Array | None,
 ) -> tuple[jax.Array, Metrics]:
     """Loss and metrics of one micro-batch, differentiable in `trainable`."""
@@ -108,25 +119,25 @@ def _forward_loss(
     assert lc.average_logps is not None, "the step reads a settled LossConfig"
     policy = sdef.policy(state, trainable)
     out = pair_logps(
-        policy, batch, **loss_registry.reduction(lc),
-        chunk=scfg.logprob_chunk, entropy_estimator=loss_registry.entropy_estimator(lc), dropout_key=dropout_key,
-        chosen_sequence=loss_registry.spec_of(lc.name).sequence_nll, weighting=loss_registry.weighting(lc),
+        policy, batch, **loss_declarations.reduction(lc),
+        chunk=scfg.logprob_chunk, entropy_estimator=loss_declarations.entropy_estimator(lc), dropout_key=dropout_key,
+        chosen_sequence=scfg.bound_loss.declaration.sequence_nll, weighting=loss_declarations.weighting(lc),
     )
     ref = _reference_logps(sdef, scfg, state, batch)
-    pair_mask = batch.get("pair_mask")
+    pair_mask = batch.pair_mask
     pair_mask = jnp.ones(out.logps.shape[:1], jnp.float32) if pair_mask is None else pair_mask.astype(jnp.float32)
     # completion tokens per answer (data): SFT's token mean divides by the chosen ones
-    tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32), axis=-1)
+    tokens = jnp.sum(batch.loss_mask.astype(jnp.float32), axis=-1)
     inputs = LossInputs.from_pairs(out.logps, tokens, pair_mask, ref=ref, entropy=out.entropy,
                                    chosen_sequence=out.chosen_sequence, pair_weights=out.weights,
                                    chosen_unweighted=out.chosen_unweighted)
-    return loss_on_mesh(lc, mesh, inputs)
+    return loss_on_mesh(scfg.bound_loss, mesh, inputs)
 
 
-def _reference_logps(sdef: StateDef, scfg: StepConfig, state: TrainState, batch: Batch) -> jax.Array | None:
+def _reference_logps(sdef: StateDef, scfg: StepConfig, state: TrainState, batch: DeviceBatch) -> jax.Array | None:
     """`[pairs, 2]` reference log-probs of `batch`, as the run's reference mode gives them."""
-    return reference_mode(sdef.reference_mode).logps(sdef, state, batch, chunk=scfg.logprob_chunk,
-                                                     **loss_registry.reduction(scfg.loss))
+    return sdef.reference_mode.logps(sdef, state, batch, chunk=scfg.logprob_chunk,
+                                     **loss_declarations.reduction(scfg.loss))
 
 
 def _all_finite(tree: Any) -> jax.Array:
@@ -139,8 +150,8 @@ def loss_and_grads(
     scfg: StepConfig,
     mesh: jax.sharding.Mesh,
     state: TrainState,
-    batch: Batch,
-) -> tuple[Any, Metrics]:
+    batch: DeviceBatch,
+) -> tuple[nnx.State, Metrics]:
     """Gradients (float32, like `state.trainable`) and metrics of one optimizer step's
     batch: the mean over its `grad_accum` micro-batches, each normalised on its own."""
     n = scfg.grad_accum
@@ -152,7 +163,8 @@ def loss_and_grads(
         lambda t, mb, key: _forward_loss(sdef, scfg, mesh, state, t, mb, key), has_aux=True
     )
 
-    def body(carry, xs):
+    def body(carry: tuple[nnx.State, Metrics], xs: tuple[jax.Array, DeviceBatch]
+             ) -> tuple[tuple[nnx.State, Metrics], None]:
         grads_sum, metrics_sum = carry
         index, mb = xs
         key = jax.random.fold_in(step_key, index) if scfg.dropout else None
@@ -177,7 +189,7 @@ def train_step_fn(
     optimizer: optax.GradientTransformation,
     mesh: jax.sharding.Mesh,
     state: TrainState,
-    batch: Batch,
+    batch: DeviceBatch,
 ) -> tuple[TrainState, Metrics]:
     """One optimizer step (unjitted; see `make_train_step`)."""
     grads, metrics = loss_and_grads(sdef, scfg, mesh, state, batch)
@@ -186,7 +198,7 @@ def train_step_fn(
     new_trainable = optax.apply_updates(state.trainable, updates)
     finite = jnp.isfinite(metrics["loss"]) & _all_finite(grads) & _all_finite(new_trainable)
 
-    def keep(new, old):
+    def keep(new: jax.Array, old: jax.Array) -> jax.Array:
         return jnp.where(finite, new, old)
 
     new_state = dataclasses.replace(
@@ -219,16 +231,11 @@ def _synced_reference(state: TrainState, applied: jax.Array, every: int, alpha: 
 
 
 def eval_step_fn(
-    sdef: StateDef, scfg: StepConfig, mesh: jax.sharding.Mesh, state: TrainState, batch: Batch
+    sdef: StateDef, scfg: StepConfig, mesh: jax.sharding.Mesh, state: TrainState, batch: DeviceBatch
 ) -> Metrics:
     """The train step's metrics on `batch`, without gradients or an update."""
     _, metrics = _forward_loss(sdef, scfg, mesh, state, state.trainable, batch, None)
     return metrics
-
-
-def batch_shardings(mesh: jax.sharding.Mesh, batch: Mapping[str, object]) -> dict[str, NamedSharding]:
-    """Every batch array split over the batch axes along its first (pairs) axis."""
-    return {k: NamedSharding(mesh, P(BATCH_AXES)) for k in batch}
 
 
 def check_batch_divisible(pairs: int, grad_accum: int, mesh: jax.sharding.Mesh) -> None:
@@ -256,8 +263,6 @@ def compiler_options(mesh: jax.sharding.Mesh, num_params: int = 0) -> dict[str, 
     and runs those loops ~2x slower, a gain where compiling dominates (models under
     FAST_COMPILE_MAX_PARAMS). MMPO_CPU_FAST_COMPILE=1 / 0 forces it on / off.
     """
-    import os
-
     if not all(d.platform == "cpu" for d in mesh.devices.flat):
         return None
     forced = os.environ.get("MMPO_CPU_FAST_COMPILE")
@@ -266,9 +271,11 @@ def compiler_options(mesh: jax.sharding.Mesh, num_params: int = 0) -> dict[str, 
 
 
 def make_train_step(sdef: StateDef, scfg: StepConfig, optimizer: optax.GradientTransformation,
-                    mesh: jax.sharding.Mesh, state_sharding: TrainState, example_batch: Mapping[str, object],
+                    mesh: jax.sharding.Mesh, state_sharding: TrainState, example_batch: DeviceBatch,
                     num_params: int = 0) -> jax.stages.Wrapped:
-    """The jitted train step `(state, batch) -> (state, metrics)`; the state is donated."""
+    """The jitted train step `(state, batch) -> (state, metrics)`; the state is donated.
+    `example_batch`: a batch with the step's fields and layout (`Layout.example`; only its
+    shardings are read: it compiles once per batch shape)."""
     fn = partial(train_step_fn, sdef, scfg, optimizer, mesh)
     replicated = NamedSharding(mesh, P())
     return jax.jit(
@@ -281,7 +288,7 @@ def make_train_step(sdef: StateDef, scfg: StepConfig, optimizer: optax.GradientT
 
 
 def make_eval_step(sdef: StateDef, scfg: StepConfig, mesh: jax.sharding.Mesh, state_sharding: TrainState,
-                   example_batch: Mapping[str, object], num_params: int = 0) -> jax.stages.Wrapped:
+                   example_batch: DeviceBatch, num_params: int = 0) -> jax.stages.Wrapped:
     """The jitted eval step `(state, batch) -> metrics`."""
     fn = partial(eval_step_fn, sdef, scfg, mesh)
     return jax.jit(

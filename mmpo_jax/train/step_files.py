@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from mmpo_jax import storage
 from mmpo_jax.errors import UserError
@@ -225,7 +226,6 @@ def _move_aside(entries: list[tuple[Location, str]], destination: Location, kind
             storage.move(path, moved)
     if jax.process_count() > 1:
         # Every process must see the moved directories before orbax lists the steps.
-        from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("mmpo_jax_checkpoint_move_incomplete")
 

@@ -29,11 +29,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from mmpo_jax.choices import TRACKERS
 from mmpo_jax.errors import UserError
 from mmpo_jax.files import write_text_atomic
 from mmpo_jax.train.run_files import EVAL_PREFIX
 
-TRACKERS = ("tensorboard", "mlflow", "wandb")
 STATE_FILE = "trackers.json"
 # what `pip install` each tracker needs (the extras of pyproject.toml)
 PACKAGES = {"tensorboard": ("tensorboardX", "tensorboardX"), "mlflow": ("mlflow", "'mmpo-jax[mlflow]'"),
@@ -101,7 +101,7 @@ class MlflowTracker(Tracker):
         # fail within seconds, not minutes, when the server is gone (unless the user set these)
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-        import mlflow
+        import mlflow  # lazy: optional (pip install mmpo-jax[mlflow]), for train.report_to: mlflow only
 
         self.client = mlflow.MlflowClient(tracking_uri=tracking_uri or None)
         self.run_name, self.experiment = run_name, experiment
@@ -109,7 +109,7 @@ class MlflowTracker(Tracker):
 
     def start(self, run_id: str | None, params: dict[str, str], changes: Sequence[str], resume_step: int
               ) -> str:
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import Param, RunTag  # lazy: optional, as `import mlflow` above
 
         if run_id:
             self.run_id = run_id
@@ -129,7 +129,7 @@ class MlflowTracker(Tracker):
         return self.run_id
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # lazy: optional, as `import mlflow` above
 
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v in values.items()]
@@ -151,7 +151,7 @@ class WandbTracker(Tracker):
 
     def start(self, run_id: str | None, params: dict[str, str], changes: Sequence[str], resume_step: int
               ) -> str:
-        import wandb
+        import wandb  # lazy: optional (pip install mmpo-jax[wandb]), for train.report_to: wandb only
 
         self.run = wandb.init(project=self.project, name=self.run_name, id=run_id or None, resume="allow",
                               dir=str(self.output_dir), config=params, reinit="create_new")
