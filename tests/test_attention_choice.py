@@ -61,14 +61,14 @@ def test_auto_picks_what_it_ran_before_for_every_case(backend):
 
 
 @pytest.mark.parametrize("backend, segments, soft_cap, kernel, says", [
-    ("cpu", False, False, "xla", "cpu's first choice"),
-    ("cpu", True, True, "xla", "cpu's first choice"),
-    ("gpu", False, False, "cudnn", "gpu's first choice"),
+    ("cpu", False, False, "xla", "the first choice on CPU"),
+    ("cpu", True, True, "xla", "the first choice on CPU"),
+    ("gpu", False, False, "cudnn", "the first choice on GPU"),
     ("gpu", True, False, "xla", "cudnn takes no segment ids, which a packed data.packing"),
     ("gpu", False, True, "xla", "cudnn takes no attention logit soft-cap"),
     ("gpu", True, True, "xla", "cudnn takes no attention logit soft-cap"),
-    ("tpu", False, False, "splash", "tpu's first choice"),
-    ("tpu", True, True, "splash", "tpu's first choice"),
+    ("tpu", False, False, "splash", "the first choice on TPU"),
+    ("tpu", True, True, "splash", "the first choice on TPU"),
 ])
 def test_auto_says_why(backend, segments, soft_cap, kernel, says):
     choice = choose_kernel("auto", Needs("bfloat16", segments, 64, soft_cap), backend)

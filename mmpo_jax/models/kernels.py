@@ -168,7 +168,7 @@ def _auto(needs: Needs, backend: str) -> KernelChoice:
             passed.append(f"{name} {problems[0]}")
     else:  # xla takes everything: the table would have to lose it
         raise AssertionError(f"no kernel for {needs} on {backend}")
-    reason = "; ".join(passed) if passed else f"{backend}'s first choice, {kernel.what}"
+    reason = "; ".join(passed) if passed else f"{kernel.what}, the first choice on {backend.upper()}"
     opt_in = [n for n, k in KERNELS.items() if n not in AUTO_PREFERENCE and not lacks(k, needs, backend, True)]
     if passed and opt_in:
         reason += f"; model.attention={' or '.join(opt_in)} runs here too"
