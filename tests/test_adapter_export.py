@@ -89,6 +89,7 @@ def gguf_run(tmp_path_factory):
         sys.path.remove(str(root / "site"))
 
 
+@pytest.mark.slow
 def test_gguf_base_is_written_beside_the_adapter_unmerged(gguf_run):
     from safetensors.numpy import load_file
 
@@ -113,6 +114,7 @@ def test_gguf_base_is_written_beside_the_adapter_unmerged(gguf_run):
     assert (base / "model.safetensors").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_auto_peft_loads_the_gguf_adapter_with_our_logps(gguf_run, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 

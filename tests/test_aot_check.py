@@ -63,6 +63,7 @@ def test_architecture_from_config_json_without_weights(tmp_path):
     assert (arch.vocab_size, arch.num_hidden_layers, arch.tie_word_embeddings) == (1000, 3, False)
 
 
+@pytest.mark.slow
 def test_architecture_of_an_unreachable_hub_id_says_what_to_do(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = load_config("configs/tiny.yaml", ["model.path=no-such-owner-zz/no-such-model-zz"])
@@ -158,6 +159,7 @@ def test_optimizer_state_is_sharded_like_the_params_in_a_real_run():
 # --------------------------------------------------------------------------- #
 # Real compiles for TPU (libtpu)
 # --------------------------------------------------------------------------- #
+@pytest.mark.slow
 @needs_libtpu
 def test_tiny_on_v5e_2x2_fits(capsys):
     """The CI target: the tiny config's step compiled for 4 v5e chips."""
@@ -178,6 +180,7 @@ def test_tiny_on_v5e_2x2_fits(capsys):
     assert 0 < out["state_bytes_per_device"] <= p["arguments"]  # XLA pads small arrays to TPU tiles
 
 
+@pytest.mark.slow
 @needs_libtpu
 @pytest.mark.parametrize("layout", ["packed", "shared_prompt"])
 def test_packed_tiny_with_splash_compiles_for_v5e_2x2(capsys, layout):

@@ -131,11 +131,13 @@ def _two_segments(t, first):
     return seg
 
 
+@pytest.mark.slow
 def test_splash_equals_xla_on_packed_rows_with_grouped_heads_forward_and_backward():
     # T = 200 is padded to 256 inside the call; 4 query heads on 2 kv heads
     _kernel_vs_xla("splash", MaskSpec(), _two_segments(200, 70), n=4, kv=2, grads=True)
 
 
+@pytest.mark.slow
 def test_splash_window_and_soft_cap_equal_xla():
     _kernel_vs_xla("splash", MaskSpec(sliding_window=50, soft_cap=3.0), _two_segments(256, 90), t=256)
 
@@ -177,6 +179,7 @@ def test_pallas_gpu_equals_xla_on_packed_rows_with_grouped_heads_forward_and_bac
     _kernel_vs_xla("pallas_gpu", MaskSpec(), _two_segments(200, 70), n=4, kv=2, grads=True)
 
 
+@pytest.mark.slow
 def test_pallas_gpu_on_padded_rows_and_under_a_mesh_equals_xla():
     from mmpo_jax.config_schema import MeshConfig
     from mmpo_jax.sharding import make_mesh
@@ -206,6 +209,7 @@ def test_pallas_gpu_is_opt_in_and_refuses_what_it_cannot_do():
         attention(q, k, v, MaskSpec(sliding_window=3), scale=0.3, implementation="pallas_gpu", interpret=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernel", ["pallas_gpu", "splash"])
 def test_the_device_attention_check_passes_interpreted_and_fails_without_segments(kernel, capsys):
     """benchmarks/gpu_attention_check.py (run on the device for real) on its smoke shape:
@@ -242,6 +246,7 @@ def _branched_row(t=256, lengths=((30, 1, 60), (5, 40, 2), (70, 20, 20))):
     return branched_segments(jnp.asarray(seg), jnp.asarray(branch)), sequences
 
 
+@pytest.mark.slow
 def test_branched_attention_is_each_answer_after_its_prompt_alone():
     """The shared-prompt row's attention, at each answer's tokens, equals causal attention
     over that answer's own prompt + answer sequence cut out of the row (an independent

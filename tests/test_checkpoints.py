@@ -309,6 +309,7 @@ def test_missing_relative_path_offline_end_to_end(tmp_path):
     assert "hub is unreachable" in proc.stdout
 
 
+@pytest.mark.slow
 def test_hub_id_found_in_the_local_cache(tmp_path, llama_dirs):
     """A hub id resolves through huggingface_hub's cache (offline here: the cached snapshot)."""
     import shutil

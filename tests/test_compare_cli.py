@@ -132,6 +132,7 @@ def test_compare_user_errors(capfd, tiny_dirs, tmp_path):
         assert message in err and out == "", (argv, err)
 
 
+@pytest.mark.slow
 def test_compare_bad_path_exit_status_no_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "mmpo_jax.cli", "compare", "--model", str(tmp_path / "nope"), "--json"],

@@ -94,6 +94,7 @@ def bucket_run(gcs, tmp_path_factory):
     return _records(gcs[0], RUN), done.stdout
 
 
+@pytest.mark.slow
 def test_a_run_in_a_bucket_saves_checkpoints_there_with_their_checksums(gcs, bucket_run):
     fs, _ = gcs
     records, stdout = bucket_run
@@ -114,6 +115,7 @@ def test_a_run_in_a_bucket_saves_checkpoints_there_with_their_checksums(gcs, buc
     assert f"metrics {RUN}/metrics.jsonl" in stdout
 
 
+@pytest.mark.slow
 def test_a_corrupt_checkpoint_in_the_bucket_is_moved_aside_and_a_fresh_machine_resumes_exactly(
         gcs, bucket_run, tmp_path):
     """One flipped byte in an array object of the latest step: a run started on another
@@ -145,6 +147,7 @@ def test_a_corrupt_checkpoint_in_the_bucket_is_moved_aside_and_a_fresh_machine_r
     assert evals == [r for r in records if "eval/loss" in r]
 
 
+@pytest.mark.slow
 def test_an_export_to_the_bucket_loads_as_a_model_from_the_bucket(gcs, bucket_run, tmp_path):
     """`export gs://run gs://dest`, then `eval` of a config whose model.path is that
     export: the policy's log-probs equal those of `eval` of the run's checkpoint."""
@@ -183,6 +186,7 @@ def test_two_processes_share_one_bucket(gcs, bucket_run, tmp_path):
         assert two[step] == pytest.approx(one[step], rel=1e-5), step
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override, words", [
     ("train.output_dir=gs://no-such-bucket/run", "no bucket 'no-such-bucket'"),
     ("data.train_files=gs://runs/data/missing.jsonl", "nothing is stored there"),
@@ -272,6 +276,7 @@ def emulator(tmp_path):
         server.kill()
 
 
+@pytest.mark.slow
 def test_a_bucket_lost_during_a_save_stops_the_run_in_seconds_naming_the_step(emulator, tmp_path):
     """The emulator killed as the save of step 2 begins: the run stops within seconds of
     `train.storage_timeout_s`, with exit status 2 and one line naming the bucket, the step
@@ -308,6 +313,7 @@ def test_a_bucket_lost_during_a_save_stops_the_run_in_seconds_naming_the_step(em
     assert f"resuming from {run}/checkpoints/1 (step 1 of 2)" in again.stdout
 
 
+@pytest.mark.slow
 def test_an_unreachable_bucket_at_start_is_one_line_at_once_for_train_eval_export_and_generate(tmp_path):
     """Nothing listens at the storage endpoint: each command stops at its first request,
     with one line naming the bucket and the endpoint (gcsfs alone retried for half a minute
@@ -353,6 +359,7 @@ def in_process_storage(monkeypatch):
     storage._gcs.cache_clear()
 
 
+@pytest.mark.slow
 def test_a_bucket_export_cut_off_by_the_bucket_is_one_line_saying_what_to_do(emulator, in_process_storage,
                                                                               monkeypatch):
     """The emulator killed as the export's first file is copied: one line saying that the

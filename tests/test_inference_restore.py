@@ -55,6 +55,7 @@ def _assert_policy_as_whole_restore(run, whole) -> None:
         _assert_equal_trees(getattr(run.state, part), getattr(whole.state, part))
 
 
+@pytest.mark.slow
 def test_the_policy_alone_is_restored_as_the_whole_restore_has_it(full_run):
     whole, step = restore_run(full_run)
     run, run_step = restore_inference(full_run)
@@ -86,6 +87,7 @@ def test_eval_through_the_inference_restore_matches_the_whole_state(full_run):
         np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-6, err_msg=key)
 
 
+@pytest.mark.slow
 def test_a_lora_run_restores_its_base_weights_and_adapters(lora_run):
     whole, _ = restore_run(lora_run)
     run, _ = restore_inference(lora_run)

@@ -19,6 +19,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("process_id, waits", [(0, "waiting up to 3 s for the other 1"),
                                                (1, "joining the run at 127.0.0.1:")])
 def test_a_start_whose_peers_never_come_ends_in_one_line(process_id, waits):

@@ -181,6 +181,7 @@ def _set_option(tmodel, key: str, value):
     return old
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gemma2", "gemma3"])
 def test_our_weights_into_torch(name):
     """Our random weights (unscanned layers, remat) -> iter_hf_weights -> transformers'

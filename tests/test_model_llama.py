@@ -196,6 +196,7 @@ def _from_state(cfg, state, **options):
     return build_model(cfg, ModelOptions(**options), get_tensor=state.__getitem__)
 
 
+@pytest.mark.slow
 def test_scan_and_remat_give_the_same_numbers():
     cfg = CONFIGS["mqa"]  # 3 layers
     tmodel = hf_model(cfg)
@@ -319,6 +320,7 @@ def test_loaded_values_are_exact_and_on_the_requested_dtype():
 # --------------------------------------------------------------------------- #
 # sharding rules on 8 simulated devices
 # --------------------------------------------------------------------------- #
+@pytest.mark.slow
 def test_params_sharded_by_the_rules_and_forward_matches():
     from jax.sharding import NamedSharding, PartitionSpec as P
 

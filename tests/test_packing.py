@@ -114,6 +114,7 @@ def _history(overrides, data, devices, steps=STEPS):
     return history, evals
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides,devices,layout", [
     (["loss.name=mmpo", "mesh.data=2", "mesh.fsdp=2", "optim.grad_accum=2"], 4, "packed"),
     (["loss.name=dpo", "model.lora.rank=4", "optim.learning_rate=1e-2", "mesh.data=1"], 1, "packed"),
@@ -132,6 +133,7 @@ def test_packed_training_equals_padded(data, overrides, devices, layout):
     assert_same_history(got_eval, want_eval, f"packed eval {overrides}")
 
 
+@pytest.mark.slow
 def test_packed_training_through_the_pallas_gpu_kernel_equals_padded_xla(data):
     """The Pallas GPU kernel (interpreted here) on packed rows, in shard_map over two
     devices, trains as XLA attention on padded rows does."""
@@ -156,6 +158,7 @@ def assert_same_pair_outputs(outputs, got_batch, want_batch):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=str(kw))
 
 
+@pytest.mark.slow
 def test_packed_log_probs_equal_padded_ones_and_a_wrong_mask_is_caught(data):
     """Every per-pair output the losses read (sequence log-probs summed and averaged,
     both entropy estimators, LD-DPO's weights, WPO's weights, ORPO's whole-row NLL) from
@@ -213,6 +216,7 @@ def test_inspect_data_reports_real_and_computed_tokens_of_each_layout(data, caps
     assert "data.packing=packed: packed into rows of 128 tokens" in out and "fill 0." in out
 
 
+@pytest.mark.slow
 def test_precomputed_reference_table_is_the_same_from_packed_batches():
     """`model.reference=precomputed`: the table of reference log-probs computed over
     packed eval batches (the last one part padding) equals the padded layout's."""
@@ -231,6 +235,7 @@ def test_precomputed_reference_table_is_the_same_from_packed_batches():
     np.testing.assert_allclose(tables[1], tables[0], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_layout_flops_benchmark_on_a_tiny_shape(tmp_path, capsys):
     """benchmarks/layout_flops.py end to end on the tiny shape: XLA's count of the padded
     step within 5% of the analytic one (the script's own check), packing computing fewer
@@ -333,6 +338,7 @@ def test_shared_prompt_rows_hold_the_padded_sequences_with_one_prompt(data):
     assert _crafted(shared=True, shards=2)[1].input_ids.shape[0] >= 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["packed", "shared_prompt"])
 def test_crafted_pairs_log_probs_and_a_step_equal_padded(layout):
     """On pairs of every length shape (CRAFTED): every per-pair output the losses read and

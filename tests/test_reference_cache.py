@@ -44,6 +44,7 @@ def _npy(array) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.slow
 def test_a_verified_table_is_reused(computed):
     table, loads, first, path = computed
     said = []
@@ -85,6 +86,7 @@ def test_a_changed_table_is_moved_aside_and_recomputed(computed, kind):
         stale.unlink()
 
 
+@pytest.mark.slow
 def test_a_table_with_a_matching_checksum_is_still_checked(computed):
     """NaN or the wrong shape with the checksum recomputed to match: refused all the same."""
     table, loads, first, path = computed

@@ -18,6 +18,7 @@ from mmpo_jax.train.run_config import config_differences
 FIXTURES = Path(__file__).parent / "fixtures" / "run_before_loss_registry"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mmpo", "simpo"])
 def test_an_old_run_directory_resumes_without_a_config_difference(name, tmp_path, capsys):
     run = tmp_path / name

@@ -40,6 +40,7 @@ def test_epoch_steps_count_full_batches():
     assert epoch_steps(0.01, 100, 8) == 1  # at least one step
 
 
+@pytest.mark.slow
 def test_num_epochs_run_then_a_longer_resume_recomputes_the_schedule(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["train", TINY, f"train.output_dir={out}", *QUIET]

@@ -60,6 +60,7 @@ def straight_run(tmp_path_factory):
     return out, done
 
 
+@pytest.mark.slow
 def test_straight_run_writes_metrics_and_checkpoints(straight_run):
     out, done = straight_run
     records = _records(out)
@@ -140,6 +141,7 @@ def test_a_corrupt_latest_checkpoint_resumes_from_the_one_before(straight_run, t
     assert "every checkpoint of" in stopped.stderr and "nothing is left to resume from" in stopped.stderr
 
 
+@pytest.mark.slow
 def test_nonfinite_step_stops_the_run(tmp_path, capsys):
     cfg = load_config(TINY, [f"train.output_dir={tmp_path}", "train.max_steps=6", "train.save_every=2",
                              "train.eval_every=0", "data.test_files=null", "mesh.data=1"])
@@ -277,6 +279,7 @@ def _our_logps(module, ids):
         return np.asarray(model_token_logps(module, jnp.asarray(ids), chunk=16))[:, 1:]
 
 
+@pytest.mark.slow
 def test_export_loads_in_transformers_with_our_logps(straight_run, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -372,6 +375,7 @@ def test_ctrl_c_on_any_process_stops_every_process(monkeypatch):
     assert interrupt.stop_now(5) and interrupt.exit_status == 143
 
 
+@pytest.mark.slow
 def test_eval_with_precomputed_reference_computes_the_test_split_only(tmp_path, capsys, monkeypatch):
     """`eval` of a precomputed-reference config runs the reference pass over the test
     split it evaluates, not over the 3150 training rows too."""
@@ -408,6 +412,7 @@ def _one_device_trainer(cfg):
     return loop.build_trainer(cfg, devices=jax.devices()[:1])
 
 
+@pytest.mark.slow
 def test_an_unverified_latest_checkpoint_is_checked_when_the_run_resumes(tmp_path):
     """A latest checkpoint without checksums (as a version before them left it) is unverified.
     Finite, the run resumes from it, and a non-finite step after it does not call it good; not

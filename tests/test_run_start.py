@@ -305,6 +305,7 @@ def test_symlinks_to_directories_are_fine_output_dirs(tmp_path):
     check_local_output_dir(str(tmp_path / "not-yet" / "run"))
 
 
+@pytest.mark.slow
 def test_a_run_says_autos_attention_choice_once_at_start(tmp_path):
     """`model.attention=auto`'s choice and its reason: one start line of the run."""
     said: list[str] = []

@@ -37,6 +37,7 @@ def _check(result, lora):
     assert result["grad_tensors_compared"] == (2 * 7 * 2 if lora else 20), result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_full_finetuning_step_matches_torch(name):
     _check(compare_step("configs/tiny.yaml", LOSSES[name], 0.02, 0), lora=False)
@@ -65,6 +66,7 @@ FAMILY_INITS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True])
 @pytest.mark.parametrize("family", list(FAMILY_INITS))
 def test_each_family_step_matches_torch(family, lora):
@@ -83,6 +85,7 @@ def test_each_family_step_matches_torch(family, lora):
     assert result["grad_tensors_compared"] == (2 * 7 * arch.num_hidden_layers if lora else full), result
 
 
+@pytest.mark.slow
 def test_accumulation_and_precomputed_reference_match_torch():
     result = compare_step("configs/tiny.yaml", ["optim.grad_accum=2", "data.batch_size=16", "model.reference=precomputed",
                                                 "loss.entropy_weight=0.1"], 0.0, 0)
@@ -98,6 +101,7 @@ def test_dropout_and_bfloat16_are_overridden_and_said():
                                "compute_dtype=bfloat16 -> float32; dropout=0.1, lora.dropout=0.0 -> 0"]
 
 
+@pytest.mark.slow
 def test_cli_json_keys(capsys):
     assert main(["compare", "--config", "configs/tiny.yaml", "--step", "--json", "loss.name=dpo",
                  "data.batch_size=16", "mesh.fsdp=2"]) == 0
@@ -111,6 +115,7 @@ def test_cli_rejects_half_a_step_comparison(capsys):
     assert "--config" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
     ["data.packing=shared_prompt", "loss.name=orpo", "loss.beta=0.5"],  # ORPO's NLL reads the prompt too
     ["data.packing=shared_prompt", "optim.grad_accum=2", "data.batch_size=16", "model.reference=precomputed",

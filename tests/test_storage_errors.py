@@ -117,6 +117,7 @@ LIMITED = ("import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, sign
            "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="no file size limits here")
 def test_a_save_past_ulimit_f_stops_the_run_with_one_line(tmp_path):
     """`ulimit -f` (RLIMIT_FSIZE) smaller than a checkpoint's largest file: orbax's async save

@@ -175,6 +175,7 @@ def sweep(tmp_path_factory):
     return out, code, text
 
 
+@pytest.mark.slow
 def test_sweep_trains_evaluates_and_summarises(sweep):
     out, code, text = sweep
     assert "[1/3] mmpo: training ..." in text and "[2/3] dpo: training ..." in text

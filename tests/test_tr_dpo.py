@@ -33,6 +33,7 @@ def _leaves(tree) -> list[np.ndarray]:
     return [np.array(x, np.float64) for x in jax.tree.leaves(tree)]
 
 
+@pytest.mark.slow
 def test_the_reference_is_mixed_toward_the_policy_every_n_steps():
     cfg = load_config(None, ["loss.name=dpo", "optim.learning_rate=1e-2", "optim.warmup_steps=0"])
     mesh = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
@@ -68,6 +69,7 @@ def _train(out, *overrides):
     return {r["step"]: r for r in map(json.loads, lines) if "loss" in r}
 
 
+@pytest.mark.slow
 def test_a_resumed_tr_dpo_run_is_exact(tmp_path, capsys):
     """Steps 4-6 again from the step-3 checkpoint (the last one removed, as after a crash)
     equal the straight run's: the synced reference comes back from the checkpoint (one

@@ -97,6 +97,7 @@ def tracked_run(tmp_path_factory, empty_store):
     return run, uri, first
 
 
+@pytest.mark.slow
 def test_mlflow_holds_every_metric_of_metrics_jsonl_once(tracked_run):
     run, uri, first = tracked_run
     state = json.loads((run / T.STATE_FILE).read_text())
@@ -190,6 +191,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_a_server_that_goes_away_is_reported_once_and_never_blocks(tmp_path, empty_store):
     port = _free_port()
     store = _store(empty_store, tmp_path / "server.db")

@@ -107,6 +107,7 @@ def _micro_logps(trainer, batch, n):
     return out
 
 
+@pytest.mark.slow
 def test_accumulation_dpo_equals_one_batch(train_data, tmp_path):
     """DPO is a mean over pairs: 4 micro-batches of 2 pairs give the loss and gradient of 8."""
     results = {}
@@ -125,6 +126,7 @@ def test_accumulation_dpo_equals_one_batch(train_data, tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
 
 
+@pytest.mark.slow
 def test_accumulation_mmpo_is_the_mean_of_micro_batch_losses(train_data, tmp_path):
     """MMPO normalises each micro-batch on its own: the step's loss is the mean of the four
     micro-batch losses, each computed from that micro-batch's log-probs alone; it differs

@@ -178,6 +178,7 @@ def _our_metrics(loss: dict, setup, capsys) -> dict[str, float]:
     return {k.removeprefix("eval/"): v for k, v in out.items() if k.startswith("eval/")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("label,ours,kind,theirs", CASES, ids=[c[0] for c in CASES])
 def test_eval_metrics_equal_trl(label, ours, kind, theirs, setup, trl_results, capsys):
     mine = _our_metrics(ours, setup, capsys)
