@@ -173,7 +173,7 @@ def compile_plan(args: argparse.Namespace) -> tuple[dict, dict]:
         "reference": args.reference, "remat": options.remat,
         "param_dtype": np.dtype(options.param_dtype).name,
         "compute_dtype": np.dtype(options.compute_dtype).name,
-        "attention_impl": options.attention_implementation(b["cfg"].head_dim),
+        "attention_impl": options.model_choice(b["cfg"]).kernel,
         "logprob_chunk": args.logprob_chunk, "mu_dtype": args.mu_dtype,
         "params": {
             "trainable": tree_count(st.trainable), "frozen": tree_count(st.frozen),

@@ -303,7 +303,7 @@ def worker_ours(job: dict) -> dict:
             "param_dtype": np.dtype(options.param_dtype).name,
             "compute_dtype": np.dtype(options.compute_dtype).name,
             "attention": options.attention,
-            "attention_impl": options.attention_implementation(arch.head_dim),
+            "attention_impl": options.model_choice(arch).kernel,
             "remat": options.remat, "scan_layers": options.scan_layers,
             "logprob_chunk": v["logprob_chunk"], "grad_accum": v["grad_accum"],
             "mu_dtype": v["mu_dtype"],

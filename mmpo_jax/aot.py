@@ -247,7 +247,7 @@ def target_options(cfg: RunConfig) -> Any:
     """`ModelOptions` of `cfg` as a TPU run resolves them (compute_dtype auto = bfloat16);
     a `UserError` for an attention kernel a TPU run refuses before any architecture is read
     (`mmpo_jax.models.kernels.check_kernel`; the model's own refusals come as it is built)."""
-    check_kernel(cfg.model.attention, cfg.model.compute_dtype, cfg.data.packing != "none", "tpu")
+    check_kernel(cfg.model.attention, cfg.model.compute_dtype, layout_of(cfg.data.packing).segments, "tpu")
     return model_options(cfg, backend="tpu")
 
 

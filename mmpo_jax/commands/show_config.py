@@ -81,6 +81,7 @@ def _put_after(section: dict[str, Any], after: str, key: str, value: Any) -> dic
 def run(args: argparse.Namespace) -> int:
     cfg = load_from_items(args.items)
     # the refusals that need no checkpoint; `data.packing` other than none hands the model segment ids
+    # (`Layout.segments`, not imported: data.layout loads jax, which this command does not)
     check_kernel(cfg.model.attention, cfg.model.compute_dtype, cfg.data.packing != "none", args.backend)
     print(shown_yaml(cfg), end="")
     return 0

@@ -50,7 +50,7 @@ def model_options(cfg: RunConfig, backend: str | None = None) -> ModelOptions:
     """The model options of `cfg` for `backend` (None: this process's JAX backend), for
     its batch layout (a packed `data.packing` hands the model segment ids); the attention
     kernel is chosen when the model is built, for its architecture."""
-    return ModelOptions.from_config(cfg.model, backend, segments=cfg.data.packing != "none")
+    return ModelOptions.from_config(cfg.model, backend, segments=layout_of(cfg.data.packing).segments)
 
 
 def load_model(cfg: RunConfig, path: str, options: ModelOptions, mesh: jax.sharding.Mesh) -> tuple[Decoder, DecoderConfig]:
